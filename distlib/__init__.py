@@ -1,0 +1,49 @@
+"""distlib: one PyTorch script on a CPU, GPUs, many machines or a TPU, as pure functions.
+
+``import distlib`` runs nothing and imports no torch: each public name is loaded from its
+module on first use (PEP 562), so the launcher's ``--help`` and the import stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "Env": "distlib.env",
+    "detect": "distlib.env",
+    "Precision": "distlib.precision",
+    "Single": "distlib.strategies.single",
+    "DDP": "distlib.strategies.ddp",
+    "FSDP": "distlib.strategies.fsdp",
+    "DeepSpeed": "distlib.strategies.deepspeed",
+    "XLA": "distlib.strategies.xla",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from distlib.env import Env, detect
+    from distlib.precision import Precision
+    from distlib.strategies.ddp import DDP
+    from distlib.strategies.deepspeed import DeepSpeed
+    from distlib.strategies.fsdp import FSDP
+    from distlib.strategies.single import Single
+    from distlib.strategies.xla import XLA
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        msg = f"module 'distlib' has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

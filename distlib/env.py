@@ -1,0 +1,385 @@
+"""`Env`, the immutable description of this process's place in a job, and `detect()`.
+
+`detect()` is the only reader of launch variables in distlib. It is pure: it reads the mapping
+it is given (``os.environ`` by default) and a `Hardware` value (probed through torch when not
+given), and returns a frozen `Env`. Nothing here joins a process group or touches a device.
+
+Precedence, highest first: explicit arguments of `detect()` > launch variables > the config
+mapping > defaults. When several launchers' variables are present (``srun torchrun ...``) the
+innermost launcher wins: distlib's own > torchrun > MPI > SLURM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from distlib._slurm import expand_nodelist, expand_tasks_per_node
+from distlib.errors import ConfigError, EnvError
+from distlib.precision import Precision, parse_precision
+from distlib.strategies.base import Strategy, parse_strategy
+from distlib.strategies.single import Single
+
+__all__ = ["BACKENDS", "Env", "Hardware", "detect", "probe_hardware"]
+
+BACKENDS = ("gloo", "nccl", "mpi", "xla")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+# What each launcher calls the fields (None: the launcher does not set it).
+_TORCHRUN = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK",
+             "local_world_size": "LOCAL_WORLD_SIZE", "node_rank": "GROUP_RANK",
+             "num_nodes": "GROUP_WORLD_SIZE"}
+_OPENMPI = {"rank": "OMPI_COMM_WORLD_RANK", "world_size": "OMPI_COMM_WORLD_SIZE",
+            "local_rank": "OMPI_COMM_WORLD_LOCAL_RANK",
+            "local_world_size": "OMPI_COMM_WORLD_LOCAL_SIZE",
+            "node_rank": "OMPI_COMM_WORLD_NODE_RANK", "num_nodes": None}
+_INTELMPI = {"rank": "PMI_RANK", "world_size": "PMI_SIZE", "local_rank": "MPI_LOCALRANKID",
+             "local_world_size": "MPI_LOCALNRANKS", "node_rank": None, "num_nodes": None}
+_MVAPICH = {"rank": "MV2_COMM_WORLD_RANK", "world_size": "MV2_COMM_WORLD_SIZE",
+            "local_rank": "MV2_COMM_WORLD_LOCAL_RANK",
+            "local_world_size": "MV2_COMM_WORLD_LOCAL_SIZE", "node_rank": None, "num_nodes": None}
+_SLURM = {"rank": "SLURM_PROCID", "world_size": "SLURM_NTASKS", "local_rank": "SLURM_LOCALID",
+          "local_world_size": None, "node_rank": "SLURM_NODEID", "num_nodes": "SLURM_NNODES"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hardware:
+    """What `detect()` needs to know about the machine; tests pass a fake one.
+
+    Example:
+        >>> Hardware(num_gpus=8).num_gpus
+        8
+    """
+
+    num_gpus: int = 0
+    mps: bool = False
+    xla: bool = False
+
+
+def probe_hardware() -> Hardware:
+    """Ask torch how many GPUs are visible and whether MPS / torch_xla exist.
+
+    Effects: imports torch; does not initialise CUDA (``device_count`` uses NVML where it can).
+    """
+    import importlib.util
+
+    import torch
+
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    xla = importlib.util.find_spec("torch_xla") is not None
+    return Hardware(num_gpus=torch.cuda.device_count(), mps=mps, xla=xla)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Env:
+    """This process's place in a job: ranks, rendezvous address, device and policies.
+
+    Build one with `detect()`, or directly (a test can build rank 3 of 8 without launching
+    anything). Change one field with ``dataclasses.replace``. Plain strings are accepted for
+    ``precision`` and ``strategy``.
+
+    Example:
+        >>> env = Env(rank=3, world_size=8, local_rank=3, local_world_size=8)
+        >>> env.is_main, env.is_distributed
+        (False, True)
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    backend: str = "gloo"
+    device: str = "cpu"
+    precision: Precision = Precision.NO
+    strategy: Strategy = field(default_factory=Single)
+    launcher: str = "none"
+    agent_store: bool = False
+    restart_count: int = 0
+    timeout_s: float = 1800.0
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", parse_precision(self.precision, source="Env(): precision"))
+        object.__setattr__(self, "strategy", parse_strategy(self.strategy, source="Env(): strategy"))
+        ints = {k: getattr(self, k) for k in (*_TORCHRUN, "master_port", "restart_count")}
+        for name, value in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                msg = f"Env(): {name} must be an int, but got {value!r} ({type(value).__name__})."
+                raise EnvError(msg)
+        _check_ranks("Env()", ints, {k: k for k in ints}, repr)
+        if self.backend not in BACKENDS:
+            msg = (f"Env(): backend must be one of {', '.join(map(repr, BACKENDS))}, but got "
+                   f"{self.backend!r}. Use 'nccl' on NVIDIA GPUs, 'gloo' on CPUs.")
+            raise EnvError(msg)
+        if not _is_device(self.device):
+            msg = (f"Env(): device must look like 'cpu', 'cuda:0', 'mps' or 'xla:0', but got "
+                   f"{self.device!r}.")
+            raise EnvError(msg)
+        if not self.timeout_s > 0:
+            msg = f"Env(): timeout_s must be > 0 seconds, but got {self.timeout_s!r}."
+            raise EnvError(msg)
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0."""
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """True on the first rank of each machine."""
+        return self.local_rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+    @property
+    def torch_device(self) -> Any:
+        """The device as a ``torch.device`` (imports torch)."""
+        import torch
+
+        return torch.device(self.device)
+
+
+def _is_device(text: object) -> bool:
+    if not isinstance(text, str):
+        return False
+    kind, _, index = text.partition(":")
+    return kind in ("cpu", "cuda", "mps", "xla", "meta") and (index == "" or index.isdigit())
+
+
+def _check_ranks(call: str, v: Mapping[str, int], label: Mapping[str, str],
+                 show: Callable[[Any], str]) -> None:
+    """Check the rank fields; ``label`` maps each field to the name a user knows it by."""
+    def fail(rule: str, *names: str, fix: str) -> None:
+        got = ", ".join(f"{label[n]}={show(v[n])}" for n in names)
+        msg = f"{call}: {rule}, but got {got}. {fix}"
+        raise EnvError(msg)
+
+    for name in v:
+        if v[name] < 0:
+            fail(f"{label[name]} must be >= 0", name, fix="Counts and ranks cannot be negative.")
+    for name in ("world_size", "local_world_size", "num_nodes"):
+        if v[name] < 1:
+            fail(f"{label[name]} must be >= 1", name, fix="At least one process takes part.")
+    checks = (("rank", "world_size", "Was the launcher started with a different world size?"),
+              ("local_rank", "local_world_size", "Is the number of processes per machine right?"),
+              ("node_rank", "num_nodes", "Is the machine rank below the number of machines?"))
+    for lo, hi, fix in checks:
+        if v[lo] >= v[hi]:
+            fail(f"{label[lo]} must be in [0, {label[hi]})", lo, hi, fix=fix)
+    if v["local_world_size"] > v["world_size"]:
+        fail(f"{label['local_world_size']} must be <= {label['world_size']}",
+             "local_world_size", "world_size", fix="A machine cannot hold more ranks than the job.")
+    if not 1 <= v["master_port"] <= 65535:
+        fail(f"{label['master_port']} must be in 1..65535", "master_port",
+             fix="Pick a free TCP port, e.g. 29500.")
+
+
+def _read_int(environ: Mapping[str, str], name: str) -> int:
+    raw = environ[name]
+    try:
+        return int(raw.strip())
+    except ValueError:
+        msg = (f"detect(): {name} must be an integer, but got {name}={raw!r}. "
+               "Is the variable set by a launcher, or edited by hand?")
+        raise EnvError(msg) from None
+
+
+def _read_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    msg = (f"detect(): {name} must be one of {', '.join(map(repr, _TRUE + _FALSE[:-1]))}, "
+           f"but got {name}={raw!r}. Set it to 1 or 0.")
+    raise EnvError(msg)
+
+
+def _which_launcher(environ: Mapping[str, str]) -> tuple[str, Mapping[str, str | None]]:
+    """The innermost launcher whose variables are present."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return ("distlib" if environ.get("DISTLIB_LAUNCHED") == "1" else "torchrun"), _TORCHRUN
+    for name, table in (("openmpi", _OPENMPI), ("intelmpi", _INTELMPI), ("mvapich", _MVAPICH)):
+        if table["rank"] in environ and table["world_size"] in environ:
+            return name, table
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        return "slurm", _SLURM
+    return "none", {}
+
+
+def _read_ranks(environ: Mapping[str, str], table: Mapping[str, str | None]) -> dict[str, int]:
+    values = {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1,
+              "node_rank": 0, "num_nodes": 1}
+    present = {f: var for f, var in table.items() if var is not None and var in environ}
+    values.update({f: _read_int(environ, var) for f, var in present.items()})
+    if "world_size" in present and "local_world_size" not in present:
+        values["local_world_size"] = values["world_size"]
+    if "local_rank" not in present and "world_size" in present:
+        values["local_rank"] = values["rank"] % max(values["local_world_size"], 1)
+    if "node_rank" not in present and values["local_world_size"] > 0:
+        values["node_rank"] = values["rank"] // values["local_world_size"]
+    if "num_nodes" not in present and values["local_world_size"] > 0:
+        values["num_nodes"] = -(-values["world_size"] // values["local_world_size"])
+    return values
+
+
+def _slurm_extras(environ: Mapping[str, str], values: dict[str, int]) -> dict[str, Any]:
+    """Local world size, main address and port that SLURM implies."""
+    extras: dict[str, Any] = {}
+    per_node = environ.get("SLURM_TASKS_PER_NODE") or environ.get("SLURM_NTASKS_PER_NODE")
+    if per_node:
+        counts = expand_tasks_per_node(per_node, source="SLURM_TASKS_PER_NODE"
+                                       if "SLURM_TASKS_PER_NODE" in environ
+                                       else "SLURM_NTASKS_PER_NODE")
+        values["local_world_size"] = counts[min(values["node_rank"], len(counts) - 1)]
+    nodelist_var = next((v for v in ("SLURM_JOB_NODELIST", "SLURM_NODELIST") if v in environ), None)
+    if nodelist_var:
+        extras["master_addr"] = expand_nodelist(environ[nodelist_var], source=nodelist_var)[0]
+    job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
+    if job_id and job_id.strip().isdigit():
+        extras["master_port"] = 15000 + int(job_id) % 50000
+    return extras
+
+
+def _device_for(environ: Mapping[str, str], hardware: Hardware, local_rank: int,
+                cpu: bool) -> tuple[str, str]:
+    """(device, backend) for this rank."""
+    if cpu:
+        return "cpu", "gloo"
+    if environ.get("PJRT_DEVICE") and hardware.xla:
+        return "xla", "xla"
+    if hardware.num_gpus > 0:
+        return f"cuda:{local_rank % hardware.num_gpus}", "nccl"
+    if hardware.mps:
+        return "mps", "gloo"
+    return "cpu", "gloo"
+
+
+def _from_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Strategy and precision named by an already parsed config mapping."""
+    if not config:
+        return {}
+    unknown = sorted(set(config) - {"strategy", "strategy_options", "precision", "cpu"})
+    if unknown:
+        msg = (f"detect(): config keys must be among 'strategy', 'strategy_options', "
+               f"'precision', 'cpu', but got {unknown}. Parse config files with "
+               "distlib.launch.config first; detect() takes the resulting values.")
+        raise ConfigError(msg)
+    out: dict[str, Any] = {}
+    if "strategy" in config:
+        out["strategy"] = parse_strategy(config["strategy"], config.get("strategy_options"),
+                                         source="config: strategy")
+    if "precision" in config:
+        out["precision"] = parse_precision(config["precision"], source="config: precision")
+    if "cpu" in config:
+        out["cpu"] = bool(config["cpu"])
+    return out
+
+
+def _strategy_from_environ(environ: Mapping[str, str]) -> Strategy | None:
+    name = environ.get("DISTLIB_STRATEGY")
+    if not name:
+        return None
+    raw = environ.get("DISTLIB_STRATEGY_OPTIONS", "") or "{}"
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError:
+        options = None
+    if not isinstance(options, dict):
+        msg = (f"detect(): DISTLIB_STRATEGY_OPTIONS must be a JSON object, but got "
+               f"DISTLIB_STRATEGY_OPTIONS={raw!r}. It is written by `distlib launch`; "
+               "set it to e.g. '{\"zero_stage\": 3}'.")
+        raise EnvError(msg)
+    return parse_strategy(name, options, source="DISTLIB_STRATEGY")
+
+
+def detect(
+    environ: Mapping[str, str] | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
+    precision: Precision | str | None = None,
+    strategy: Strategy | str | None = None,
+    cpu: bool | None = None,
+    hardware: Hardware | None = None,
+) -> Env:
+    """Read the launch variables and return this process's `Env`.
+
+    Args:
+        environ: the variables to read (default ``os.environ``); nothing else is read.
+        config: parsed config values (``strategy``, ``strategy_options``, ``precision``,
+            ``cpu``) that the variables override.
+        precision: overrides every other source.
+        strategy: overrides every other source.
+        cpu: force (True) or allow (False) the device choice; None reads ``DISTLIB_CPU``.
+        hardware: the machine as a `Hardware` value; None probes it with torch.
+
+    Returns:
+        A frozen `Env`.
+
+    Raises:
+        EnvError: a variable is malformed or the variables contradict each other; the message
+            names the variable and quotes its value.
+
+    Example:
+        >>> env = detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+        ...               "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"},
+        ...              hardware=Hardware(num_gpus=2))
+        >>> env.rank, env.device, env.backend, env.strategy
+        (1, 'cuda:1', 'nccl', DDP(...))
+    """
+    environ = os.environ if environ is None else environ
+    launcher, table = _which_launcher(environ)
+    values: dict[str, Any] = _read_ranks(environ, table)
+    extras = _slurm_extras(environ, values) if launcher == "slurm" else {}
+    labels = {f: (table.get(f) or f) for f in _TORCHRUN} | {"master_port": "MASTER_PORT"}
+    if "MASTER_PORT" in environ:
+        extras["master_port"] = _read_int(environ, "MASTER_PORT")
+    if "MASTER_ADDR" in environ:
+        extras["master_addr"] = environ["MASTER_ADDR"].strip()
+    port = extras.get("master_port", 29500)
+    _check_ranks("detect()", values | {"master_port": port}, labels,
+                 lambda x: repr(str(x)))
+    if values["num_nodes"] > 1 and "master_addr" not in extras:
+        msg = (f"detect(): MASTER_ADDR must be set when the job spans machines, but got "
+               f"{values['num_nodes']} machines ({launcher}) and no MASTER_ADDR. "
+               "Export MASTER_ADDR=<host of rank 0> before launching.")
+        raise EnvError(msg)
+    from_config = _from_config(config)
+    use_cpu = cpu if cpu is not None else _read_bool(environ, "DISTLIB_CPU",
+                                                     from_config.get("cpu", False))
+    hw = hardware if hardware is not None or use_cpu else probe_hardware()
+    device, backend = _device_for(environ, hw or Hardware(), values["local_rank"], use_cpu)
+    chosen_strategy = (strategy if strategy is not None
+                       else _strategy_from_environ(environ) or from_config.get("strategy"))
+    if chosen_strategy is None:
+        chosen_strategy = ("xla" if backend == "xla"
+                           else "ddp" if values["world_size"] > 1 else "single")
+    chosen_precision = (precision if precision is not None
+                        else environ.get("DISTLIB_PRECISION") or from_config.get("precision"))
+    timeout = environ.get("DISTLIB_TIMEOUT")
+    return Env(
+        **values, **extras, backend=backend, device=device, launcher=launcher,
+        precision=parse_precision(chosen_precision, source="DISTLIB_PRECISION"
+                                  if precision is None and "DISTLIB_PRECISION" in environ
+                                  else "precision"),
+        strategy=parse_strategy(chosen_strategy, source="strategy"),
+        agent_store=_read_bool(environ, "TORCHELASTIC_USE_AGENT_STORE", False),
+        restart_count=(_read_int(environ, "TORCHELASTIC_RESTART_COUNT")
+                       if "TORCHELASTIC_RESTART_COUNT" in environ else 0),
+        timeout_s=float(_read_int(environ, "DISTLIB_TIMEOUT")) if timeout else 1800.0,
+        debug=_read_bool(environ, "DISTLIB_DEBUG", False),
+    )
+

@@ -1,0 +1,1 @@
+"""Launching: the ``distlib`` command line, config files and (soon) ``launch()``."""

@@ -1,0 +1,126 @@
+"""Joining and leaving the process group, and setting the device: the only place that does.
+
+Effectful functions (collectives, ``wrap``, checkpoints) call `initialize` on first need; it is
+idempotent. An existing group that disagrees with the Env is an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import timedelta
+
+from distlib.env import Env
+from distlib.errors import RuntimeStateError
+
+__all__ = ["initialize", "is_initialized", "process_group", "shutdown"]
+
+
+def is_initialized() -> bool:
+    """True when this process is in a default process group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _check_agrees(env: Env) -> None:
+    import torch.distributed as dist
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    backend = str(dist.get_backend()).lower()
+    if (rank, world_size) != (env.rank, env.world_size):
+        msg = (
+            f"initialize(): the Env must match the process group already joined, but got "
+            f"Env(rank={env.rank}, world_size={env.world_size}) and a group with "
+            f"rank={rank}, world_size={world_size}. Build the Env with detect() in the process "
+            "that joined, or call distlib.runtime.shutdown() first."
+        )
+        raise RuntimeStateError(msg)
+    if env.backend not in backend:
+        msg = (
+            f"initialize(): the Env's backend must match the process group already joined, but "
+            f"got Env(backend={env.backend!r}) and a group with backend {backend!r}. "
+            "Use the same device kind in both, or shut the group down first."
+        )
+        raise RuntimeStateError(msg)
+
+
+def _set_device(env: Env) -> None:
+    if env.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(env.torch_device)
+
+
+def initialize(env: Env, *, timeout_s: float | None = None) -> None:
+    """Join the process group the Env describes and select its device, once.
+
+    Single-process Envs join nothing. A second call with an agreeing Env does nothing.
+
+    Args:
+        env: the Env of this process.
+        timeout_s: how long collectives and the rendezvous may wait (default ``env.timeout_s``).
+
+    Raises:
+        RuntimeStateError: a process group is already joined with other ranks or backend.
+
+    Effects: may create a TCP store connection and the default process group; sets the CUDA
+    device on GPU Envs.
+    """
+    _set_device(env)
+    if env.backend == "xla" or not env.is_distributed:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        _check_agrees(env)
+        return
+    timeout = timedelta(seconds=timeout_s if timeout_s is not None else env.timeout_s)
+    store: dist.Store = dist.TCPStore(
+        host_name=env.master_addr,
+        port=env.master_port,
+        world_size=env.world_size,
+        is_master=env.rank == 0 and not env.agent_store,
+        timeout=timeout,
+        multi_tenant=not env.agent_store,
+    )
+    if not env.agent_store:
+        store = dist.PrefixStore(f"/distlib/attempt_{env.restart_count}", store)
+    kwargs = {}
+    if env.backend == "nccl":
+        kwargs["device_id"] = env.torch_device
+    dist.init_process_group(
+        backend=env.backend, store=store, rank=env.rank, world_size=env.world_size,
+        timeout=timeout, **kwargs,
+    )
+
+
+def shutdown() -> None:
+    """Leave the default process group if this process is in one.
+
+    Effects: destroys the default process group.
+    """
+    if is_initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(env: Env, *, timeout_s: float | None = None) -> Iterator[Env]:
+    """Join the group for the body of a ``with`` block and always leave it, also on error.
+
+    Example:
+        >>> with process_group(Env()) as env:
+        ...     env.world_size
+        1
+
+    Effects: as `initialize` on entry, `shutdown` on exit (only if this block joined).
+    """
+    joined_here = not is_initialized()
+    initialize(env, timeout_s=timeout_s)
+    try:
+        yield env
+    finally:
+        if joined_here:
+            shutdown()

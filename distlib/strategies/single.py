@@ -1,0 +1,20 @@
+"""The `Single` strategy: one process, the model placed on the Env's device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = ["Single"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Single:
+    """One process; ``wrap`` only moves the model to the device.
+
+    Example:
+        >>> Single()
+        Single()
+    """
+
+    name: ClassVar[str] = "single"
