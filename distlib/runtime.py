@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 from distlib.env import Env
 from distlib.errors import RuntimeStateError
@@ -76,7 +77,7 @@ def initialize(env: Env, *, timeout_s: float | None = None) -> None:
         _check_agrees(env)
         return
     timeout = timedelta(seconds=timeout_s if timeout_s is not None else env.timeout_s)
-    store: dist.Store = dist.TCPStore(
+    store: Any = dist.TCPStore(  # type: ignore[attr-defined]
         host_name=env.master_addr,
         port=env.master_port,
         world_size=env.world_size,
@@ -85,8 +86,9 @@ def initialize(env: Env, *, timeout_s: float | None = None) -> None:
         multi_tenant=not env.agent_store,
     )
     if not env.agent_store:
-        store = dist.PrefixStore(f"/distlib/attempt_{env.restart_count}", store)
-    kwargs = {}
+        store = dist.PrefixStore(  # type: ignore[attr-defined]
+            f"/distlib/attempt_{env.restart_count}", store)
+    kwargs: dict[str, Any] = {}
     if env.backend == "nccl":
         kwargs["device_id"] = env.torch_device
     dist.init_process_group(

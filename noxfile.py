@@ -1,0 +1,78 @@
+"""nox sessions for distlib. Run nox from its own environment, never from one holding distlib:
+nox pulls in virtualenv, which pulls in PyPA's unrelated `distlib` package (see README.md).
+
+The torch build is chosen by $TORCH_SPEC (default: torch==2.13.0, the CPU build CI uses);
+GPU users set e.g. TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+
+TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
+XLA_SPEC = os.environ.get("XLA_TORCH_SPEC", "torch==2.9.0 torch_xla==2.9.0")
+PIP = ("python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check")
+
+
+def _install(session: nox.Session, *extras: str, torch_spec: str = TORCH_SPEC) -> None:
+    """Install torch first (so no dependency resolution pulls another build), then distlib."""
+    session.run(*PIP, *shlex.split(torch_spec))
+    target = f".[{','.join(extras)}]" if extras else "."
+    session.run(*PIP, "-e", target, *shlex.split(torch_spec))
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit, property, multiprocess and doc tests, plus doctests of the package (CPU)."""
+    _install(session, "test")
+    args = session.posargs or ["tests", "distlib", "-p", "no:cacheprovider",
+                               "--durations=15", "--ignore=tests/xla"]
+    session.run("python", "-m", "pytest", *args, env={"PYTHONHASHSEED": "0"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the package, tests, examples and benchmarks."""
+    session.run(*PIP, "ruff>=0.6")
+    session.run("ruff", "check", "distlib", "tests", "examples", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on distlib/."""
+    _install(session)
+    session.run(*PIP, "mypy>=1.11", "types-PyYAML", "types-psutil", "types-tqdm")
+    session.run("mypy", "distlib")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation with mkdocs --strict (API pages from the docstrings)."""
+    _install(session, "docs")
+    session.run("mkdocs", "build", "--strict", "--site-dir", session.create_tmp() + "/site")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks, side by side with the raw torch baseline and Accelerate / Fabric."""
+    _install(session, "test")
+    session.run(*PIP, "accelerate", "lightning", *shlex.split(TORCH_SPEC))
+    names = session.posargs or sorted(
+        f[:-3] for f in os.listdir("benchmarks") if f.endswith(".py") and not f.startswith("_"))
+    for name in names:
+        session.run("python", f"benchmarks/{name}.py")
+
+
+@nox.session
+def xla(session: nox.Session) -> None:
+    """XLA tests on PJRT_DEVICE=CPU, in their own environment (torch 2.9 + torch_xla 2.9)."""
+    _install(session, "test", torch_spec=XLA_SPEC)
+    session.run("python", "-m", "pytest", "tests/xla", "-p", "no:cacheprovider", "-v",
+                env={"PJRT_DEVICE": "CPU"}, success_codes=[0, 5])

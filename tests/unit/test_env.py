@@ -1,0 +1,190 @@
+"""Table-driven tests of `detect()` for every launcher, and of every bad-input case."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import distlib as dl
+from distlib.env import Env, Hardware, detect
+from distlib.errors import ConfigError, EnvError, PrecisionError
+
+CPU = Hardware()
+TWO_GPUS = Hardware(num_gpus=2)
+
+TORCHRUN = {
+    "RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+    "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "4", "MASTER_ADDR": "node0", "MASTER_PORT": "29400",
+    "TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_USE_AGENT_STORE": "True",
+}
+OPENMPI = {
+    "OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8",
+    "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+    "OMPI_COMM_WORLD_NODE_RANK": "1", "MASTER_ADDR": "10.1.1.1", "MASTER_PORT": "1234",
+}
+INTELMPI = {"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4",
+            "MASTER_ADDR": "10.1.1.2"}
+MVAPICH = {"MV2_COMM_WORLD_RANK": "6", "MV2_COMM_WORLD_SIZE": "8",
+           "MV2_COMM_WORLD_LOCAL_RANK": "2", "MV2_COMM_WORLD_LOCAL_SIZE": "4",
+           "MASTER_ADDR": "10.1.1.3"}
+SLURM = {
+    "SLURM_PROCID": "6", "SLURM_NTASKS": "7", "SLURM_LOCALID": "0", "SLURM_NODEID": "3",
+    "SLURM_NNODES": "4", "SLURM_TASKS_PER_NODE": "2(x3),1",
+    "SLURM_JOB_NODELIST": "gpu[01-03],cpu7", "SLURM_JOB_ID": "123456",
+}
+
+# name, environ, hardware, expected fields
+CASES = [
+    ("nothing", {}, CPU, dict(rank=0, world_size=1, launcher="none", device="cpu",
+                              backend="gloo", strategy=dl.Single())),
+    ("torchrun", TORCHRUN, TWO_GPUS, dict(
+        rank=3, world_size=8, local_rank=1, local_world_size=2, node_rank=1, num_nodes=4,
+        master_addr="node0", master_port=29400, restart_count=2, agent_store=True,
+        device="cuda:1", backend="nccl", launcher="torchrun", strategy=dl.DDP())),
+    ("distlib", {**TORCHRUN, "DISTLIB_LAUNCHED": "1", "DISTLIB_STRATEGY": "fsdp",
+                 "DISTLIB_STRATEGY_OPTIONS": '{"cpu_offload": true}',
+                 "DISTLIB_PRECISION": "bf16"}, CPU,
+     dict(launcher="distlib", strategy=dl.FSDP(cpu_offload=True), precision=dl.Precision.BF16)),
+    ("openmpi", OPENMPI, CPU, dict(rank=5, world_size=8, local_rank=1, local_world_size=4,
+                                   node_rank=1, num_nodes=2, master_addr="10.1.1.1",
+                                   master_port=1234, launcher="openmpi")),
+    ("intelmpi", INTELMPI, CPU, dict(rank=5, world_size=8, local_rank=1, local_world_size=4,
+                                     node_rank=1, num_nodes=2, launcher="intelmpi")),
+    ("mvapich", MVAPICH, CPU, dict(rank=6, world_size=8, local_rank=2, node_rank=1,
+                                   launcher="mvapich", master_addr="10.1.1.3")),
+    ("slurm", SLURM, TWO_GPUS, dict(
+        rank=6, world_size=7, local_rank=0, local_world_size=1, node_rank=3, num_nodes=4,
+        master_addr="gpu01", master_port=15000 + 123456 % 50000, launcher="slurm",
+        device="cuda:0")),
+    # innermost launcher wins: srun torchrun -> torchrun's variables
+    ("srun torchrun", {**SLURM, **TORCHRUN}, CPU, dict(rank=3, world_size=8,
+                                                       launcher="torchrun")),
+    ("mpirun under slurm", {**SLURM, **OPENMPI}, CPU, dict(rank=5, launcher="openmpi")),
+    ("slurm one node", {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1",
+                        "SLURM_NODEID": "0", "SLURM_NNODES": "1",
+                        "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODELIST": "box1"}, CPU,
+     dict(rank=1, local_rank=1, local_world_size=2, master_addr="box1")),
+    ("force cpu", {**TORCHRUN, "DISTLIB_CPU": "1"}, TWO_GPUS, dict(device="cpu", backend="gloo")),
+    ("gpus wrap around", {**TORCHRUN, "LOCAL_RANK": "1"}, Hardware(num_gpus=1),
+     dict(device="cuda:0")),
+    ("mps", {}, Hardware(mps=True), dict(device="mps", backend="gloo")),
+    ("xla", {"PJRT_DEVICE": "CPU"}, Hardware(xla=True),
+     dict(device="xla", backend="xla", strategy=dl.XLA())),
+    ("xla asked but missing", {"PJRT_DEVICE": "TPU"}, CPU, dict(device="cpu")),
+    ("debug and timeout", {"DISTLIB_DEBUG": "yes", "DISTLIB_TIMEOUT": "60"}, CPU,
+     dict(debug=True, timeout_s=60.0)),
+]
+
+
+@pytest.mark.parametrize(("name", "environ", "hardware", "expected"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_detect(name: str, environ: dict[str, str], hardware: Hardware,
+                expected: dict[str, object]) -> None:
+    env = detect(environ, hardware=hardware)
+    got = {k: getattr(env, k) for k in expected}
+    assert got == expected
+
+
+def test_detect_precedence_explicit_over_variables_over_config() -> None:
+    environ = {"DISTLIB_PRECISION": "fp16", "DISTLIB_STRATEGY": "ddp"}
+    config = {"precision": "bf16", "strategy": "deepspeed", "strategy_options": {"zero_stage": 3}}
+    assert detect({}, config=config, hardware=CPU).strategy == dl.DeepSpeed(zero_stage=3)
+    assert detect({}, config=config, hardware=CPU).precision == "bf16"
+    assert detect(environ, config=config, hardware=CPU).precision == "fp16"
+    assert detect(environ, config=config, hardware=CPU).strategy == dl.DDP()
+    explicit = detect(environ, config=config, hardware=CPU, precision="no", strategy=dl.FSDP())
+    assert (explicit.precision, explicit.strategy) == (dl.Precision.NO, dl.FSDP())
+
+
+def test_detect_reads_only_the_given_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert detect({}, hardware=CPU).world_size == 1
+    assert detect(hardware=CPU).world_size == 2  # None means os.environ
+
+
+def test_several_envs_coexist_and_replace_revalidates() -> None:
+    envs = [Env(rank=r, world_size=8, local_rank=r % 4, local_world_size=4, node_rank=r // 4,
+                num_nodes=2) for r in range(8)]
+    assert [e.rank for e in envs] == list(range(8))
+    assert envs[0].is_main and not envs[3].is_main and envs[4].is_local_main
+    assert envs[0].is_distributed and not Env().is_distributed
+    moved = dataclasses.replace(envs[3], device="cuda:1")
+    assert moved.device == "cuda:1" and envs[3].device == "cpu"
+    with pytest.raises(EnvError, match="rank must be in"):
+        dataclasses.replace(envs[3], rank=8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        envs[0].rank = 1  # type: ignore[misc]
+    assert hash(envs[0]) == hash(Env(rank=0, world_size=8, local_world_size=4, num_nodes=2))
+
+
+def test_env_accepts_plain_strings_for_policies() -> None:
+    env = Env(precision="bf16", strategy="fsdp")
+    assert env.precision is dl.Precision.BF16 and env.strategy == dl.FSDP()
+    assert "rank=0" in repr(env) and "strategy=FSDP(" in repr(env)
+
+
+# variables, expected error type, text the message must contain
+BAD = [
+    ({"RANK": "one", "WORLD_SIZE": "2"}, EnvError, "RANK must be an integer, but got RANK='one'"),
+    ({"RANK": "4", "WORLD_SIZE": "4"}, EnvError,
+     "RANK must be in [0, WORLD_SIZE), but got RANK='4', WORLD_SIZE='4'"),
+    ({"RANK": "-1", "WORLD_SIZE": "4"}, EnvError, "RANK must be >= 0, but got RANK='-1'"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, EnvError, "WORLD_SIZE must be >= 1"),
+    ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, EnvError,
+     "LOCAL_RANK must be in [0, LOCAL_WORLD_SIZE), but got LOCAL_RANK='2', LOCAL_WORLD_SIZE='2'"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "4"}, EnvError,
+     "LOCAL_WORLD_SIZE must be <= WORLD_SIZE"),
+    ({"MASTER_PORT": "70000"}, EnvError, "MASTER_PORT must be in 1..65535, but got MASTER_PORT='70000'"),
+    ({"MASTER_PORT": "0"}, EnvError, "MASTER_PORT must be in 1..65535"),
+    ({"MASTER_PORT": "http"}, EnvError, "MASTER_PORT must be an integer, but got MASTER_PORT='http'"),
+    ({"DISTLIB_PRECISION": "fp12"}, PrecisionError, "DISTLIB_PRECISION must be one of"),
+    ({"DISTLIB_STRATEGY": "zero"}, ConfigError, "must be one of 'single', 'ddp'"),
+    ({"DISTLIB_STRATEGY": "ddp", "DISTLIB_STRATEGY_OPTIONS": "[1]"}, EnvError,
+     "DISTLIB_STRATEGY_OPTIONS must be a JSON object"),
+    ({"DISTLIB_STRATEGY": "ddp", "DISTLIB_STRATEGY_OPTIONS": '{"zero_stage": 3}'}, ConfigError,
+     "'zero_stage' do not exist for strategy 'ddp'"),
+    ({"DISTLIB_CPU": "maybe"}, EnvError, "DISTLIB_CPU must be one of"),
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "2"}, EnvError,
+     "OMPI_COMM_WORLD_RANK must be in [0, OMPI_COMM_WORLD_SIZE)"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_NODEID": "0",
+      "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_NODELIST": "gpu[01-02"}, EnvError,
+     "SLURM_JOB_NODELIST must be a SLURM host list"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_TASKS_PER_NODE": "2(3)"}, EnvError,
+     "SLURM_TASKS_PER_NODE must look like"),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, EnvError, "MASTER_ADDR must be set"),
+]
+
+
+@pytest.mark.parametrize(("environ", "error", "text"), BAD, ids=[t for *_, t in BAD])
+def test_detect_rejects_bad_input(environ: dict[str, str], error: type[Exception],
+                                  text: str) -> None:
+    with pytest.raises(error) as info:
+        detect(environ, hardware=CPU)
+    assert text in str(info.value)
+    assert isinstance(info.value, ValueError)  # plain `except ValueError` keeps working
+
+
+BAD_FIELDS = [
+    (dict(rank=2, world_size=2), "Env(): rank must be in [0, world_size), but got rank=2"),
+    (dict(world_size=True), "world_size must be an int"),
+    (dict(master_port=0), "master_port must be in 1..65535"),
+    (dict(backend="tcp"), "backend must be one of 'gloo', 'nccl'"),
+    (dict(device="gpu0"), "device must look like"),
+    (dict(timeout_s=0), "timeout_s must be > 0"),
+    (dict(node_rank=1), "node_rank must be in [0, num_nodes)"),
+]
+
+
+@pytest.mark.parametrize(("fields", "text"), BAD_FIELDS, ids=[t for _, t in BAD_FIELDS])
+def test_env_rejects_bad_fields(fields: dict[str, object], text: str) -> None:
+    with pytest.raises(EnvError) as info:
+        Env(**fields)  # type: ignore[arg-type]
+    assert text in str(info.value)
+
+
+def test_bad_precision_field_names_choices() -> None:
+    with pytest.raises(PrecisionError, match="'no', 'fp16', 'bf16', 'fp8'"):
+        Env(precision="int4")
