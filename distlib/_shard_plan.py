@@ -1,0 +1,300 @@
+"""Which samples each rank reads in each step, and which gathered rows are padding (pure).
+
+Everything here is index arithmetic over plain values; `distlib.data` is the thin shell that
+applies it to a torch ``DataLoader`` and `distlib.collectives.gather_metrics` uses the dedup
+helper. The rules (the same batches Accelerate's ``prepare`` gives):
+
+* A *step* is one batch on every rank. Its *global batch* holds ``G`` samples: the loader's
+  batch size times the world size, or the loader's batch size itself with ``split_batches``.
+  Rank ``r`` reads slice ``r`` of it (without ``split_batches`` that is loader batch
+  ``step * world_size + r``).
+* The last global batch may be short. ``drop_last`` drops it. Otherwise, with
+  ``even_batches`` (and more than one rank) it is completed by looping back to the start of
+  the pass, so every rank gets equally many, equally sized batches; the looped-back rows are
+  *padding*, always at the end of the step in rank order. Without ``even_batches`` ranks simply
+  get what is left: some get a short batch, or none.
+* Loaders whose batch sampler has no ``batch_size`` (variable-size batches) are planned in
+  whole batches: rank ``r`` gets batch ``step * world_size + r``, and missing batches of the last
+  step are the first batches of the pass, repeated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, NamedTuple
+
+from distlib.errors import ShardingError
+
+__all__ = ["ShardPlan", "StepInfo", "count_batches", "keep_index"]
+
+
+class StepInfo(NamedTuple):
+    """One step's layout: rows per rank, and how many leading gathered rows are real data."""
+
+    rows: tuple[int, ...]
+    real: int
+
+
+def count_batches(units: int, per_step: int, per_rank: int, rank: int, *, drop_last: bool,
+                  pad: bool) -> tuple[int, int]:
+    """Return ``(steps in the pass, batches rank gets)`` for ``units`` samples (or batches).
+
+    Example:
+        >>> count_batches(10, 4, 2, 1, drop_last=False, pad=False)   # 10 samples, G=4, g=2
+        (3, 2)
+    """
+    if drop_last:
+        steps = units // per_step
+        return steps, steps
+    steps = -(-units // per_step)
+    if pad:
+        return steps, steps
+    return steps, -(-max(0, units - rank * per_rank) // per_step)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardPlan:
+    """How one pass over a loader is cut into per-rank batches (a pure value).
+
+    Args:
+        num_samples: samples in one pass (after the batch sampler's own ``drop_last``); None
+            when unknown (an iterable dataset without a length). Ignored with ``batch_sizes``.
+        batch_size: the loader's batch size; None for variable-size batches (give
+            ``batch_sizes``).
+        world_size: number of ranks.
+        rank: the rank this plan is for.
+        drop_last: drop the last, incomplete step instead of completing it.
+        split_batches: split each loader batch across ranks instead of dealing whole batches.
+        even_batches: complete the last step by looping back to the start of the pass.
+        start_batch: the first step to yield (resuming mid-epoch).
+        batch_sizes: the sizes of the loader's batches this pass (variable-size batches only).
+
+    Example:
+        >>> plan = ShardPlan(num_samples=10, batch_size=2, world_size=2, rank=1)
+        >>> len(plan), plan.step_positions(2)
+        (3, ((8, 9), (0, 1)))
+        >>> plan.step_info(2)
+        StepInfo(rows=(2, 2), real=2)
+    """
+
+    num_samples: int | None = None
+    batch_size: int | None = 1
+    world_size: int = 1
+    rank: int = 0
+    drop_last: bool = False
+    split_batches: bool = False
+    even_batches: bool = True
+    start_batch: int = 0
+    batch_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        call = "ShardPlan()"
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            msg = (f"{call}: rank must be in [0, world_size), but got rank={self.rank}, "
+                   f"world_size={self.world_size}. Build the plan from the Env's rank.")
+            raise ShardingError(msg)
+        if self.batch_size is not None and self.batch_size < 1:
+            msg = (f"{call}: batch_size must be >= 1, but got {self.batch_size}. Give the "
+                   "DataLoader a positive batch_size.")
+            raise ShardingError(msg)
+        if self.batch_size is None and self.batch_sizes is None:
+            msg = (f"{call}: batch_sizes must be given when batch_size is None, but got "
+                   "neither. Pass the loader's batch size, or the sizes of its batches.")
+            raise ShardingError(msg)
+        if self.split_batches and (self.batch_size is None
+                                   or self.batch_size % self.world_size):
+            msg = (f"{call}: with split_batches, batch_size must be a multiple of world_size "
+                   f"({self.world_size}), but got {self.batch_size}. Use a batch size of "
+                   f"k * {self.world_size}, or split_batches=False.")
+            raise ShardingError(msg)
+        for name in ("start_batch", "num_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                msg = f"{call}: {name} must be >= 0, but got {value}."
+                raise ShardingError(msg)
+
+    # -- shape of the pass -------------------------------------------------------------
+    @property
+    def pads(self) -> bool:
+        """True when a short last step is completed with looped-back samples."""
+        return self.even_batches and not self.drop_last and self.world_size > 1
+
+    @property
+    def variable(self) -> bool:
+        """True for variable-size batches (planned in whole batches)."""
+        return self.batch_size is None
+
+    @property
+    def per_rank(self) -> int:
+        """Samples per rank per full step (1 batch for variable-size batches)."""
+        if self.batch_size is None:
+            return 1
+        return self.batch_size // self.world_size if self.split_batches else self.batch_size
+
+    @property
+    def per_step(self) -> int:
+        """Samples in a full global batch (``world_size`` batches for variable sizes)."""
+        return self.per_rank * self.world_size
+
+    def _units(self) -> int:
+        if self.batch_sizes is not None and self.variable:
+            return len(self.batch_sizes)
+        if self.num_samples is None:
+            msg = ("ShardPlan: num_samples must be known to count batches, but got None. The "
+                   "dataset has no __len__: iterate the loader instead of calling len().")
+            raise ShardingError(msg)
+        return self.num_samples
+
+    def counts(self, rank: int | None = None) -> tuple[int, int]:
+        """``(steps in a full pass, batches the rank gets in a full pass)``."""
+        rank = self.rank if rank is None else rank
+        return count_batches(self._units(), self.per_step, self.per_rank, rank,
+                             drop_last=self.drop_last, pad=self.pads)
+
+    @property
+    def num_steps(self) -> int:
+        """Steps in a full pass (the most batches any rank gets)."""
+        return self.counts()[0]
+
+    def __len__(self) -> int:
+        """Batches this rank yields, from ``start_batch`` on."""
+        return max(0, self.counts()[1] - self.start_batch)
+
+    # -- positions (for tests and reasoning; the loader streams with iter_batches) ------
+    def _offsets(self) -> list[int]:
+        sizes = self.batch_sizes or ()
+        out = [0]
+        for size in sizes:
+            out.append(out[-1] + size)
+        return out
+
+    def step_positions(self, step: int) -> tuple[tuple[int, ...], ...]:
+        """Positions in the pass's sample order that each rank reads at ``step``."""
+        if self.variable:
+            return self._variable_positions(step)
+        n, g, big_g = self._units(), self.per_rank, self.per_step
+        base = min(n, big_g)
+        out = []
+        for r in range(self.world_size):
+            first = step * big_g + r * g
+            pos = [p if p < n else (p - n) % base for p in range(first, first + g)
+                   if p < n or self.pads]
+            out.append(tuple(pos))
+        return tuple(out)
+
+    def _variable_positions(self, step: int) -> tuple[tuple[int, ...], ...]:
+        offsets, nb, w = self._offsets(), len(self.batch_sizes or ()), self.world_size
+        out = []
+        for r in range(w):
+            b = step * w + r
+            if b >= nb and self.pads:
+                b = (b - nb) % min(nb, w)
+            out.append(tuple(range(offsets[b], offsets[b + 1])) if b < nb else ())
+        return tuple(out)
+
+    def step_info(self, step: int) -> StepInfo:
+        """Rows per rank at ``step`` and how many leading gathered rows are real."""
+        positions = self.step_positions(step)
+        rows = tuple(len(p) for p in positions)
+        if self.variable:
+            nb, w = len(self.batch_sizes or ()), self.world_size
+            sizes = self.batch_sizes or ()
+            return StepInfo(rows, sum(sizes[b] for b in range(step * w, min(nb, step * w + w))))
+        n = self._units()
+        return StepInfo(rows, max(0, min(self.per_step, n - step * self.per_step)))
+
+    # -- streaming ----------------------------------------------------------------------
+    def iter_batches(self, stream: Iterable[Any]) -> Iterator[tuple[list[Any], StepInfo]]:
+        """Yield this rank's batches from ``start_batch`` on, with each step's `StepInfo`.
+
+        ``stream`` is the pass's samples (indices or elements) in order, or its batches for
+        variable-size batches. Only the first global batch is kept for padding, so memory
+        stays O(global batch) whatever the pass length.
+        """
+        if self.variable:
+            return self._iter_variable(iter(stream))
+        return self._iter_fixed(iter(stream))
+
+    def _iter_fixed(self, it: Iterator[Any]) -> Iterator[tuple[list[Any], StepInfo]]:
+        big_g, g, w, lo = self.per_step, self.per_rank, self.world_size, self.rank * self.per_rank
+        full = StepInfo((g,) * w, big_g)
+        base: list[Any] | None = None
+        step = 0
+        while True:
+            chunk = list(islice(it, big_g))
+            n = len(chunk)
+            if n == 0:
+                return
+            if base is None:
+                base = chunk
+            info = full
+            if n < big_g:
+                if self.drop_last:
+                    return
+                if self.pads:
+                    chunk = chunk + [base[i % len(base)] for i in range(big_g - n)]
+                else:
+                    info = StepInfo(tuple(max(0, min(g, n - r * g)) for r in range(w)), n)
+                info = StepInfo(info.rows, n)
+            if step >= self.start_batch and info.rows[self.rank]:
+                yield chunk[lo:lo + g], info
+            step += 1
+            if n < big_g:
+                return
+
+    def _iter_variable(self, it: Iterator[Any]) -> Iterator[tuple[list[Any], StepInfo]]:
+        w = self.world_size
+        base: list[Any] | None = None
+        step = 0
+        while True:
+            group = [list(b) for b in islice(it, w)]
+            k = len(group)
+            if k == 0:
+                return
+            if base is None:
+                base = group
+            real = sum(len(b) for b in group)
+            if k < w:
+                if self.drop_last:
+                    return
+                if self.pads:
+                    group = group + [base[i % len(base)] for i in range(w - k)]
+            rows = tuple(len(b) for b in group) + (0,) * (w - len(group))
+            if step >= self.start_batch and self.rank < len(group):
+                yield group[self.rank], StepInfo(rows, real)
+            step += 1
+            if k < w:
+                return
+
+
+def keep_index(steps: Sequence[StepInfo], rank_stride: int | None = None) -> list[int]:
+    """Indices of the real rows of a rank-major gather, in step order.
+
+    The gather holds each rank's rows for ``steps`` back to back, rank after rank; each rank's
+    block starts at ``rank * rank_stride`` (default: right after the previous block). Within a
+    step the real rows are the first ``real`` in rank order; the rest is padding.
+
+    Example:
+        >>> keep_index([StepInfo((2, 2), 4), StepInfo((2, 2), 3)])   # 7 samples, 2 ranks
+        [0, 1, 4, 5, 2, 3, 6]
+    """
+    if not steps:
+        return []
+    world = len(steps[0].rows)
+    totals = [sum(s.rows[r] for s in steps) for r in range(world)]
+    starts, acc = [], 0
+    for r in range(world):
+        starts.append(r * rank_stride if rank_stride is not None else acc)
+        acc += totals[r]
+    cursor = list(starts)
+    out: list[int] = []
+    for info in steps:
+        left = info.real
+        for r in range(world):
+            take = min(info.rows[r], left)
+            out.extend(range(cursor[r], cursor[r] + take))
+            left -= take
+            cursor[r] += info.rows[r]
+    return out
