@@ -1,0 +1,264 @@
+"""What the planner knows about a model, as plain values: its layout and byte sizes.
+
+`layout_of(model)` reads names, shapes, dtypes, classes and ties from a module (on any
+device, the meta device included); `layout_from_tensors` builds the same value from a
+checkpoint's headers alone. `module_sizes` turns a layout into bytes per module for a target
+dtype, counting tied parameters once. Nothing here allocates tensors or asks the hardware.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from distlib.errors import DeviceMapError
+
+__all__ = [
+    "Layout",
+    "ModuleInfo",
+    "TensorInfo",
+    "dtype_name",
+    "dtype_size",
+    "layout_from_tensors",
+    "layout_of",
+    "module_sizes",
+    "parse_size",
+]
+
+_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
+_BITS = {"bool": 8, "float8_e4m3fn": 8, "float8_e5m2": 8, "float8_e4m3fnuz": 8,
+         "float8_e5m2fnuz": 8, "float8_e8m0fnu": 8, "uint8": 8, "int8": 8}
+_INTEGER_PREFIXES = ("int", "uint", "bool")
+
+
+def parse_size(size: int | float | str, *, source: str = "parse_size()") -> int:
+    """Return a memory size in bytes from an int or a string like ``"10GiB"``, ``"500MB"``.
+
+    ``GiB``/``MiB``/``KiB`` are powers of 1024, ``GB``/``MB``/``KB`` powers of 1000.
+
+    Example:
+        >>> parse_size("10GiB"), parse_size("500MB"), parse_size(123)
+        (10737418240, 500000000, 123)
+    """
+    if isinstance(size, bool):
+        pass
+    elif isinstance(size, (int, float)) and size >= 0:
+        return int(size)
+    elif isinstance(size, str) and (match := _SIZE.match(size)):
+        unit = (match.group(2) or "B").upper()
+        return int(float(match.group(1)) * _UNITS[unit])
+    msg = (f"{source}: a memory size must be a non-negative int of bytes or a string such as "
+           f"'10GiB', '10GB' or '500MB', but got {size!r}.")
+    raise DeviceMapError(msg)
+
+
+def dtype_name(dtype: Any) -> str:
+    """Return a dtype's short name: ``torch.bfloat16`` / ``"torch.bfloat16"`` -> ``"bfloat16"``.
+
+    Example:
+        >>> dtype_name("torch.float16"), dtype_name("bf16")
+        ('float16', 'bfloat16')
+    """
+    name = str(dtype).removeprefix("torch.")
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16",
+            "float": "float32", "double": "float64"}.get(name, name)
+
+
+def dtype_size(dtype: Any) -> int:
+    """Return the bytes one element of ``dtype`` takes (bool counts as one byte).
+
+    Example:
+        >>> dtype_size("float32"), dtype_size("bfloat16"), dtype_size("int64")
+        (4, 2, 8)
+    """
+    name = dtype_name(dtype)
+    bits = _BITS.get(name)
+    if bits is None:
+        match = re.search(r"(\d+)$", name)
+        if match is None:
+            msg = f"dtype_size(): dtype must be a torch dtype name, but got {dtype!r}."
+            raise DeviceMapError(msg)
+        bits = int(match.group(1))
+    return max(bits // 8, 1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorInfo:
+    """One parameter or buffer: full dotted name, element count, dtype name, kind."""
+
+    name: str
+    numel: int
+    dtype: str
+    buffer: bool = False
+    shape: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.numel < 0:
+            msg = f"TensorInfo(): numel must be >= 0, but got {self.numel!r} for {self.name!r}."
+            raise DeviceMapError(msg)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModuleInfo:
+    """One module: dotted name ("" for the root), class name, children, direct tensors."""
+
+    name: str
+    class_name: str
+    children: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
+    buffers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """A model's structure for planning: modules in pre-order (root first), tensors, ties.
+
+    ``tensors`` lists parameters (each shared parameter once, under its first name) and then
+    buffers, in the order ``named_parameters()`` / ``named_buffers()`` give them. ``tied``
+    groups the names that share one parameter.
+    """
+
+    modules: tuple[ModuleInfo, ...]
+    tensors: tuple[TensorInfo, ...]
+    tied: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.modules or self.modules[0].name != "":
+            msg = "Layout(): modules must start with the root module named '', but got none."
+            raise DeviceMapError(msg)
+
+    def module_index(self) -> dict[str, ModuleInfo]:
+        """Return the modules by name."""
+        return {m.name: m for m in self.modules}
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def layout_of(model: Any) -> Layout:
+    """Describe a ``torch.nn.Module`` (on any device, meta included) as a `Layout`.
+
+    Example:
+        >>> import torch
+        >>> layout = layout_of(torch.nn.Sequential(torch.nn.Linear(2, 3)))
+        >>> [t.name for t in layout.tensors], layout.modules[1].class_name
+        (['0.weight', '0.bias'], 'Linear')
+    """
+    modules = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        modules.append(ModuleInfo(
+            name=name, class_name=type(module).__name__,
+            children=tuple(_join(name, c) for c, _ in module.named_children()),
+            params=tuple(_join(name, p) for p, v in module._parameters.items() if v is not None),
+            buffers=tuple(_join(name, b) for b, v in module._buffers.items() if v is not None),
+        ))
+    tensors = [TensorInfo(name=n, numel=p.numel(), dtype=dtype_name(p.dtype), shape=tuple(p.shape))
+               for n, p in model.named_parameters()]
+    tensors += [TensorInfo(name=n, numel=b.numel(), dtype=dtype_name(b.dtype), buffer=True,
+                           shape=tuple(b.shape)) for n, b in model.named_buffers()]
+    return Layout(modules=tuple(modules), tensors=tuple(tensors), tied=tied_groups(model))
+
+
+def tied_groups(model: Any) -> tuple[tuple[str, ...], ...]:
+    """Return the groups of parameter names that share one tensor, each sorted.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Embedding(5, 2), torch.nn.Linear(2, 5, bias=False))
+        >>> net[1].weight = net[0].weight
+        >>> tied_groups(net)
+        (('0.weight', '1.weight'),)
+    """
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return tuple(tuple(sorted(group)) for group in names.values() if len(group) > 1)
+
+
+def layout_from_tensors(tensors: Iterable[TensorInfo],
+                        tied: Sequence[Sequence[str]] = ()) -> Layout:
+    """Build a `Layout` from tensor names alone (a checkpoint's headers).
+
+    Every dotted prefix becomes a module. Its class name is its name with each numeric part
+    replaced by ``*`` (``model.layers.*``), so ``no_split_module_classes=["model.layers.*"]``
+    keeps each numbered block whole.
+
+    Example:
+        >>> infos = [TensorInfo(name=f"layers.{i}.w", numel=4, dtype="float32") for i in range(2)]
+        >>> [(m.name, m.class_name) for m in layout_from_tensors(infos).modules][:3]
+        [('', ''), ('layers', 'layers'), ('layers.0', 'layers.*')]
+    """
+    tensors = tuple(tensors)
+    children: dict[str, list[str]] = {"": []}
+    params: dict[str, list[str]] = {"": []}
+    for info in tensors:
+        parts = info.name.split(".")
+        for depth in range(1, len(parts)):
+            module, parent = ".".join(parts[:depth]), ".".join(parts[:depth - 1])
+            if module not in children:
+                children[module], params[module] = [], []
+                children[parent].append(module)
+        params[".".join(parts[:-1])].append(info.name)
+    modules = []
+    stack = [""]
+    while stack:
+        name = stack.pop()
+        kind = ".".join("*" if p.isdigit() else p for p in name.split(".")) if name else ""
+        modules.append(ModuleInfo(name=name, class_name=kind, children=tuple(children[name]),
+                                  params=tuple(params[name])))
+        stack.extend(reversed(children[name]))
+    return Layout(modules=tuple(modules), tensors=tensors, tied=tuple(tuple(g) for g in tied))
+
+
+def _in_modules(name: str, modules: Sequence[str]) -> bool:
+    return any(name == m or name.startswith(m + ".") or f".{m}." in f".{name}" for m in modules)
+
+
+def module_sizes(layout: Layout, dtype: Any = None,
+                 keep_in_fp32_modules: Sequence[str] = ()) -> dict[str, int]:
+    """Return the bytes of every module and tensor name (and ``""``, the whole model).
+
+    With a ``dtype``, floating tensors are counted at the smaller of their own and the target
+    element size (weights are never up-cast on load); integer and bool tensors keep theirs.
+    Tensors inside ``keep_in_fp32_modules`` count as float32. Tied parameters count once.
+
+    Example:
+        >>> infos = [TensorInfo(name="a.w", numel=10, dtype="float32")]
+        >>> module_sizes(layout_from_tensors(infos), dtype="bfloat16")
+        {'': 20, 'a': 20, 'a.w': 20}
+    """
+    target = None if dtype is None else dtype_size(dtype)
+    sizes: dict[str, int] = {}
+    for info in layout.tensors:
+        own = dtype_size(info.dtype)
+        if keep_in_fp32_modules and _in_modules(info.name, keep_in_fp32_modules) and \
+                not info.dtype.startswith(_INTEGER_PREFIXES):
+            own = 4
+        elif target is not None and not info.dtype.startswith(_INTEGER_PREFIXES):
+            own = min(own, target)
+        size = info.numel * own
+        parts = info.name.split(".")
+        for depth in range(len(parts) + 1):
+            key = ".".join(parts[:depth])
+            sizes[key] = sizes.get(key, 0) + size
+    return sizes
+
+
+def coerce_layout(model_or_layout: Any) -> Layout:
+    """Return the argument if it is a `Layout`, else `layout_of` it."""
+    return model_or_layout if isinstance(model_or_layout, Layout) else layout_of(model_or_layout)
+
+
+def keep_in_fp32_of(model: Any, explicit: Sequence[str] | None) -> tuple[str, ...]:
+    """The module names a model keeps in fp32 (transformers' ``_keep_in_fp32_modules``)."""
+    if explicit is not None:
+        return tuple(explicit)
+    found = getattr(model, "_keep_in_fp32_modules", None) or ()
+    if isinstance(found, Mapping):
+        found = tuple(found)
+    return tuple(found)
