@@ -39,7 +39,6 @@ PENDING = {
     "save_state", "load_state",  # 7
     "init_empty_weights", "init_on_device", "infer_device_map", "load_checkpoint",  # 6
     "dispatch", "load_checkpoint_and_dispatch", "DeviceMap",  # 6
-    "launch", "LaunchResult",  # 3
 }
 
 

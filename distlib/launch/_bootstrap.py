@@ -1,0 +1,119 @@
+"""The first code every launched rank runs: run the target, record its traceback on failure.
+
+``python -m distlib.launch._bootstrap callable PAYLOAD RESULTS`` runs a pickled callable and
+stores its return value; ``script PATH ARGS...`` and ``module NAME ARGS...`` run a script or a
+module as ``__main__``, like ``python PATH`` / ``python -m NAME``. When the target raises, the
+traceback goes to the error file torch's elastic agent gave this rank, so the launcher can
+print it once as the job's root cause.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies (no orphans after a SIGKILL).
+
+    Effects: sets the process's parent-death signal (Linux only; elsewhere nothing).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "remote worker",
+               "Broken pipe", "DistNetworkError", "DistBackendError", "DistStoreError")
+
+
+def is_secondary(exc: BaseException) -> bool:
+    """True when the exception says a *peer* died (so another rank holds the root cause)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(sign in text for sign in _PEER_SIGNS)
+
+
+def _record(exc: BaseException) -> None:
+    """Write the traceback in torch's error-file format (plus a precise timestamp)."""
+    tb = exc.__traceback__
+    own = (os.path.abspath(__file__), os.path.abspath(runpy.__file__))
+    while tb is not None and tb.tb_next is not None and os.path.abspath(
+            tb.tb_frame.f_code.co_filename) in own:
+        tb = tb.tb_next  # the user's frames are the story; the bootstrap's are noise
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        sys.stderr.write(text)
+        return
+    data = {"message": {"message": f"{type(exc).__name__}: {exc}",
+                        "extraInfo": {"py_callstack": text, "timestamp": str(int(time.time())),
+                                      "distlib_time_ns": str(time.time_ns()),
+                                      "distlib_secondary": is_secondary(exc)}}}
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle)
+
+
+def _run_callable(payload_path: str, results_dir: str) -> None:
+    from distlib.launch._payload import dumps, loads
+
+    with open(payload_path, "rb") as handle:
+        target, args = loads(handle.read())
+    value = target(*args)
+    # RANK is the agent's protocol with this bootstrap (user code reads it through detect()).
+    path = os.path.join(results_dir, f"{os.environ.get('RANK', '0')}.pkl")
+    with open(path + ".tmp", "wb") as handle:
+        handle.write(dumps(value))
+    os.replace(path + ".tmp", path)
+
+
+def _run_script(path: str, args: Sequence[str]) -> None:
+    sys.argv = [path, *args]
+    sys.path[0] = os.path.dirname(os.path.abspath(path))
+    runpy.run_path(path, run_name="__main__")
+
+
+def _run_module(name: str, args: Sequence[str]) -> None:
+    sys.argv = [name, *args]
+    runpy.run_module(name, run_name="__main__", alter_sys=True)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run one rank's target; return its exit code."""
+    die_with_parent()
+    kind, rest = argv[0], list(argv[1:])
+    try:
+        if kind == "callable":
+            _run_callable(rest[0], rest[1])
+        elif kind == "script":
+            _run_script(rest[0], rest[1:])
+        elif kind == "module":
+            _run_module(rest[0], rest[1:])
+        else:
+            msg = f"distlib bootstrap: unknown target kind {kind!r}"
+            raise SystemExit(msg)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        _record(exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

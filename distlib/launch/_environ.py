@@ -1,0 +1,91 @@
+"""`child_environ`: the exact environment a launched rank starts with (pure).
+
+The launcher never edits the caller's ``os.environ``; it builds this mapping and hands it to
+the agent process, whose children (the ranks) inherit it plus torch's rank variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+
+from distlib.launch.plan import LaunchPlan
+
+__all__ = ["DISTLIB_VARIABLES", "child_environ"]
+
+# Every variable the launcher owns; inherited values of these are replaced or dropped.
+DISTLIB_VARIABLES = ("DISTLIB_LAUNCHED", "DISTLIB_STRATEGY", "DISTLIB_STRATEGY_OPTIONS",
+                     "DISTLIB_PRECISION", "DISTLIB_CPU", "DISTLIB_DEBUG", "DISTLIB_TIMEOUT")
+
+
+def _python_path(base: Mapping[str, str], sys_path: Iterable[str], cwd: str,
+                 skip_prefixes: Iterable[str]) -> str | None:
+    """The caller's own import paths first, so ranks can import what the caller imported."""
+    skip = tuple(p for p in skip_prefixes if p)
+    entries: list[str] = []
+    for entry in sys_path:
+        path = os.path.join(cwd, entry) if not os.path.isabs(entry) else entry
+        if skip and path.startswith(skip):
+            continue
+        if path not in entries:
+            entries.append(path)
+    inherited = [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p]
+    entries += [p for p in inherited if p not in entries]
+    return os.pathsep.join(entries) if entries else None
+
+
+def child_environ(
+    base: Mapping[str, str],
+    plan: LaunchPlan,
+    *,
+    sys_path: Iterable[str] = (),
+    cwd: str = "/",
+    skip_prefixes: Iterable[str] = (),
+) -> dict[str, str]:
+    """Return the environment for the agent process and the ranks it starts.
+
+    Args:
+        base: the environment to start from (the caller's ``os.environ``); not modified.
+        plan: the launch plan whose settings become ``DISTLIB_*`` variables.
+        sys_path: the caller's ``sys.path``; entries outside ``skip_prefixes`` are put first on
+            ``PYTHONPATH`` (relative entries resolved against ``cwd``), so a function defined
+            in a test file or a local module can be imported by every rank.
+        cwd: the directory relative ``sys_path`` entries are relative to.
+        skip_prefixes: path prefixes (the interpreter's own) that need no ``PYTHONPATH``.
+
+    Returns:
+        A new dict: ``base`` plus ``DISTLIB_LAUNCHED=1`` and the plan's ``DISTLIB_*``
+        variables; inherited ``DISTLIB_*`` variables the plan leaves unset are dropped.
+
+    Example:
+        >>> plan = LaunchPlan(nproc_per_node=2, cpu=True, precision="bf16")
+        >>> env = child_environ({"HOME": "/root", "DISTLIB_STRATEGY": "fsdp"}, plan)
+        >>> env["DISTLIB_LAUNCHED"], env["DISTLIB_CPU"], env["DISTLIB_PRECISION"]
+        ('1', '1', 'bf16')
+        >>> "DISTLIB_STRATEGY" in env, env["OMP_NUM_THREADS"]
+        (False, '1')
+    """
+    env = {k: v for k, v in base.items() if k not in DISTLIB_VARIABLES}
+    env["DISTLIB_LAUNCHED"] = "1"
+    if plan.cpu:
+        env["DISTLIB_CPU"] = "1"
+    if plan.debug:
+        env["DISTLIB_DEBUG"] = "1"
+    if plan.precision is not None:
+        env["DISTLIB_PRECISION"] = str(plan.precision)
+    if plan.strategy is not None:
+        env["DISTLIB_STRATEGY"] = plan.strategy
+        env["DISTLIB_STRATEGY_OPTIONS"] = json.dumps(dict(plan.strategy_options),
+                                                     sort_keys=True)
+    if plan.collective_timeout_s is not None:
+        env["DISTLIB_TIMEOUT"] = str(plan.collective_timeout_s)
+    if plan.gpu_ids is not None and plan.gpu_ids != "all":
+        env["CUDA_VISIBLE_DEVICES"] = plan.gpu_ids
+    if "OMP_NUM_THREADS" not in env and plan.nproc_per_node != 1:
+        # As torchrun: several ranks on one machine must not each spawn a thread per core.
+        env["OMP_NUM_THREADS"] = "1"
+    python_path = _python_path(base, sys_path, cwd, skip_prefixes)
+    if python_path:
+        env["PYTHONPATH"] = python_path
+    return env

@@ -1,0 +1,184 @@
+"""`LaunchPlan`: what a launch starts, as one validated value (pure, torch-free).
+
+Both `distlib.launch.launch()` and ``distlib launch`` build a plan first; the agent process
+(`distlib.launch._agent`) turns it into torch's elastic ``LaunchConfig``. Counts follow the
+documented convention: ``num_processes`` is the total across all machines, ``nproc_per_node``
+the count on each machine, and a total that the machine count does not divide is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from distlib.errors import ConfigError, PrecisionError
+from distlib.precision import parse_precision
+from distlib.strategies.base import parse_strategy
+
+__all__ = ["RDZV_BACKENDS", "LaunchPlan", "parse_machines", "plan_launch"]
+
+RDZV_BACKENDS = ("static", "c10d")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchPlan:
+    """Everything the agent needs to start one machine's share of a job.
+
+    ``None`` means "not chosen": ``nproc_per_node=None`` is resolved by the agent (visible GPUs,
+    else 1); ``precision``/``strategy`` left ``None`` let ``detect()`` pick in each rank.
+
+    Example:
+        >>> LaunchPlan(nproc_per_node=2, cpu=True).world_size
+        2
+    """
+
+    nproc_per_node: int | None = None
+    min_machines: int = 1
+    max_machines: int = 1
+    machine_rank: int = 0
+    main_address: str = "127.0.0.1"
+    main_port: int = 0
+    rdzv_backend: str = "static"
+    run_id: str = "distlib"
+    max_restarts: int = 0
+    monitor_interval_s: float = 0.1
+    cpu: bool = False
+    gpu_ids: str | None = None
+    precision: str | None = None
+    strategy: str | None = None
+    strategy_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    debug: bool = False
+    collective_timeout_s: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("nproc_per_node", self.nproc_per_node, 1, allow_none=True)
+        _check_int("min_machines", self.min_machines, 1)
+        _check_int("max_machines", self.max_machines, self.min_machines)
+        _check_int("machine_rank", self.machine_rank, 0)
+        _check_int("main_port", self.main_port, 0)
+        _check_int("max_restarts", self.max_restarts, 0)
+        _check_int("collective_timeout_s", self.collective_timeout_s, 1, allow_none=True)
+        if self.main_port > 65535:
+            _fail("main_port", self.main_port, "be in 0..65535 (0 picks a free port)")
+        if self.machine_rank >= self.max_machines:
+            _fail("machine_rank", self.machine_rank,
+                  f"be below the number of machines ({self.max_machines})")
+        if self.rdzv_backend not in RDZV_BACKENDS:
+            _fail("rdzv_backend", self.rdzv_backend, f"be one of {RDZV_BACKENDS}")
+        if self.min_machines != self.max_machines and self.rdzv_backend != "c10d":
+            _fail("rdzv_backend", self.rdzv_backend,
+                  "be 'c10d' for an elastic MIN:MAX machine range")
+        if self.max_machines > 1 and self.main_port == 0:
+            _fail("main_port", 0, "be a fixed port when the job spans machines (all machines "
+                  "must agree on it)")
+        if not self.monitor_interval_s > 0:
+            _fail("monitor_interval_s", self.monitor_interval_s, "be > 0 seconds")
+        if not self.main_address or not isinstance(self.main_address, str):
+            _fail("main_address", self.main_address, "be a host name or IP address")
+        if self.precision is not None:
+            try:
+                value = parse_precision(self.precision, source="LaunchPlan(): precision")
+            except PrecisionError as error:
+                raise ConfigError(str(error)) from None
+            object.__setattr__(self, "precision", value.value)
+        if self.strategy is None and self.strategy_options:
+            _fail("strategy_options", dict(self.strategy_options), "be empty without a strategy")
+        if self.strategy is not None:
+            parse_strategy(self.strategy, self.strategy_options, source="LaunchPlan(): strategy")
+        object.__setattr__(self, "strategy_options", dict(self.strategy_options))
+
+    @property
+    def world_size(self) -> int | None:
+        """The total number of ranks when it is fixed, else None."""
+        if self.nproc_per_node is None or self.min_machines != self.max_machines:
+            return None
+        return self.nproc_per_node * self.max_machines
+
+
+def _fail(name: str, value: object, rule: str) -> None:
+    msg = f"LaunchPlan(): {name} must {rule}, but got {value!r}."
+    raise ConfigError(msg)
+
+
+def _check_int(name: str, value: object, low: int, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, value, "be an int")
+    elif value < low:
+        _fail(name, value, f"be >= {low}")
+
+
+def parse_machines(value: int | str, *, source: str = "num_machines") -> tuple[int, int]:
+    """Read a machine count: ``2`` or ``"2"`` is fixed, ``"1:4"`` is an elastic range.
+
+    Example:
+        >>> parse_machines("1:4"), parse_machines(2)
+        ((1, 4), (2, 2))
+    """
+    text = str(value).strip()
+    low, sep, high = text.partition(":")
+    if not (low.isdigit() and (high.isdigit() if sep else True)):
+        msg = (f"{source} must be a count like 2 or a range MIN:MAX like 1:4, but got "
+               f"{value!r}.")
+        raise ConfigError(msg)
+    lo, hi = int(low), int(high) if sep else int(low)
+    if lo < 1 or hi < lo:
+        msg = f"{source} must satisfy 1 <= MIN <= MAX, but got {value!r}."
+        raise ConfigError(msg)
+    return lo, hi
+
+
+def plan_launch(
+    *,
+    num_processes: int | None = None,
+    nproc_per_node: int | None = None,
+    num_machines: int | str = 1,
+    **options: Any,
+) -> LaunchPlan:
+    """Build a `LaunchPlan` from the user's vocabulary (total or per-machine counts).
+
+    Args:
+        num_processes: the total number of ranks across all machines.
+        nproc_per_node: the number of ranks on each machine (an alternative to the total).
+        num_machines: a count, or ``"MIN:MAX"`` for an elastic job (needs ``nproc_per_node``).
+        **options: the other `LaunchPlan` fields.
+
+    Raises:
+        ConfigError: the counts contradict each other or do not divide.
+
+    Example:
+        >>> plan_launch(num_processes=4, num_machines=2, main_port=29400).nproc_per_node
+        2
+    """
+    lo, hi = parse_machines(num_machines)
+    per_node = nproc_per_node
+    if num_processes is not None:
+        _check_int("num_processes", num_processes, 1)
+        if lo != hi and nproc_per_node is None:
+            msg = (f"launch(): nproc_per_node must be given for an elastic machine range, but "
+                   f"got num_machines={num_machines!r} with only num_processes="
+                   f"{num_processes}. Pass --nproc-per-node.")
+            raise ConfigError(msg)
+        if num_processes % hi:
+            msg = (f"launch(): num_processes must be a multiple of the number of machines "
+                   f"(it is the total across machines), but got num_processes={num_processes}"
+                   f", num_machines={hi}. Use a multiple of {hi}, or --nproc-per-node.")
+            raise ConfigError(msg)
+        per_node = num_processes // hi
+        if nproc_per_node is not None and nproc_per_node != per_node and lo == hi:
+            msg = (f"launch(): nproc_per_node must equal num_processes / num_machines, but got "
+                   f"nproc_per_node={nproc_per_node}, num_processes={num_processes}, "
+                   f"num_machines={hi}. Give only one of the two counts.")
+            raise ConfigError(msg)
+        if nproc_per_node is not None:
+            per_node = nproc_per_node
+    return LaunchPlan(nproc_per_node=per_node, min_machines=lo, max_machines=hi, **options)
+
+
+def plan_fields() -> tuple[str, ...]:
+    """The names of `LaunchPlan`'s fields (for serialising plans)."""
+    return tuple(f.name for f in dataclasses.fields(LaunchPlan))
+
