@@ -21,14 +21,14 @@ _EXPORTS: dict[str, str] = {
     "FSDP": "distlib.strategies.fsdp",
     "DeepSpeed": "distlib.strategies.deepspeed",
     "XLA": "distlib.strategies.xla",
-    "launch": "distlib.launch.launcher", "LaunchResult": "distlib.launch.launcher",
+    "launch": "distlib.launch", "LaunchResult": "distlib.launch.launcher",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from distlib.env import Env, detect
-    from distlib.launch.launcher import LaunchResult, launch
+    from distlib.launch.launcher import LaunchResult, launch  # the package is callable
     from distlib.precision import Precision
     from distlib.strategies.ddp import DDP
     from distlib.strategies.deepspeed import DeepSpeed
