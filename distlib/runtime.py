@@ -85,9 +85,11 @@ def initialize(env: Env, *, timeout_s: float | None = None) -> None:
         timeout=timeout,
         multi_tenant=not env.agent_store,
     )
-    if not env.agent_store:
-        store = dist.PrefixStore(  # type: ignore[attr-defined]
-            f"/distlib/attempt_{env.restart_count}", store)
+    # Keys of an earlier attempt (after --max-restarts) must not leak into this one: the
+    # agent's store outlives attempts, so prefix by attempt like torch's env:// path does.
+    prefix = "/worker" if env.agent_store else "/distlib"
+    store = dist.PrefixStore(  # type: ignore[attr-defined]
+        f"{prefix}/attempt_{env.restart_count}", store)
     kwargs: dict[str, Any] = {}
     if env.backend == "nccl":
         kwargs["device_id"] = env.torch_device
