@@ -47,7 +47,8 @@ def init_on_device(device: Any, include_buffers: bool = False) -> Iterator[None]
         if param is None:
             return
         registered = module._parameters[name]
-        assert registered is not None  # registered just above
+        if registered is None or registered.device == target:
+            return  # already there: keep the object, so tied parameters stay one
         attrs = dict(registered.__dict__)
         moved = type(registered)(registered.to(target), requires_grad=registered.requires_grad)
         moved.__dict__.update(attrs)

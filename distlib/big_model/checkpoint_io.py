@@ -1,0 +1,442 @@
+"""Reading checkpoints without loading them whole: safetensors, ``.bin``/``.pt``, sharded.
+
+Safetensors files are memory-mapped and parsed from their header; each tensor is read as a
+view of the map and copied once, to where it goes. ``.bin``/``.pt`` files are opened with
+``torch.load(weights_only=True, mmap=True)``: tensors only, never arbitrary objects.
+`load_checkpoint` streams tensor by tensor, so peak memory stays near what stays resident
+plus one tensor; weights planned for ``"disk"`` are left in the checkpoint's own files (or
+written once to ``offload_folder``) and recorded as `OffloadSource` values.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from distlib.big_model.device_map import DeviceMap
+from distlib.big_model.sizes import TensorInfo, dtype_name, keep_in_fp32_of
+from distlib.errors import CheckpointError
+
+__all__ = ["OFFLOAD_ATTR", "OffloadSource", "checkpoint_files", "checkpoint_tensors",
+           "load_checkpoint", "open_source", "read_safetensors_header"]
+
+OFFLOAD_ATTR = "distlib_offload"  # model attribute: {tensor name: OffloadSource}
+_SAFE_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+_SAFE_INDEX, _SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
+_BIN_INDEX, _BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+_TORCH_EXT = (".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OffloadSource:
+    """Where a disk-offloaded tensor lives: a safetensors file and the bytes inside it."""
+
+    file: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: str) -> dict[str, OffloadSource]:
+    """Parse a safetensors header; check that the file holds every byte it promises.
+
+    Raises:
+        CheckpointError: the file is truncated or its header is not safetensors.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            msg = (f"load_checkpoint(): {path} must be a safetensors file, but its header length "
+                   f"is {length} bytes in a {size}-byte file. The file is truncated or not "
+                   "safetensors; download or save it again.")
+            raise CheckpointError(msg)
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as exc:
+            msg = (f"load_checkpoint(): {path} must start with a JSON safetensors header, but "
+                   f"it does not parse ({exc}). The file is corrupt; download or save it again.")
+            raise CheckpointError(msg) from exc
+    base, out, end = 8 + length, {}, 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = meta["data_offsets"]
+        end = max(end, stop)
+        out[name] = OffloadSource(file=os.path.abspath(path), offset=base + start,
+                                  nbytes=stop - start, dtype=_SAFE_DTYPES.get(meta["dtype"],
+                                                                              meta["dtype"]),
+                                  shape=tuple(meta["shape"]))
+    if base + end > size:
+        msg = (f"load_checkpoint(): {path} must hold the {base + end} bytes its header "
+               f"promises, but it has {size}. The file is truncated (an interrupted download "
+               "or copy?); download or save it again.")
+        raise CheckpointError(msg)
+    return out
+
+
+def _index_files(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        weight_map = json.load(handle).get("weight_map", {})
+    folder = os.path.dirname(path)
+    return [os.path.join(folder, f) for f in dict.fromkeys(weight_map.values())]
+
+
+def checkpoint_files(checkpoint: str | os.PathLike[str]) -> tuple[str, ...]:
+    """Return the files of a checkpoint: a file, an index, or a folder (safetensors first).
+
+    Raises:
+        CheckpointError: nothing loadable is there.
+    """
+    path = os.fspath(checkpoint)
+    if os.path.isdir(path):
+        names = sorted(os.listdir(path))
+        for preferred in (_SAFE_INDEX, _SAFE_SINGLE, None, _BIN_INDEX, _BIN_SINGLE):
+            if preferred is None:
+                found = [n for n in names if n.endswith(".safetensors")]
+            elif preferred in names:
+                found = [preferred]
+            else:
+                continue
+            if found:
+                files = [os.path.join(path, n) for n in found]
+                return tuple(_index_files(files[0]) if files[0].endswith(".json") else files)
+        found = [os.path.join(path, n) for n in names if n.endswith(_TORCH_EXT)]
+        if found:
+            return tuple(found)
+    elif os.path.isfile(path):
+        return tuple(_index_files(path)) if path.endswith(".json") else (path,)
+    msg = (f"load_checkpoint(): checkpoint must be a .safetensors/.bin/.pt file, an index .json "
+           f"or a folder holding them, but got {path!r}. Check the path.")
+    raise CheckpointError(msg)
+
+
+def _load_torch(path: str) -> Mapping[str, Any]:
+    import torch
+
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = (f"load_checkpoint(): {path} must hold only tensors (it is opened with "
+               f"weights_only=True), but it holds other pickled objects: {str(exc)[:300]}. "
+               "distlib never unpickles arbitrary objects; re-save the weights as "
+               "safetensors from a trusted environment.")
+        raise CheckpointError(msg) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        msg = (f"load_checkpoint(): {path} must be a readable torch checkpoint, but reading it "
+               f"failed ({exc}). The file is truncated or corrupt; save it again.")
+        raise CheckpointError(msg) from exc
+    data = data.get("state_dict", data) if isinstance(data, Mapping) else data
+    if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
+        msg = (f"load_checkpoint(): {path} must hold a state dict (names -> tensors), but it "
+               f"holds a {type(data).__name__}.")
+        raise CheckpointError(msg)
+    return data
+
+
+class _Reader:
+    """The open files of one checkpoint; yields ``(name, tensor view, source)`` per tensor."""
+
+    def __init__(self, files: Sequence[str]) -> None:
+        self.files = files
+        self.headers = {f: read_safetensors_header(f) for f in files if f.endswith(".safetensors")}
+        self.torch = {f: _load_torch(f) for f in files if f not in self.headers}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        out: dict[str, TensorInfo] = {}
+        for header in self.headers.values():
+            for name, src in header.items():
+                out[name] = TensorInfo(name=name, numel=_numel(src.shape), dtype=src.dtype,
+                                       shape=src.shape)
+        for data in self.torch.values():
+            for name, tensor in data.items():
+                out[name] = TensorInfo(name=name, numel=tensor.numel(),
+                                       dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape))
+        return out
+
+    def stream(self) -> Iterator[tuple[str, Any, OffloadSource | None]]:
+        for file in self.files:
+            if file in self.headers:
+                mapped = _map(file)
+                for name, src in sorted(self.headers[file].items(), key=lambda i: i[1].offset):
+                    yield name, _view(mapped, src), src
+            else:
+                for name, tensor in self.torch[file].items():
+                    yield name, tensor, None
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _map(path: str) -> mmap.mmap | None:
+    if os.path.getsize(path) == 0:
+        return None
+    with open(path, "rb") as handle:
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def _view(mapped: mmap.mmap | None, src: OffloadSource) -> Any:
+    import torch
+
+    dtype = getattr(torch, src.dtype)
+    if mapped is None or src.nbytes == 0:
+        return torch.empty(src.shape, dtype=dtype)
+    return torch.frombuffer(mapped, dtype=dtype, count=_numel(src.shape),
+                            offset=src.offset).view(src.shape)
+
+
+def open_source(src: OffloadSource, cache: dict[str, Any]) -> Any:
+    """Return a tensor viewing ``src`` through a memory map (``cache`` keeps maps per file)."""
+    if src.file not in cache:
+        cache[src.file] = _map(src.file)
+    return _view(cache[src.file], src)
+
+
+def checkpoint_tensors(checkpoint: str | os.PathLike[str]) -> dict[str, TensorInfo]:
+    """Return name -> `TensorInfo` for every tensor, reading headers only (no weights)."""
+    return _Reader(checkpoint_files(checkpoint)).infos()
+
+
+def _model_tensors(model: Any) -> tuple[dict[str, Any], set[str]]:
+    """All parameter names (tied ones under every name) and persistent buffers; meta buffers."""
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    empty: set[str] = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        for name, buffer in module._buffers.items():
+            if buffer is None:
+                continue
+            full = f"{prefix}.{name}" if prefix else name
+            if name not in skip:
+                expected[full] = buffer
+            elif buffer.is_meta:
+                empty.add(full)
+    return expected, empty
+
+
+def _mismatch_report(model: Any, expected: Mapping[str, Any], infos: Mapping[str, TensorInfo],
+                     groups: Mapping[str, tuple[str, ...]], strict: bool) -> str:
+    missing = [n for n in expected if n not in infos and not any(g in infos for g in groups.get(n, ()))
+               and (strict or expected[n].is_meta)]
+    unexpected = [n for n in infos if n not in expected] if strict else []
+    shapes = [f"{n}: checkpoint {list(infos[n].shape)} vs model {list(expected[n].shape)}"
+              for n in infos if n in expected and tuple(expected[n].shape) != infos[n].shape]
+    lines = []
+    for title, names in (("missing from the checkpoint", missing),
+                         ("in the checkpoint but not in the model", unexpected),
+                         ("with different shapes", shapes)):
+        if names:
+            shown = [f"{n} {list(expected[n].shape)}" if n in expected and ":" not in n else n
+                     for n in names[:20]]
+            more = f" (and {len(names) - 20} more)" if len(names) > 20 else ""
+            lines.append(f"  {len(names)} {title}: {', '.join(shown)}{more}")
+    return "\n".join(lines)
+
+
+def _target_dtype(name: str, current: Any, source: Any, dtype: Any, keep: Sequence[str]) -> Any:
+    import torch
+
+    if not source.is_floating_point:
+        return source
+    if dtype is not None:
+        parts = name.split(".")
+        if any(k in parts or name.startswith(k + ".") for k in keep):
+            return torch.float32
+        return dtype
+    return current if current.is_floating_point else source
+
+
+def _resolve_dtype(dtype: Any) -> Any:
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    return getattr(torch, dtype_name(dtype))
+
+
+def _place(model: Any, names: Sequence[str], value: Any) -> None:
+    """Put ``value`` under each of ``names`` (one Parameter shared by all tied names)."""
+    import torch
+
+    shared = None
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf in module._parameters:
+            old = module._parameters[leaf]
+            if shared is None:
+                shared = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+            module._parameters[leaf] = shared
+        else:
+            module._buffers[leaf] = value
+
+
+def _torch_device(device: Any) -> str:
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
+                    device_map: DeviceMap | Mapping[str, Any] | None = None, dtype: Any = None,
+                    offload_folder: str | os.PathLike[str] | None = None, *,
+                    keep_in_fp32_modules: Sequence[str] | None = None, strict: bool = True,
+                    progress: Callable[[int], Any] | None = None) -> Any:
+    """Load ``checkpoint`` into ``model`` tensor by tensor, each straight to its device.
+
+    Names, shapes and file integrity are checked from the headers before any weight is read.
+    Tied parameters (stored once in safetensors) get one shared tensor. Weights mapped to
+    ``"disk"`` stay on the meta device; where they live is recorded in the model's
+    ``distlib_offload`` attribute for `dispatch` (the checkpoint's own safetensors bytes when
+    the dtype matches, else a copy written once to ``offload_folder``).
+
+    Args:
+        model: the module to fill (usually built under `init_empty_weights`).
+        checkpoint: a ``.safetensors``/``.bin``/``.pt`` file, an index ``.json`` or a folder.
+        device_map: where each tensor goes (``None``: where it is now, meta -> cpu).
+        dtype: the dtype floating weights are converted to; modules in
+            ``keep_in_fp32_modules`` (default: the model's ``_keep_in_fp32_modules``) stay
+            float32. ``None`` keeps the dtype of the model's own tensors.
+        offload_folder: where converted disk-offloaded weights are written.
+        keep_in_fp32_modules: module names kept in float32 when ``dtype`` is given.
+        strict: also refuse unexpected keys and missing keys of non-meta tensors.
+        progress: called with 1 after each tensor (a progress bar's ``update``).
+
+    Returns:
+        ``model``, modified in place.
+
+    Raises:
+        CheckpointError: the files are missing, corrupt, unsafe or do not match the model.
+
+    Effects: reads the files; moves tensors to devices; may write ``offload_folder``; sets the
+    model's parameters and buffers and its ``distlib_offload`` attribute.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> folder = tempfile.mkdtemp()
+        >>> save_file({"weight": torch.ones(2, 2), "bias": torch.zeros(2)},
+        ...           os.path.join(folder, "model.safetensors"))
+        >>> with torch.device("meta"):
+        ...     layer = torch.nn.Linear(2, 2)
+        >>> load_checkpoint(layer, folder).weight.sum().item()
+        4.0
+    """
+    files = checkpoint_files(checkpoint)
+    reader = _Reader(files)
+    infos = reader.infos()
+    expected, empty = _model_tensors(model)
+    groups = {n: g for g in _tied(model) for n in g}
+    report = _mismatch_report(model, expected, infos, groups, strict)
+    if report or empty:
+        extra = (f"\n  {len(empty)} non-persistent buffers on the meta device that no "
+                 f"checkpoint holds: {sorted(empty)[:10]} (build the model with "
+                 "init_empty_weights(include_buffers=False))") if empty else ""
+        msg = (f"load_checkpoint(): the checkpoint must match the model "
+               f"{type(model).__name__}, but {', '.join(files)[:300]} does not:\n{report}{extra}\n"
+               "Is this the checkpoint of another model or another config?")
+        raise CheckpointError(msg)
+    dmap = None if device_map is None else DeviceMap.of(device_map)
+    _stream_into(model, reader, expected, groups, dmap, _resolve_dtype(dtype),
+                 keep_in_fp32_of(model, keep_in_fp32_modules), offload_folder, progress)
+    return model
+
+
+def _tied(model: Any) -> tuple[tuple[str, ...], ...]:
+    from distlib.big_model.sizes import tied_groups
+
+    return tied_groups(model)
+
+
+def _offload(name: str, view: Any, src: OffloadSource | None, target: Any,
+             folder: str | os.PathLike[str] | None) -> OffloadSource:
+    """Keep a disk weight where it is when it can be read as is; else write it once."""
+    if src is not None and src.dtype == dtype_name(target):
+        return src
+    if folder is None:
+        why = "needs a dtype conversion" if src is not None else "comes from a .bin/.pt file"
+        msg = (f"load_checkpoint(): offload_folder must be given when a weight mapped to 'disk' "
+               f"{why}, but got None for {name!r}. Pass offload_folder='offload' (any "
+               "writable folder), or load safetensors in their stored dtype.")
+        raise CheckpointError(msg)
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(os.fspath(folder), f"{name}.safetensors")
+    save_file({name: view.to(dtype=target).contiguous()}, path)
+    return read_safetensors_header(path)[name]
+
+
+def write_offload_index(folder: str | os.PathLike[str], sources: Mapping[str, OffloadSource]) -> None:
+    """Write ``index.json`` in ``folder``: where each disk-offloaded tensor lives.
+
+    Effects: creates ``folder`` and writes the file.
+    """
+    os.makedirs(folder, exist_ok=True)
+    body = {n: {"file": s.file, "offset": s.offset, "nbytes": s.nbytes, "dtype": s.dtype,
+                "shape": list(s.shape)} for n, s in sources.items()}
+    with open(os.path.join(folder, "index.json"), "w", encoding="utf-8") as handle:
+        json.dump(body, handle)
+
+
+def read_offload_index(folder: str | os.PathLike[str]) -> dict[str, OffloadSource]:
+    """Read what `write_offload_index` wrote (empty when there is none)."""
+    path = os.path.join(folder, "index.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        body = json.load(handle)
+    return {n: OffloadSource(file=v["file"], offset=v["offset"], nbytes=v["nbytes"],
+                             dtype=v["dtype"], shape=tuple(v["shape"])) for n, v in body.items()}
+
+
+def _stream_into(model: Any, reader: _Reader, expected: Mapping[str, Any],
+                 groups: Mapping[str, tuple[str, ...]], dmap: DeviceMap | None, dtype: Any,
+                 keep: Sequence[str], folder: str | os.PathLike[str] | None,
+                 progress: Callable[[int], Any] | None) -> None:
+    import torch
+
+    offloaded: dict[str, OffloadSource] = dict(getattr(model, OFFLOAD_ATTR, None) or {})
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for name, view, src in reader.stream():
+        if name in expected:
+            names = groups.get(name, (name,))
+            current = expected[name]
+            target = _target_dtype(name, current.dtype, view.dtype, dtype, keep)
+            device = dmap.device_of(name) if dmap is not None else None
+            if device == "disk" and name in params:
+                source = _offload(name, view, src, target, folder)
+                offloaded.update(dict.fromkeys(names, source))
+                _place(model, names, torch.empty(view.shape, dtype=target, device="meta"))
+            else:
+                if device is None or device == "disk":
+                    where = "cpu" if current.is_meta else current.device
+                else:
+                    where = _torch_device(device)
+                _place(model, names, view.to(device=where, dtype=target, copy=True))
+                for alias in names:
+                    offloaded.pop(alias, None)
+        if progress is not None:
+            progress(1)
+    object.__setattr__(model, OFFLOAD_ATTR, offloaded)
+    if folder is not None and offloaded:
+        write_offload_index(folder, offloaded)

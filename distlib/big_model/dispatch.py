@@ -1,0 +1,392 @@
+"""Putting a loaded model on its devices and running it there: `dispatch` and friends.
+
+Each entry of the device map gets a forward pre-hook (``register_forward_pre_hook``) that
+moves the inputs to the entry's execution device and brings offloaded weights there just in
+time, and a forward hook that sends them home afterwards; ``forward`` itself is never
+replaced. Weights mapped to ``"cpu"`` stay in RAM when a GPU executes; weights mapped to
+``"disk"`` are memory-mapped views of safetensors bytes. While one entry computes, the next
+offloaded entry is fetched ahead: a side CUDA stream on GPUs, ``madvise(WILLNEED)`` read-ahead
+of the memory map on the CPU.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from distlib.big_model.checkpoint_io import (
+    OFFLOAD_ATTR,
+    OffloadSource,
+    _offload,
+    load_checkpoint,
+    open_source,
+    read_offload_index,
+)
+from distlib.big_model.device_map import Device, DeviceMap, infer_device_map
+from distlib.errors import DeviceMapError
+
+__all__ = ["dispatch", "load_checkpoint_and_dispatch"]
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One tensor slot of a module that is brought to the execution device for a forward."""
+
+    module: Any
+    leaf: str
+    parameter: bool
+    home: Any  # the at-rest tensor (a cpu tensor, or a meta tensor for disk)
+    source: OffloadSource | None = None
+
+
+@dataclass(slots=True)
+class _Runtime:
+    """What the hooks of one dispatched model share (never module-level state)."""
+
+    maps: dict[str, Any] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    slots: dict[str, list[_Slot]] = field(default_factory=dict)
+    devices: dict[str, Any] = field(default_factory=dict)
+    stream: Any = None
+    ahead: tuple[str, Any, list[Any]] | None = None
+    output_device: Any = None
+
+
+def _move(obj: Any, device: Any) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        moved = [_move(o, device) for o in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+    if isinstance(obj, Mapping):
+        moved_map = {k: _move(v, device) for k, v in obj.items()}
+        try:
+            return type(obj)(moved_map)
+        except TypeError:
+            return moved_map
+    return obj
+
+
+def _fetch(slot: _Slot, device: Any, runtime: _Runtime, non_blocking: bool = False) -> Any:
+    if slot.source is not None:
+        view = open_source(slot.source, runtime.maps)
+        return view if device.type == "cpu" else view.to(device, non_blocking=non_blocking)
+    return slot.home.to(device, non_blocking=non_blocking)
+
+
+def _install(slot: _Slot, value: Any) -> None:
+    import torch
+
+    if slot.parameter:
+        slot.module._parameters[slot.leaf] = torch.nn.Parameter(
+            value, requires_grad=slot.home.requires_grad and value.is_floating_point())
+    else:
+        slot.module._buffers[slot.leaf] = value
+
+
+def _restore(slot: _Slot) -> None:
+    if slot.parameter:
+        slot.module._parameters[slot.leaf] = slot.home
+    else:
+        slot.module._buffers[slot.leaf] = slot.home
+
+
+def _read_ahead(runtime: _Runtime, key: str) -> None:
+    """Start fetching ``key``'s weights: a side stream on CUDA, page read-ahead on the CPU."""
+    device = runtime.devices[key]
+    slots = runtime.slots[key]
+    if device.type == "cuda" and runtime.stream is not None:
+        import torch
+
+        with torch.cuda.stream(runtime.stream):
+            values = [_fetch(s, device, runtime, non_blocking=True) for s in slots]
+            event = torch.cuda.Event()
+            event.record(runtime.stream)
+        runtime.ahead = (key, event, values)
+        return
+    advise = getattr(mmap, "MADV_WILLNEED", None)
+    for slot in slots:
+        src = slot.source
+        mapped = runtime.maps.get(src.file) if src is not None else None
+        if src is None or advise is None or mapped is None or src.nbytes == 0:
+            continue
+        start = src.offset - src.offset % mmap.PAGESIZE
+        mapped.madvise(advise, start, src.offset + src.nbytes - start)
+
+
+def _make_hooks(key: str, runtime: _Runtime, root: bool) -> tuple[Any, Any]:
+    device = runtime.devices.get(key)
+    slots = runtime.slots.get(key, [])
+    position = runtime.order.index(key) if key in runtime.order else -1
+    following = runtime.order[position + 1] if 0 <= position < len(runtime.order) - 1 else None
+
+    def pre_hook(module: Any, args: Any, kwargs: Any) -> Any:
+        if root:
+            first = next((a for a in [*args, *kwargs.values()] if hasattr(a, "device")), None)
+            runtime.output_device = None if first is None else first.device
+        if slots:
+            ahead, runtime.ahead = runtime.ahead, None
+            if ahead is not None and ahead[0] == key:
+                import torch
+
+                torch.cuda.current_stream(device).wait_event(ahead[1])
+                for value in ahead[2]:
+                    value.record_stream(torch.cuda.current_stream(device))
+                values = ahead[2]
+            else:
+                values = [_fetch(s, device, runtime) for s in slots]
+            for slot, value in zip(slots, values):
+                _install(slot, value)
+            if following is not None:
+                _read_ahead(runtime, following)
+        if device is None:
+            return args, kwargs
+        return _move(args, device), _move(kwargs, device)
+
+    def post_hook(module: Any, args: Any, output: Any) -> Any:
+        for slot in slots:
+            _restore(slot)
+        if root and runtime.output_device is not None:
+            return _move(output, runtime.output_device)
+        return output
+
+    return pre_hook, post_hook
+
+
+_HANDLES = "_distlib_hook_handles"
+
+
+def _torch_device(device: Device) -> Any:
+    import torch
+
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+
+
+def _movers(dmap: DeviceMap, modules: Mapping[str, Any], main: Any) -> dict[str, Any]:
+    """The modules that move inputs for each map entry, with their execution devices.
+
+    A tensor entry is served by its module; a container without ``forward`` (ModuleList,
+    ModuleDict) by its children, recursively.
+    """
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, device in dmap.entries:
+        run_on = _torch_device(device) if device not in ("cpu", "disk") else main
+        stack = [key if key in modules else key.rpartition(".")[0]]
+        while stack:
+            name = stack.pop()
+            module = modules[name]
+            if type(module).forward is torch.nn.Module.forward:
+                prefix = f"{name}." if name else ""
+                stack.extend(reversed([prefix + c for c, _ in module.named_children()]))
+            else:
+                out.setdefault(name, run_on)
+    return out
+
+
+def _check_covered(model: Any, dmap: DeviceMap) -> None:
+    missing = [n for n, _ in model.named_parameters(remove_duplicate=False)
+               if dmap.device_of(n) is None]
+    if missing:
+        msg = (f"dispatch(): device_map must give a device to every parameter, but got none "
+               f"for {missing[:10]}{' ...' if len(missing) > 10 else ''}. Add their modules (or "
+               "a parent, or '') to the map.")
+        raise DeviceMapError(msg)
+
+
+def _tensors(model: Any) -> list[tuple[str, Any, str, bool]]:
+    out = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for kind, store in ((True, module._parameters), (False, module._buffers)):
+            for leaf, tensor in store.items():
+                if tensor is not None:
+                    out.append((f"{prefix}.{leaf}" if prefix else leaf, module, leaf, kind))
+    return out
+
+
+def _plan_slots(model: Any, dmap: DeviceMap, main: Any, sources: Mapping[str, OffloadSource],
+                offload_folder: str | os.PathLike[str] | None, offload_buffers: bool,
+                runtime: _Runtime) -> None:
+    """Move resident tensors to their devices; record the offloaded ones as slots."""
+    import torch
+
+    homes: dict[int, Any] = {}  # one home per shared tensor, so ties survive
+    pin = main.type == "cuda"
+    for name, module, leaf, is_param in _tensors(model):
+        store = module._parameters if is_param else module._buffers
+        tensor = store[leaf]
+        device = dmap.device_of(name)
+        owner = name.rpartition(".")[0]
+        run_on = _torch_device(device) if device not in (None, "cpu", "disk") else main
+        runtime.devices.setdefault(owner, run_on)
+        offloaded = (device == "disk" and is_param) or (
+            device in ("cpu", "disk") and run_on.type != "cpu" and (is_param or offload_buffers))
+        if not offloaded:
+            if id(tensor) not in homes:
+                moved = tensor.to(run_on)
+                homes[id(tensor)] = torch.nn.Parameter(moved, tensor.requires_grad) \
+                    if is_param and moved is not tensor else moved
+            store[leaf] = homes[id(tensor)]
+            continue
+        source = sources.get(name) if device == "disk" and is_param else None
+        if device == "disk" and is_param and source is None:
+            if tensor.is_meta:
+                msg = (f"dispatch(): a weight mapped to 'disk' must have been loaded by "
+                       f"load_checkpoint (or be real), but {name!r} is on the meta device with "
+                       "no offloaded copy. Load the checkpoint with the same device_map first.")
+                raise DeviceMapError(msg)
+            source = _offload(name, tensor.detach(), None, tensor.dtype, offload_folder)
+        if id(tensor) not in homes:
+            if source is not None:
+                home = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+            else:
+                home = tensor.detach().to("cpu")
+                home = home.pin_memory() if pin else home
+            homes[id(tensor)] = torch.nn.Parameter(home, tensor.requires_grad) if is_param else home
+        store[leaf] = homes[id(tensor)]
+        runtime.slots.setdefault(owner, []).append(
+            _Slot(module=module, leaf=leaf, parameter=is_param, home=homes[id(tensor)],
+                  source=source))
+
+
+def dispatch(model: Any, device_map: DeviceMap | Mapping[str, Any],
+             offload_folder: str | os.PathLike[str] | None = None,
+             offload_buffers: bool = False) -> Any:
+    """Place ``model`` on the devices of ``device_map`` and hook it to run across them.
+
+    Entries on a GPU (or, with no GPU in the map, on ``"cpu"``) are moved there. Entries on
+    ``"cpu"`` next to a GPU, and on ``"disk"``, keep their weights at home (RAM, or a memory
+    map of safetensors bytes) and run on the first GPU of the map (the CPU when there is
+    none): a forward pre-hook brings the weights and the inputs there just in time and a
+    forward hook sends the weights home. Tied weights stay one tensor. Buffers stay resident
+    on the execution device unless ``offload_buffers``. The map is kept as
+    ``model.hf_device_map``.
+
+    Args:
+        model: a model loaded by `load_checkpoint` with the same map (or a real model).
+        device_map: a `DeviceMap` or ``{name: device}``.
+        offload_folder: where disk weights not already recorded on the model are (or are
+            written, for a real model).
+        offload_buffers: offload buffers with their module's weights too.
+
+    Returns:
+        ``model``, modified in place.
+
+    Raises:
+        DeviceMapError: the map leaves parameters without a device, or a disk weight has no
+            source.
+
+    Effects: moves tensors between devices; registers forward hooks (removing those of an
+    earlier dispatch); may write ``offload_folder``; sets ``model.hf_device_map``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> dispatch(net, {"": "cpu"}).hf_device_map
+        {'': 'cpu'}
+    """
+    import torch
+
+    dmap = DeviceMap.of(device_map)
+    _check_covered(model, dmap)
+    for handle in getattr(model, _HANDLES, ()):
+        handle.remove()
+    gpus = [d for d in dmap.devices if d not in ("cpu", "disk")]
+    main = _torch_device(gpus[0]) if gpus else torch.device("cpu")
+    sources = dict(getattr(model, OFFLOAD_ATTR, None) or {})
+    if not sources and offload_folder is not None:
+        sources = read_offload_index(offload_folder)
+    runtime = _Runtime()
+    _plan_slots(model, dmap, main, sources, offload_folder, offload_buffers, runtime)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    movers = _movers(dmap, modules, main)
+    runtime.devices.update(movers)
+    runtime.order = [n for n in modules if runtime.slots.get(n)]
+    if main.type == "cuda" and runtime.order:
+        runtime.stream = torch.cuda.Stream(main)
+    hooked = list(dict.fromkeys([*movers, *runtime.order])) if len(dmap.devices) > 1 or \
+        runtime.order else []
+    if hooked and "" not in hooked:
+        hooked.insert(0, "")
+    handles = []
+    for name in hooked:
+        pre, post = _make_hooks(name, runtime, root=name == "")
+        handles.append(modules[name].register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(modules[name].register_forward_hook(post))
+    object.__setattr__(model, _HANDLES, handles)
+    object.__setattr__(model, "hf_device_map", dmap.as_dict())
+    return model
+
+
+def load_checkpoint_and_dispatch(
+        model: Any, checkpoint: str | os.PathLike[str],
+        device_map: DeviceMap | Mapping[str, Any] | str | None = "auto",
+        max_memory: Mapping[Any, Any] | None = None,
+        no_split_module_classes: Sequence[str] | None = None,
+        offload_folder: str | os.PathLike[str] | None = None, dtype: Any = None, *,
+        offload_buffers: bool = False, keep_in_fp32_modules: Sequence[str] | None = None,
+        strict: bool = True, env: Any = None, quiet: bool = False) -> Any:
+    """Plan (when asked), load ``checkpoint`` into ``model`` and `dispatch` it, in one call.
+
+    Args:
+        model: the module to fill, usually built under `init_empty_weights`.
+        checkpoint: a file, an index ``.json`` or a folder (see `load_checkpoint`).
+        device_map: a map, or ``"auto"``/``"balanced"``/``"balanced_low_0"``/``"sequential"`` to
+            plan one with `infer_device_map`; ``None`` loads without dispatching.
+        max_memory: budgets for the planner (``None``: ask the hardware).
+        no_split_module_classes: classes kept whole by the planner (default: the model's
+            ``_no_split_modules`` when it has them).
+        offload_folder: where converted disk weights are written.
+        dtype: the dtype to load floating weights in.
+        offload_buffers: offload buffers with their modules' weights.
+        keep_in_fp32_modules: modules kept in float32 (default: ``_keep_in_fp32_modules``).
+        strict: refuse unexpected keys too.
+        env: an `Env`; the progress bar shows on its main rank only.
+        quiet: no progress bar.
+
+    Returns:
+        ``model``, loaded and dispatched (``model.hf_device_map`` holds the map).
+
+    Raises:
+        DeviceMapError: the model cannot be planned or dispatched as asked.
+        CheckpointError: the checkpoint is unreadable, unsafe or does not match.
+
+    Effects: as `load_checkpoint` then `dispatch`; prints a progress bar to stderr.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> from distlib.big_model.empty import init_empty_weights
+        >>> folder = tempfile.mkdtemp()
+        >>> save_file({"0.weight": torch.eye(2), "0.bias": torch.zeros(2)},
+        ...           os.path.join(folder, "model.safetensors"))
+        >>> with init_empty_weights():
+        ...     net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> net = load_checkpoint_and_dispatch(net, folder, {"": "cpu"}, quiet=True)
+        >>> net(torch.ones(1, 2)).tolist()
+        [[1.0, 1.0]]
+    """
+    if no_split_module_classes is None:
+        no_split_module_classes = tuple(getattr(model, "_no_split_modules", None) or ())
+    if isinstance(device_map, str):
+        device_map = infer_device_map(model, max_memory, no_split_module_classes, dtype,
+                                      mode=device_map, keep_in_fp32_modules=keep_in_fp32_modules)
+    from distlib.big_model.checkpoint_io import checkpoint_tensors
+
+    total = len(checkpoint_tensors(checkpoint))
+    show = not quiet and (env is None or getattr(env, "is_main", True))
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="loading weights", unit="tensor", disable=not show) as bar:
+        load_checkpoint(model, checkpoint, device_map, dtype, offload_folder,
+                        keep_in_fp32_modules=keep_in_fp32_modules, strict=strict,
+                        progress=bar.update)
+    if device_map is None:
+        return model
+    return dispatch(model, device_map, offload_folder, offload_buffers)
