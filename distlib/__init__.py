@@ -22,6 +22,11 @@ _EXPORTS: dict[str, str] = {
     "DeepSpeed": "distlib.strategies.deepspeed",
     "XLA": "distlib.strategies.xla",
     "launch": "distlib.launch", "LaunchResult": "distlib.launch.launcher",
+    "shard": "distlib.data", "split_between_processes": "distlib.data",
+    "ShardPlan": "distlib.data",
+    **dict.fromkeys(("gather", "gather_object", "gather_metrics", "pad_across_processes", "reduce",
+                     "broadcast", "broadcast_object", "barrier", "main_process_first"),
+                    "distlib.collectives"),
 }
 
 __all__ = sorted(_EXPORTS)
@@ -35,6 +40,10 @@ if TYPE_CHECKING:
     from distlib.strategies.fsdp import FSDP
     from distlib.strategies.single import Single
     from distlib.strategies.xla import XLA
+    from distlib.data import ShardPlan, shard, split_between_processes
+    from distlib.collectives import (barrier, broadcast, broadcast_object, gather, gather_metrics,
+                                     gather_object, main_process_first, pad_across_processes,
+                                     reduce)
 
 
 def __getattr__(name: str) -> Any:

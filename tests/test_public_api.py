@@ -33,9 +33,6 @@ DOCUMENTED = {
 # Documented names whose issue has not landed yet; each issue removes its names when it lands.
 PENDING = {
     "wrap", "unwrap", "accumulate", "backward", "clip_grad_norm", "seed", "MicroStep",  # 5
-    "shard", "split_between_processes", "ShardPlan", "gather", "gather_object",  # 4
-    "gather_metrics", "pad_across_processes", "reduce", "broadcast", "broadcast_object",  # 4
-    "barrier", "main_process_first",  # 4
     "save_state", "load_state",  # 7
     "init_empty_weights", "init_on_device", "infer_device_map", "load_checkpoint",  # 6
     "dispatch", "load_checkpoint_and_dispatch", "DeviceMap",  # 6

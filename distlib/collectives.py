@@ -1,0 +1,415 @@
+"""Gather, reduce, broadcast and pad over nested lists, tuples, dicts and tensors.
+
+Every function takes the Env explicitly, joins the process group on first need
+(`distlib.runtime.initialize`), returns new values (inputs are never changed), and is a cheap
+identity on a single-process Env. With ``env.debug`` (``DISTLIB_DEBUG=1`` or
+``distlib launch --debug``) every call first compares the structure, shapes and dtypes of all
+ranks and names the rank that disagrees, instead of failing deep inside the backend or hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from distlib import runtime
+from distlib._shard_plan import keep_index
+from distlib.env import Env
+from distlib.errors import CollectiveError
+
+__all__ = ["barrier", "broadcast", "broadcast_object", "gather", "gather_metrics",
+           "gather_object", "main_process_first", "pad_across_processes", "reduce"]
+
+_OPS = ("sum", "mean", "max", "min")
+
+
+# -- nested structures -------------------------------------------------------------------
+def _is_rows(x: Any) -> bool:
+    """A list/tuple that holds no tensor anywhere: plain Python rows (gathered as objects)."""
+    return isinstance(x, (list, tuple)) and not _has_tensor(x)
+
+
+def _has_tensor(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, Mapping):
+        return any(_has_tensor(v) for v in x.values())
+    return isinstance(x, (list, tuple)) and any(_has_tensor(v) for v in x)
+
+
+def _leaves(x: Any, rows: bool = False) -> list[Any]:
+    if isinstance(x, torch.Tensor) or (rows and _is_rows(x)):
+        return [x]
+    if isinstance(x, Mapping):
+        return [leaf for v in x.values() for leaf in _leaves(v, rows)]
+    if isinstance(x, (list, tuple)):
+        return [leaf for v in x for leaf in _leaves(v, rows)]
+    msg = (f"collectives: every leaf must be a tensor (inside lists, tuples and dicts), but got "
+           f"{type(x).__name__}. Use gather_object / broadcast_object for Python objects.")
+    raise CollectiveError(msg)
+
+
+def _rebuild(x: Any, new: Iterator[Any], rows: bool = False) -> Any:
+    if isinstance(x, torch.Tensor) or (rows and _is_rows(x)):
+        return next(new)
+    if isinstance(x, Mapping):
+        return type(x)({k: _rebuild(v, new, rows) for k, v in x.items()})
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(_rebuild(v, new, rows) for v in x))
+    return type(x)(_rebuild(v, new, rows) for v in x)
+
+
+def _map(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:
+    return _rebuild(x, iter([fn(t) for t in _leaves(x)]))
+
+
+def _start(env: Env, call: str, x: Any, *, free_dim: int | None = None,
+           rows: bool = False) -> None:
+    """Join the group; in debug mode check that every rank passes the same kind of value."""
+    runtime.initialize(env)
+    if env.debug:
+        _check_agree(env, call, _signature(x, free_dim, rows))
+
+
+def _signature(x: Any, free_dim: int | None, rows: bool) -> list[Any]:
+    sig: list[Any] = [type(x).__name__] if not isinstance(x, torch.Tensor) else []
+    for leaf in _leaves(x, rows) if x is not None else []:
+        if not isinstance(leaf, torch.Tensor):
+            sig.append("rows")
+            continue
+        shape: list[Any] = list(leaf.shape)
+        if free_dim is not None and -leaf.dim() <= free_dim < leaf.dim():
+            shape[free_dim] = "*"
+        sig.append((tuple(shape), str(leaf.dtype)))
+    return sig
+
+
+def _check_agree(env: Env, call: str, sig: Any) -> None:
+    import torch.distributed as dist
+
+    every: list[Any] = [None] * env.world_size
+    dist.all_gather_object(every, (call, sig))
+    for rank, theirs in enumerate(every):
+        if theirs != every[0]:
+            msg = (f"{call}: every rank must pass the same call, structure, shapes and dtypes, "
+                   f"but rank {rank} passed {theirs!r} while rank 0 passed {every[0]!r}. "
+                   "Check what that rank computes before this call (a shorter last batch?).")
+            raise CollectiveError(msg)
+
+
+# -- tensors ---------------------------------------------------------------------------------
+def _gather_tensor(t: torch.Tensor, env: Env) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = (t[None] if t.dim() == 0 else t).contiguous()
+    if env.backend == "nccl":
+        out = t.new_empty((env.world_size * t.shape[0], *t.shape[1:]))
+        dist.all_gather_into_tensor(out, t)
+        return out
+    parts = [torch.empty_like(t) for _ in range(env.world_size)]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
+def gather(x: Any, env: Env) -> Any:
+    """Concatenate every rank's tensors along dim 0 (0-dim tensors become one row each).
+
+    Args:
+        x: a tensor, or lists / tuples / dicts of them; shapes must agree across ranks.
+        env: this process's Env.
+
+    Returns:
+        The same structure with each tensor holding all ranks' rows, rank 0 first.
+
+    Raises:
+        CollectiveError: a leaf is not a tensor, or (debug mode) shapes or dtypes disagree.
+
+    Example:
+        >>> gather({"x": torch.ones(2)}, Env())["x"]
+        tensor([1., 1.])
+
+    Effects: joins the process group on first need; one all-gather per tensor.
+    """
+    if env.world_size == 1:
+        _leaves(x)
+        return x
+    _start(env, "gather()", x)
+    return _map(lambda t: _gather_tensor(t, env), x)
+
+
+def gather_object(obj: Any, env: Env) -> list[Any]:
+    """Collect a picklable object from every rank: lists are concatenated, others listed.
+
+    Example:
+        >>> gather_object(["a", "b"], Env())
+        ['a', 'b']
+
+    Effects: joins the process group on first need; pickles ``obj``.
+    """
+    if env.world_size == 1:
+        return list(obj) if isinstance(obj, (list, tuple)) else [obj]
+    import torch.distributed as dist
+
+    _start(env, "gather_object()", None)
+    every: list[Any] = [None] * env.world_size
+    dist.all_gather_object(every, obj)
+    if all(isinstance(o, (list, tuple)) for o in every):
+        return [item for o in every for item in o]
+    return every
+
+
+def reduce(x: Any, env: Env, op: str = "mean") -> Any:
+    """Combine every rank's tensors elementwise with ``op``: "sum", "mean", "max" or "min".
+
+    A mean of integer tensors is a floating tensor (on one rank too).
+
+    Example:
+        >>> reduce(torch.tensor([1.0, 3.0]), Env(), op="sum")
+        tensor([1., 3.])
+
+    Effects: joins the process group on first need; one all-reduce per tensor.
+    """
+    if op not in _OPS:
+        msg = (f"reduce(): op must be one of {', '.join(map(repr, _OPS))}, but got {op!r}. "
+               "Pick one of those.")
+        raise CollectiveError(msg)
+    if env.world_size == 1:
+        return _map(lambda t: t / 1 if op == "mean" and not t.is_floating_point() else t, x)
+    import torch.distributed as dist
+
+    _start(env, "reduce()", x)
+    red = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+           "min": dist.ReduceOp.MIN}[op]
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        out = t.clone().contiguous()
+        dist.all_reduce(out, op=red)
+        return out / env.world_size if op == "mean" else out
+
+    return _map(one, x)
+
+
+def broadcast(x: Any, env: Env, src: int = 0) -> Any:
+    """Every rank gets rank ``src``'s tensors (each rank passes tensors of the same shapes).
+
+    Example:
+        >>> broadcast([torch.zeros(1)], Env())
+        [tensor([0.])]
+
+    Effects: joins the process group on first need; one broadcast per tensor.
+    """
+    if env.world_size == 1:
+        _leaves(x)
+        return x
+    import torch.distributed as dist
+
+    _start(env, "broadcast()", x)
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        out = t.clone().contiguous()
+        dist.broadcast(out, src=src)
+        return out
+
+    return _map(one, x)
+
+
+def broadcast_object(obj: Any, env: Env, src: int = 0) -> Any:
+    """Every rank gets rank ``src``'s picklable object.
+
+    Example:
+        >>> broadcast_object({"seed": 7}, Env())
+        {'seed': 7}
+
+    Effects: joins the process group on first need; pickles ``obj`` on ``src``.
+    """
+    if env.world_size == 1:
+        return obj
+    import torch.distributed as dist
+
+    _start(env, "broadcast_object()", None)
+    box = [obj if env.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def pad_across_processes(x: Any, env: Env, dim: int = 0, pad_index: int = 0,
+                         pad_first: bool = False) -> Any:
+    """Pad each tensor along ``dim`` to the largest size any rank has, so they can be gathered.
+
+    Tensors with fewer than ``dim + 1`` dimensions are returned as they are.
+
+    Args:
+        x: a tensor, or lists / tuples / dicts of them.
+        env: this process's Env.
+        dim: the dimension to pad.
+        pad_index: the fill value.
+        pad_first: pad at the start instead of the end.
+
+    Example:
+        >>> pad_across_processes(torch.ones(2, 3), Env(), dim=1).shape
+        torch.Size([2, 3])
+
+    Effects: joins the process group on first need; one all-gather of the sizes.
+    """
+    if env.world_size == 1:
+        _leaves(x)
+        return x
+    _start(env, "pad_across_processes()", x, free_dim=dim)
+    leaves = _leaves(x)
+    sizes = torch.tensor([t.shape[dim] if -t.dim() <= dim < t.dim() else 0 for t in leaves],
+                         dtype=torch.int64)
+    largest = _gather_tensor(sizes, env).view(env.world_size, -1).amax(dim=0).tolist()
+    return _rebuild(x, iter([_pad(t, dim, size, pad_index, pad_first)
+                             for t, size in zip(leaves, largest, strict=True)]))
+
+
+def _pad(t: torch.Tensor, dim: int, size: int, pad_index: Any, pad_first: bool) -> torch.Tensor:
+    if not -t.dim() <= dim < t.dim() or t.shape[dim] == size:
+        return t
+    shape = list(t.shape)
+    have, shape[dim] = shape[dim], size
+    out = t.new_full(shape, pad_index)
+    at = size - have if pad_first else 0
+    out.narrow(dim, at, have).copy_(t)
+    return out
+
+
+def barrier(env: Env) -> None:
+    """Wait until every rank reaches this call.
+
+    Example:
+        >>> barrier(Env())
+
+    Effects: joins the process group on first need.
+    """
+    if env.world_size > 1:
+        import torch.distributed as dist
+
+        runtime.initialize(env)
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first(env: Env, local: bool = False) -> Iterator[None]:
+    """Run the body on the main rank (of each machine with ``local``) before the others.
+
+    Example:
+        >>> with main_process_first(Env()):
+        ...     print("downloading")
+        downloading
+
+    Effects: two barriers across all ranks.
+    """
+    first = env.is_local_main if local else env.is_main
+    if not first:
+        barrier(env)
+    yield
+    if first:
+        barrier(env)
+
+
+# -- evaluation -------------------------------------------------------------------------------
+def gather_metrics(x: Any, env: Env, loader: Any) -> Any:
+    """Gather predictions of every rank and drop the rows that padding duplicated.
+
+    Call it inside the loop over a loader from `distlib.shard` with this step's outputs, or
+    after the loop with everything the pass produced on this rank (required with
+    ``even_batches=False``, where ranks run out of batches at different steps). Over a whole
+    pass the rows are exactly the dataset's, in dataset order for a sequential sampler. Rows
+    are dim 0 of tensors (uneven sizes are fine) or the items of lists of plain objects.
+
+    Args:
+        x: a tensor, a list of plain objects, or lists / tuples / dicts of those.
+        env: this process's Env.
+        loader: the `ShardedLoader` that produced the batches.
+
+    Returns:
+        The same structure holding every rank's real rows.
+
+    Raises:
+        CollectiveError: ``loader`` is not a sharded loader, ``x`` does not have this rank's
+            rows, or a per-batch call with ``even_batches=False``.
+
+    Example:
+        >>> import torch, distlib as dl
+        >>> loader = dl.shard(torch.utils.data.DataLoader(list(range(5)), batch_size=2), Env())
+        >>> [gather_metrics(b * 10, Env(), loader).tolist() for b in loader]
+        [[0, 10], [20, 30], [40]]
+
+    Effects: joins the process group on first need; one all-gather per tensor and one
+    object all-gather for the plain rows.
+    """
+    whole, steps = _layout(loader, env)
+    if whole and not loader.even_batches and env.world_size > 1:
+        runtime.initialize(env)
+        steps = _longest_layout(steps, env)
+    leaves = _leaves(x, rows=True)
+    mine = sum(s.rows[env.rank] for s in steps)
+    for leaf in leaves:
+        if (leaf.shape[0] if isinstance(leaf, torch.Tensor) and leaf.dim() else
+                len(leaf) if not isinstance(leaf, torch.Tensor) else -1) != mine:
+            shape = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else len(leaf)
+            msg = (f"gather_metrics(): every tensor's dim 0 (or list's length) must be this "
+                   f"rank's {'pass' if whole else 'batch'} rows ({mine}), but got {shape}. "
+                   "Pass per-sample outputs; use gather() or reduce() for per-batch values.")
+            raise CollectiveError(msg)
+    if env.world_size == 1:
+        return x
+    _start(env, "gather_metrics()", x, free_dim=0, rows=True)
+    stride = max(sum(s.rows[r] for s in steps) for r in range(env.world_size))
+    keep = keep_index(steps, stride)
+    return _rebuild(x, iter(_gather_rows(leaves, env, stride, keep)), rows=True)
+
+
+def _layout(loader: Any, env: Env) -> tuple[bool, list[Any]]:
+    if not callable(getattr(loader, "metrics_layout", None)):
+        msg = (f"gather_metrics(): loader must be the loader distlib.shard() returned, but got "
+               f"{type(loader).__name__}. Write loader = dl.shard(loader, env) first.")
+        raise CollectiveError(msg)
+    whole, steps = loader.metrics_layout()
+    if not whole and not steps:
+        msg = ("gather_metrics(): the loader must have yielded a batch, but got a loader that "
+               "has not started. Call it inside `for batch in loader:` or after the loop.")
+        raise CollectiveError(msg)
+    if not whole and not loader.even_batches:
+        msg = ("gather_metrics(): with even_batches=False it must be called once after the "
+               "pass, but got a call in the middle of the pass (ranks run out of batches at "
+               "different steps, so a per-batch gather would hang). Collect this rank's "
+               "outputs and call gather_metrics(all_outputs, env, loader) after the loop.")
+        raise CollectiveError(msg)
+    return whole, steps
+
+
+def _longest_layout(steps: list[Any], env: Env) -> list[Any]:
+    """Every rank's layout is a prefix of the pass's; a rank that ran out early lacks the end."""
+    import torch.distributed as dist
+
+    every: list[Any] = [None] * env.world_size
+    dist.all_gather_object(every, steps)
+    return max(every, key=len)
+
+
+def _gather_rows(leaves: Sequence[Any], env: Env, stride: int, keep: list[int]) -> list[Any]:
+    import torch.distributed as dist
+
+    prefix = keep == list(range(len(keep)))
+    out: list[Any] = []
+    objects = [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)]
+    gathered_objects: list[Any] = [None] * env.world_size
+    if objects:
+        dist.all_gather_object(gathered_objects, objects)
+    for at, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            padded = _pad(leaf, 0, stride, 0, False)
+            full = _gather_tensor(padded, env)
+            out.append(full[:len(keep)] if prefix else
+                       full.index_select(0, torch.tensor(keep, device=full.device)))
+            continue
+        which = sum(1 for earlier in leaves[:at] if not isinstance(earlier, torch.Tensor))
+        flat = [row for rank in gathered_objects
+                for row in list(rank[which]) + [None] * (stride - len(rank[which]))]
+        out.append(type(leaf)(flat[i] for i in keep))
+    return out

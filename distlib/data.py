@@ -1,0 +1,360 @@
+"""Sharding a DataLoader across ranks (a thin shell over `ShardPlan`) and splitting inputs.
+
+`shard` rebuilds the user's ``DataLoader`` around a batch sampler (map-style datasets) or a
+dataset wrapper (iterable datasets) that applies the pure plan of `distlib._shard_plan`; the
+dataset, collate function, workers, pinning, worker init and generator stay the user's. The
+returned `ShardedLoader` remembers where the current pass is, which is all
+`distlib.gather_metrics` needs to drop padding: there is no global state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+from collections.abc import Iterator, Mapping
+from itertools import chain
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler
+
+from distlib._shard_plan import ShardPlan, StepInfo, count_batches
+from distlib.env import Env
+from distlib.errors import ShardingError
+
+__all__ = ["LoaderPosition", "ShardPlan", "ShardedLoader", "shard", "split_between_processes"]
+
+_KEPT = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
+         "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers",
+         "pin_memory_device")
+
+
+class LoaderPosition(NamedTuple):
+    """Where a sharded loader is: the epoch, the step of the last batch, whether it ended."""
+
+    epoch: int
+    step: int
+    done: bool
+
+
+def shard(dataloader: Any, env: Env, *, split_batches: bool = False, even_batches: bool = True,
+          device_placement: bool = True, start_batch: int = 0) -> ShardedLoader:
+    """Return the loader of this rank: its share of every step of ``dataloader``.
+
+    Without ``split_batches`` global batch ``k`` of ``dataloader`` goes to rank
+    ``k % world_size``; with it each batch is cut into ``world_size`` equal slices. With
+    ``even_batches`` a short last step is completed from the start of the pass, so every rank
+    runs the same number of equally sized batches (`gather_metrics` drops those rows again).
+
+    Args:
+        dataloader: a ``torch.utils.data.DataLoader`` (map-style or iterable dataset).
+        env: this process's Env.
+        split_batches: split each batch across ranks instead of dealing whole batches.
+        even_batches: complete the last step so that all ranks get equal batches.
+        device_placement: move each batch to ``env.device`` (non-blocking when pinned).
+        start_batch: resume the first pass at this step; map-style datasets do not read the
+            skipped samples, iterable ones read and discard them. Later passes start at 0.
+
+    Returns:
+        A `ShardedLoader`; ``len()`` is this rank's number of batches.
+
+    Raises:
+        ShardingError: a batch size of 0, ``split_batches`` with a batch size that
+            ``world_size`` does not divide, or an iterable dataset without a batch size.
+
+    Example:
+        >>> import torch
+        >>> loader = torch.utils.data.DataLoader(list(range(10)), batch_size=2)
+        >>> mine = shard(loader, Env(rank=1, world_size=2, local_rank=1, local_world_size=2))
+        >>> len(mine), [b.tolist() for b in mine]
+        (3, [[2, 3], [6, 7], [0, 1]])
+    """
+    return ShardedLoader(dataloader, env, split_batches=split_batches,
+                         even_batches=even_batches, device_placement=device_placement,
+                         start_batch=start_batch)
+
+
+class ShardedLoader:
+    """This rank's view of a DataLoader; iterate it like the original.
+
+    Effects: iterating may join the process group (once, to agree on a shuffle seed when the
+    loader has no generator) and moves batches to ``env.device``.
+    """
+
+    def __init__(self, dataloader: Any, env: Env, *, split_batches: bool, even_batches: bool,
+                 device_placement: bool, start_batch: int) -> None:
+        self.source, self.env = dataloader, env
+        self.split_batches, self.even_batches = split_batches, even_batches
+        self.device_placement = device_placement
+        self.dataset = dataloader.dataset
+        self.batch_size = dataloader.batch_size
+        self.iterable = isinstance(self.dataset, IterableDataset)
+        self._kwargs = {k: getattr(dataloader, k) for k in _KEPT if hasattr(dataloader, k)}
+        if self.iterable:
+            self._batches, per_loader, self._by_list = None, dataloader.batch_size, False
+            drop_last = dataloader.drop_last
+            if per_loader is None:
+                msg = ("shard(): an iterable dataset's loader must have a batch_size, but got "
+                       "batch_size=None. Let the DataLoader batch the samples (batch_size=N).")
+                raise ShardingError(msg)
+        else:
+            # A BatchSampler passed as `sampler=` (batch_size=None): the dataset takes index lists.
+            self._by_list = (isinstance(dataloader.sampler, BatchSampler)
+                             and dataloader.batch_sampler is None)
+            self._batches = dataloader.sampler if self._by_list else dataloader.batch_sampler
+            per_loader = (1 if self._batches is None
+                          else getattr(self._batches, "batch_size", None))
+            drop_last = bool(getattr(self._batches, "drop_last", False))
+        self._plan = ShardPlan(batch_size=per_loader,
+                               batch_sizes=() if per_loader is None else None, world_size=env.world_size,
+                               rank=env.rank, drop_last=drop_last, split_batches=split_batches,
+                               even_batches=even_batches, start_batch=start_batch)
+        self._seed: int | None = self._known_seed()
+        self._epoch, self._next_start = 0, start_batch
+        self._infos: list[StepInfo] = []
+        self._yielded, self._done, self._pass_start = 0, False, start_batch
+        self._inner: dict[int, Any] = {}
+
+    # -- public surface -------------------------------------------------------------------
+    def __len__(self) -> int:
+        start = self._pass_start if self._yielded and not self._done else self._next_start
+        units = self._num_units()
+        plan = self._plan
+        total = count_batches(units, plan.per_step, plan.per_rank, plan.rank,
+                              drop_last=plan.drop_last, pad=plan.pads)[1]
+        return max(0, total - start)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch``: every rank reshuffles with the same seed.
+
+        Effects: forwards ``set_epoch`` to the user's sampler, batch sampler or iterable
+        dataset where they have one.
+        """
+        self._epoch = epoch
+        for part in (getattr(self._batches, "sampler", None), self._batches, self.dataset):
+            if part is not None and callable(getattr(part, "set_epoch", None)):
+                part.set_epoch(epoch)
+
+    @property
+    def position(self) -> LoaderPosition:
+        """The epoch, the step of the last batch yielded (-1 before any), and if the pass ended."""
+        return LoaderPosition(self._epoch, self._pass_start + self._yielded - 1, self._done)
+
+    def metrics_layout(self) -> tuple[bool, list[StepInfo]]:
+        """``(whole_pass, steps)``: the current step, or every step once the pass has ended."""
+        if self._done:
+            return True, self._infos[:self._yielded]
+        if not self._yielded:
+            return False, []
+        return False, [self._infos[self._yielded - 1]]
+
+    def state_dict(self) -> dict[str, int]:
+        """The position to resume from: ``{"epoch": e, "start_batch": k}``."""
+        if self._done:
+            return {"epoch": self._epoch, "start_batch": 0}
+        return {"epoch": self._epoch, "start_batch": self._pass_start + self._yielded}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resume the next pass at ``state["start_batch"]`` of epoch ``state["epoch"]``."""
+        self.set_epoch(int(state["epoch"]))
+        self._next_start = int(state["start_batch"])
+
+    def __iter__(self) -> Iterator[Any]:
+        start, self._next_start = self._next_start, 0
+        self._pass_start, self._infos, self._yielded, self._done = start, [], 0, False
+        inner = self._inner_loader(start)
+        move = self.device_placement and self.env.device != "cpu"
+        non_blocking = bool(self._kwargs.get("pin_memory")) and self.env.device.startswith("cuda")
+        infos = self._infos
+        for batch in inner:
+            if self.iterable:
+                batch, info = batch
+                infos.append(info)
+            self._yielded += 1
+            yield _move(batch, self.env.torch_device, non_blocking) if move else batch
+        self._done = True
+        self._epoch += 1
+
+    # -- the shell --------------------------------------------------------------------------
+    def _known_seed(self) -> int | None:
+        for owner in (getattr(self._batches, "sampler", None), self.source):
+            generator = getattr(owner, "generator", None)
+            if generator is not None:
+                return int(generator.initial_seed())
+        return None
+
+    def _num_units(self) -> int:
+        try:
+            if self.iterable:
+                return len(self.dataset)
+            if self._batches is None:
+                return len(self.source.sampler)
+            if self._plan.variable:
+                return len(self._batches)
+            inner = getattr(self._batches, "sampler", None)
+            if inner is None:
+                return len(self._batches) * self._plan.batch_size  # type: ignore[operator]
+            n = len(inner)
+            return n - n % self._plan.batch_size if self._plan.drop_last else n  # type: ignore[operator]
+        except TypeError:
+            msg = ("len(): the loader's dataset or sampler must have a length to count batches, "
+                   f"but got a {type(self.dataset).__name__} without __len__. Iterate without "
+                   "len(), or give the dataset a __len__.")
+            raise ShardingError(msg) from None
+
+    def _inner_loader(self, start: int) -> Any:
+        if self.iterable:
+            if start not in self._inner:
+                plan = _replace(self._plan, start)
+                wrapped = _IterableShard(self.dataset, plan)
+                self._inner[start] = DataLoader(
+                    wrapped, batch_size=plan.per_rank, drop_last=False,
+                    **(self._kwargs | {"collate_fn": _TaggedCollate(self._kwargs["collate_fn"])}))
+            return self._inner[start]
+        sampler = _RankBatches(self, _replace(self._plan, start), self._pass_batches())
+        if self._batches is None or self._by_list:
+            return DataLoader(self.dataset, sampler=sampler, batch_size=None, **self._kwargs)
+        return DataLoader(self.dataset, batch_sampler=sampler, **self._kwargs)
+
+    def _pass_batches(self) -> Any:
+        """The user's batches (or indices) for this pass, reseeded for the epoch if random."""
+        source = self._batches if self._batches is not None else self.source.sampler
+        inner = getattr(source, "sampler", None)
+        if type(source) is not BatchSampler or type(inner) is not RandomSampler:
+            return source
+        if self._seed is None:
+            self._seed = self._agreed_seed()
+        generator = torch.Generator()
+        generator.manual_seed(self._seed + self._epoch)
+        sampler = RandomSampler(inner.data_source, replacement=inner.replacement,
+                                num_samples=inner._num_samples, generator=generator)
+        return BatchSampler(sampler, source.batch_size, source.drop_last)
+
+    def _agreed_seed(self) -> int:
+        seed = random.SystemRandom().randrange(2**62)
+        if not self.env.is_distributed:
+            return seed
+        from distlib.collectives import broadcast_object
+
+        return int(broadcast_object(seed, self.env))
+
+
+def _replace(plan: ShardPlan, start: int) -> ShardPlan:
+    return dataclasses.replace(plan, start_batch=start)
+
+
+class _RankBatches:
+    """The batch sampler of one pass: this rank's index lists; records each step's layout."""
+
+    def __init__(self, loader: ShardedLoader, plan: ShardPlan, source: Any) -> None:
+        self.loader, self.plan, self.source = loader, plan, source
+
+    def __iter__(self) -> Iterator[Any]:
+        infos, single = self.loader._infos, self.loader._batches is None
+        stream = (self.source if self.plan.variable or single
+                  else chain.from_iterable(self.source))
+        for batch, info in self.plan.iter_batches(stream):
+            infos.append(info)
+            yield batch[0] if single else batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class _IterableShard(IterableDataset):  # type: ignore[type-arg]
+    """An iterable dataset's samples for one rank, each tagged with its step's layout."""
+
+    def __init__(self, dataset: Any, plan: ShardPlan) -> None:
+        self.dataset, self.plan = dataset, plan
+
+    def __iter__(self) -> Iterator[tuple[Any, StepInfo]]:
+        for batch, info in self.plan.iter_batches(self.dataset):
+            for item in batch:
+                yield item, info
+
+
+class _TaggedCollate:
+    """Collate with the user's function, and carry the step layout beside the batch."""
+
+    def __init__(self, collate_fn: Any) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: list[tuple[Any, StepInfo]]) -> tuple[Any, StepInfo]:
+        return self.collate_fn([s for s, _ in samples]), samples[0][1]
+
+
+def _move(batch: Any, device: Any, non_blocking: bool) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if callable(getattr(batch, "to", None)) and not isinstance(batch, (str, bytes)):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _move(v, device, non_blocking) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_move(v, device, non_blocking) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(v, device, non_blocking) for v in batch)
+    return batch
+
+
+@contextlib.contextmanager
+def split_between_processes(inputs: Any, env: Env, apply_padding: bool = False) -> Iterator[Any]:
+    """Hand each rank its contiguous chunk of ``inputs`` for the body of a ``with`` block.
+
+    A context manager, as in Accelerate (``with split_between_processes(prompts, env) as
+    mine:``). The first ``len(inputs) % world_size`` ranks get one item more; with
+    ``apply_padding`` the others repeat the last item of the input so every rank holds the same
+    count (drop those rows after gathering). Lists, tuples, tensors (along dim 0) and dicts of
+    them (all values the same length) are split; nothing is copied or changed in ``inputs``.
+
+    Args:
+        inputs: the items to split.
+        env: this process's Env.
+        apply_padding: give every rank the same number of items.
+
+    Raises:
+        ShardingError: ``inputs`` is of another type, or a dict's values differ in length.
+
+    Example:
+        >>> env = Env(rank=1, world_size=2, local_rank=1, local_world_size=2)
+        >>> with split_between_processes(["a", "b", "c"], env, apply_padding=True) as mine:
+        ...     mine
+        ['c', 'c']
+    """
+    if env.world_size == 1:
+        yield inputs
+        return
+    n = _length(inputs)
+    per, extra = divmod(n, env.world_size)
+    start = env.rank * per + min(env.rank, extra)
+    end = start + per + (1 if env.rank < extra else 0)
+    target = per + (1 if extra else 0) if apply_padding else None
+    yield _chunk(inputs, start, end, target)
+
+
+def _length(inputs: Any) -> int:
+    if isinstance(inputs, Mapping):
+        lengths = {k: _length(v) for k, v in inputs.items()}
+        if len(set(lengths.values())) > 1:
+            msg = (f"split_between_processes(): every value of a dict must have the same length, "
+                   f"but got lengths {lengths}. Split dicts of equally long lists or tensors.")
+            raise ShardingError(msg)
+        return next(iter(lengths.values()), 0)
+    if isinstance(inputs, (list, tuple, torch.Tensor)):
+        return len(inputs)
+    msg = (f"split_between_processes(): inputs must be a list, tuple, tensor or dict of them, "
+           f"but got {type(inputs).__name__}. Convert it with list(...) first.")
+    raise ShardingError(msg)
+
+
+def _chunk(inputs: Any, start: int, end: int, target: int | None) -> Any:
+    if isinstance(inputs, Mapping):
+        return type(inputs)({k: _chunk(v, start, end, target) for k, v in inputs.items()})
+    part = inputs[start:end]
+    missing = 0 if target is None or len(inputs) == 0 else target - len(part)
+    if missing <= 0:
+        return part
+    if isinstance(inputs, torch.Tensor):
+        return torch.cat([part, inputs[-1:].expand(missing, *inputs.shape[1:])])
+    return part + type(inputs)([inputs[-1]] * missing)

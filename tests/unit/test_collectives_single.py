@@ -1,0 +1,69 @@
+"""Collectives, split_between_processes and the rank logger on single-process Envs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import distlib as dl
+from distlib.env import Env
+from distlib.errors import CollectiveError, ShardingError
+from distlib.log import get_logger
+
+
+def _env(rank: int, world: int) -> Env:
+    return Env(rank=rank, world_size=world, local_rank=rank, local_world_size=world)
+
+
+def test_single_process_collectives_are_identities() -> None:
+    env = Env()
+    x = {"a": torch.arange(3), "b": [torch.ones(2, 2), (torch.zeros(1),)]}
+    for fn in (dl.gather, dl.broadcast, dl.pad_across_processes):
+        assert fn(x, env) is x
+    assert dl.reduce(x, env, op="sum")["a"] is x["a"]
+    assert dl.reduce(torch.tensor([1, 2]), env).dtype.is_floating_point
+    assert dl.gather_object(["a"], env) == ["a"] and dl.gather_object(3, env) == [3]
+    assert dl.broadcast_object({"k": 1}, env) == {"k": 1}
+    dl.barrier(env)
+    with dl.main_process_first(env, local=True):
+        pass
+    with pytest.raises(CollectiveError, match="op must be one of"):
+        dl.reduce(x, env, op="avg")
+    with pytest.raises(CollectiveError, match="must be a tensor"):
+        dl.gather({"a": "text"}, env)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 7, 8])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_split_between_processes_covers_in_order(n: int, world: int) -> None:
+    items = [f"p{i}" for i in range(n)]
+    chunks, padded, tensors = [], [], []
+    for rank in range(world):
+        with dl.split_between_processes(items, _env(rank, world)) as mine:
+            chunks.append(mine)
+        with dl.split_between_processes(items, _env(rank, world), apply_padding=True) as mine:
+            padded.append(mine)
+        data = {"t": torch.arange(n), "s": tuple(items)}
+        with dl.split_between_processes(data, _env(rank, world), apply_padding=True) as mine:
+            tensors.append(mine)
+    assert [x for c in chunks for x in c] == items
+    sizes = [len(c) for c in chunks]
+    assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1
+    if n and world > 1:
+        assert len({len(p) for p in padded}) == 1
+        assert all(p[len(c):] == [items[-1]] * (len(p) - len(c)) for p, c in zip(padded, chunks, strict=True))
+        assert [t["t"].tolist() for t in tensors] == [[int(s[1:]) for s in p] for p in padded]
+        assert [list(t["s"]) for t in tensors] == padded
+    with pytest.raises(ShardingError, match="same length"), dl.split_between_processes(
+            {"a": [1], "b": [1, 2]}, _env(0, 2)):
+        pass
+
+
+def test_logger_speaks_on_the_main_rank_only(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="distlib.test_log")
+    get_logger("distlib.test_log", _env(1, 2)).info("hidden")
+    get_logger("distlib.test_log", _env(1, 2)).info("everyone", main_process_only=False)
+    get_logger("distlib.test_log", _env(0, 2)).info("main")
+    assert [r.getMessage() for r in caplog.records] == ["[rank 1] everyone", "[rank 0] main"]
