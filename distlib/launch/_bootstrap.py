@@ -52,9 +52,10 @@ def is_secondary(exc: BaseException) -> bool:
 def _record(exc: BaseException) -> None:
     """Write the traceback in torch's error-file format (plus a precise timestamp)."""
     tb = exc.__traceback__
-    own = (os.path.abspath(__file__), os.path.abspath(runpy.__file__))
-    while tb is not None and tb.tb_next is not None and os.path.abspath(
-            tb.tb_frame.f_code.co_filename) in own:
+    own = (os.path.abspath(__file__), os.path.abspath(runpy.__file__), "<frozen runpy>")
+    while tb is not None and tb.tb_next is not None and (
+            tb.tb_frame.f_code.co_filename in own
+            or os.path.abspath(tb.tb_frame.f_code.co_filename) in own):
         tb = tb.tb_next  # the user's frames are the story; the bootstrap's are noise
     text = "".join(traceback.format_exception(type(exc), exc, tb))
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")

@@ -16,6 +16,10 @@ __all__ = ["main"]
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("distlib.launch.env_report", "print versions, devices, the detected Env and config"),
+    "plan": ("distlib.big_model.plan_cli", "plan a device map from a checkpoint's headers"),
+    "launch": ("distlib.launch.launch_command", "run a script or module in N ranks (any setup)"),
+    "config": ("distlib.launch.config_command", "write the launch config (questions or defaults)"),
+    "test": ("distlib.launch.selftest", "launch a self-test under the config and report it"),
 }
 
 
@@ -38,17 +42,16 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _normalise(argv: Sequence[str]) -> list[str]:
-    """Accept ``--foo_bar`` as ``--foo-bar`` (up to the script or ``--``)."""
-    out: list[str] = []
-    for i, arg in enumerate(argv):
-        if arg == "--" or (not arg.startswith("-") and arg.endswith(".py")):
-            return out + list(argv[i:])
-        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
-            flag, eq, value = arg.partition("=")
-            arg = flag.replace("_", "-") + eq + value
-        out.append(arg)
-    return out
+def _accept_underscores(parser: argparse.ArgumentParser) -> None:
+    """Let every ``--foo-bar`` option also be spelled ``--foo_bar`` (hidden from --help).
+
+    argparse has no public alias hook; its table of option strings is the documented-in-code
+    place where every spelling of an option is looked up.
+    """
+    table = parser._option_string_actions
+    for spelling, action in list(table.items()):
+        if spelling.startswith("--") and "-" in spelling[2:]:
+            table.setdefault("--" + spelling[2:].replace("-", "_"), action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,5 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"distlib {command}", description=text)
     module.add_arguments(parser)
-    args = parser.parse_args(_normalise(rest))
-    return int(module.run(args))
+    _accept_underscores(parser)
+    args = parser.parse_args(rest)
+    from distlib.errors import DistlibError
+
+    try:
+        return int(module.run(args))
+    except DistlibError as error:
+        print(f"distlib {command}: error: {error}", file=sys.stderr)
+        return 2

@@ -27,7 +27,7 @@ from distlib.errors import LaunchError
 from distlib.launch._environ import child_environ
 from distlib.launch.plan import LaunchPlan, plan_launch
 
-__all__ = ["Failure", "LaunchResult", "free_port", "launch", "run_plan"]
+__all__ = ["Failure", "LaunchResult", "free_port", "launch", "launch_plan", "run_plan"]
 
 _STOP_GRACE_S = 10.0
 
@@ -207,8 +207,18 @@ def launch(target: Callable[..., Any] | str, *args: Any, num_processes: int | No
     Effects: starts an agent process and the ranks; creates and removes a temporary
     directory. The caller's ``os.environ`` is only read.
     """
-    start = time.monotonic()
     plan = plan_launch(num_processes=num_processes, **options)
+    return launch_plan(plan, target, *args, timeout_s=timeout_s, environ=environ)
+
+
+def launch_plan(plan: LaunchPlan, target: Callable[..., Any] | str, *args: Any,
+                timeout_s: float | None = None,
+                environ: Mapping[str, str] | None = None) -> LaunchResult:
+    """`launch` for an already built `LaunchPlan` (the CLI's ``distlib test`` uses it).
+
+    Effects: as `launch`.
+    """
+    start = time.monotonic()
     if plan.main_port == 0:
         plan = dataclasses.replace(plan, main_port=free_port())
     base = dict(os.environ if environ is None else environ)

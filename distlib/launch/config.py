@@ -1,0 +1,323 @@
+"""Launcher settings: the table of options, config files (distlib's and Accelerate's), and
+which source each resolved value came from. Pure except `read_config_file`; torch-free.
+
+distlib's own config file is flat YAML whose keys are the option names of ``distlib launch``
+(``num_processes: 2``, ``precision: bf16``, ``fsdp_cpu_offload: true``...). A file in
+Accelerate's ``default_config.yaml`` format (recognised by its keys) is translated as is.
+Precedence: command-line flag > config file > environment > default; inside a SLURM
+allocation the machine count, machine rank and main address come from SLURM unless a flag
+sets them (a config file cannot know the allocation).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from distlib._slurm import expand_nodelist
+from distlib.errors import ConfigError
+from distlib.launch.plan import LaunchPlan, plan_launch
+
+__all__ = ["SETTINGS", "Setting", "default_config_path", "from_accelerate", "read_config_file",
+           "resolve", "to_plan", "validate"]
+
+_BOOL = ("true", "false")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Setting:
+    """One launcher option: its type, default, valid choices and help text."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] = ()
+    group: str = "launch"
+
+
+def _s(name: str, kind: type, default: Any, text: str, choices: tuple[Any, ...] = (),
+       group: str = "launch") -> Setting:
+    return Setting(name=name, kind=kind, default=default, help=text, choices=choices,
+                   group=group)
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    _s("num_processes", int, None, "total number of ranks across all machines "
+       "(default: visible GPUs per machine, else 1)"),
+    _s("nproc_per_node", int, None, "ranks on each machine (alternative to --num-processes)"),
+    _s("num_machines", str, "1", "number of machines, or MIN:MAX for an elastic job"),
+    _s("machine_rank", int, 0, "rank of this machine (0 hosts the rendezvous)"),
+    _s("main_address", str, "127.0.0.1", "address of machine 0"),
+    _s("main_port", int, None, "rendezvous port on machine 0 (0: pick a free one; default "
+       "0 on one machine, 29500 on several)"),
+    _s("rdzv_backend", str, "static", "rendezvous backend", ("static", "c10d")),
+    _s("max_restarts", int, 0, "restart the whole group this many times after a failure"),
+    _s("monitor_interval", float, 0.1, "seconds between checks of the ranks' health"),
+    _s("cpu", bool, False, "run on CPUs even when GPUs are present"),
+    _s("gpu_ids", str, "all", "GPUs to use on this machine, e.g. 0,1 (default: all)"),
+    _s("precision", str, "no", "mixed precision", ("no", "fp16", "bf16", "fp8")),
+    _s("strategy", str, None, "how the model is distributed (default: ddp for several "
+       "ranks, else single)", ("single", "ddp", "fsdp", "deepspeed", "xla")),
+    _s("timeout", int, None, "seconds a rendezvous or collective may wait (default 1800)"),
+    _s("debug", bool, False, "verbose launcher logs; each failing rank's traceback"),
+    _s("fsdp_reshard_after_forward", bool, None, "free gathered parameters after forward",
+       group="fsdp"),
+    _s("fsdp_cpu_offload", bool, None, "keep parameters on the CPU", group="fsdp"),
+    _s("fsdp_wrap_classes", str, None, "comma-separated module classes that become FSDP "
+       "units", group="fsdp"),
+    _s("fsdp_min_num_params", int, None, "wrap modules with at least this many parameters",
+       group="fsdp"),
+    _s("fsdp_activation_checkpointing", bool, None, "recompute activations in backward",
+       group="fsdp"),
+    _s("fsdp_state_dict_type", str, None, "checkpoint layout", ("sharded", "full"),
+       group="fsdp"),
+    _s("deepspeed_config_file", str, None, "a DeepSpeed JSON config", group="deepspeed"),
+    _s("zero_stage", int, None, "ZeRO stage", (0, 1, 2, 3), group="deepspeed"),
+    _s("offload_optimizer_device", str, None, "where optimizer states live",
+       ("none", "cpu", "nvme"), group="deepspeed"),
+    _s("offload_param_device", str, None, "where parameters live", ("none", "cpu", "nvme"),
+       group="deepspeed"),
+    _s("gradient_accumulation_steps", int, None, "micro-steps per optimizer step",
+       group="deepspeed"),
+    _s("gradient_clipping", float, None, "clip gradients to this norm", group="deepspeed"),
+)}
+
+# Setting -> (strategy, its option name)
+_STRATEGY_OPTION = {
+    "fsdp_reshard_after_forward": ("fsdp", "reshard_after_forward"),
+    "fsdp_cpu_offload": ("fsdp", "cpu_offload"),
+    "fsdp_wrap_classes": ("fsdp", "wrap_classes"),
+    "fsdp_min_num_params": ("fsdp", "min_num_params"),
+    "fsdp_activation_checkpointing": ("fsdp", "activation_checkpointing"),
+    "fsdp_state_dict_type": ("fsdp", "state_dict_type"),
+    "deepspeed_config_file": ("deepspeed", "config"),
+    "zero_stage": ("deepspeed", "zero_stage"),
+    "offload_optimizer_device": ("deepspeed", "offload_optimizer"),
+    "offload_param_device": ("deepspeed", "offload_param"),
+    "gradient_accumulation_steps": ("deepspeed", "gradient_accumulation_steps"),
+    "gradient_clipping": ("deepspeed", "gradient_clipping"),
+}
+
+
+def default_config_path(environ: Mapping[str, str]) -> str:
+    """``$DISTLIB_CONFIG_FILE``, else ``${XDG_CACHE_HOME:-~/.cache}/distlib/default_config.yaml``.
+
+    Example:
+        >>> default_config_path({"XDG_CACHE_HOME": "/c"})
+        '/c/distlib/default_config.yaml'
+    """
+    if environ.get("DISTLIB_CONFIG_FILE"):
+        return environ["DISTLIB_CONFIG_FILE"]
+    home = environ.get("HOME") or os.path.expanduser("~")
+    cache = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    return os.path.join(cache, "distlib", "default_config.yaml")
+
+
+def _bad(where: str, key: str, value: Any, rule: str, fix: str = "") -> ConfigError:
+    return ConfigError(f"{where}: `{key}` must {rule}, but got {value!r}. {fix}".rstrip())
+
+
+def _convert(where: str, setting: Setting, value: Any) -> Any:
+    """Check one value's type and choices; return it in its canonical form."""
+    if value is None:
+        return None
+    kind, key = setting.kind, setting.name
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in (*_BOOL, "yes", "no", "1", "0"):
+            return value.strip().lower() in ("true", "yes", "1")
+        if not isinstance(value, bool):
+            raise _bad(where, key, value, "be true or false")
+    elif kind is int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(where, key, value, "be a whole number")
+    elif kind is float:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise _bad(where, key, value, "be a number") from None
+    elif kind is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise _bad(where, key, value, "be a string")
+        value = value.strip()
+        if setting.choices:
+            value = value.lower()
+    if setting.choices and value not in setting.choices:
+        raise _bad(where, key, value, f"be one of {', '.join(map(repr, setting.choices))}")
+    return value
+
+
+def validate(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Check a mapping of distlib settings: known keys, right types, valid choices.
+
+    Raises:
+        ConfigError: naming the key, the value and the valid choices (or a close spelling).
+
+    Example:
+        >>> validate({"num_processes": "2", "cpu": "true"}, "flags")
+        {'num_processes': 2, 'cpu': True}
+    """
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in SETTINGS:
+            near = difflib.get_close_matches(str(key), list(SETTINGS), n=1)
+            hint = f"Did you mean `{near[0]}`?" if near else "Remove it."
+            raise _bad(where, str(key), value, "name a setting; valid keys are "
+                       + ", ".join(SETTINGS), fix=f"Unknown key `{key}`. {hint}")
+        out[key] = _convert(where, SETTINGS[key], value)
+    return out
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read a distlib or Accelerate YAML config file into validated distlib settings.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or has a wrong key, type or combination.
+
+    Effects: reads the file.
+    """
+    import yaml
+
+    where = f"config file {path}"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as error:
+        msg = (f"{where}: the file must be readable, but got {error.strerror}. Write one with "
+               "`distlib config` or pass --config-file.")
+        raise ConfigError(msg) from None
+    except yaml.YAMLError as error:
+        msg = f"{where}: the file must be YAML, but got a parse error: {error}"
+        raise ConfigError(msg) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise _bad(where, "<top level>", data, "be a mapping of key: value")
+    if _looks_like_accelerate(data):
+        from distlib.launch._accelerate_config import from_accelerate
+
+        data = from_accelerate(data, where)
+    return validate(data, where)
+
+
+def _looks_like_accelerate(data: Mapping[str, Any]) -> bool:
+    marks = {"compute_environment", "distributed_type", "mixed_precision", "use_cpu",
+             "main_process_ip", "main_process_port", "fsdp_config", "deepspeed_config"}
+    return bool(marks & set(data))
+
+
+def from_accelerate(data: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
+    """Translate an Accelerate config mapping (see `distlib.launch._accelerate_config`)."""
+    from distlib.launch._accelerate_config import from_accelerate as translate
+
+    return translate(data, where)
+
+
+def _slurm(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """Machine count, machine rank, main address and port that a SLURM allocation implies."""
+    if "SLURM_JOB_ID" not in environ or "SLURM_NNODES" not in environ:
+        return {}
+    out: dict[str, tuple[Any, str]] = {"num_machines": (environ["SLURM_NNODES"].strip(),
+                                                        "environment (SLURM_NNODES)")}
+    if "SLURM_NODEID" in environ:
+        out["machine_rank"] = (int(environ["SLURM_NODEID"]), "environment (SLURM_NODEID)")
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if nodelist:
+        out["main_address"] = (expand_nodelist(nodelist)[0],
+                               "environment (first host of SLURM_JOB_NODELIST)")
+    job = environ["SLURM_JOB_ID"].strip()
+    if job.isdigit():
+        out["main_port"] = (15000 + int(job) % 50000, "environment (from SLURM_JOB_ID)")
+    return out
+
+
+_ENVIRONMENT = {"precision": "DISTLIB_PRECISION", "strategy": "DISTLIB_STRATEGY",
+                "cpu": "DISTLIB_CPU", "debug": "DISTLIB_DEBUG", "timeout": "DISTLIB_TIMEOUT"}
+
+
+def resolve(flags: Mapping[str, Any], config: Mapping[str, Any], environ: Mapping[str, str],
+            *, config_source: str = "config file") -> dict[str, tuple[Any, str]]:
+    """Resolve every setting to ``(value, source)`` by precedence.
+
+    Args:
+        flags: values given on the command line (None = not given).
+        config: validated values from the config file.
+        environ: the launcher's environment (``DISTLIB_*`` variables, SLURM).
+        config_source: how to name the config file in sources.
+
+    Example:
+        >>> r = resolve({"precision": "bf16"}, {"precision": "fp16", "cpu": True}, {})
+        >>> r["precision"], r["cpu"], r["max_restarts"]
+        (('bf16', 'flag'), (True, 'config file'), (0, 'default'))
+    """
+    env_values = {k: (environ[v], f"environment ({v})") for k, v in _ENVIRONMENT.items()
+                  if environ.get(v)}
+    slurm = _slurm(environ)
+    out: dict[str, tuple[Any, str]] = {}
+    for name, setting in SETTINGS.items():
+        if flags.get(name) is not None:
+            out[name] = (flags[name], "flag")
+        elif name in slurm:
+            out[name] = slurm[name]
+        elif config.get(name) is not None:
+            out[name] = (config[name], config_source)
+        elif name in env_values:
+            value, source = env_values[name]
+            out[name] = (_convert(source, setting, value), source)
+        else:
+            out[name] = (setting.default, "default")
+    return out
+
+
+def _strategy_options(values: Mapping[str, Any], strategy: str | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key, (owner, option) in _STRATEGY_OPTION.items():
+        if values.get(key) is None:
+            continue
+        if owner != strategy:
+            raise _bad("launch settings", key, values[key], f"only be set with strategy "
+                       f"{owner!r}", fix=f"The strategy is {strategy!r}; pass --strategy "
+                       f"{owner} or drop `{key}`.")
+        options[option] = values[key]
+    return options
+
+
+def to_plan(resolved: Mapping[str, tuple[Any, str]]) -> LaunchPlan:
+    """Turn resolved settings into a `LaunchPlan`, rejecting impossible combinations.
+
+    Example:
+        >>> plan = to_plan(resolve({"num_processes": 2, "cpu": True}, {}, {}))
+        >>> plan.nproc_per_node, plan.cpu, plan.main_port
+        (2, True, 0)
+    """
+    v = {k: value for k, (value, _) in resolved.items()}
+    strategy = v["strategy"]
+    if v["cpu"] and strategy in ("xla", "deepspeed"):
+        raise _bad("launch settings", "strategy", strategy, "work on CPUs when `cpu` is true",
+                   fix="Use 'ddp' or 'fsdp' on CPUs, or drop --cpu.")
+    if v["cpu"] and v["precision"] == "fp16":
+        raise _bad("launch settings", "precision", "fp16", "be 'no' or 'bf16' when `cpu` is "
+                   "true", fix="CPUs have no fp16 autocast; use bf16.")
+    multi = v["num_machines"] not in ("1", 1)
+    port = v["main_port"] if v["main_port"] is not None else (29500 if multi else 0)
+    return plan_launch(
+        num_processes=v["num_processes"], nproc_per_node=v["nproc_per_node"],
+        num_machines=v["num_machines"], machine_rank=v["machine_rank"],
+        main_address=v["main_address"], main_port=port, rdzv_backend=v["rdzv_backend"],
+        max_restarts=v["max_restarts"], monitor_interval_s=v["monitor_interval"],
+        cpu=v["cpu"], gpu_ids=v["gpu_ids"], precision=v["precision"], strategy=strategy,
+        strategy_options=_strategy_options(v, strategy), debug=v["debug"],
+        collective_timeout_s=v["timeout"])
+
+
+def flag_name(name: str) -> str:
+    """The command-line spelling of a setting (``num_processes`` -> ``--num-processes``)."""
+    return "--" + name.replace("_", "-")
+

@@ -1,0 +1,145 @@
+"""``distlib launch``: run a script, a module or a program in N ranks from flags and config.
+
+Resolution is pure (`distlib.launch.config`); this module only parses, prints and waits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from distlib.errors import ConfigError
+from distlib.launch.plan import LaunchPlan
+from distlib.launch.config import (
+    SETTINGS,
+    default_config_path,
+    flag_name,
+    read_config_file,
+    resolve,
+    to_plan,
+    validate,
+)
+
+__all__ = ["add_arguments", "add_setting_arguments", "resolve_from_args", "run"]
+
+_GROUPS = {"launch": "processes and machines", "fsdp": "FSDP options (--strategy fsdp)",
+           "deepspeed": "DeepSpeed options (--strategy deepspeed)"}
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one option per launcher setting, plus ``--config-file`` (shared with ``test``)."""
+    parser.add_argument("--config-file", default=None, metavar="PATH",
+                        help="YAML config (distlib's or Accelerate's); default: "
+                             "$DISTLIB_CONFIG_FILE, else ~/.cache/distlib/default_config.yaml")
+    groups = {key: parser.add_argument_group(title) for key, title in _GROUPS.items()}
+    for setting in SETTINGS.values():
+        group = groups[setting.group]
+        kwargs: dict[str, Any] = {"dest": setting.name, "default": None, "help": setting.help}
+        if setting.kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = setting.kind
+            kwargs["metavar"] = setting.name.upper().split("_")[-1]
+            if setting.choices:
+                kwargs["choices"] = setting.choices
+                kwargs["metavar"] = "{" + ",".join(map(str, setting.choices)) + "}"
+        group.add_argument(flag_name(setting.name), **kwargs)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add this command's options."""
+    parser.usage = "distlib launch [options] (script.py | -m module | --no-python prog) [args]"
+    add_setting_arguments(parser)
+    parser.add_argument("-m", "--module", action="store_true",
+                        help="run the target as a module, like python -m")
+    parser.add_argument("--no-python", action="store_true",
+                        help="run the target as a program, not through python")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print every resolved setting with its source, then exit")
+    parser.add_argument("script", help="the script, module or program each rank runs")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
+
+
+def resolve_from_args(args: argparse.Namespace, environ: Mapping[str, str]
+                      ) -> tuple[dict[str, tuple[Any, str]], str | None]:
+    """Resolved settings (value, source) from flags, the config file and the environment."""
+    flags = validate({name: getattr(args, name) for name in SETTINGS
+                      if getattr(args, name) is not None}, "command line")
+    path = args.config_file
+    if path is None and os.path.exists(default_config_path(environ)):
+        path = default_config_path(environ)
+    config = read_config_file(path) if path else {}
+    return resolve(flags, config, environ, config_source=f"config file {path}"), path
+
+
+def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
+                 command: list[str]) -> str:
+    """The ``--dry-run`` table: every setting, its value and where it came from."""
+    derived = {"main_port": plan.main_port or "0 (a free port is picked at launch)",
+               "nproc_per_node": plan.nproc_per_node or "visible GPUs, else 1",
+               "strategy": "auto: ddp for several ranks, else single",
+               "timeout": "1800 s"}
+    rows = []
+    for name, (value, source) in resolved.items():
+        if value is None and SETTINGS[name].group != "launch":
+            continue  # an option of a strategy not in use
+        if value is None:
+            value, source = derived.get(name, "(not set)"), (
+                "derived" if name == "nproc_per_node" and plan.nproc_per_node else source)
+        rows.append((name, str(value), source))
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    lines = [f"{'setting':<{width}}  {'value':<{vwidth}}  source"]
+    lines += [f"{n:<{width}}  {v:<{vwidth}}  {s}" for n, v, s in rows]
+    lines.append(f"\neach rank runs: {' '.join(command)}")
+    return "\n".join(lines)
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    if args.no_python:
+        return [args.script, *args.script_args]
+    kind = "module" if args.module else "script"
+    if kind == "script" and not os.path.isfile(args.script):
+        msg = (f"distlib launch: the script must exist, but got {args.script!r} (no such file "
+               f"from {os.getcwd()!r}). Pass -m for a module or --no-python for a program.")
+        raise ConfigError(msg)
+    return [sys.executable, "-u", "-m", "distlib.launch._bootstrap", kind, args.script,
+            *args.script_args]
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve, then launch (or print with ``--dry-run``); return the job's exit code."""
+    from distlib.launch._environ import child_environ
+    from distlib.launch.launcher import free_port, root_cause_message, run_plan
+
+    resolved, _ = resolve_from_args(args, os.environ)
+    plan = to_plan(resolved)
+    command = _command(args)
+    if args.dry_run:
+        print(dry_run_text(resolved, plan, command))
+        return 0
+    if plan.main_port == 0:
+        plan = dataclasses.replace(plan, main_port=free_port())
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    with tempfile.TemporaryDirectory(prefix="distlib-launch-") as work_dir:
+        try:
+            ok, failures, stopped = run_plan(plan, command, environ=child_environ(
+                os.environ, plan), work_dir=work_dir)
+        except KeyboardInterrupt:
+            print("distlib launch: interrupted; every rank was stopped.", file=sys.stderr)
+            return 130
+    if ok:
+        return 0
+    print(root_cause_message("distlib launch", failures, stopped), file=sys.stderr)
+    codes = [f.exitcode for f in failures if f.exitcode > 0]
+    return codes[0] if codes else 1
