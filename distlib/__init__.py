@@ -21,9 +21,15 @@ _EXPORTS: dict[str, str] = {
     "FSDP": "distlib.strategies.fsdp",
     "DeepSpeed": "distlib.strategies.deepspeed",
     "XLA": "distlib.strategies.xla",
+    "wrap": "distlib.strategies.base", "unwrap": "distlib.strategies.base",
+    "MicroStep": "distlib.step", "accumulate": "distlib.step", "backward": "distlib.step",
+    "clip_grad_norm": "distlib.step", "seed": "distlib.step",
     "launch": "distlib.launch", "LaunchResult": "distlib.launch.launcher",
     "shard": "distlib.data", "split_between_processes": "distlib.data",
     "ShardPlan": "distlib.data",
+    **dict.fromkeys(("init_empty_weights", "init_on_device", "infer_device_map", "DeviceMap",
+                     "load_checkpoint", "dispatch", "load_checkpoint_and_dispatch"),
+                    "distlib.big_model"),
     **dict.fromkeys(("gather", "gather_object", "gather_metrics", "pad_across_processes", "reduce",
                      "broadcast", "broadcast_object", "barrier", "main_process_first"),
                     "distlib.collectives"),
@@ -40,7 +46,11 @@ if TYPE_CHECKING:
     from distlib.strategies.fsdp import FSDP
     from distlib.strategies.single import Single
     from distlib.strategies.xla import XLA
+    from distlib.strategies.base import unwrap, wrap
+    from distlib.step import MicroStep, accumulate, backward, clip_grad_norm, seed
     from distlib.data import ShardPlan, shard, split_between_processes
+    from distlib.big_model import (DeviceMap, dispatch, infer_device_map, init_empty_weights,
+                                   init_on_device, load_checkpoint, load_checkpoint_and_dispatch)
     from distlib.collectives import (barrier, broadcast, broadcast_object, gather, gather_metrics,
                                      gather_object, main_process_first, pad_across_processes,
                                      reduce)

@@ -32,10 +32,7 @@ DOCUMENTED = {
 
 # Documented names whose issue has not landed yet; each issue removes its names when it lands.
 PENDING = {
-    "wrap", "unwrap", "accumulate", "backward", "clip_grad_norm", "seed", "MicroStep",  # 5
     "save_state", "load_state",  # 7
-    "init_empty_weights", "init_on_device", "infer_device_map", "load_checkpoint",  # 6
-    "dispatch", "load_checkpoint_and_dispatch", "DeviceMap",  # 6
 }
 
 

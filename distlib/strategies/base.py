@@ -1,4 +1,4 @@
-"""The `Strategy` protocol and the name <-> value mapping the launcher and `detect()` use.
+"""The `Strategy` protocol, the name <-> value mapping, and `wrap` / `unwrap`.
 
 Strategy values are frozen, hashable and torch-free; the code that applies them lives beside
 each value (``single.py``, ``ddp.py``, ...) and imports torch only when called.
@@ -10,9 +10,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from distlib.errors import ConfigError
+from distlib.errors import ConfigError, StrategyError
 
-__all__ = ["Strategy", "STRATEGY_NAMES", "parse_strategy", "strategy_options"]
+__all__ = [
+    "STRATEGY_NAMES", "Strategy", "parse_strategy", "strategy_options", "unwrap", "wrap",
+]
 
 
 @runtime_checkable
@@ -59,7 +61,7 @@ def parse_strategy(
     classes = _classes()
     if isinstance(value, tuple(classes.values())):
         if options:
-            return dataclasses.replace(value, **dict(options))  # type: ignore[type-var]
+            return dataclasses.replace(value, **dict(options))  # type: ignore[type-var,return-value]
         return value  # type: ignore[return-value]
     name = str(value).strip().lower() if isinstance(value, str) else None
     if name not in classes:
@@ -100,3 +102,126 @@ def strategy_options(strategy: Strategy) -> dict[str, Any]:
         if value != default:
             out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def _resolve(env_or_strategy: Any, env: Any) -> tuple[Strategy, Any]:
+    from distlib.env import Env, detect
+
+    if isinstance(env_or_strategy, Env):
+        if env is not None:
+            msg = ("wrap(): env must be passed once, but got an Env both as the second argument "
+                   "and as env=. Pass wrap(model, env), or wrap(model, strategy, env=env).")
+            raise StrategyError(msg)
+        return env_or_strategy.strategy, env_or_strategy
+    if env is None:
+        env = detect()
+    if env_or_strategy is None:
+        return env.strategy, env
+    if isinstance(env_or_strategy, str) or type(env_or_strategy).__module__.startswith(
+            "distlib.strategies"):
+        return parse_strategy(env_or_strategy, source="wrap(): strategy"), env
+    msg = (f"wrap(): env_or_strategy must be an Env, a strategy value or a strategy name, but got "
+           f"{env_or_strategy!r}. Use wrap(model, env) or wrap(model, dl.DDP(), env=env).")
+    raise StrategyError(msg)
+
+
+_COMPILE_KEYS = ("backend", "mode", "fullgraph", "dynamic", "options")
+
+
+def _compile(model: Any, compile: bool | Mapping[str, Any]) -> Any:
+    import torch
+
+    options = {} if compile is True else dict(compile)  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(_COMPILE_KEYS))
+    if unknown:
+        msg = (f"wrap(): compile must only have the keys {', '.join(_COMPILE_KEYS)}, but got "
+               f"{unknown}. E.g. compile={{'backend': 'inductor', 'mode': 'max-autotune'}}.")
+        raise StrategyError(msg)
+    return torch.compile(model, **options)
+
+
+def wrap(model: Any, env_or_strategy: Any = None, *, optimizer: Any = None,
+         scheduler: Any = None, env: Any = None,
+         compile: bool | Mapping[str, Any] = False) -> Any:
+    """Apply a strategy and a precision to a model (and its optimizer and scheduler).
+
+    The strategy is ``env.strategy`` for ``wrap(model, env)``; an explicit strategy value
+    overrides it (``wrap(model, dl.FSDP(), env=env)``; without ``env=`` it comes from
+    `detect()`). What the wrapped model needs later — its grad scaler, its DeepSpeed
+    engine — is kept on the returned model, so several models can be wrapped independently.
+
+    Args:
+        model: the user's ``nn.Module``.
+        env_or_strategy: an `Env`, or a strategy value / name (then ``env=`` gives the Env).
+        optimizer: the model's optimizer; FSDP2 rebinds it to the sharded parameters,
+            DeepSpeed drives it through its engine, fp16 steps it through a ``GradScaler``.
+        scheduler: the learning-rate scheduler, returned unchanged beside the optimizer.
+        env: the Env when ``env_or_strategy`` is a strategy.
+        compile: ``True`` or ``torch.compile`` options (``backend``, ``mode``,
+            ``fullgraph``, ``dynamic``, ``options``) to compile the wrapped model.
+
+    Returns:
+        The wrapped model alone, or ``(model, optimizer)``, or
+        ``(model, optimizer, scheduler)`` when a scheduler is passed.
+
+    Raises:
+        StrategyError: the strategy cannot apply here (no process group for FSDP2, an
+            optimizer that already holds state, a model wrapped twice, ...).
+        PrecisionError: the hardware cannot run the Env's precision.
+
+    Effects: joins the process group on first need (`distlib.runtime.initialize`); moves the
+    model to the Env's device and may modify it in place (autocast forward, FSDP2 sharding).
+
+    Example:
+        >>> import torch, distlib as dl
+        >>> model = dl.wrap(torch.nn.Linear(2, 2), dl.Env(precision="bf16"))
+        >>> model(torch.ones(1, 2)).dtype
+        torch.float32
+    """
+    import importlib
+
+    from distlib.strategies._handle import handle_of
+
+    strategy, env = _resolve(env_or_strategy, env)
+    if handle_of(model) is not None:
+        msg = (f"wrap(): model must not be wrapped already, but got a model wrapped with "
+               f"{handle_of(model)!r}. Wrap the original module once (see dl.unwrap).")
+        raise StrategyError(msg)
+    module = importlib.import_module(f"distlib.strategies.{strategy.name}")
+    apply = getattr(module, "apply", None)
+    if apply is None:
+        msg = (f"wrap(): strategy {strategy.name!r} must have an apply function, but got none "
+               f"in distlib.strategies.{strategy.name}. This strategy is not available yet.")
+        raise StrategyError(msg)
+    model, optimizer_out, scheduler_out = apply(
+        model, strategy, env, optimizer=optimizer, scheduler=scheduler)
+    if compile:
+        model = _compile(model, compile)
+    if scheduler is not None:
+        return model, optimizer_out, scheduler_out
+    if optimizer is not None:
+        return model, optimizer_out
+    return model
+
+
+def unwrap(model: Any) -> Any:
+    """Return the user's module inside a wrapped (compiled, DDP, DeepSpeed) model.
+
+    Example:
+        >>> import torch, distlib as dl
+        >>> inner = torch.nn.Linear(2, 2)
+        >>> dl.unwrap(dl.wrap(inner, dl.Env())) is inner
+        True
+    """
+    from distlib.strategies._handle import handle_of
+
+    handle = handle_of(model)
+    if handle is not None:
+        return handle.module
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,275 @@
+"""wrap / unwrap for every strategy in one process (FSDP2 and DeepSpeed in a 1-rank group)."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before the leak check
+import torch.distributed as dist
+
+import distlib as dl
+from distlib.errors import ConfigError, PrecisionError, StrategyError
+from distlib.strategies import fsdp as fsdp_module
+from distlib.strategies.deepspeed import plan_config
+from distlib.strategies.fsdp import plan_units
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(Block(8), Block(8), torch.nn.Linear(8, 2))
+
+
+def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 8, generator=g), torch.randn(16, 2, generator=g)
+    return [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+
+
+def _train(strategy: object, precision: str = "no", steps: int = 2) -> torch.nn.Module:
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    model, opt, sched = dl.wrap(model, strategy, env=dl.Env(precision=precision),
+                                optimizer=opt, scheduler=sched)
+    for (x, y), micro in dl.accumulate(_data(), steps=steps):
+        dl.backward(torch.nn.functional.mse_loss(model(x), y), model, micro)
+        if micro.sync:
+            dl.clip_grad_norm(model, 0.5)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    return model
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    values = dl.unwrap(model).state_dict()
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in values.items()}
+    return {k: v.detach().float().clone() for k, v in full.items()}
+
+
+@pytest.fixture
+def group() -> Iterator[None]:
+    """A one-rank gloo group, as FSDP2 and DeepSpeed need one."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_wrap_returns_what_was_passed() -> None:
+    model = torch.nn.Linear(2, 2)
+    assert dl.wrap(model, dl.Env()) is model
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    out = dl.wrap(torch.nn.Linear(2, 2), dl.Env(), optimizer=opt)
+    assert isinstance(out, tuple) and out[1] is opt
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    assert len(dl.wrap(torch.nn.Linear(2, 2), dl.Env(), optimizer=opt, scheduler=sched)) == 3
+
+
+def test_wrap_errors_teach() -> None:
+    model = dl.wrap(torch.nn.Linear(2, 2), dl.Env())
+    with pytest.raises(StrategyError, match="must not be wrapped already"):
+        dl.wrap(model, dl.Env())
+    with pytest.raises(StrategyError, match="env must be passed once"):
+        dl.wrap(torch.nn.Linear(2, 2), dl.Env(), env=dl.Env())
+    with pytest.raises(StrategyError, match="env_or_strategy must be"):
+        dl.wrap(torch.nn.Linear(2, 2), 3, env=dl.Env())
+    with pytest.raises(StrategyError, match="compile must only have the keys"):
+        dl.wrap(torch.nn.Linear(2, 2), dl.Env(), compile={"bakend": "eager"})
+
+
+def test_strategy_without_apply_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distlib.strategies import xla
+
+    monkeypatch.delattr(xla, "apply", raising=False)
+    with pytest.raises(StrategyError, match="'xla' must have an apply function"):
+        dl.wrap(torch.nn.Linear(2, 2), dl.XLA(), env=dl.Env())
+
+
+def test_explicit_strategy_name_and_detect_default() -> None:
+    model = dl.wrap(torch.nn.Linear(2, 2), "single", env=dl.Env())
+    assert dl.unwrap(model) is model
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_computes_low_and_returns_fp32(precision: str) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    seen: list[torch.dtype] = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    model = dl.wrap(model, dl.Env(precision=precision))
+    out = model(torch.ones(2, 4))
+    assert out.dtype == torch.float32
+    assert seen == [dict(bf16=torch.bfloat16, fp16=torch.float16)[precision]]
+    plain = dl.wrap(torch.nn.Linear(4, 1), dl.Env(precision=precision))
+    clone = pickle.loads(pickle.dumps(plain))  # the autocast forward pickles
+    assert clone(torch.ones(2, 4)).dtype == torch.float32
+
+
+def test_fp16_overflow_skips_the_step_and_reports_it() -> None:
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = dl.wrap(model, dl.Env(precision="fp16"), optimizer=opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = opt.scaler.get_scale()
+    loss = model(torch.full((1, 2), 1e5)).sum() * 1e5  # overflows once scaled in fp16 range
+    dl.backward(loss, model)
+    dl.clip_grad_norm(model, 1.0)
+    opt.step()
+    assert opt.step_was_skipped and opt.skipped_steps == 1
+    assert opt.scaler.get_scale() == scale / 2
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b.detach())
+    opt.zero_grad()
+    dl.backward(model(torch.ones(1, 2)).sum(), model)
+    opt.step()
+    assert not opt.step_was_skipped and opt.skipped_steps == 1
+    assert not torch.equal(before[0], model.weight.detach())
+
+
+def test_two_models_keep_their_own_scalers() -> None:
+    _a, oa = dl.wrap(torch.nn.Linear(2, 1), dl.Env(precision="fp16"),
+                    optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+    _b, ob = dl.wrap(torch.nn.Linear(2, 1), dl.Env(precision="fp16"),
+                    optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+    assert oa.scaler is not ob.scaler
+
+
+def test_fp8_on_cpu_is_a_precision_error() -> None:
+    with pytest.raises(PrecisionError, match="fp8"):
+        dl.wrap(torch.nn.Linear(16, 16), dl.Env(precision="fp8"))
+
+
+def test_compile_with_eager_backend_keeps_the_handle() -> None:
+    inner = torch.nn.Linear(2, 2)
+    model = dl.wrap(inner, dl.Env(), compile={"backend": "eager"})
+    assert model is not inner and dl.unwrap(model) is inner
+    dl.backward(model(torch.ones(1, 2)).sum(), model)
+    assert inner.weight.grad is not None
+
+
+def test_ddp_in_one_process_without_group_only_places() -> None:
+    inner = torch.nn.Linear(2, 2)
+    model = dl.wrap(inner, dl.DDP(), env=dl.Env())
+    assert model is inner
+
+
+def test_plan_units_by_class_and_by_size() -> None:
+    net = _net()
+    assert plan_units(net, dl.FSDP(wrap_classes=("Block",))) == ["1", "0"]
+    assert plan_units(net, dl.FSDP(min_num_params=70)) == ["1.fc", "0.fc"]  # innermost
+    assert plan_units(net, dl.FSDP(min_num_params=10_000)) == []
+    assert plan_units(net, dl.FSDP()) == []
+    with pytest.raises(StrategyError, match="wrap_classes must name module classes"):
+        plan_units(net, dl.FSDP(wrap_classes=("LlamaDecoderLayer",)))
+
+
+def test_fsdp_needs_a_group() -> None:
+    with pytest.raises(StrategyError, match="FSDP must run in a joined process group"):
+        dl.wrap(_net(), dl.FSDP(), env=dl.Env())
+
+
+def test_fsdp_matches_single_and_rebinds_optimizer(group: None) -> None:
+    reference = _weights(_train(dl.Single()))
+    for strategy in (dl.FSDP(wrap_classes=("Block",)),
+                     dl.FSDP(min_num_params=70, reshard_after_forward=False,
+                             activation_checkpointing=True, state_dict_type="full")):
+        got = _weights(_train(strategy))
+        assert got.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(got[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fsdp_mixed_precision_close_to_fp32(group: None, precision: str) -> None:
+    reference = _weights(_train(dl.Single()))
+    got = _weights(_train(dl.FSDP(wrap_classes=("Block",)), precision))
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=0.05, atol=0.02)
+
+
+def test_fsdp_refuses_an_optimizer_with_state(group: None) -> None:
+    model = _net()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 8)).sum().backward()
+    opt.step()
+    with pytest.raises(StrategyError, match="optimizer must have no state"):
+        dl.wrap(model, dl.FSDP(), env=dl.Env(), optimizer=opt)
+
+
+def test_fsdp_state_dicts_sharded_and_full(group: None) -> None:
+    model = dl.wrap(_net(), dl.FSDP(), env=dl.Env())
+    values = fsdp_module.state_dict(model)
+    assert all(type(v).__name__ == "DTensor" for v in values.values())
+    model = dl.wrap(_net(), dl.FSDP(state_dict_type="full"), env=dl.Env())
+    values = fsdp_module.state_dict(model)
+    assert all(type(v) is torch.Tensor and v.device.type == "cpu" for v in values.values())
+    torch.testing.assert_close(values, _net().state_dict())
+
+
+def test_deepspeed_plan_config_fills_and_checks() -> None:
+    env = dl.Env(precision="bf16", rank=0, world_size=4, local_world_size=4)
+    cfg = plan_config(dl.DeepSpeed(zero_stage=3, gradient_accumulation_steps=2,
+                                   offload_optimizer="cpu", offload_param="cpu",
+                                   config={"train_micro_batch_size_per_gpu": 8,
+                                           "fp16": {"enabled": "auto"}}),
+                      env, has_optimizer=True)
+    assert cfg["train_batch_size"] == 64 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}
+    assert cfg["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert cfg["zero_allow_untested_optimizer"] is True
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps must agree"):
+        plan_config(dl.DeepSpeed(gradient_accumulation_steps=2,
+                                 config={"gradient_accumulation_steps": 4}),
+                    env, has_optimizer=False)
+    with pytest.raises(ConfigError, match=r"fp16\.enabled must agree"):
+        plan_config(dl.DeepSpeed(config={"fp16": {"enabled": True}}), env, has_optimizer=False)
+    with pytest.raises(ConfigError, match="offload_param must come with ZeRO stage 3"):
+        plan_config(dl.DeepSpeed(zero_stage=2, offload_param="cpu"), env, has_optimizer=False)
+
+
+def test_deepspeed_config_from_json_file(tmp_path: object) -> None:
+    import pathlib
+
+    path = pathlib.Path(str(tmp_path)) / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 1}, "gradient_clipping": "auto"}')
+    cfg = plan_config(dl.DeepSpeed(config=str(path), gradient_clipping=1.0), dl.Env(),
+                      has_optimizer=False)
+    assert cfg["zero_optimization"]["stage"] == 1 and cfg["gradient_clipping"] == 1.0
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="readable JSON file"):
+        plan_config(dl.DeepSpeed(config=str(path)), dl.Env(), has_optimizer=False)
+
+
+def test_deepspeed_without_launcher_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(StrategyError, match="DeepSpeed must run in a process group"):
+        dl.wrap(_net(), dl.DeepSpeed(), env=dl.Env())
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_stages_match_single(group: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher sets; DeepSpeed reads it
+    # deepspeed's import runs os.environ.setdefault(...) on this; monkeypatch undoes it after.
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import deepspeed
+
+    reference = _weights(_train(dl.Single()))
+    for stage in (0, 2, 3):
+        model = _train(dl.DeepSpeed(zero_stage=stage))
+        with deepspeed.zero.GatheredParameters(list(model.module.parameters())):
+            got = _weights(model)
+        for key in reference:
+            torch.testing.assert_close(got[key], reference[key], rtol=1e-5, atol=1e-6)
