@@ -23,11 +23,17 @@ from distlib._shard_plan import ShardPlan, StepInfo, count_batches
 from distlib.env import Env
 from distlib.errors import ShardingError
 
-__all__ = ["LoaderPosition", "ShardPlan", "ShardedLoader", "shard", "split_between_processes"]
+__all__ = ["LoaderPosition", "ShardPlan", "ShardedLoader", "UnsizedLoaderError", "shard",
+           "split_between_processes"]
 
 _KEPT = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
          "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers",
          "pin_memory_device")
+
+
+class UnsizedLoaderError(ShardingError, TypeError):
+    """``len()`` of a loader whose dataset has no length (a TypeError too, as for DataLoader,
+    so ``list(loader)`` still works)."""
 
 
 class LoaderPosition(NamedTuple):
@@ -201,7 +207,7 @@ class ShardedLoader:
             msg = ("len(): the loader's dataset or sampler must have a length to count batches, "
                    f"but got a {type(self.dataset).__name__} without __len__. Iterate without "
                    "len(), or give the dataset a __len__.")
-            raise ShardingError(msg) from None
+            raise UnsizedLoaderError(msg) from None
 
     def _inner_loader(self, start: int) -> Any:
         if self.iterable:

@@ -259,7 +259,7 @@ def test_bad_input_is_a_clear_error() -> None:
     unsized = dl.shard(DataLoader(Stream(5, sized=False), batch_size=2), _env(0, 2))
     with pytest.raises(ShardingError, match="must have a length"):
         len(unsized)
-    assert [b.tolist() for b in unsized] == [[0, 1], [4, 0]]
+    assert [b.tolist() for b in list(unsized)] == [[0, 1], [4, 0]]  # len() is a TypeError too
     with pytest.raises(ShardingError, match="batch_size"):
         dl.shard(DataLoader(Stream(5), batch_size=None), _env(0, 2))
 
