@@ -1,0 +1,211 @@
+"""``distlib launch`` / ``distlib test`` as a user runs them: real processes, gloo, 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from distlib.testing import free_port
+
+pytestmark = pytest.mark.multiprocess
+TIMEOUT = 180
+
+# A script that joins the group, all_reduces, and writes what its rank saw to OUT/rank<r>.json.
+REPORT = textwrap.dedent("""
+    import json, os, sys
+    import torch, torch.distributed as dist
+    import distlib
+    from distlib import runtime
+    env = distlib.detect()
+    runtime.initialize(env)
+    total = torch.tensor([float(env.rank)])
+    dist.all_reduce(total)
+    out = {"rank": env.rank, "world": env.world_size, "local": env.local_rank,
+           "node": env.node_rank, "sum": total.item(), "argv": sys.argv[1:],
+           "precision": str(env.precision), "strategy": env.strategy.name,
+           "launcher": env.launcher, "restart": env.restart_count, "pid": os.getpid()}
+    if "--fail-rank" in sys.argv and env.rank == int(sys.argv[-1]):
+        raise ZeroDivisionError("rank %d divides by zero" % env.rank)
+    if "--hang" in sys.argv:
+        open(os.path.join(os.environ["OUT"], "pid%d" % os.getpid()), "w").close()
+        import time; time.sleep(600)
+    dist.barrier()
+    with open(os.path.join(os.environ["OUT"], "rank%d.json" % env.rank), "w") as f:
+        json.dump(out, f)
+    runtime.shutdown()
+""")
+
+
+def _cli(args: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, OUT=str(cwd), **extra)
+    return subprocess.run([sys.executable, "-m", "distlib", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def _reports(directory: Path) -> dict[int, dict]:
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in directory.glob("rank*.json")}
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "report.py").write_text(REPORT)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "report.py").write_text(REPORT)
+    return tmp_path
+
+
+def test_script_with_cpu_flag_starts_two_ranks_and_passes_settings(work: Path) -> None:
+    done = _cli(["launch", "--cpu", "--num_processes", "2", "--precision", "bf16",
+                 "--strategy", "fsdp", "--fsdp-cpu-offload", "report.py", "--lr", "3"], work)
+    assert done.returncode == 0, done.stderr
+    reports = _reports(work)
+    assert sorted(reports) == [0, 1]
+    for rank, got in reports.items():
+        assert (got["world"], got["local"], got["sum"]) == (2, rank, 1.0)
+        assert got["argv"] == ["--lr", "3"] and got["launcher"] == "distlib"
+        assert (got["precision"], got["strategy"]) == ("bf16", "fsdp")
+
+
+def test_module_launch_reads_an_accelerate_config(work: Path) -> None:
+    config = work / "accelerate.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\n"
+                      "mixed_precision: bf16\nnum_processes: 2\nuse_cpu: true\n"
+                      "machine_rank: 0\nnum_machines: 1\nrdzv_backend: static\n"
+                      "main_training_function: main\nsame_network: true\n")
+    done = _cli(["launch", "--config-file", str(config), "-m", "pkg.report", "x"], work)
+    assert done.returncode == 0, done.stderr
+    reports = _reports(work)
+    assert sorted(reports) == [0, 1] and reports[1]["precision"] == "bf16"
+    assert reports[0]["argv"] == ["x"] and reports[0]["strategy"] == "ddp"
+
+
+def test_a_raising_rank_ends_the_job_with_its_traceback_once(work: Path) -> None:
+    start = time.monotonic()
+    done = _cli(["launch", "--cpu", "--num-processes", "2", "report.py", "--fail-rank", "1"],
+                work)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 1
+    assert "rank 1 failed" in done.stderr and "root cause" in done.stderr
+    assert "ZeroDivisionError: rank 1 divides by zero" in done.stderr
+    assert done.stderr.count("Traceback (most recent call last)") == 1
+    assert "report.py" in done.stderr and "_bootstrap" not in done.stderr
+    assert _reports(work) == {}  # rank 0 was stopped in its barrier
+    assert elapsed < 90, elapsed
+
+
+def test_sigterm_to_the_launcher_stops_every_rank(work: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "distlib", "launch", "--cpu",
+                             "--num-processes", "2", "report.py", "--hang"], cwd=work,
+                            env=dict(os.environ, OUT=str(work)), stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while len(list(work.glob("pid*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = [int(p.name[3:]) for p in work.glob("pid*")]
+    assert len(pids) == 2
+    launcher = psutil.Process(proc.pid)
+    family = [launcher.pid] + [c.pid for c in launcher.children(recursive=True)]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    gone, alive = psutil.wait_procs([psutil.Process(p) for p in family if psutil.pid_exists(p)],
+                                    timeout=30)
+    assert alive == [], [p.pid for p in alive]
+    assert not any(psutil.pid_exists(p) for p in pids)
+    assert "stopped" in err
+
+
+RESUME = textwrap.dedent("""
+    import os, sys
+    import torch, torch.distributed as dist
+    import distlib
+    from distlib import runtime
+    env = distlib.detect()
+    runtime.initialize(env)
+    ckpt = os.path.join(os.environ["OUT"], "step%d" % env.rank)
+    step = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
+    for step in range(step, 4):
+        t = torch.tensor([1.0]); dist.all_reduce(t)
+        open(ckpt, "w").write(str(step + 1))
+        if step == 1 and env.restart_count == 0 and env.rank == 1:
+            raise RuntimeError("crash after step 2")
+    open(os.path.join(os.environ["OUT"], "done%d" % env.rank), "w").write(
+        "%d %d" % (env.restart_count, step))
+    runtime.shutdown()
+""")
+
+
+def test_max_restarts_restarts_the_group_and_a_checkpointing_script_resumes(work: Path) -> None:
+    (work / "resume.py").write_text(RESUME)
+    done = _cli(["launch", "--cpu", "--num-processes", "2", "--max-restarts", "1",
+                 "resume.py"], work)
+    assert done.returncode == 0, done.stderr
+    for rank in range(2):
+        assert (work / f"done{rank}").read_text() == "1 3"  # attempt 1 finished step 4
+
+
+def _two_machines(work: Path, *script: str) -> list[subprocess.Popen[str]]:
+    port = str(free_port())
+    common = ["launch", "--cpu", "--num-machines", "2", "--num-processes", "4",
+              "--rdzv-backend", "c10d", "--main-address", "127.0.0.1", "--main-port", port]
+    return [subprocess.Popen([sys.executable, "-m", "distlib", *common, "--machine-rank",
+                              str(rank), *script], cwd=work, text=True,
+                             env=dict(os.environ, OUT=str(work)), stderr=subprocess.PIPE)
+            for rank in range(2)]
+
+
+def test_two_invocations_form_one_world_of_four(work: Path) -> None:
+    procs = _two_machines(work, "report.py")
+    errors = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    reports = _reports(work)
+    assert sorted(reports) == [0, 1, 2, 3]
+    assert {r["world"] for r in reports.values()} == {4}
+    assert {r["sum"] for r in reports.values()} == {6.0}
+    assert sorted((r["node"], r["local"]) for r in reports.values()) == [
+        (0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_a_raising_rank_on_one_machine_ends_both(work: Path) -> None:
+    start = time.monotonic()
+    procs = _two_machines(work, "report.py", "--fail-rank", "3")
+    errors = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
+    assert all(p.returncode != 0 for p in procs), errors
+    assert any("rank 3 divides by zero" in e for e in errors)
+    assert time.monotonic() - start < 120
+
+
+CHECKS = textwrap.dedent("""
+    def broken(env):
+        raise AssertionError("checksum mismatch on rank %d" % env.rank)
+
+    def fine(env):
+        return "fine"
+""")
+
+
+def test_distlib_test_passes_and_fails_when_a_check_breaks(work: Path) -> None:
+    (work / "extra_checks.py").write_text(CHECKS)
+    extra = {"PYTHONPATH": str(work)}
+    done = _cli(["test", "--cpu", "--num-processes", "2", "--check", "extra_checks:fine"],
+                work, **extra)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1].startswith("distlib test: PASSED (2 ranks, 4 checks each)")
+    assert any(line.split()[:3] == ["1", "2", "1"] for line in lines)
+    assert "all_reduce" in done.stdout and "broadcast" in done.stdout
+    done = _cli(["test", "--cpu", "--num-processes", "2", "--check", "extra_checks:broken"],
+                work, **extra)
+    assert done.returncode == 1
+    assert done.stdout.splitlines()[-1].startswith("distlib test: FAILED")
+    assert "checksum mismatch on rank 1" in done.stdout
