@@ -395,21 +395,40 @@ def _longest_layout(steps: list[Any], env: Env) -> list[Any]:
 def _gather_rows(leaves: Sequence[Any], env: Env, stride: int, keep: list[int]) -> list[Any]:
     import torch.distributed as dist
 
-    prefix = keep == list(range(len(keep)))
-    out: list[Any] = []
+    prefix = len(keep) == 0 or keep[-1] == len(keep) - 1  # keep is increasing within a rank
+    prefix = prefix and all(i == at for at, i in enumerate(keep))
+    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    gathered = iter(_gather_packed([_pad(t, 0, stride, 0, False) for t in tensors], env))
     objects = [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)]
-    gathered_objects: list[Any] = [None] * env.world_size
+    every: list[Any] = [None] * env.world_size
     if objects:
-        dist.all_gather_object(gathered_objects, objects)
-    for at, leaf in enumerate(leaves):
+        dist.all_gather_object(every, objects)
+    out: list[Any] = []
+    which = 0
+    for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            padded = _pad(leaf, 0, stride, 0, False)
-            full = _gather_tensor(padded, env)
+            full = next(gathered)
             out.append(full[:len(keep)] if prefix else
                        full.index_select(0, torch.tensor(keep, device=full.device)))
             continue
-        which = sum(1 for earlier in leaves[:at] if not isinstance(earlier, torch.Tensor))
-        flat = [row for rank in gathered_objects
+        flat = [row for rank in every
                 for row in list(rank[which]) + [None] * (stride - len(rank[which]))]
         out.append(type(leaf)(flat[i] for i in keep))
+        which += 1
+    return out
+
+
+def _gather_packed(tensors: list[torch.Tensor], env: Env) -> list[torch.Tensor]:
+    """All-gather many tensors in one collective: their bytes, packed per device."""
+    if not tensors:
+        return []
+    if len({t.device for t in tensors}) > 1:
+        return [_gather_tensor(t, env) for t in tensors]
+    flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    parts = _gather_tensor(torch.cat(flat), env).view(env.world_size, -1)
+    out, at = [], 0
+    for t, raw in zip(tensors, flat, strict=True):
+        mine = parts[:, at:at + raw.numel()].contiguous().view(t.dtype)
+        out.append(mine.reshape(env.world_size * t.shape[0], *t.shape[1:]))
+        at += raw.numel()
     return out
