@@ -156,15 +156,18 @@ class ShardedLoader:
         return False, [self._infos[self._yielded - 1]]
 
     def state_dict(self) -> dict[str, int]:
-        """The position to resume from: ``{"epoch": e, "start_batch": k}``."""
-        if self._done:
-            return {"epoch": self._epoch, "start_batch": 0}
-        return {"epoch": self._epoch, "start_batch": self._pass_start + self._yielded}
+        """The position to resume from: ``{"epoch": e, "start_batch": k}`` (and the shuffle
+        ``"seed"`` once one is chosen, so a resumed epoch has the same order)."""
+        state = {"epoch": self._epoch, "start_batch": 0 if self._done
+                 else self._pass_start + self._yielded}
+        return state if self._seed is None else state | {"seed": self._seed}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Resume the next pass at ``state["start_batch"]`` of epoch ``state["epoch"]``."""
         self.set_epoch(int(state["epoch"]))
         self._next_start = int(state["start_batch"])
+        if state.get("seed") is not None:
+            self._seed = int(state["seed"])
 
     def __iter__(self) -> Iterator[Any]:
         start, self._next_start = self._next_start, 0

@@ -283,3 +283,20 @@ def test_gather_metrics_single_process() -> None:
         with pytest.raises(CollectiveError, match="once after the pass"):
             dl.gather_metrics(b, env, uneven)
     assert dl.gather_metrics(torch.arange(5), env, uneven).tolist() == list(range(5))
+
+
+def test_resumed_shuffled_epoch_has_the_same_order() -> None:
+    def make() -> DataLoader[int]:
+        return DataLoader(list(range(20)), batch_size=2, shuffle=True)  # no generator
+
+    first = dl.shard(make(), _env(0, 1))
+    first.set_epoch(2)
+    it = iter(first)
+    seen = [next(it).tolist() for _ in range(3)]
+    state = first.state_dict()
+    rest = [b.tolist() for b in it]
+    assert state["start_batch"] == 3 and "seed" in state
+    resumed = dl.shard(make(), _env(0, 1))
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in resumed] == rest
+    assert sorted(i for b in seen + rest for i in b) == list(range(20))
