@@ -25,6 +25,7 @@ CHECKS: tuple[str, ...] = (
     "distlib.launch.selftest:check_all_reduce",
     "distlib.launch.selftest:check_all_gather",
     "distlib.launch.selftest:check_broadcast",
+    "distlib._data_selftest:check_sharded_loader",
 )
 
 
