@@ -22,7 +22,10 @@ from typing import Any
 
 from distlib.errors import StrategyError
 
-__all__ = ["MicroStep", "accumulate", "backward", "clip_grad_norm", "plan_window", "seed"]
+__all__ = [
+    "MicroStep", "accumulate", "backward", "check_training", "clip_grad_norm", "plan_window",
+    "seed",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -273,3 +276,64 @@ def seed(seed: int, env: Any, device_specific: bool = False) -> int:
         np.random.seed(value % 2**32)
     torch.manual_seed(value)
     return value
+
+
+def _full_weights(model: Any) -> dict[str, Any]:
+    """The model's parameters as whole fp32 tensors (FSDP2 DTensors and ZeRO-3 gathered)."""
+    import contextlib
+
+    from distlib.strategies.base import unwrap
+
+    inner = unwrap(model)
+    params = list(inner.parameters())
+    gathered: Any = contextlib.nullcontext()
+    if params and hasattr(params[0], "ds_id"):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params)
+    with gathered:
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().clone()
+                for k, v in inner.named_parameters()}
+
+
+def _check_run(strategy: Any, env: Any, batches: list[Any]) -> dict[str, Any]:
+    import torch
+
+    from distlib.strategies.base import wrap
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = wrap(model, strategy, env=env, optimizer=opt)
+    for (x, y), micro in accumulate(batches, steps=2):
+        out = model(x.to(env.device))
+        backward(torch.nn.functional.mse_loss(out, y.to(env.device)), model, micro)
+        if micro.sync:
+            clip_grad_norm(model, 1.0)
+            opt.step()
+            opt.zero_grad()
+    return _full_weights(model)
+
+
+def check_training(env: Any) -> str:
+    """`distlib test` check: 4 steps of the configured strategy and precision match one process.
+
+    Each rank trains on its slice of the same global batches (2 micro-batches per step); the
+    weights must equal those of `Single` trained on the whole batches in this process.
+    """
+    import torch
+
+    from distlib.strategies.single import Single
+
+    g = torch.Generator().manual_seed(1)
+    rows = 4 * env.world_size  # rows of one global micro-batch; 4 per rank
+    x, y = torch.randn(8 * rows, 8, generator=g), torch.randn(8 * rows, 1, generator=g)
+    whole = list(zip(x.split(rows), y.split(rows), strict=True))
+    mine = [(bx[4 * env.rank:4 * env.rank + 4], by[4 * env.rank:4 * env.rank + 4])
+            for bx, by in whole]
+    got = _check_run(env.strategy, env, mine)
+    want = _check_run(Single(), env, whole)
+    tol = 1e-5 if str(env.precision) == "no" else 3e-2
+    worst = max(float((got[k].cpu() - want[k].cpu()).abs().max()) for k in want)
+    assert worst <= tol, f"{env.strategy.name}/{env.precision}: max weight difference {worst:.2e}"
+    return f"{env.strategy.name}/{env.precision}: 4 steps match 1 process (diff {worst:.1e})"
