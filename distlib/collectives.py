@@ -56,7 +56,7 @@ def _rebuild(x: Any, new: Iterator[Any], rows: bool = False) -> Any:
     if isinstance(x, torch.Tensor) or (rows and _is_rows(x)):
         return next(new)
     if isinstance(x, Mapping):
-        return type(x)({k: _rebuild(v, new, rows) for k, v in x.items()})
+        return type(x)({k: _rebuild(v, new, rows) for k, v in x.items()})  # type: ignore[call-arg]
     if isinstance(x, tuple) and hasattr(x, "_fields"):
         return type(x)(*(_rebuild(v, new, rows) for v in x))
     return type(x)(_rebuild(v, new, rows) for v in x)
@@ -131,13 +131,15 @@ def gather(x: Any, env: Env) -> Any:
         >>> gather({"x": torch.ones(2)}, Env())["x"]
         tensor([1., 1.])
 
-    Effects: joins the process group on first need; one all-gather per tensor.
+    Effects: joins the process group on first need; one all-gather for all the tensors (their
+    bytes, packed), or one per device when they live on several.
     """
     if env.world_size == 1:
         _leaves(x)
         return x
     _start(env, "gather()", x)
-    return _map(lambda t: _gather_tensor(t, env), x)
+    leaves = [t[None] if t.dim() == 0 else t for t in _leaves(x)]
+    return _rebuild(x, iter(_gather_packed(leaves, env)))
 
 
 def gather_object(obj: Any, env: Env) -> list[Any]:
