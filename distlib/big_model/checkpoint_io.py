@@ -15,6 +15,7 @@ import mmap
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -132,7 +133,9 @@ def _load_torch(path: str) -> Mapping[str, Any]:
         except RuntimeError as exc:
             if "mmap" not in str(exc) and "zip" not in str(exc):
                 raise
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # old pickle protocols: refused below if unsafe
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = (f"load_checkpoint(): {path} must hold only tensors (it is opened with "
                f"weights_only=True), but it holds other pickled objects: {str(exc)[:300]}. "

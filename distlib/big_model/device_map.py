@@ -350,8 +350,8 @@ class _Planner:
         return [*info.params, *info.children]
 
     def _holder(self, tensor: str) -> str | None:
-        """The queued entry that contains ``tensor`` (a strict prefix of its name)."""
-        probe = tensor.rpartition(".")[0]
+        """The queued entry that holds ``tensor``: the tensor itself or a module above it."""
+        probe = tensor
         while probe:
             if probe in self.queued:
                 return probe
@@ -362,7 +362,7 @@ class _Planner:
         inside = name + "."
         outside: list[str] = []
         for group in self.tied:
-            hits = [inside in k + "." for k in group]
+            hits = [k == name or k.startswith(inside) for k in group]
             if any(hits) and not all(hits):
                 outside += [k for k, hit in zip(group, hits) if not hit]
         holders = [h for h in map(self._holder, outside) if h is not None]
@@ -396,8 +396,10 @@ class _Planner:
         limit, reserved = self.budgets[device], 0
         if limit is not None and device in self.main:
             limit, reserved = limit - self.max_size, self.max_size
-        with_ties = size + sum(self.sizes.get(h, 0) - self.sizes.get(t, 0)
-                               for t, h in zip(tied, holders))
+        # A tied tensor is counted once, under its first name, so each holder adds its own
+        # size. (Accelerate subtracts the outside tensor's size, which under-counts when the
+        # counted copy is the outside one; the two agree everywhere else.)
+        with_ties = size + sum(self.sizes.get(h, 0) for h in dict.fromkeys(holders))
         if limit is None or self.used[device] + with_ties <= limit:
             self.used[device] += with_ties
             self.held[device] += with_ties

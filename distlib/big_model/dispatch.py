@@ -24,6 +24,7 @@ from distlib.big_model.checkpoint_io import (
     load_checkpoint,
     open_source,
     read_offload_index,
+    write_offload_index,
 )
 from distlib.big_model.device_map import Device, DeviceMap, infer_device_map
 from distlib.errors import DeviceMapError
@@ -53,6 +54,7 @@ class _Runtime:
     stream: Any = None
     ahead: tuple[str, Any, list[Any]] | None = None
     output_device: Any = None
+    trace: list[str] | None = field(default_factory=list)  # run order, until learned
 
 
 def _move(obj: Any, device: Any) -> Any:
@@ -119,16 +121,36 @@ def _read_ahead(runtime: _Runtime, key: str) -> None:
         mapped.madvise(advise, start, src.offset + src.nbytes - start)
 
 
+def _following(runtime: _Runtime, key: str) -> str | None:
+    """The offloaded module expected to run after ``key``."""
+    try:
+        position = runtime.order.index(key)
+    except ValueError:
+        return None
+    return runtime.order[position + 1] if position + 1 < len(runtime.order) else None
+
+
+def _learn_order(runtime: _Runtime) -> None:
+    """After the first forward, prefetch in the order modules really ran (not defined)."""
+    if runtime.trace:
+        ran = [k for k in dict.fromkeys(runtime.trace) if runtime.slots.get(k)]
+        if set(ran) == set(runtime.order):
+            runtime.order = ran
+            runtime.trace = None
+            return
+    runtime.trace = []
+
+
 def _make_hooks(key: str, runtime: _Runtime, root: bool) -> tuple[Any, Any]:
     device = runtime.devices.get(key)
     slots = runtime.slots.get(key, [])
-    position = runtime.order.index(key) if key in runtime.order else -1
-    following = runtime.order[position + 1] if 0 <= position < len(runtime.order) - 1 else None
 
     def pre_hook(module: Any, args: Any, kwargs: Any) -> Any:
         if root:
             first = next((a for a in [*args, *kwargs.values()] if hasattr(a, "device")), None)
             runtime.output_device = None if first is None else first.device
+        if runtime.trace is not None:
+            runtime.trace.append(key)
         if slots:
             ahead, runtime.ahead = runtime.ahead, None
             if ahead is not None and ahead[0] == key:
@@ -142,6 +164,7 @@ def _make_hooks(key: str, runtime: _Runtime, root: bool) -> tuple[Any, Any]:
                 values = [_fetch(s, device, runtime) for s in slots]
             for slot, value in zip(slots, values):
                 _install(slot, value)
+            following = _following(runtime, key)
             if following is not None:
                 _read_ahead(runtime, following)
         if device is None:
@@ -151,6 +174,8 @@ def _make_hooks(key: str, runtime: _Runtime, root: bool) -> tuple[Any, Any]:
     def post_hook(module: Any, args: Any, output: Any) -> Any:
         for slot in slots:
             _restore(slot)
+        if root and runtime.trace is not None:
+            _learn_order(runtime)
         if root and runtime.output_device is not None:
             return _move(output, runtime.output_device)
         return output
@@ -212,9 +237,14 @@ def _tensors(model: Any) -> list[tuple[str, Any, str, bool]]:
 
 def _plan_slots(model: Any, dmap: DeviceMap, main: Any, sources: Mapping[str, OffloadSource],
                 offload_folder: str | os.PathLike[str] | None, offload_buffers: bool,
-                runtime: _Runtime) -> None:
-    """Move resident tensors to their devices; record the offloaded ones as slots."""
+                runtime: _Runtime) -> dict[str, OffloadSource]:
+    """Move resident tensors to their devices; record the offloaded ones as slots.
+
+    Returns the disk copies written for weights that were real (not loaded for this map).
+    """
     import torch
+
+    written: dict[str, OffloadSource] = {}
 
     homes: dict[int, Any] = {}  # one home per shared tensor, so ties survive
     pin = main.type == "cuda"
@@ -242,6 +272,7 @@ def _plan_slots(model: Any, dmap: DeviceMap, main: Any, sources: Mapping[str, Of
                        "no offloaded copy. Load the checkpoint with the same device_map first.")
                 raise DeviceMapError(msg)
             source = _offload(name, tensor.detach(), None, tensor.dtype, offload_folder)
+            written[name] = source
         if id(tensor) not in homes:
             if source is not None:
                 home = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
@@ -253,6 +284,7 @@ def _plan_slots(model: Any, dmap: DeviceMap, main: Any, sources: Mapping[str, Of
         runtime.slots.setdefault(owner, []).append(
             _Slot(module=module, leaf=leaf, parameter=is_param, home=homes[id(tensor)],
                   source=source))
+    return written
 
 
 def dispatch(model: Any, device_map: DeviceMap | Mapping[str, Any],
@@ -303,7 +335,12 @@ def dispatch(model: Any, device_map: DeviceMap | Mapping[str, Any],
     if not sources and offload_folder is not None:
         sources = read_offload_index(offload_folder)
     runtime = _Runtime()
-    _plan_slots(model, dmap, main, sources, offload_folder, offload_buffers, runtime)
+    written = _plan_slots(model, dmap, main, sources, offload_folder, offload_buffers, runtime)
+    if written:
+        sources.update(written)
+        object.__setattr__(model, OFFLOAD_ATTR, sources)
+        if offload_folder is not None:
+            write_offload_index(offload_folder, sources)
     modules = dict(model.named_modules(remove_duplicate=False))
     movers = _movers(dmap, modules, main)
     runtime.devices.update(movers)
