@@ -105,13 +105,12 @@ def _gather_tensor(t: torch.Tensor, env: Env) -> torch.Tensor:
     import torch.distributed as dist
 
     t = (t[None] if t.dim() == 0 else t).contiguous()
+    out = t.new_empty((env.world_size * t.shape[0], *t.shape[1:]))
     if env.backend == "nccl":
-        out = t.new_empty((env.world_size * t.shape[0], *t.shape[1:]))
         dist.all_gather_into_tensor(out, t)
-        return out
-    parts = [torch.empty_like(t) for _ in range(env.world_size)]
-    dist.all_gather(parts, t)
-    return torch.cat(parts)
+    else:  # gloo has no all_gather_into_tensor: gather into views of one buffer, no copy after
+        dist.all_gather(list(out.view(env.world_size, *t.shape).unbind(0)), t)
+    return out
 
 
 def gather(x: Any, env: Env) -> Any:
@@ -362,7 +361,10 @@ def gather_metrics(x: Any, env: Env, loader: Any) -> Any:
         return x
     _start(env, "gather_metrics()", x, free_dim=0, rows=True)
     stride = max(sum(s.rows[r] for s in steps) for r in range(env.world_size))
-    keep = keep_index(steps, stride)
+    # One step with equal rows everywhere (every per-batch call with even batches): the real
+    # rows are the first `real` of the gather, a slice. Otherwise pick them out by index.
+    keep: int | list[int] = (steps[0].real if len(steps) == 1 and min(steps[0].rows) == stride
+                             else keep_index(steps, stride))
     return _rebuild(x, iter(_gather_rows(leaves, env, stride, keep)), rows=True)
 
 
@@ -394,11 +396,11 @@ def _longest_layout(steps: list[Any], env: Env) -> list[Any]:
     return max(every, key=len)
 
 
-def _gather_rows(leaves: Sequence[Any], env: Env, stride: int, keep: list[int]) -> list[Any]:
+def _gather_rows(leaves: Sequence[Any], env: Env, stride: int,
+                 keep: int | list[int]) -> list[Any]:
+    """Gather the leaves padded to ``stride`` rows; keep the first ``keep`` or those indexed."""
     import torch.distributed as dist
 
-    prefix = len(keep) == 0 or keep[-1] == len(keep) - 1  # keep is increasing within a rank
-    prefix = prefix and all(i == at for at, i in enumerate(keep))
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
     gathered = iter(_gather_packed([_pad(t, 0, stride, 0, False) for t in tensors], env))
     objects = [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)]
@@ -410,21 +412,19 @@ def _gather_rows(leaves: Sequence[Any], env: Env, stride: int, keep: list[int]) 
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             full = next(gathered)
-            out.append(full[:len(keep)] if prefix else
+            out.append((full if keep == len(full) else full[:keep]) if isinstance(keep, int) else
                        full.index_select(0, torch.tensor(keep, device=full.device)))
             continue
         flat = [row for rank in every
                 for row in list(rank[which]) + [None] * (stride - len(rank[which]))]
-        out.append(type(leaf)(flat[i] for i in keep))
+        out.append(type(leaf)(flat[:keep] if isinstance(keep, int) else (flat[i] for i in keep)))
         which += 1
     return out
 
 
 def _gather_packed(tensors: list[torch.Tensor], env: Env) -> list[torch.Tensor]:
     """All-gather many tensors in one collective: their bytes, packed per device."""
-    if not tensors:
-        return []
-    if len({t.device for t in tensors}) > 1:
+    if len(tensors) <= 1 or len({t.device for t in tensors}) > 1:
         return [_gather_tensor(t, env) for t in tensors]
     flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
     parts = _gather_tensor(torch.cat(flat), env).view(env.world_size, -1)
