@@ -33,11 +33,13 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("gather", "gather_object", "gather_metrics", "pad_across_processes", "reduce",
                      "broadcast", "broadcast_object", "barrier", "main_process_first"),
                     "distlib.collectives"),
+    "save_state": "distlib.checkpoint", "load_state": "distlib.checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from distlib.checkpoint import load_state, save_state
     from distlib.env import Env, detect
     from distlib.launch.launcher import LaunchResult, launch  # the package is callable
     from distlib.precision import Precision

@@ -10,6 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+# Variables torch itself writes into os.environ on first use (not a leak of distlib's):
+# torch 2.13 sets TORCHINDUCTOR_CACHE_DIR the first time an AdamW is built.
+_TORCH_WRITES = ("TORCHINDUCTOR_CACHE_DIR",)
+
 # Threads some libraries start once per process and keep on purpose (not leaks of a test).
 _KNOWN_THREADS = ("pydevd", "Thread-", "tqdm", "ThreadPoolExecutor", "asyncio", "pymp")
 
@@ -32,6 +36,7 @@ def no_leaks() -> Iterator[None]:
     problems: list[str] = []
     changed = {k for k in set(environ) | set(os.environ) if environ.get(k) != os.environ.get(k)}
     changed.discard("PYTEST_CURRENT_TEST")
+    changed.difference_update(v for v in _TORCH_WRITES if v not in environ)
     if changed:
         problems.append(f"changed environment variables: {sorted(changed)}")
         os.environ.clear()

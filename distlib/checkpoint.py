@@ -1,0 +1,490 @@
+"""save_state / load_state: resumable training state, written atomically.
+
+A checkpoint is a folder::
+
+    path/
+      distlib_state.json   manifest: what was saved, by how many ranks; written last
+      dcp/                 models and optimizers through torch.distributed.checkpoint (sharded)
+      deepspeed/<name>/    DeepSpeed engines, through the engine's own checkpointing
+      objects.pt           state_dicts of schedulers, scalers, loaders, ... (rank 0)
+      rng/rank<r>.pt       each rank's python / numpy / torch / CUDA RNG states
+
+It is written beside the target (``.<name>.partial``) and renamed into place only when
+complete, so a job killed mid-save leaves the last good checkpoint intact. Everything is read
+back with ``weights_only=True``: loading never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import random
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from distlib.env import Env
+from distlib.errors import CheckpointError
+
+__all__ = ["MANIFEST", "load_state", "save_state"]
+
+MANIFEST = "distlib_state.json"
+FORMAT = 1
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _classify(objects: Mapping[str, Any], call: str) -> dict[str, str]:
+    """name -> "engine" | "model" | "optimizer" | "stateful" | "value"."""
+    import torch
+
+    from distlib.strategies._handle import EngineOptimizer, handle_of
+
+    kinds: dict[str, str] = {}
+    for name, obj in objects.items():
+        handle = handle_of(obj)
+        if handle is not None and handle.engine is not None:
+            kinds[name] = "engine"
+        elif isinstance(obj, torch.nn.Module):
+            kinds[name] = "model"
+        elif isinstance(obj, EngineOptimizer):
+            kinds[name] = "engine-optimizer"
+        elif isinstance(obj, torch.optim.Optimizer):
+            kinds[name] = "optimizer"
+        elif hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+            kinds[name] = "stateful"
+        elif _is_plain(obj):
+            kinds[name] = "value"
+        else:
+            msg = (f"{call}: {name} must be a model, an optimizer, an object with state_dict/"
+                   f"load_state_dict, or a plain JSON value, but got {type(obj).__name__}. "
+                   "Pass what it holds (e.g. its state_dict()) instead.")
+            raise CheckpointError(msg)
+    return kinds
+
+
+def _inner_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer behind a distlib wrapper (fp16 scaling)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _owner(optimizer: Any, models: Mapping[str, Any], name: str, call: str) -> Any:
+    """The model (unwrapped) whose parameters ``optimizer`` updates."""
+    from distlib.strategies.base import unwrap
+
+    wanted = {id(p) for group in _inner_optimizer(optimizer).param_groups
+              for p in group["params"]}
+    for model in models.values():
+        module = unwrap(model)
+        if wanted <= {id(p) for p in module.parameters()}:
+            return module
+    msg = (f"{call}: optimizer {name!r} must update the parameters of a model passed in the "
+           f"same call, but got none among {sorted(models) or 'no models'}. Pass the model "
+           "too, e.g. save_state(path, env, model=model, optimizer=optimizer).")
+    raise CheckpointError(msg)
+
+
+def _dcp_state(objects: Mapping[str, Any], kinds: Mapping[str, str], call: str) -> dict[str, Any]:
+    """Model and optimizer state dicts in torch.distributed.checkpoint's vocabulary."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    from distlib.strategies.base import unwrap
+
+    models = {n: o for n, o in objects.items() if kinds[n] == "model"}
+    state: dict[str, Any] = {n: get_model_state_dict(unwrap(m)) for n, m in models.items()}
+    for name, obj in objects.items():
+        if kinds[name] == "optimizer":
+            owner = _owner(obj, models, name, call)
+            state[name] = get_optimizer_state_dict(owner, _inner_optimizer(obj))
+    return state
+
+
+def _scalers(objects: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, Any]:
+    """The GradScaler of each fp16 model, saved as '<model>.scaler'."""
+    from distlib.strategies._handle import handle_of
+
+    out = {}
+    for name, obj in objects.items():
+        handle = handle_of(obj)
+        if kinds[name] == "model" and handle is not None and handle.scaler is not None:
+            out[f"{name}.scaler"] = handle.scaler
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+        state["numpy"] = (kind, torch.from_numpy(np.array(keys)), pos, has_gauss, gauss)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+        np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss_np))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _shapes(state: Mapping[str, Any]) -> dict[str, list[Any]]:
+    return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")]
+            for k, v in state.items() if hasattr(v, "shape")}
+
+
+def _tied_names(model: Any) -> list[list[str]]:
+    from distlib.strategies.base import unwrap
+
+    groups: dict[int, list[str]] = {}
+    for name, param in unwrap(model).named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """Silence DCP's notice that it runs in one process: that is what distlib asked for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        yield
+
+
+def _barrier(env: Env) -> None:
+    if env.is_distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _swap_into_place(staging: pathlib.Path, path: pathlib.Path) -> None:
+    """Rename the finished staging folder to ``path``; the old checkpoint goes last."""
+    old = path.parent / f".{path.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(staging, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _write_manifest(staging: pathlib.Path, manifest: Mapping[str, Any]) -> None:
+    tmp = staging / (MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, staging / MANIFEST)
+
+
+def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathlib.Path:
+    """Save models, optimizers, schedulers, loaders, RNG states and plain values, atomically.
+
+    Call it on every rank with the same names. Models and optimizers are saved sharded
+    through ``torch.distributed.checkpoint`` (any strategy: single, DDP, FSDP2), DeepSpeed
+    engines through their own checkpointing; the GradScaler of an fp16 model is saved with it;
+    objects with ``state_dict`` (schedulers, a sharded loader's position) and plain JSON values
+    (``step=10``) are saved by rank 0; every rank saves its RNG states.
+
+    Args:
+        path: the checkpoint folder (on a file system all ranks share).
+        env: this process's Env.
+        **objects: what to save, by name; ``load_state`` takes the same names.
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        CheckpointError: an object cannot be saved (its type, or an optimizer whose model is
+            not passed).
+
+    Effects: joins the process group; writes ``.<name>.partial`` beside ``path`` and renames
+    it to ``path`` when complete (the previous checkpoint is removed only after that).
+
+    Example:
+        >>> import torch, distlib as dl, tempfile, os
+        >>> model = torch.nn.Linear(2, 2)
+        >>> folder = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> _ = dl.save_state(folder, dl.Env(), model=model, step=3)
+        >>> dl.load_state(folder, dl.Env(), model=model)["step"]
+        3
+    """
+    from distlib.runtime import initialize
+
+    initialize(env)
+    call = "save_state()"
+    path = pathlib.Path(os.path.abspath(path))
+    kinds = _classify(objects, call)
+    staging = path.parent / f".{path.name}.partial"
+    if env.is_main:
+        if staging.exists():
+            shutil.rmtree(staging)
+        (staging / "rng").mkdir(parents=True)
+    _barrier(env)
+    manifest = _save_parts(staging, env, objects, kinds, call)
+    import torch
+
+    torch.save(_rng_state(), staging / "rng" / f"rank{env.rank}.pt")
+    _barrier(env)
+    if env.is_main:
+        _write_manifest(staging, manifest)
+        _swap_into_place(staging, path)
+    _barrier(env)
+    return path
+
+
+def _save_parts(staging: pathlib.Path, env: Env, objects: Mapping[str, Any],
+                kinds: Mapping[str, str], call: str) -> dict[str, Any]:
+    """Write every part but the RNG states and the manifest; return the manifest."""
+    import torch
+    from torch.distributed.checkpoint import state_dict_saver
+
+    from distlib.strategies._handle import handle_of
+
+    state = _dcp_state(objects, kinds, call)
+    if state:
+        with _quiet_single_process():
+            state_dict_saver.save(state, checkpoint_id=staging / "dcp", no_dist=not env.is_distributed)
+    for name, obj in objects.items():
+        if kinds[name] == "engine":
+            handle_of(obj).engine.save_checkpoint(  # type: ignore[union-attr]
+                str(staging / "deepspeed" / name), tag="state")
+    small = {n: o.state_dict() for n, o in objects.items() if kinds[n] == "stateful"}
+    small |= {n: s.state_dict() for n, s in _scalers(objects, kinds).items()}
+    if env.is_main and small:
+        torch.save(small, staging / "objects.pt")
+    return {
+        "format": FORMAT,
+        "world_size": env.world_size,
+        "strategy": env.strategy.name,
+        "kinds": dict(kinds),
+        "values": {n: o for n, o in objects.items() if kinds[n] == "value"},
+        "models": {n: {"tensors": _shapes(state[n]), "tied": _tied_names(objects[n])}
+                   for n in objects if kinds[n] == "model"},
+        "objects": sorted(small),
+    }
+
+
+def _resolve(path: str | os.PathLike[str]) -> pathlib.Path:
+    """The checkpoint folder to read: ``path``, or the previous one if a swap was cut short."""
+    path = pathlib.Path(os.path.abspath(path))
+    old = path.parent / f".{path.name}.old"
+    if not (path / MANIFEST).exists() and (old / MANIFEST).exists():
+        return old
+    if not (path / MANIFEST).exists():
+        why = ("it holds no " + MANIFEST + " (an unfinished save?)") if path.exists() \
+            else "it does not exist"
+        msg = (f"load_state(): path must be a checkpoint folder written by save_state, but got "
+               f"{str(path)!r}: {why}. Check the path, or load an earlier checkpoint.")
+        raise CheckpointError(msg)
+    return path
+
+
+def _read_manifest(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        msg = (f"load_state(): {path / MANIFEST} must be readable JSON, but got {exc}. "
+               "The checkpoint is damaged; load an earlier one.")
+        raise CheckpointError(msg) from exc
+    if manifest.get("format") != FORMAT:
+        msg = (f"load_state(): the checkpoint format must be {FORMAT}, but got "
+               f"{manifest.get('format')!r} in {path}. Was it written by another distlib version?")
+        raise CheckpointError(msg)
+    return manifest  # type: ignore[no-any-return]
+
+
+def _check_names(manifest: Mapping[str, Any], objects: Mapping[str, Any],
+                 kinds: Mapping[str, str], path: pathlib.Path) -> None:
+    saved = manifest["kinds"]
+    missing = sorted(n for n in objects if n not in saved)
+    if missing:
+        msg = (f"load_state(): every name must have been saved, but got {missing}, which "
+               f"{path} does not hold (it holds {sorted(saved)}). Use the names passed to "
+               "save_state.")
+        raise CheckpointError(msg)
+    for name, kind in kinds.items():
+        if saved[name] != kind:
+            msg = (f"load_state(): {name!r} must be a {saved[name]} as when saved, but got a "
+                   f"{kind}. Pass the same kind of object under each name.")
+            raise CheckpointError(msg)
+
+
+def _check_model(name: str, expected: Mapping[str, Any], state: Mapping[str, Any],
+                 path: pathlib.Path) -> None:
+    """Name the keys that are missing, unexpected or of another shape."""
+    got = _shapes(state)
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {expected[k][0]} vs model {got[k][0]}"
+                    for k in set(got) & set(expected) if list(expected[k][0]) != got[k][0])
+    if missing or unexpected or shapes:
+        parts = [f"missing in the model: {missing[:10]}" if missing else "",
+                 f"not in the checkpoint: {unexpected[:10]}" if unexpected else "",
+                 f"other shapes: {shapes[:10]}" if shapes else ""]
+        msg = (f"load_state(): model {name!r} must match the checkpoint in {path}, but got "
+               f"{'; '.join(p for p in parts if p)}. Is this the checkpoint of another model?")
+        raise CheckpointError(msg)
+
+
+def _load_dcp(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str, str],
+              manifest: Mapping[str, Any]) -> None:
+    from torch.distributed.checkpoint import state_dict_loader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from distlib.runtime import is_initialized
+    from distlib.strategies.base import unwrap
+
+    state = _dcp_state(objects, kinds, "load_state()")
+    if not state:
+        return
+    for name in state:
+        if kinds[name] == "model":
+            _check_model(name, manifest["models"][name]["tensors"], state[name], path)
+    try:
+        with _quiet_single_process():
+            state_dict_loader.load(state, checkpoint_id=path / "dcp", no_dist=not is_initialized())
+    except (Exception, CheckpointException) as exc:  # DCP's exception is a BaseException
+        msg = (f"load_state(): the sharded files in {path / 'dcp'} must be complete and "
+               f"readable, but reading them failed: {type(exc).__name__}: {exc}. The checkpoint "
+               "is damaged or truncated; load an earlier one.")
+        raise CheckpointError(msg) from exc
+    models = {n: o for n, o in objects.items() if kinds[n] == "model"}
+    for name, obj in objects.items():
+        if kinds[name] == "model":
+            set_model_state_dict(unwrap(obj), state[name])
+        elif kinds[name] == "optimizer":
+            owner = _owner(obj, models, name, "load_state()")
+            set_optimizer_state_dict(owner, _inner_optimizer(obj), state[name])
+
+
+def _load_small(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str, str],
+                manifest: Mapping[str, Any], env: Env) -> None:
+    import torch
+
+    wanted = {n: o for n, o in objects.items() if kinds[n] == "stateful"}
+    wanted |= {n: s for n, s in _scalers(objects, kinds).items() if n in manifest["objects"]}
+    if not wanted:
+        return
+    file = path / "objects.pt"
+    try:
+        saved = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        msg = (f"load_state(): {file} must be a complete torch file of plain state, but "
+               f"reading it failed: {type(exc).__name__}: {exc}. The checkpoint is damaged or "
+               "was not written by save_state.")
+        raise CheckpointError(msg) from exc
+    for name, obj in wanted.items():
+        if _is_sharded_loader(obj) and manifest["world_size"] != env.world_size:
+            msg = (f"load_state(): the world size must equal the saving job's to resume loader "
+                   f"{name!r} mid-epoch, but got {env.world_size} now and "
+                   f"{manifest['world_size']} in {path}. Resume with the same number of "
+                   "processes, or leave the loader out and start the epoch afresh.")
+            raise CheckpointError(msg)
+        obj.load_state_dict(saved[name])
+
+
+def _is_sharded_loader(obj: Any) -> bool:
+    return type(obj).__name__ == "ShardedLoader"
+
+
+def _load_rng(path: pathlib.Path, env: Env, manifest: Mapping[str, Any]) -> None:
+    import torch
+
+    if manifest["world_size"] != env.world_size:
+        msg = (f"load_state(): the world size must equal the saving job's to restore each "
+               f"rank's random state, but got {env.world_size} now and "
+               f"{manifest['world_size']} in {path}. Pass rng=False to keep the current "
+               "random state.")
+        raise CheckpointError(msg)
+    file = path / "rng" / f"rank{env.rank}.pt"
+    try:
+        state = torch.load(file, weights_only=True)
+    except Exception as exc:
+        msg = (f"load_state(): {file} must be a complete RNG state file, but reading it "
+               f"failed: {type(exc).__name__}: {exc}. Pass rng=False to skip it.")
+        raise CheckpointError(msg) from exc
+    _set_rng_state(state)
+
+
+def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
+               **objects: Any) -> dict[str, Any]:
+    """Restore what `save_state` saved into the objects passed, by name.
+
+    Models and optimizers load through ``torch.distributed.checkpoint``, so a checkpoint
+    saved under one strategy or world size loads under another (FSDP2 -> single, 2 -> 4
+    ranks); a sharded loader's position and the RNG states need the same world size.
+
+    Args:
+        path: the checkpoint folder.
+        env: this process's Env.
+        rng: restore this rank's RNG states (python, numpy, torch, CUDA).
+        **objects: the objects to fill, under the names they were saved with (a subset is
+            fine).
+
+    Returns:
+        The plain values that were saved (``{"step": 10}``).
+
+    Raises:
+        CheckpointError: the folder is not a complete checkpoint, a name was not saved, a
+            model's keys or shapes differ (named in the message), a file is truncated, or the
+            world size differs where it matters.
+
+    Effects: joins the process group; loads state into the objects in place.
+    """
+    from distlib.runtime import initialize
+    from distlib.strategies._handle import handle_of
+
+    initialize(env)
+    folder = _resolve(path)
+    manifest = _read_manifest(folder)
+    kinds = _classify(objects, "load_state()")
+    _check_names(manifest, objects, kinds, folder)
+    _load_dcp(folder, objects, kinds, manifest)
+    for name, obj in objects.items():
+        if kinds[name] == "engine":
+            loaded, _ = handle_of(obj).engine.load_checkpoint(  # type: ignore[union-attr]
+                str(folder / "deepspeed" / name), tag="state")
+            if loaded is None:
+                msg = (f"load_state(): DeepSpeed engine {name!r} must load from "
+                       f"{folder / 'deepspeed' / name}, but DeepSpeed found no checkpoint there.")
+                raise CheckpointError(msg)
+    _load_small(folder, objects, kinds, manifest, env)
+    if rng:
+        _load_rng(folder, env, manifest)
+    _barrier(env)
+    return dict(manifest["values"])

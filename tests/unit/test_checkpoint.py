@@ -1,0 +1,286 @@
+"""save_state / load_state in one process: exact resume, atomic saves, clear errors, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import distlib as dl
+from distlib.checkpoint import MANIFEST
+from distlib.errors import CheckpointError
+from distlib.export import export_weights, merge_weights
+
+ENV = dl.Env()
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+def _train(model, optimizer, scheduler, loader, steps: int) -> list[float]:
+    """A few steps; returns the first input value of each batch seen."""
+    seen = []
+    for x, y in loader:
+        noise = torch.randn(1).item() * 1e-3  # consumes the RNG, so a resume must restore it
+        loss = torch.nn.functional.mse_loss(model(x) + noise, y)
+        dl.backward(loss, model)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        seen.append(float(x[0, 0]))
+        if len(seen) == steps:  # stop after a trained batch, as a job saving mid-epoch does
+            break
+    return seen
+
+
+def _setup(precision: str = "no"):
+    gen = torch.Generator().manual_seed(7)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4, generator=gen),
+                                          torch.randn(64, 2, generator=gen))
+    loader = dl.shard(torch.utils.data.DataLoader(data, batch_size=4, shuffle=True,
+                                                  generator=torch.Generator().manual_seed(1)), ENV)
+    env = dl.Env(precision=precision)
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    model, optimizer, scheduler = dl.wrap(model, env, optimizer=optimizer, scheduler=scheduler)
+    return model, optimizer, scheduler, loader
+
+
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+def test_resume_mid_epoch_is_bitwise_exact(tmp_path: pathlib.Path, precision: str) -> None:
+    random.seed(0)
+    torch.manual_seed(0)
+    straight = _setup(precision)
+    seen_straight = _train(*straight, steps=10)
+
+    random.seed(0)
+    torch.manual_seed(0)
+    first = _setup(precision)
+    seen = _train(*first, steps=5)
+    model, optimizer, scheduler, loader = first
+    dl.save_state(tmp_path / "ckpt", ENV, model=model, optimizer=optimizer, scheduler=scheduler,
+                  loader=loader, step=5)
+    torch.manual_seed(123)  # disturb the RNG: load_state must restore it
+    resumed = _setup(precision)
+    model2, optimizer2, scheduler2, loader2 = resumed
+    values = dl.load_state(tmp_path / "ckpt", ENV, model=model2, optimizer=optimizer2,
+                           scheduler=scheduler2, loader=loader2)
+    assert values == {"step": 5}
+    seen += _train(*resumed, steps=5)
+
+    assert seen == seen_straight  # exactly the batches the uninterrupted run saw
+    for a, b in zip(straight[0].parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    sd_a, sd_b = straight[1].state_dict(), optimizer2.state_dict()
+    for key in sd_a["state"]:
+        for name, value in sd_a["state"][key].items():
+            assert torch.equal(value, sd_b["state"][key][name]), (key, name)
+    assert scheduler2.get_last_lr() == straight[2].get_last_lr()
+    if precision == "fp16":
+        handle_a = straight[0]._distlib_handle
+        handle_b = model2._distlib_handle
+        assert handle_b.scaler.state_dict() == handle_a.scaler.state_dict()
+
+
+def test_rng_states_are_restored(tmp_path: pathlib.Path) -> None:
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    dl.save_state(tmp_path / "ckpt", ENV, step=1)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    dl.load_state(tmp_path / "ckpt", ENV)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_save_replaces_the_previous_checkpoint_whole(tmp_path: pathlib.Path) -> None:
+    model = _model()
+    dl.save_state(tmp_path / "ckpt", ENV, model=model, step=1)
+    with torch.no_grad():
+        model[0].weight.add_(1)
+    dl.save_state(tmp_path / "ckpt", ENV, model=model, step=2)
+    fresh = _model()
+    assert dl.load_state(tmp_path / "ckpt", ENV, model=fresh) == {"step": 2}
+    assert torch.equal(fresh[0].weight, model[0].weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging left behind
+
+
+KILLER = textwrap.dedent("""
+    import sys, torch, distlib as dl
+    path = sys.argv[1]
+    big = torch.nn.Linear(4096, 4096)
+    dl.save_state(path, dl.Env(), model=torch.nn.Linear(2, 2), step=1)
+    print("first", flush=True)
+    for i in range(1000):
+        dl.save_state(path, dl.Env(), model=big, step=i + 2)
+""")
+
+
+def test_sigkill_during_save_leaves_the_last_good_checkpoint(tmp_path: pathlib.Path) -> None:
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    path = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "first"
+        staging = tmp_path / ".ckpt.partial"
+        deadline = time.monotonic() + 120
+        while not (staging / "dcp").exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert staging.exists(), "the second save never started"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    values = dl.load_state(path, ENV, rng=False)  # whichever complete save won, it loads
+    assert values["step"] >= 1
+    manifest = json.loads((path / MANIFEST).read_text())
+    model = torch.nn.Linear(2, 2) if values["step"] == 1 else torch.nn.Linear(4096, 4096)
+    assert manifest["values"] == values
+    dl.load_state(path, ENV, model=model, rng=False)
+    if (tmp_path / ".ckpt.partial").exists():  # the cut-short save never looks complete
+        with pytest.raises(CheckpointError, match=r"holds no distlib_state\.json"):
+            dl.load_state(tmp_path / ".ckpt.partial", ENV)
+
+
+def test_checkpoint_of_another_model_names_the_keys(tmp_path: pathlib.Path) -> None:
+    dl.save_state(tmp_path / "ckpt", ENV, model=_model())
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3),
+                                torch.nn.Linear(3, 1))
+    with pytest.raises(CheckpointError) as info:
+        dl.load_state(tmp_path / "ckpt", ENV, model=other)
+    text = str(info.value)
+    assert "missing in the model: []" not in text
+    assert "not in the checkpoint: ['3.bias', '3.weight']" in text
+    assert "2.weight: checkpoint [2, 8] vs model [3, 8]" in text
+
+
+def test_names_and_kinds_must_match(tmp_path: pathlib.Path) -> None:
+    model = _model()
+    dl.save_state(tmp_path / "ckpt", ENV, model=model)
+    with pytest.raises(CheckpointError, match=r"\['scheduler'\], which .* does not hold"):
+        dl.load_state(tmp_path / "ckpt", ENV, model=model, scheduler=torch.optim.lr_scheduler
+                      .StepLR(torch.optim.SGD(model.parameters(), lr=1), 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1)
+    with pytest.raises(CheckpointError, match="must update the parameters of a model"):
+        dl.save_state(tmp_path / "other", ENV, optimizer=optimizer)
+    with pytest.raises(CheckpointError, match="must be a model, an optimizer"):
+        dl.save_state(tmp_path / "other", ENV, thing=object())
+    assert not (tmp_path / "other").exists()
+
+
+def test_missing_and_unfinished_folders_are_clear_errors(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(CheckpointError, match="it does not exist"):
+        dl.load_state(tmp_path / "nope", ENV)
+    (tmp_path / "half").mkdir()
+    with pytest.raises(CheckpointError, match=r"holds no distlib_state\.json"):
+        dl.load_state(tmp_path / "half", ENV)
+
+
+def test_truncated_files_are_named(tmp_path: pathlib.Path) -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    dl.save_state(tmp_path / "ckpt", ENV, model=model, optimizer=optimizer, scheduler=scheduler)
+    shard = next((tmp_path / "ckpt" / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:20])
+    with pytest.raises(CheckpointError, match="damaged or truncated"):
+        dl.load_state(tmp_path / "ckpt", ENV, model=model)
+    objects = tmp_path / "ckpt" / "objects.pt"
+    objects.write_bytes(objects.read_bytes()[:30])
+    with pytest.raises(CheckpointError, match=r"objects\.pt must be a complete torch file"):
+        dl.load_state(tmp_path / "ckpt", ENV, scheduler=scheduler)
+
+
+def test_loader_position_needs_the_same_world_size(tmp_path: pathlib.Path) -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(16.0))
+    loader = dl.shard(torch.utils.data.DataLoader(data, batch_size=2), ENV)
+    dl.save_state(tmp_path / "ckpt", ENV, loader=loader)
+    manifest_file = tmp_path / "ckpt" / MANIFEST
+    manifest = json.loads(manifest_file.read_text())
+    manifest["world_size"] = 2
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="world size must equal the saving job's to resume "
+                                              "loader 'loader'"):
+        dl.load_state(tmp_path / "ckpt", ENV, loader=loader, rng=False)
+    with pytest.raises(CheckpointError, match="Pass rng=False"):
+        dl.load_state(tmp_path / "ckpt", ENV)
+
+
+class Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.body = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(x)))
+
+
+def test_export_and_merge_write_tied_weights_once(tmp_path: pathlib.Path) -> None:
+    from safetensors.torch import load_file
+
+    model = Tied()
+    dl.save_state(tmp_path / "ckpt", ENV, model=model)
+    merged = merge_weights(tmp_path / "ckpt", tmp_path / "merged", max_shard_size=300)
+    exported = export_weights(model, tmp_path / "exported", ENV, max_shard_size=300)
+    for folder in (merged, exported):
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        assert sorted(index["weight_map"]) == ["body.bias", "body.weight", "embed.weight"]
+        assert len(set(index["weight_map"].values())) > 1  # really sharded
+        tensors = {}
+        for file in set(index["weight_map"].values()):
+            tensors |= load_file(folder / file)
+        assert torch.equal(tensors["embed.weight"], model.embed.weight)
+        fresh = Tied()
+        dl.load_checkpoint(fresh, folder)
+        assert fresh.head.weight is fresh.embed.weight
+        assert torch.equal(fresh.embed.weight, model.embed.weight)
+        x = torch.tensor([[1, 2, 3]])
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_merge_weights_command(tmp_path: pathlib.Path) -> None:
+    dl.save_state(tmp_path / "ckpt", ENV, model=Tied())
+    out = subprocess.run([sys.executable, "-m", "distlib", "merge-weights", str(tmp_path / "ckpt"),
+                          str(tmp_path / "out"), "--dtype", "bf16"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "error"})
+    assert out.returncode == 0, out.stderr
+    assert "wrote 1 file(s)" in out.stdout
+    from safetensors.torch import load_file
+
+    assert load_file(tmp_path / "out" / "model.safetensors")["embed.weight"].dtype == torch.bfloat16
+    from distlib.launch.cli import main
+
+    with pytest.raises(CheckpointError, match=r"it holds \['model'\]"):
+        main(["merge-weights", str(tmp_path / "ckpt"), str(tmp_path / "o2"), "--name", "teacher"])
+
+
+def test_export_loads_with_transformers_from_pretrained(tmp_path: pathlib.Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=32)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    export_weights(model, tmp_path / "gpt2", ENV, max_shard_size=20_000)
+    config.save_pretrained(tmp_path / "gpt2")
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.allclose(loaded(ids).logits, model(ids).logits)
