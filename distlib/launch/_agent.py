@@ -9,6 +9,7 @@ and installs signal handlers, which is why it runs here and not in the caller's 
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -16,13 +17,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from distlib.launch._bootstrap import die_with_parent
+from distlib.launch._bootstrap import die_with_parent, fork_entry
 from distlib.launch.plan import LaunchPlan
 
 __all__ = ["main"]
 
 
-def _launch_config(plan: LaunchPlan, log_dir: str) -> Any:
+def _launch_config(plan: LaunchPlan, log_dir: str, start_method: str) -> Any:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig
 
@@ -37,7 +38,7 @@ def _launch_config(plan: LaunchPlan, log_dir: str) -> Any:
         run_id=plan.run_id, role="rank", rdzv_backend=plan.rdzv_backend,
         rdzv_endpoint=f"{plan.main_address}:{plan.main_port}", rdzv_configs=configs,
         max_restarts=plan.max_restarts, monitor_interval=plan.monitor_interval_s,
-        start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        start_method=start_method, logs_specs=DefaultLogsSpecs(log_dir=log_dir),
         shutdown_timeout=5,
     )
 
@@ -47,23 +48,54 @@ def _visible_gpus(plan: LaunchPlan) -> int:
         return 0
     import torch
 
-    return int(torch.cuda.device_count())
+    return int(torch.cuda.device_count())  # NVML-based (see main): no CUDA context here
 
 
-def _failures(error: Any) -> list[dict[str, Any]]:
+def _fork(plan: LaunchPlan, command: Sequence[str]) -> bool:
+    """Fork Python ranks from this process when no GPU is in use (CUDA is not fork-safe)."""
+    if list(command[1:4]) != ["-u", "-m", "distlib.launch._bootstrap"]:
+        return False  # --no-python programs are always started fresh
+    if plan.start_method != "auto":
+        return plan.start_method == "fork"
+    return _visible_gpus(plan) == 0
+
+
+def _recorded(log_dir: str) -> dict[int, dict[str, Any]]:
+    """Tracebacks the ranks of the latest attempt recorded, by global rank.
+
+    torch reports one failure per attempt when ranks run as forked functions (the first it
+    notices, often a rank that only saw its peer die), so read every rank's error file.
+    """
+    found: dict[int, dict[str, Any]] = {}
+    for path in glob.glob(os.path.join(log_dir, "**", "error.json"), recursive=True):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                info = json.load(handle)["message"]["extraInfo"]
+            key = (int(info["distlib_attempt"]), int(info["distlib_rank"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found[key[1]] = info | {"attempt": key[0]}
+    latest = max((info["attempt"] for info in found.values()), default=0)
+    return {rank: info for rank, info in found.items() if info["attempt"] == latest}
+
+
+def _failures(error: Any, log_dir: str) -> list[dict[str, Any]]:
     """Each failed rank as plain data, the root cause first.
 
     The root cause is the earliest traceback that is not a complaint about a dead peer;
     ranks killed by the agent (no traceback) come last.
     """
+    exits = {int(rank): failure for rank, failure in error.failures.items()}
+    recorded = _recorded(log_dir)
     rows = []
-    for rank, failure in error.failures.items():
-        data = failure.error_file_data.get("message")
-        info = data.get("extraInfo", {}) if isinstance(data, dict) else {}
+    for rank in sorted(set(exits) | set(recorded)):
+        info = recorded.get(rank, {})
         traceback = info.get("py_callstack") or ""
-        order = int(info.get("distlib_time_ns", 0)) or failure.timestamp * 10**9
-        rows.append({"rank": int(rank), "exitcode": failure.exitcode, "traceback": traceback,
-                     "message": str(failure.message) if not traceback else "",
+        failure = exits.get(rank)
+        exitcode = failure.exitcode if failure is not None else 1
+        order = int(info.get("distlib_time_ns", 0))
+        rows.append({"rank": rank, "exitcode": exitcode, "traceback": traceback,
+                     "message": "" if traceback or failure is None else str(failure.message),
                      "order": (bool(info.get("distlib_secondary")), order) if traceback
                      else (True, 2**63)})
     rows.sort(key=lambda row: (row["order"], row["rank"]))
@@ -81,17 +113,28 @@ def main(argv: Sequence[str]) -> int:
     if not plan.debug:
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
         logging.getLogger("torch.distributed.launcher").setLevel(logging.CRITICAL)
+        logging.getLogger("torch.multiprocessing").setLevel(logging.CRITICAL)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
-    config = _launch_config(plan, spec["log_dir"])
+    # Count GPUs through NVML so this process never creates a CUDA context (it may fork);
+    # the variable is gone again before the ranks start, so they inherit nothing of it.
+    saved = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     command = spec["command"]
-    outcome: dict[str, Any] = {"ok": True, "failures": [], "world_size": None}
+    fork = _fork(plan, command)
+    config = _launch_config(plan, spec["log_dir"], "fork" if fork else "spawn")
+    if saved is None:
+        del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+    else:
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = saved
+    entrypoint: Any = fork_entry if fork else command[0]
+    outcome: dict[str, Any] = {"ok": True, "failures": []}
     try:
-        elastic_launch(config, command[0])(*command[1:])
+        elastic_launch(config, entrypoint)(*(command[4:] if fork else command[1:]))
     except ChildFailedError as error:
-        outcome = {"ok": False, "failures": _failures(error)}
+        outcome = {"ok": False, "failures": _failures(error, spec["log_dir"])}
     except SignalException as error:
         outcome = {"ok": False, "failures": [], "signal": str(error.sigval.name)}
     tmp = spec["outcome"] + ".tmp"

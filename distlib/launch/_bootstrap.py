@@ -65,7 +65,10 @@ def _record(exc: BaseException) -> None:
     data = {"message": {"message": f"{type(exc).__name__}: {exc}",
                         "extraInfo": {"py_callstack": text, "timestamp": str(int(time.time())),
                                       "distlib_time_ns": str(time.time_ns()),
-                                      "distlib_secondary": is_secondary(exc)}}}
+                                      "distlib_secondary": is_secondary(exc),
+                                      "distlib_rank": os.environ.get("RANK", "0"),
+                                      "distlib_attempt": os.environ.get(
+                                          "TORCHELASTIC_RESTART_COUNT", "0")}}}
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle)
 
@@ -114,6 +117,26 @@ def main(argv: Sequence[str]) -> int:
         _record(exc)
         return 1
     return 0
+
+
+def fork_entry(*argv: str) -> None:
+    """Entry point of a rank forked from the agent, which has already imported torch.
+
+    Forking skips one torch import per rank (seconds). The rank gets back what a fresh
+    interpreter would have: default signal handlers and its own atexit handlers, run at exit.
+
+    Effects: resets signal handlers and atexit handlers of this (forked) process.
+    """
+    import atexit
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    atexit._clear()  # the agent's handlers are not this rank's
+    code = main(argv)
+    atexit._run_exitfuncs()
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

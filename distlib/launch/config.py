@@ -63,6 +63,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     _s("strategy", str, None, "how the model is distributed (default: ddp for several "
        "ranks, else single)", ("single", "ddp", "fsdp", "deepspeed", "xla")),
     _s("timeout", int, None, "seconds a rendezvous or collective may wait (default 1800)"),
+    _s("start_method", str, "auto", "how Python ranks start: fork from the agent (fast, "
+       "CPU only), spawn fresh interpreters, or auto (fork when no GPU is used)",
+       ("auto", "fork", "spawn")),
     _s("debug", bool, False, "verbose launcher logs; each failing rank's traceback"),
     _s("fsdp_reshard_after_forward", bool, None, "free gathered parameters after forward",
        group="fsdp"),
@@ -314,7 +317,7 @@ def to_plan(resolved: Mapping[str, tuple[Any, str]]) -> LaunchPlan:
         max_restarts=v["max_restarts"], monitor_interval_s=v["monitor_interval"],
         cpu=v["cpu"], gpu_ids=v["gpu_ids"], precision=v["precision"], strategy=strategy,
         strategy_options=_strategy_options(v, strategy), debug=v["debug"],
-        collective_timeout_s=v["timeout"])
+        collective_timeout_s=v["timeout"], start_method=v["start_method"])
 
 
 def flag_name(name: str) -> str:

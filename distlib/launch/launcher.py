@@ -129,7 +129,7 @@ def run_plan(plan: LaunchPlan, command: Sequence[str], *, environ: Mapping[str, 
             "outcome": outcome_path, "log_dir": os.path.join(work_dir, "logs")}
     with open(spec_path, "w", encoding="utf-8") as handle:
         json.dump(spec, handle)
-    proc = subprocess.Popen([sys.executable, "-m", "distlib.launch._agent", spec_path],
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "distlib.launch._agent", spec_path],
                             env=dict(environ), start_new_session=True)
     try:
         proc.wait(timeout=timeout_s)
@@ -189,7 +189,8 @@ def launch(target: Callable[..., Any] | str, *args: Any, num_processes: int | No
             (``2`` or ``"1:4"``), ``machine_rank``, ``main_address``, ``main_port`` (0 picks
             a free one), ``rdzv_backend`` (``"static"``, ``"c10d"``), ``max_restarts``,
             ``monitor_interval_s``, ``cpu``, ``gpu_ids``, ``precision``, ``strategy``,
-            ``strategy_options``, ``debug``, ``collective_timeout_s``, ``run_id``.
+            ``strategy_options``, ``debug``, ``collective_timeout_s``, ``run_id``,
+            ``start_method`` (``"auto"``: fork ranks from the agent when no GPU is used).
 
     Returns:
         A `LaunchResult`; for a callable, ``result[rank]`` is what that rank returned.

@@ -17,9 +17,12 @@ from distlib.errors import ConfigError, PrecisionError
 from distlib.precision import parse_precision
 from distlib.strategies.base import parse_strategy
 
-__all__ = ["RDZV_BACKENDS", "LaunchPlan", "parse_machines", "plan_launch"]
+__all__ = ["RDZV_BACKENDS", "START_METHODS", "LaunchPlan", "parse_machines", "plan_launch"]
 
 RDZV_BACKENDS = ("static", "c10d")
+# How the agent starts Python ranks: "fork" reuses its imported torch (CPU-only machines),
+# "spawn" starts fresh interpreters (always safe with CUDA); "auto" forks when no GPU is used.
+START_METHODS = ("auto", "fork", "spawn")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +54,7 @@ class LaunchPlan:
     strategy_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     debug: bool = False
     collective_timeout_s: int | None = None
+    start_method: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("nproc_per_node", self.nproc_per_node, 1, allow_none=True)
@@ -65,6 +69,8 @@ class LaunchPlan:
         if self.machine_rank >= self.max_machines:
             _fail("machine_rank", self.machine_rank,
                   f"be below the number of machines ({self.max_machines})")
+        if self.start_method not in START_METHODS:
+            _fail("start_method", self.start_method, f"be one of {START_METHODS}")
         if self.rdzv_backend not in RDZV_BACKENDS:
             _fail("rdzv_backend", self.rdzv_backend, f"be one of {RDZV_BACKENDS}")
         if self.min_machines != self.max_machines and self.rdzv_backend != "c10d":

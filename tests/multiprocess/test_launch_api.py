@@ -85,7 +85,8 @@ def test_spawn_ships_local_functions_and_partials_by_value() -> None:
     def local(env, extra, *, power=1):
         return (env.rank * scale + extra) ** power
 
-    result = spawn(functools.partial(local, power=2), 1, world_size=2, timeout_s=TIMEOUT)
+    result = spawn(functools.partial(local, power=2), 1, world_size=2, timeout_s=TIMEOUT,
+                   start_method="spawn")  # fresh interpreters, not forks of the agent
     assert list(result) == [(r * scale + 1) ** 2 for r in range(2)]
 
 

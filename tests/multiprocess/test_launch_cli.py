@@ -25,7 +25,9 @@ REPORT = textwrap.dedent("""
     import torch, torch.distributed as dist
     import distlib
     from distlib import runtime
+    import atexit
     env = distlib.detect()
+    atexit.register(lambda: open(os.path.join(os.environ["OUT"], "exit%d" % env.rank), "w"))
     runtime.initialize(env)
     total = torch.tensor([float(env.rank)])
     dist.all_reduce(total)
@@ -74,6 +76,7 @@ def test_script_with_cpu_flag_starts_two_ranks_and_passes_settings(work: Path) -
         assert (got["world"], got["local"], got["sum"]) == (2, rank, 1.0)
         assert got["argv"] == ["--lr", "3"] and got["launcher"] == "distlib"
         assert (got["precision"], got["strategy"]) == ("bf16", "fsdp")
+        assert (work / f"exit{rank}").exists()  # the script's atexit handlers ran
 
 
 def test_module_launch_reads_an_accelerate_config(work: Path) -> None:
@@ -82,11 +85,13 @@ def test_module_launch_reads_an_accelerate_config(work: Path) -> None:
                       "mixed_precision: bf16\nnum_processes: 2\nuse_cpu: true\n"
                       "machine_rank: 0\nnum_machines: 1\nrdzv_backend: static\n"
                       "main_training_function: main\nsame_network: true\n")
-    done = _cli(["launch", "--config-file", str(config), "-m", "pkg.report", "x"], work)
+    done = _cli(["launch", "--config-file", str(config), "--start-method", "spawn", "-m",
+                 "pkg.report", "x"], work)
     assert done.returncode == 0, done.stderr
     reports = _reports(work)
     assert sorted(reports) == [0, 1] and reports[1]["precision"] == "bf16"
     assert reports[0]["argv"] == ["x"] and reports[0]["strategy"] == "ddp"
+    assert (work / "exit0").exists()
 
 
 def test_a_raising_rank_ends_the_job_with_its_traceback_once(work: Path) -> None:
@@ -201,7 +206,9 @@ def test_distlib_test_passes_and_fails_when_a_check_breaks(work: Path) -> None:
                 work, **extra)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert lines[-1].startswith("distlib test: PASSED (2 ranks, 4 checks each)")
+    from distlib.launch.selftest import CHECKS as BUILT_IN
+
+    assert lines[-1] == f"distlib test: PASSED (2 ranks, {len(BUILT_IN) + 1} checks each)"
     assert any(line.split()[:3] == ["1", "2", "1"] for line in lines)
     assert "all_reduce" in done.stdout and "broadcast" in done.stdout
     done = _cli(["test", "--cpu", "--num-processes", "2", "--check", "extra_checks:broken"],
