@@ -87,6 +87,8 @@ def apply(model: Any, strategy: DDP, env: Any, *, optimizer: Any = None,
                             scheduler=scheduler)
     scaler = place_with_precision(model, env, autocast=False)
     device = env.torch_device
+    # torch >= 2.13 deprecates the argument with a warning: pass it only to turn it off.
+    extra = {} if strategy.broadcast_buffers else {"broadcast_buffers": False}
     ddp = DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
@@ -94,7 +96,7 @@ def apply(model: Any, strategy: DDP, env: Any, *, optimizer: Any = None,
         bucket_cap_mb=strategy.bucket_cap_mb,
         static_graph=strategy.static_graph,
         gradient_as_bucket_view=strategy.gradient_as_bucket_view,
-        broadcast_buffers=strategy.broadcast_buffers,
+        **extra,
     )
     _register_comm_hook(ddp, strategy.comm_hook)
     dtype = compute_dtype(env.precision)
