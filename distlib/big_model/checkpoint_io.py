@@ -226,7 +226,7 @@ def _model_tensors(model: Any) -> tuple[dict[str, Any], set[str]]:
     expected = dict(model.named_parameters(remove_duplicate=False))
     empty: set[str] = set()
     for prefix, module in model.named_modules(remove_duplicate=False):
-        skip = getattr(module, "_non_persistent_buffers_set", set())
+        skip: set[str] = getattr(module, "_non_persistent_buffers_set", set())
         for name, buffer in module._buffers.items():
             if buffer is None:
                 continue

@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from distlib.big_model.sizes import Layout, coerce_layout, keep_in_fp32_of, module_sizes, parse_size
 from distlib.errors import DeviceMapError
@@ -23,7 +23,7 @@ from distlib.errors import DeviceMapError
 __all__ = ["MODES", "Device", "DeviceMap", "balanced_budgets", "hardware_budgets",
            "infer_device_map", "normalize_budgets", "normalize_device", "plan_layout"]
 
-Device = Union[int, str]
+Device = int | str
 MODES = ("sequential", "auto", "balanced", "balanced_low_0")
 _NAMED = ("mps", "cpu", "disk")
 
@@ -182,7 +182,8 @@ def balanced_budgets(layout: Layout, sizes: Mapping[str, int], budgets: Mapping[
     per_gpu = total // (count - 1 if low_zero else count)
     block = 0
     if no_split:
-        modules, found = layout.module_index(), {}
+        modules = layout.module_index()
+        found: dict[str, int] = {}
         for name, size in sizes.items():
             info = modules.get(name) if name else None
             if info is not None and info.class_name in no_split:
@@ -248,7 +249,7 @@ def infer_device_map(model: Any, max_memory: Mapping[Any, Any] | None = None,
         no_split_module_classes = [no_split_module_classes]
     no_split = frozenset(no_split_module_classes or ())
     explicit = max_memory is not None
-    budgets = normalize_budgets(max_memory if explicit else hardware_budgets(),
+    budgets = normalize_budgets(hardware_budgets() if max_memory is None else max_memory,
                                 source="infer_device_map()")
     if mode != "sequential":
         budgets = balanced_budgets(layout, sizes, budgets, no_split,
@@ -364,7 +365,7 @@ class _Planner:
         for group in self.tied:
             hits = [k == name or k.startswith(inside) for k in group]
             if any(hits) and not all(hits):
-                outside += [k for k, hit in zip(group, hits) if not hit]
+                outside += [k for k, hit in zip(group, hits, strict=True) if not hit]
         holders = [h for h in map(self._holder, outside) if h is not None]
         return outside, holders
 
@@ -444,14 +445,14 @@ class _Planner:
 
 def _clean(entries: Mapping[str, Device]) -> tuple[tuple[str, Device], ...]:
     """Merge every subtree whose entries all share one device into one entry."""
-    tree: dict[str, Any] = {}
+    tree: dict[Any, Any] = {}
     for name, device in entries.items():
         node = tree
         for part in name.split(".") if name else []:
             node = node.setdefault(part, {})
         node[None] = device
     out: list[tuple[str, Device]] = []
-    _emit(tree, "", out, top=True)
+    _emit(tree, "", out)
     return tuple(out)
 
 
@@ -470,7 +471,7 @@ def _uniform(node: dict[Any, Any]) -> tuple[Any, int]:
     return value, count
 
 
-def _emit(node: dict[Any, Any], name: str, out: list[tuple[str, Device]], top: bool = False) -> None:
+def _emit(node: dict[Any, Any], name: str, out: list[tuple[str, Device]]) -> None:
     below = {k: v for k, v in node.items() if k is not None}
     value, count = _uniform(below)
     if None in node:

@@ -68,7 +68,7 @@ def _move(obj: Any, device: Any) -> Any:
     if isinstance(obj, Mapping):
         moved_map = {k: _move(v, device) for k, v in obj.items()}
         try:
-            return type(obj)(moved_map)
+            return type(obj)(moved_map)  # type: ignore[call-arg]
         except TypeError:
             return moved_map
     return obj
@@ -107,7 +107,7 @@ def _read_ahead(runtime: _Runtime, key: str) -> None:
 
         with torch.cuda.stream(runtime.stream):
             values = [_fetch(s, device, runtime, non_blocking=True) for s in slots]
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(runtime.stream)
         runtime.ahead = (key, event, values)
         return
@@ -162,7 +162,7 @@ def _make_hooks(key: str, runtime: _Runtime, root: bool) -> tuple[Any, Any]:
                 values = ahead[2]
             else:
                 values = [_fetch(s, device, runtime) for s in slots]
-            for slot, value in zip(slots, values):
+            for slot, value in zip(slots, values, strict=True):
                 _install(slot, value)
             following = _following(runtime, key)
             if following is not None:
@@ -346,7 +346,7 @@ def dispatch(model: Any, device_map: DeviceMap | Mapping[str, Any],
     runtime.devices.update(movers)
     runtime.order = [n for n in modules if runtime.slots.get(n)]
     if main.type == "cuda" and runtime.order:
-        runtime.stream = torch.cuda.Stream(main)
+        runtime.stream = torch.cuda.Stream(main)  # type: ignore[no-untyped-call]
     hooked = list(dict.fromkeys([*movers, *runtime.order])) if len(dmap.devices) > 1 or \
         runtime.order else []
     if hooked and "" not in hooked:

@@ -54,7 +54,7 @@ def init_on_device(device: Any, include_buffers: bool = False) -> Iterator[None]
         moved.__dict__.update(attrs)
         module._parameters[name] = moved
 
-    torch.nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    torch.nn.Module.register_parameter = register_parameter  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

@@ -56,9 +56,9 @@ def _empty_model(config_path: str) -> Any:
     config = transformers.AutoConfig.from_pretrained(config_path)
     with init_empty_weights():
         try:
-            return transformers.AutoModelForCausalLM.from_config(config)
+            return transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
         except ValueError:
-            return transformers.AutoModel.from_config(config)
+            return transformers.AutoModel.from_config(config)  # type: ignore[no-untyped-call]
 
 
 def plan_checkpoint(checkpoint: str, max_memory: dict[str, Any] | None = None, dtype: Any = None,

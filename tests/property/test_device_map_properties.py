@@ -151,7 +151,7 @@ def test_sequential_maps_keep_the_model_order(layout: Layout, budget: dict[Any, 
     plan = _plan(layout, budget, no_split)
     if plan is None:
         return
-    order = list(normalize_budgets(budget, source="t")) + ["disk"]
+    order = [*normalize_budgets(budget, source="t"), "disk"]
     ranks = [order.index(plan.device_of(p)) for p in _params(layout)]
     assert ranks == sorted(ranks)
 
