@@ -365,6 +365,9 @@ def gather_metrics(x: Any, env: Env, loader: Any) -> Any:
     # rows are the first `real` of the gather, a slice. Otherwise pick them out by index.
     keep: int | list[int] = (steps[0].real if len(steps) == 1 and min(steps[0].rows) == stride
                              else keep_index(steps, stride))
+    if isinstance(x, torch.Tensor) and isinstance(keep, int):  # the common case, kept lean
+        full = _gather_tensor(_pad(x, 0, stride, 0, False), env)
+        return full if keep == len(full) else full[:keep]
     return _rebuild(x, iter(_gather_rows(leaves, env, stride, keep)), rows=True)
 
 
