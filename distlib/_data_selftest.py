@@ -34,7 +34,8 @@ def check_sharded_loader(env: Env) -> str:
 
     n = 3 * env.world_size * 2 + 1  # never a whole number of global batches
     report = []
-    for name, dataset in (("map", list(range(n))), ("iterable", Stream(n))):
+    datasets: tuple[tuple[str, Any], ...] = (("map", list(range(n))), ("iterable", Stream(n)))
+    for name, dataset in datasets:
         loader = shard(DataLoader(dataset, batch_size=2), env)
         got: list[int] = []
         mine: list[int] = []
