@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import weakref
 from collections.abc import Iterator, Mapping
 from itertools import chain
 from typing import Any, NamedTuple
@@ -120,7 +121,7 @@ class ShardedLoader:
         self._epoch, self._next_start = 0, start_batch
         self._infos: list[StepInfo] = []
         self._yielded, self._done, self._pass_start = 0, False, start_batch
-        self._inner: dict[int, Any] = {}
+        self._inner: dict[int | str, Any] = {}
 
     # -- public surface -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -221,10 +222,15 @@ class ShardedLoader:
                     wrapped, batch_size=plan.per_rank, drop_last=False,
                     **(self._kwargs | {"collate_fn": _TaggedCollate(self._kwargs["collate_fn"])}))
             return self._inner[start]
-        sampler = _RankBatches(self, _replace(self._plan, start), self._pass_batches())
-        if self._batches is None or self._by_list:
-            return DataLoader(self.dataset, sampler=sampler, batch_size=None, **self._kwargs)
-        return DataLoader(self.dataset, batch_sampler=sampler, **self._kwargs)
+        # One DataLoader for every pass (persistent workers stay up): its batch sampler reads
+        # the pass's start and epoch from this loader each time it is iterated.
+        if "map" not in self._inner:
+            sampler = _RankBatches(self)
+            self._inner["map"] = (
+                DataLoader(self.dataset, sampler=sampler, batch_size=None, **self._kwargs)
+                if self._batches is None or self._by_list
+                else DataLoader(self.dataset, batch_sampler=sampler, **self._kwargs))
+        return self._inner["map"]
 
     def _pass_batches(self) -> Any:
         """The user's batches (or indices) for this pass, reseeded for the epoch if random."""
@@ -254,16 +260,27 @@ def _replace(plan: ShardPlan, start: int) -> ShardPlan:
 
 
 class _RankBatches:
-    """The batch sampler of one pass: this rank's index lists; records each step's layout."""
+    """This rank's index lists for the loader's current pass; records each step's layout."""
 
-    def __init__(self, loader: ShardedLoader, plan: ShardPlan, source: Any) -> None:
-        self.loader, self.plan, self.source = loader, plan, source
+    def __init__(self, loader: ShardedLoader) -> None:
+        # A weak reference: the loader owns the DataLoader that owns this sampler, and a cycle
+        # would keep persistent workers alive until the garbage collector runs.
+        self._loader = weakref.ref(loader)
+
+    @property
+    def loader(self) -> ShardedLoader:
+        loader = self._loader()
+        if loader is None:
+            msg = "_RankBatches: the ShardedLoader it belongs to no longer exists."
+            raise ShardingError(msg)
+        return loader
 
     def __iter__(self) -> Iterator[Any]:
-        infos, single = self.loader._infos, self.loader._batches is None
-        stream = (self.source if self.plan.variable or single
-                  else chain.from_iterable(self.source))
-        for batch, info in self.plan.iter_batches(stream):
+        loader = self.loader
+        plan, source = _replace(loader._plan, loader._pass_start), loader._pass_batches()
+        infos, single = loader._infos, loader._batches is None
+        stream = source if plan.variable or single else chain.from_iterable(source)
+        for batch, info in plan.iter_batches(stream):
             infos.append(info)
             yield batch[0] if single else batch
 
@@ -299,7 +316,7 @@ def _move(batch: Any, device: Any, non_blocking: bool) -> Any:
     if callable(getattr(batch, "to", None)) and not isinstance(batch, (str, bytes)):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return type(batch)({k: _move(v, device, non_blocking) for k, v in batch.items()})
+        return type(batch)({k: _move(v, device, non_blocking) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(_move(v, device, non_blocking) for v in batch))
     if isinstance(batch, (list, tuple)):
@@ -359,7 +376,7 @@ def _length(inputs: Any) -> int:
 
 def _chunk(inputs: Any, start: int, end: int, target: int | None) -> Any:
     if isinstance(inputs, Mapping):
-        return type(inputs)({k: _chunk(v, start, end, target) for k, v in inputs.items()})
+        return type(inputs)({k: _chunk(v, start, end, target) for k, v in inputs.items()})  # type: ignore[call-arg]
     part = inputs[start:end]
     missing = 0 if target is None or len(inputs) == 0 else target - len(part)
     if missing <= 0:

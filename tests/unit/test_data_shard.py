@@ -186,7 +186,10 @@ def test_workers_keep_batches_and_layout() -> None:
         loader = dl.shard(src, _env(rank, 2))
         seen.append([b.tolist() for b in loader])
         assert loader._inner_loader(0).worker_init_fn is init
-        assert loader._inner_loader(0).persistent_workers
+        workers = loader._inner_loader(0)._iterator
+        assert workers is not None  # persistent workers stay up between passes
+        assert [b.tolist() for b in loader] == seen[-1]
+        assert loader._inner_loader(0)._iterator is workers
     assert seen == base
     # Each worker shards its own part of a worker-aware stream; dedup still gives the dataset.
     got = _dedup(lambda: DataLoader(WorkerStream(19), batch_size=2, num_workers=2), 2)
