@@ -10,9 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-# Variables torch itself writes into os.environ on first use (not a leak of distlib's):
-# torch 2.13 sets TORCHINDUCTOR_CACHE_DIR the first time an AdamW is built.
-_TORCH_WRITES = ("TORCHINDUCTOR_CACHE_DIR",)
+# Variables third-party libraries write into os.environ on first use (not distlib's leaks):
+# torch 2.13 sets TORCHINDUCTOR_CACHE_DIR when torch._dynamo is imported (building an AdamW
+# does that); importing deepspeed sets PYTORCH_NVML_BASED_CUDA_CHECK.
+_THIRD_PARTY_WRITES = ("TORCHINDUCTOR_CACHE_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK")
 
 # Threads some libraries start once per process and keep on purpose (not leaks of a test).
 _KNOWN_THREADS = ("pydevd", "Thread-", "tqdm", "ThreadPoolExecutor", "asyncio", "pymp")
@@ -36,7 +37,7 @@ def no_leaks() -> Iterator[None]:
     problems: list[str] = []
     changed = {k for k in set(environ) | set(os.environ) if environ.get(k) != os.environ.get(k)}
     changed.discard("PYTEST_CURRENT_TEST")
-    changed.difference_update(v for v in _TORCH_WRITES if v not in environ)
+    changed.difference_update(v for v in _THIRD_PARTY_WRITES if v not in environ)
     if changed:
         problems.append(f"changed environment variables: {sorted(changed)}")
         os.environ.clear()
