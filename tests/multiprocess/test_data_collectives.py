@@ -55,6 +55,17 @@ def _data_scenarios(env: Any) -> dict[str, Any]:
             dl.gather_metrics(batch, env, uneven)
     except CollectiveError as exc:
         out["uneven_error"] = str(exc)
+    class Buckets:  # a batch sampler with variable-size batches and no batch_size
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return iter([[0], [1, 2], [3, 4, 5], [6], [7, 8]])
+
+        def __len__(self) -> int:
+            return 5
+
+    out["variable"] = per_batch(dl.shard(DataLoader(list(range(9)), batch_sampler=Buckets()),
+                                         env))
+    out["iterable_uneven"] = whole_pass(dl.shard(DataLoader(Stream(13), batch_size=4), env,
+                                                 even_batches=False))
     shuffled = dl.shard(DataLoader(list(range(17)), batch_size=2, shuffle=True), env)
     out["shuffled"] = sorted(whole_pass(shuffled))
     nested = dl.shard(DataLoader(list(range(11)), batch_size=3), env)
@@ -84,6 +95,8 @@ def test_sharded_loaders_and_gather_metrics_in_two_ranks() -> None:
         assert got["uneven_whole"] == list(range(10))
         assert "once after the pass" in got["uneven_error"]
         assert got["shuffled"] == list(range(17))
+        assert got["variable"] == list(range(9))  # ranks' rows differ: padded, then unpadded
+        assert got["iterable_uneven"] == list(range(13))
         assert got["nested"] == ([f"s{i}" for i in range(11)], [-float(i) for i in range(11)],
                                  [10 * i for i in range(11)])
     assert [result[r]["uneven_len"] for r in (0, 1)] == [2, 1]
