@@ -88,9 +88,9 @@ def ask(answers_in: TextIO, out: TextIO, num_gpus: int) -> dict[str, Any]:
         if not condition(answers):
             continue
         setting = SETTINGS[name]
-        default = defaults.get(name, setting.default)
-        default = {True: "yes", False: "no"}.get(default, default) if setting.kind is bool \
-            else default
+        default: Any = defaults.get(name, setting.default)
+        if isinstance(default, bool):
+            default = "yes" if default else "no"
         choices = f" ({', '.join(map(str, setting.choices))})" if setting.choices else ""
         for attempt in range(3):
             out.write(f"{question}{choices} [{default}]: ")

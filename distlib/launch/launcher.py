@@ -8,6 +8,7 @@ handlers; the caller's environment is left exactly as it was. Each rank starts i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -105,14 +106,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the agent (it stops its ranks), then SIGKILL its process group if it lingers."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     proc.wait()
 
 

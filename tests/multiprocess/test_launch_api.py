@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from distlib.errors import LaunchError
 import distlib.launch as launch_package
-from distlib.launch.launcher import LaunchResult, launch
+from distlib.errors import LaunchError
+from distlib.launch.launcher import LaunchResult
 from distlib.testing import spawn
 
 pytestmark = pytest.mark.multiprocess
@@ -102,3 +102,23 @@ def test_the_launch_package_is_torch_free_until_called() -> None:
 
     assert distlib.launch is launch_package and callable(launch_package)
     assert "num_processes" in str(__import__("inspect").signature(distlib.launch))
+
+
+REPL_SESSION = """
+import os, distlib
+before = dict(os.environ)
+def where(offset):
+    return distlib.detect().rank + offset
+print(list(distlib.launch(where, 100, num_processes=2, cpu=True, timeout_s=170)))
+print(dict(os.environ) == before)
+"""
+
+
+def test_a_function_typed_into_a_repl_runs_in_the_ranks(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    # `python -` runs stdin as __main__ with no file behind it, like a REPL or a notebook.
+    out = subprocess.run([sys.executable, "-"], input=REPL_SESSION, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.stdout.split() == ["[100,", "101]", "True"], out.stderr

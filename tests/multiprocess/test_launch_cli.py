@@ -123,7 +123,7 @@ def test_sigterm_to_the_launcher_stops_every_rank(work: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
-    gone, alive = psutil.wait_procs([psutil.Process(p) for p in family if psutil.pid_exists(p)],
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in family if psutil.pid_exists(p)],
                                     timeout=30)
     assert alive == [], [p.pid for p in alive]
     assert not any(psutil.pid_exists(p) for p in pids)
