@@ -120,7 +120,8 @@ def format_report(reports: Mapping[int, Mapping[str, Any]]) -> tuple[str, bool]:
         rows.append(cells)
     header = head + short
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
     ok = bool(reports) and not failed
     lines += [f"  {line}" for line in failed]
     lines.append(f"distlib test: PASSED ({len(reports)} ranks, {len(names)} checks each)" if ok
