@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from distlib._shard_plan import ShardPlan
 
-__all__ = ["shard_plans", "world_and_rank"]
+__all__ = ["PLAN_SETTINGS", "shard_plans", "world_and_rank"]
+
+# For the planner's properties: many examples (they are cheap), no deadline (the first example
+# of a session pays for imports). A decorator, so that no global profile changes other tests.
+PLAN_SETTINGS = settings(max_examples=300, deadline=None)
 
 
 @st.composite

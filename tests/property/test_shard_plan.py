@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from distlib._shard_plan import ShardPlan, StepInfo, keep_index
-from tests.generators import shard_plans
-
-settings.register_profile("distlib", max_examples=300, deadline=None)
-settings.load_profile("distlib")
+from tests.generators import PLAN_SETTINGS, shard_plans
 
 
 def _for_rank(plan: ShardPlan, rank: int) -> ShardPlan:
@@ -44,6 +41,7 @@ def _all_ranks(plan: ShardPlan) -> list[list[tuple[list[int], StepInfo]]]:
             for r in range(plan.world_size)]
 
 
+@PLAN_SETTINGS
 @given(shard_plans())
 def test_dedup_of_the_interleaved_gather_is_the_dataset_in_order(plan: ShardPlan) -> None:
     # Covers every (kept) index, disjoint apart from the reported padding, in order.
@@ -57,6 +55,7 @@ def test_dedup_of_the_interleaved_gather_is_the_dataset_in_order(plan: ShardPlan
     assert seen == list(range(_kept(plan)))
 
 
+@PLAN_SETTINGS
 @given(shard_plans())
 def test_streaming_matches_the_positions_for_every_rank(plan: ShardPlan) -> None:
     for rank, batches in enumerate(_all_ranks(plan)):
@@ -66,6 +65,7 @@ def test_streaming_matches_the_positions_for_every_rank(plan: ShardPlan) -> None
         assert len(_for_rank(plan, rank)) == len(batches) == plan.counts(rank)[1]
 
 
+@PLAN_SETTINGS
 @given(shard_plans())
 def test_even_batches_give_every_rank_the_same_batches(plan: ShardPlan) -> None:
     per_rank = _all_ranks(plan)
@@ -77,6 +77,7 @@ def test_even_batches_give_every_rank_the_same_batches(plan: ShardPlan) -> None:
     assert all(len(batches) <= plan.num_steps for batches in per_rank)
 
 
+@PLAN_SETTINGS
 @given(shard_plans(), st.integers(0, 30))
 def test_start_batch_yields_the_tail_of_the_full_plan(plan: ShardPlan, start: int) -> None:
     full = list(dataclasses.replace(plan, start_batch=0).iter_batches(_stream(plan)))
@@ -85,6 +86,7 @@ def test_start_batch_yields_the_tail_of_the_full_plan(plan: ShardPlan, start: in
     assert len(resumed) == len(full[start:])
 
 
+@PLAN_SETTINGS
 @given(shard_plans(), st.booleans())
 def test_whole_pass_dedup_gives_back_the_dataset(plan: ShardPlan, padded: bool) -> None:
     per_rank = _all_ranks(plan)

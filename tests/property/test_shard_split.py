@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import distlib as dl
 from distlib.env import Env
-from tests.generators import world_and_rank
+from tests.generators import PLAN_SETTINGS, world_and_rank
 
 
 def _chunk(items: list[int], world: int, rank: int, pad: bool) -> list[int]:
@@ -16,7 +16,7 @@ def _chunk(items: list[int], world: int, rank: int, pad: bool) -> list[int]:
         return list(mine)
 
 
-@settings(deadline=None)  # the first example pays for importing torch
+@PLAN_SETTINGS
 @given(st.integers(0, 60), world_and_rank())
 def test_chunks_are_contiguous_balanced_and_cover_in_order(n: int, wr: tuple[int, int]) -> None:
     world, _ = wr

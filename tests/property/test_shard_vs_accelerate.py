@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 
 from distlib._shard_plan import ShardPlan
-from tests.generators import shard_plans
+from tests.generators import PLAN_SETTINGS, shard_plans
 
 data_loader = pytest.importorskip("accelerate.data_loader")
 torch_data = pytest.importorskip("torch.utils.data")
@@ -52,6 +52,7 @@ def _ours(plan: ShardPlan, rank: int) -> list[list[int]]:
     return [b for b, _ in mine.iter_batches(stream)]
 
 
+@PLAN_SETTINGS
 @given(shard_plans())
 def test_same_batches_as_accelerate_batch_sampler_shard(plan: ShardPlan) -> None:
     if plan.world_size == 1:
@@ -62,6 +63,7 @@ def test_same_batches_as_accelerate_batch_sampler_shard(plan: ShardPlan) -> None
         assert _ours(plan, rank) == _theirs(plan, rank), rank
 
 
+@PLAN_SETTINGS
 @given(shard_plans(variable=False))
 def test_same_samples_as_accelerate_iterable_dataset_shard(plan: ShardPlan) -> None:
     if plan.world_size == 1 or not plan.even_batches:
