@@ -302,12 +302,12 @@ def to_plan(resolved: Mapping[str, tuple[Any, str]]) -> LaunchPlan:
     """
     v = {k: value for k, (value, _) in resolved.items()}
     strategy = v["strategy"]
-    if v["cpu"] and strategy in ("xla", "deepspeed"):
-        raise _bad("launch settings", "strategy", strategy, "work on CPUs when `cpu` is true",
-                   fix="Use 'ddp' or 'fsdp' on CPUs, or drop --cpu.")
-    if v["cpu"] and v["precision"] == "fp16":
-        raise _bad("launch settings", "precision", "fp16", "be 'no' or 'bf16' when `cpu` is "
-                   "true", fix="CPUs have no fp16 autocast; use bf16.")
+    if v["cpu"] and strategy == "xla":
+        raise _bad("launch settings", "strategy", strategy, "not be 'xla' when `cpu` is true",
+                   fix="XLA runs on TPUs/XLA devices; drop --cpu, or pick 'ddp' or 'fsdp'.")
+    if v["cpu"] and v["gpu_ids"] not in (None, "all"):
+        raise _bad("launch settings", "gpu_ids", v["gpu_ids"], "be 'all' when `cpu` is true",
+                   fix="--cpu uses no GPU; drop one of the two.")
     multi = v["num_machines"] not in ("1", 1)
     port = v["main_port"] if v["main_port"] is not None else (29500 if multi else 0)
     return plan_launch(

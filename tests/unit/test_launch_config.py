@@ -128,8 +128,8 @@ def test_bad_config_files_name_key_value_and_choices(tmp_path: Path, data, words
 
 
 @pytest.mark.parametrize(("values", "words"), [
-    ({"cpu": True, "strategy": "deepspeed"}, ["strategy", "deepspeed", "CPUs"]),
-    ({"cpu": True, "precision": "fp16"}, ["precision", "fp16"]),
+    ({"cpu": True, "strategy": "xla"}, ["strategy", "'xla'", "cpu"]),
+    ({"cpu": True, "gpu_ids": "0,1"}, ["gpu_ids", "'0,1'", "--cpu"]),
     ({"strategy": "ddp", "zero_stage": 3}, ["zero_stage", "'deepspeed'", "'ddp'"]),
     ({"num_processes": 3, "num_machines": "2"}, ["multiple", "3"]),
 ])
@@ -138,6 +138,13 @@ def test_impossible_combinations(values: dict, words: list[str]) -> None:
         to_plan(resolve(validate(values, "flags"), {}, {}))
     for word in words:
         assert word in str(info.value)
+
+
+def test_cpu_allows_deepspeed_and_fp16() -> None:
+    plan = to_plan(resolve(validate({"cpu": True, "strategy": "deepspeed", "zero_stage": 3,
+                                     "precision": "fp16"}, "flags"), {}, {}))
+    assert (plan.strategy, plan.precision, plan.strategy_options) == (
+        "deepspeed", "fp16", {"zero_stage": 3})
 
 
 def test_missing_and_broken_files(tmp_path: Path) -> None:
