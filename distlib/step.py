@@ -172,6 +172,11 @@ def backward(loss: Any, model: Any, micro: MicroStep | None = None) -> None:
         handle.engine.backward(loss, scale_wrt_gas=False)
         return
     if handle.scaler is not None:
+        if handle.optimizer is None:
+            msg = ("backward(): under fp16 the optimizer must be passed to wrap() (its step "
+                   "has to go through the grad scaler), but got a model wrapped without one. "
+                   "Use wrap(model, env, optimizer=opt).")
+            raise StrategyError(msg)
         loss = handle.scaler.scale(loss)
     if handle.fsdp is not None:
         handle.fsdp.set_requires_gradient_sync(sync)

@@ -128,7 +128,8 @@ def _policies(strategy: FSDP, env: Any, *, root: bool) -> dict[str, Any]:
             param_dtype=dtype, reduce_dtype=torch.float32,
             output_dtype=torch.float32 if root else None)
     if strategy.cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory needs an accelerator; a CPU job offloads to where it already is.
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=env.torch_device.type != "cpu")
     return kwargs
 
 

@@ -60,9 +60,12 @@ def _weights(model: Any) -> dict[str, torch.Tensor]:
 
 def _train(strategy: Any, env: Any, *, precision: str = "no", steps: int = 1,
            seeds: tuple[int, ...] = (0,), overflow: bool = False,
-           batch: int = GLOBAL_BATCH) -> dict[str, Any]:
+           batch: int = GLOBAL_BATCH, machines: int = 1) -> dict[str, Any]:
     """Train one model per seed, each wrapped on its own, in one loop."""
     env = dataclasses.replace(env, precision=precision)
+    if machines > 1:  # pretend each rank is its own machine (HSDP's replicate axis)
+        env = dataclasses.replace(env, num_nodes=machines, node_rank=env.rank, local_rank=0,
+                                  local_world_size=env.world_size // machines)
     pairs = []
     for seed in seeds:
         model = _net(seed)
@@ -95,7 +98,10 @@ SCENARIOS: dict[str, tuple[Any, dict[str, Any]]] = {
     "fsdp-bf16": (dl.FSDP(wrap_classes=("Block",)), {"precision": "bf16", "steps": 2}),
     "fsdp-fp16-overflow": (dl.FSDP(wrap_classes=("Block",)),
                            {"precision": "fp16", "steps": 2, "overflow": True}),
+    "hsdp-two-machines": (dl.FSDP(hybrid_shard=True), {"steps": 2, "machines": 2}),
+    "fsdp-cpu-offload": (dl.FSDP(cpu_offload=True), {"steps": 2}),
     "zero2": (dl.DeepSpeed(zero_stage=2), {}),
+    "zero2-offload": (dl.DeepSpeed(zero_stage=2, offload_optimizer="cpu"), {"steps": 2}),
     "zero2-acc2-two-models": (dl.DeepSpeed(zero_stage=2), {"steps": 2, "seeds": (0, 1)}),
     "zero3": (dl.DeepSpeed(zero_stage=3), {}),
     "zero3-acc2-two-models": (dl.DeepSpeed(zero_stage=3), {"steps": 2, "seeds": (0, 1)}),
@@ -133,6 +139,7 @@ def ranks() -> Any:
 
 
 def _reference(options: dict[str, Any]) -> dict[str, Any]:
+    options = {k: v for k, v in options.items() if k != "machines"}
     return _train(dl.Single(), dl.Env(), **options)
 
 

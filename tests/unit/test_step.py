@@ -9,6 +9,7 @@ import torch
 import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before the leak check
 
 import distlib as dl
+from distlib.errors import StrategyError
 from distlib.step import MicroStep, plan_window
 
 
@@ -130,3 +131,9 @@ def test_seed_is_reproducible_and_rank_specific() -> None:
     assert torch.rand(1).item() != first[1]
     with pytest.raises(TypeError, match="seed must be an int"):
         dl.seed("7", env)  # type: ignore[arg-type]
+
+
+def test_fp16_backward_needs_the_optimizer_in_wrap() -> None:
+    model = dl.wrap(torch.nn.Linear(2, 1), dl.Env(precision="fp16"))
+    with pytest.raises(StrategyError, match="optimizer must be passed to wrap"):
+        dl.backward(model(torch.ones(1, 2)).sum(), model)
