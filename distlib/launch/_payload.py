@@ -14,6 +14,7 @@ import importlib
 import io
 import marshal
 import pickle
+import sys
 import types
 from typing import Any
 
@@ -44,7 +45,10 @@ def _rebuild_function(code_bytes: bytes, name: str, defaults: Any, kwdefaults: A
 
 def _by_value(fn: types.FunctionType) -> bool:
     """True for functions a fresh interpreter cannot import by name."""
-    return fn.__module__ == "__main__" or "<" in fn.__qualname__
+    if fn.__module__ == "__main__" or "<" in fn.__qualname__:
+        return True
+    module = sys.modules.get(fn.__module__)  # code exec'd under a made-up module name
+    return module is None or getattr(module, fn.__qualname__, None) is not fn
 
 
 class _Pickler(pickle.Pickler):
@@ -82,4 +86,4 @@ def dumps(obj: Any) -> bytes:
 
 def loads(data: bytes) -> Any:
     """Read what `dumps` wrote (trusted input: the launcher's own file)."""
-    return pickle.loads(data)  # noqa: S301 - written by this launch, in a private directory
+    return pickle.loads(data)

@@ -103,6 +103,10 @@ def test_payload_ships_module_functions_by_reference_and_closures_by_value() -> 
     assert b"_module_level" in dumps(_module_level)
     assert loads(dumps(_module_level))(1) == 2
     assert loads(dumps(lambda y: y * factor))(2) == 10
+    namespace: dict = {"__name__": "not_a_module"}
+    exec("import os\ndef joined(x):\n    return os.path.join('b', x)\n", namespace)
+    assert b"not_a_module" not in dumps(namespace["joined"])  # shipped as code
+    assert loads(dumps(namespace["joined"]))("c") == os.path.join("b", "c")
 
 
 def test_fake_env_derives_local_fields() -> None:
