@@ -333,7 +333,7 @@ def check_training(env: Any) -> str:
     g = torch.Generator().manual_seed(1)
     rows = 4 * env.world_size  # rows of one global micro-batch; 4 per rank
     x, y = torch.randn(8 * rows, 8, generator=g), torch.randn(8 * rows, 1, generator=g)
-    whole = list(zip(x.split(rows), y.split(rows), strict=True))
+    whole = list(zip(torch.split(x, rows), torch.split(y, rows), strict=True))
     mine = [(bx[4 * env.rank:4 * env.rank + 4], by[4 * env.rank:4 * env.rank + 4])
             for bx, by in whole]
     got = _check_run(env.strategy, env, mine)

@@ -88,7 +88,7 @@ def apply(model: Any, strategy: DDP, env: Any, *, optimizer: Any = None,
     scaler = place_with_precision(model, env, autocast=False)
     device = env.torch_device
     # torch >= 2.13 deprecates the argument with a warning: pass it only to turn it off.
-    extra = {} if strategy.broadcast_buffers else {"broadcast_buffers": False}
+    extra: dict[str, Any] = {} if strategy.broadcast_buffers else {"broadcast_buffers": False}
     ddp = DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
