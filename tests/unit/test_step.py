@@ -137,3 +137,10 @@ def test_fp16_backward_needs_the_optimizer_in_wrap() -> None:
     model = dl.wrap(torch.nn.Linear(2, 1), dl.Env(precision="fp16"))
     with pytest.raises(StrategyError, match="optimizer must be passed to wrap"):
         dl.backward(model(torch.ones(1, 2)).sum(), model)
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_self_test_training_check_passes_in_one_process(precision: str) -> None:
+    from distlib.step import check_training
+
+    assert "4 steps match 1 process" in check_training(dl.Env(precision=precision))
