@@ -56,7 +56,7 @@ def parse_strategy(
 
     Example:
         >>> parse_strategy("ddp", {"static_graph": True})
-        DDP(find_unused_parameters=False, bucket_cap_mb=25.0, static_graph=True, ...)
+        DDP(find_unused_parameters=False, bucket_cap_mb=None, static_graph=True, ...)
     """
     classes = _classes()
     if isinstance(value, tuple(classes.values())):

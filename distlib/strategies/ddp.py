@@ -18,7 +18,8 @@ class DDP:
 
     Args:
         find_unused_parameters: let DDP tolerate parameters that get no gradient.
-        bucket_cap_mb: gradient bucket size in MiB.
+        bucket_cap_mb: gradient bucket size in MiB (None: torch's default, 25 MiB with a
+            small first bucket so that communication starts early).
         static_graph: promise that the graph is the same every step.
         gradient_as_bucket_view: gradients alias the communication buckets (saves memory).
         broadcast_buffers: broadcast buffers from rank 0 at every forward.
@@ -31,7 +32,7 @@ class DDP:
 
     name: ClassVar[str] = "ddp"
     find_unused_parameters: bool = False
-    bucket_cap_mb: float = 25.0
+    bucket_cap_mb: float | None = None
     static_graph: bool = False
     gradient_as_bucket_view: bool = False
     broadcast_buffers: bool = True
@@ -41,8 +42,9 @@ class DDP:
         for flag in ("find_unused_parameters", "static_graph", "gradient_as_bucket_view",
                      "broadcast_buffers"):
             check_type("DDP", flag, getattr(self, flag), bool)
-        check_type("DDP", "bucket_cap_mb", self.bucket_cap_mb, (int, float))
-        check_min("DDP", "bucket_cap_mb", self.bucket_cap_mb, 0)
+        if self.bucket_cap_mb is not None:
+            check_type("DDP", "bucket_cap_mb", self.bucket_cap_mb, (int, float))
+            check_min("DDP", "bucket_cap_mb", self.bucket_cap_mb, 0)
         check_choice("DDP", "comm_hook", self.comm_hook, COMM_HOOKS)
 
 
