@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from distlib.errors import ConfigError
-from distlib.launch.plan import LaunchPlan
 from distlib.launch.config import (
     SETTINGS,
     default_config_path,
@@ -25,6 +24,7 @@ from distlib.launch.config import (
     to_plan,
     validate,
 )
+from distlib.launch.plan import LaunchPlan
 
 __all__ = ["add_arguments", "add_setting_arguments", "resolve_from_args", "run"]
 
@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             return 130
     if ok:
         return 0
-    print(root_cause_message("distlib launch", failures, stopped), file=sys.stderr)
+    print(root_cause_message("distlib launch", failures, stopped, every_traceback=plan.debug),
+          file=sys.stderr)
     codes = [f.exitcode for f in failures if f.exitcode > 0]
     return codes[0] if codes else 1

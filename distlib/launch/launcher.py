@@ -86,8 +86,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def root_cause_message(call: str, failures: Sequence[Failure], signal_name: str = "") -> str:
-    """The text of a failed launch: the root cause's traceback once, the rest in one line."""
+def root_cause_message(call: str, failures: Sequence[Failure], signal_name: str = "", *,
+                       every_traceback: bool = False) -> str:
+    """The text of a failed launch: the root cause's traceback once, the rest in one line
+    (or, with ``every_traceback``, each other rank's traceback after it)."""
     if signal_name:
         return f"{call}: the launch was stopped by {signal_name}; every rank was stopped."
     if not failures:
@@ -99,6 +101,8 @@ def root_cause_message(call: str, failures: Sequence[Failure], signal_name: str 
     if others:
         rest = ", ".join(f"rank {f.rank} (exit code {f.exitcode})" for f in others)
         text += f"\nAlso stopped or failed after it: {rest}."
+    for other in others if every_traceback else ():
+        text += f"\n\nrank {other.rank}:\n{(other.traceback or other.message).rstrip()}"
     return text
 
 
@@ -228,7 +232,8 @@ def launch_plan(plan: LaunchPlan, target: Callable[..., Any] | str, *args: Any,
         ok, failures, stopped_by = run_plan(plan, command, environ=env, work_dir=work_dir,
                                             timeout_s=timeout_s)
         if not ok:
-            raise LaunchError(root_cause_message("launch()", failures, stopped_by))
+            raise LaunchError(root_cause_message("launch()", failures, stopped_by,
+                                                 every_traceback=plan.debug))
         values: dict[int, Any] = {}
         if returns:
             from distlib.launch._payload import loads

@@ -126,3 +126,7 @@ def test_launch_result_and_root_cause_text() -> None:
     assert text.startswith("launch(): rank 1 failed with exit code 1")
     assert "ValueError: x" in text and "rank 0 (exit code -15)" in text
     assert "SIGTERM" in root_cause_message("launch()", [], "SIGTERM")
+    both = [failures[0], Failure(rank=0, exitcode=1, traceback="Traceback...\nOSError: y\n")]
+    assert "OSError" not in root_cause_message("launch()", both)
+    assert "rank 0:\nTraceback...\nOSError: y" in root_cause_message("launch()", both,
+                                                                    every_traceback=True)
