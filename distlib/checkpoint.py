@@ -96,21 +96,38 @@ def _owner(optimizer: Any, models: Mapping[str, Any], name: str, call: str) -> A
     raise CheckpointError(msg)
 
 
+def _pairs(objects: Mapping[str, Any], kinds: Mapping[str, str],
+           call: str) -> dict[str, tuple[Any, list[tuple[str, Any]]]]:
+    """model name -> (unwrapped module, [(optimizer name, torch optimizer), ...])."""
+    from distlib.strategies.base import unwrap
+
+    models = {n: o for n, o in objects.items() if kinds[n] == "model"}
+    pairs: dict[str, tuple[Any, list[tuple[str, Any]]]] = {
+        n: (unwrap(m), []) for n, m in models.items()}
+    for name, obj in objects.items():
+        if kinds[name] == "optimizer":
+            owner = _owner(obj, models, name, call)
+            model_name = next(n for n, (module, _) in pairs.items() if module is owner)
+            pairs[model_name][1].append((name, _inner_optimizer(obj)))
+    return pairs
+
+
 def _dcp_state(objects: Mapping[str, Any], kinds: Mapping[str, str], call: str) -> dict[str, Any]:
     """Model and optimizer state dicts in torch.distributed.checkpoint's vocabulary."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
+        get_state_dict,
     )
 
-    from distlib.strategies.base import unwrap
-
-    models = {n: o for n, o in objects.items() if kinds[n] == "model"}
-    state: dict[str, Any] = {n: get_model_state_dict(unwrap(m)) for n, m in models.items()}
-    for name, obj in objects.items():
-        if kinds[name] == "optimizer":
-            owner = _owner(obj, models, name, call)
-            state[name] = get_optimizer_state_dict(owner, _inner_optimizer(obj))
+    state: dict[str, Any] = {}
+    for name, (module, optimizers) in _pairs(objects, kinds, call).items():
+        if len(optimizers) == 1:  # the common case: one pass over the parameters
+            state[name], state[optimizers[0][0]] = get_state_dict(module, optimizers[0][1])
+            continue
+        state[name] = get_model_state_dict(module)
+        for opt_name, optimizer in optimizers:
+            state[opt_name] = get_optimizer_state_dict(module, optimizer)
     return state
 
 
@@ -364,10 +381,10 @@ def _load_dcp(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
         set_optimizer_state_dict,
+        set_state_dict,
     )
 
     from distlib.runtime import is_initialized
-    from distlib.strategies.base import unwrap
 
     state = _dcp_state(objects, kinds, "load_state()")
     if not state:
@@ -383,13 +400,14 @@ def _load_dcp(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str
                f"readable, but reading them failed: {type(exc).__name__}: {exc}. The checkpoint "
                "is damaged or truncated; load an earlier one.")
         raise CheckpointError(msg) from exc
-    models = {n: o for n, o in objects.items() if kinds[n] == "model"}
-    for name, obj in objects.items():
-        if kinds[name] == "model":
-            set_model_state_dict(unwrap(obj), state[name])
-        elif kinds[name] == "optimizer":
-            owner = _owner(obj, models, name, "load_state()")
-            set_optimizer_state_dict(owner, _inner_optimizer(obj), state[name])
+    for name, (module, optimizers) in _pairs(objects, kinds, "load_state()").items():
+        if len(optimizers) == 1:
+            set_state_dict(module, optimizers[0][1], model_state_dict=state[name],
+                           optim_state_dict=state[optimizers[0][0]])
+            continue
+        set_model_state_dict(module, state[name])
+        for opt_name, optimizer in optimizers:
+            set_optimizer_state_dict(module, optimizer, state[opt_name])
 
 
 def _load_small(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str, str],
