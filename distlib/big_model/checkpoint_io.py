@@ -161,6 +161,7 @@ class _Reader:
         self.files = files
         self.headers = {f: read_safetensors_header(f) for f in files if f.endswith(".safetensors")}
         self.torch = {f: _load_torch(f) for f in files if f not in self.headers}
+        self.maps: dict[str, mmap.mmap | None] = {}
 
     def infos(self) -> dict[str, TensorInfo]:
         out: dict[str, TensorInfo] = {}
@@ -177,12 +178,22 @@ class _Reader:
     def stream(self) -> Iterator[tuple[str, Any, OffloadSource | None]]:
         for file in self.files:
             if file in self.headers:
-                mapped = _map(file)
+                self.maps[file] = _map(file)
                 for name, src in sorted(self.headers[file].items(), key=lambda i: i[1].offset):
-                    yield name, _view(mapped, src), src
+                    yield name, _view(self.maps[file], src), src
+                self.maps.pop(file)
             else:
                 for name, tensor in self.torch[file].items():
                     yield name, tensor, None
+
+    def release(self, src: OffloadSource) -> None:
+        """Drop the pages of ``src`` (already copied out) from this process's memory map."""
+        mapped = self.maps.get(src.file)
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        start = -(-src.offset // mmap.PAGESIZE) * mmap.PAGESIZE  # only whole pages inside
+        stop = (src.offset + src.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if mapped is not None and advice is not None and stop > start:
+            mapped.madvise(advice, start, stop - start)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -303,10 +314,14 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
                     device_map: DeviceMap | Mapping[str, Any] | None = None, dtype: Any = None,
                     offload_folder: str | os.PathLike[str] | None = None, *,
                     keep_in_fp32_modules: Sequence[str] | None = None, strict: bool = True,
-                    progress: Callable[[int], Any] | None = None) -> Any:
+                    progress: Callable[[int], Any] | None = None, copy: bool = False) -> Any:
     """Load ``checkpoint`` into ``model`` tensor by tensor, each straight to its device.
 
     Names, shapes and file integrity are checked from the headers before any weight is read.
+    CPU weights from safetensors in their stored dtype are not copied: they stay views of a
+    private (copy-on-write) memory map of the file, so the checkpoint must not be rewritten
+    in place while the model lives (``copy=True`` copies them). Other weights are copied
+    once, to their device and dtype, and their pages of the map are dropped right after.
     Tied parameters (stored once in safetensors) get one shared tensor. Weights mapped to
     ``"disk"`` stay on the meta device; where they live is recorded in the model's
     ``distlib_offload`` attribute for `dispatch` (the checkpoint's own safetensors bytes when
@@ -323,6 +338,9 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
         keep_in_fp32_modules: module names kept in float32 when ``dtype`` is given.
         strict: also refuse unexpected keys and missing keys of non-meta tensors.
         progress: called with 1 after each tensor (a progress bar's ``update``).
+        copy: copy CPU weights into private memory even when they could stay backed by
+            the checkpoint's safetensors pages (copy-on-write memory maps, as
+            ``safetensors.torch.load_file`` and ``torch.load(mmap=True)`` give).
 
     Returns:
         ``model``, modified in place.
@@ -360,7 +378,7 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
         raise CheckpointError(msg)
     dmap = None if device_map is None else DeviceMap.of(device_map)
     _stream_into(model, reader, expected, groups, dmap, _resolve_dtype(dtype),
-                 keep_in_fp32_of(model, keep_in_fp32_modules), offload_folder, progress)
+                 keep_in_fp32_of(model, keep_in_fp32_modules), offload_folder, progress, copy)
     return model
 
 
@@ -415,7 +433,7 @@ def read_offload_index(folder: str | os.PathLike[str]) -> dict[str, OffloadSourc
 def _stream_into(model: Any, reader: _Reader, expected: Mapping[str, Any],
                  groups: Mapping[str, tuple[str, ...]], dmap: DeviceMap | None, dtype: Any,
                  keep: Sequence[str], folder: str | os.PathLike[str] | None,
-                 progress: Callable[[int], Any] | None) -> None:
+                 progress: Callable[[int], Any] | None, copy: bool) -> None:
     import torch
 
     offloaded: dict[str, OffloadSource] = dict(getattr(model, OFFLOAD_ATTR, None) or {})
@@ -428,6 +446,8 @@ def _stream_into(model: Any, reader: _Reader, expected: Mapping[str, Any],
             device = dmap.device_of(name) if dmap is not None else None
             if device == "disk" and name in params:
                 source = _offload(name, view, src, target, folder)
+                if src is not None and source is not src:
+                    reader.release(src)
                 offloaded.update(dict.fromkeys(names, source))
                 _place(model, names, torch.empty(view.shape, dtype=target, device="meta"))
             else:
@@ -435,7 +455,13 @@ def _stream_into(model: Any, reader: _Reader, expected: Mapping[str, Any],
                     where = "cpu" if current.is_meta else current.device
                 else:
                     where = _torch_device(device)
-                _place(model, names, view.to(device=where, dtype=target, copy=True))
+                if src is not None and not copy and str(where) == "cpu" and view.dtype == target:
+                    value = view  # backed by the file's pages (copy-on-write), not copied
+                else:
+                    value = view.to(device=where, dtype=target, copy=True)
+                    if src is not None:
+                        reader.release(src)
+                _place(model, names, value)
                 for alias in names:
                     offloaded.pop(alias, None)
         if progress is not None:

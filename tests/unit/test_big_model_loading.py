@@ -275,3 +275,16 @@ def test_folder_prefers_safetensors_over_bin(saved: dict[str, Any], tmp_path: Pa
             (tmp_path / name).write_bytes((Path(source) / name).read_bytes())
     files = checkpoint_files(tmp_path)
     assert files and all(f.endswith(".safetensors") for f in files)
+
+
+def test_cpu_weights_map_the_file_copy_on_write(saved: dict[str, Any]) -> None:
+    case = saved["gpt2"]
+    first = load_checkpoint(_empty(case["config"]), case["safe"])
+    with torch.no_grad():
+        first.transformer.h[0].mlp.c_fc.weight.add_(1.0)  # private to this model
+    second = load_checkpoint(_empty(case["config"]), case["safe"])
+    copied = load_checkpoint(_empty(case["config"]), case["safe"], copy=True)
+    want = case["model"].transformer.h[0].mlp.c_fc.weight
+    assert torch.equal(second.transformer.h[0].mlp.c_fc.weight, want)
+    assert torch.equal(copied.transformer.h[0].mlp.c_fc.weight, want)
+    assert torch.equal(first.transformer.h[0].mlp.c_fc.weight, want + 1.0)
