@@ -95,6 +95,7 @@ def _failures(error: Any, log_dir: str) -> list[dict[str, Any]]:
         exitcode = failure.exitcode if failure is not None else 1
         order = int(info.get("distlib_time_ns", 0))
         rows.append({"rank": rank, "exitcode": exitcode, "traceback": traceback,
+                     "secondary": bool(info.get("distlib_secondary")),
                      "message": "" if traceback or failure is None else str(failure.message),
                      "order": (bool(info.get("distlib_secondary")), order) if traceback
                      else (True, 2**63)})

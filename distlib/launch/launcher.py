@@ -41,6 +41,7 @@ class Failure:
     exitcode: int
     traceback: str = ""
     message: str = ""
+    secondary: bool = False  # it only reports a lost peer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,8 +97,13 @@ def root_cause_message(call: str, failures: Sequence[Failure], signal_name: str 
         return f"{call}: the launch failed without a rank failure (see the agent's output)."
     root, others = failures[0], failures[1:]
     detail = root.traceback.rstrip() or root.message
-    text = (f"{call}: rank {root.rank} failed with exit code {root.exitcode}; this is the "
-            f"root cause:\n\n{detail}\n")
+    if root.secondary:
+        text = (f"{call}: rank {root.rank} failed with exit code {root.exitcode} after losing "
+                f"a peer; the root cause is on another machine (see its launcher):\n\n"
+                f"{detail}\n")
+    else:
+        text = (f"{call}: rank {root.rank} failed with exit code {root.exitcode}; this is the "
+                f"root cause:\n\n{detail}\n")
     if others:
         rest = ", ".join(f"rank {f.rank} (exit code {f.exitcode})" for f in others)
         text += f"\nAlso stopped or failed after it: {rest}."
@@ -147,8 +153,7 @@ def run_plan(plan: LaunchPlan, command: Sequence[str], *, environ: Mapping[str, 
         return False, [], f"agent exit code {proc.returncode}"
     with open(outcome_path, encoding="utf-8") as handle:
         outcome = json.load(handle)
-    failures = [Failure(rank=f["rank"], exitcode=f["exitcode"], traceback=f["traceback"],
-                        message=f["message"]) for f in outcome["failures"]]
+    failures = [Failure(**f) for f in outcome["failures"]]
     return bool(outcome["ok"]), failures, outcome.get("signal", "")
 
 

@@ -128,5 +128,8 @@ def test_launch_result_and_root_cause_text() -> None:
     assert "SIGTERM" in root_cause_message("launch()", [], "SIGTERM")
     both = [failures[0], Failure(rank=0, exitcode=1, traceback="Traceback...\nOSError: y\n")]
     assert "OSError" not in root_cause_message("launch()", both)
+    lost = Failure(rank=2, exitcode=1, traceback="RuntimeError: Connection closed by peer",
+                   secondary=True)
+    assert "another machine" in root_cause_message("distlib launch", [lost])
     assert "rank 0:\nTraceback...\nOSError: y" in root_cause_message("launch()", both,
                                                                     every_traceback=True)
