@@ -217,3 +217,14 @@ def test_distlib_test_passes_and_fails_when_a_check_breaks(work: Path) -> None:
     assert done.returncode == 1
     assert done.stdout.splitlines()[-1].startswith("distlib test: FAILED")
     assert "checksum mismatch on rank 1" in done.stdout
+
+
+def test_no_python_runs_a_program_per_rank(work: Path) -> None:
+    done = _cli(["launch", "--cpu", "--num-processes", "2", "--no-python", "sh", "-c",
+                 'echo "$RANK $WORLD_SIZE $DISTLIB_LAUNCHED" > "$OUT/nopy$RANK"'], work)
+    assert done.returncode == 0, done.stderr
+    assert [(work / f"nopy{r}").read_text().split() for r in range(2)] == [
+        ["0", "2", "1"], ["1", "2", "1"]]
+    failed = _cli(["launch", "--cpu", "--num-processes", "2", "--no-python", "sh", "-c",
+                   'exit $((RANK + 3))'], work)
+    assert failed.returncode in (3, 4) and "exit code" in failed.stderr
