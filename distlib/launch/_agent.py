@@ -79,6 +79,13 @@ def _recorded(log_dir: str) -> dict[int, dict[str, Any]]:
     return {rank: info for rank, info in found.items() if info["attempt"] == latest}
 
 
+def _no_traceback(exitcode: int) -> str:
+    if exitcode < 0:
+        return f"(stopped by signal {-exitcode}; no Python traceback)"
+    return (f"(exited with code {exitcode} without a Python traceback: sys.exit(), a program "
+            "run with --no-python, or a crash; see the rank's own output above)")
+
+
 def _failures(error: Any, log_dir: str) -> list[dict[str, Any]]:
     """Each failed rank as plain data, the root cause first.
 
@@ -96,7 +103,7 @@ def _failures(error: Any, log_dir: str) -> list[dict[str, Any]]:
         order = int(info.get("distlib_time_ns", 0))
         rows.append({"rank": rank, "exitcode": exitcode, "traceback": traceback,
                      "secondary": bool(info.get("distlib_secondary")),
-                     "message": "" if traceback or failure is None else str(failure.message),
+                     "message": "" if traceback else _no_traceback(exitcode),
                      "order": (bool(info.get("distlib_secondary")), order) if traceback
                      else (True, 2**63)})
     rows.sort(key=lambda row: (row["order"], row["rank"]))
