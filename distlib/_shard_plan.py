@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import Any, NamedTuple
 
 from distlib.errors import ShardingError
@@ -217,11 +217,37 @@ class ShardPlan:
             return self._iter_variable(iter(stream))
         return self._iter_fixed(iter(stream))
 
-    def _iter_fixed(self, it: Iterator[Any]) -> Iterator[tuple[list[Any], StepInfo]]:
+    def iter_dealt(self, batches: Iterable[Sequence[Any]]) -> Iterator[tuple[list[Any],
+                                                                            StepInfo]]:
+        """`iter_batches` over the loader's batches rather than its samples (the same result).
+
+        Without ``split_batches`` a full step is ``world_size`` whole loader batches, so this
+        rank's batch is passed through as it is, without re-cutting the sample stream.
+        """
+        if self.variable or self.split_batches:
+            return self.iter_batches(chain.from_iterable(batches) if not self.variable
+                                     else batches)
+        return self._iter_dealt(iter(batches))
+
+    def _iter_dealt(self, it: Iterator[Sequence[Any]]) -> Iterator[tuple[list[Any], StepInfo]]:
+        w, size = self.world_size, self.per_rank
+        full = StepInfo((size,) * w, size * w)
+        base: list[Any] | None = None  # the first full step's samples, for padding
+        for step, group in enumerate(iter(lambda: list(islice(it, w)), [])):
+            if len(group) < w or any(len(b) != size for b in group):
+                # A short step (the last one, for a torch BatchSampler): cut the samples.
+                rest = chain(chain.from_iterable(group), chain.from_iterable(it))
+                yield from self._iter_fixed(rest, base=base, step=step)
+                return
+            if base is None:
+                base = [i for b in group for i in b]
+            if step >= self.start_batch:
+                yield list(group[self.rank]), full
+
+    def _iter_fixed(self, it: Iterator[Any], *, base: list[Any] | None = None,
+                    step: int = 0) -> Iterator[tuple[list[Any], StepInfo]]:
         big_g, g, w, lo = self.per_step, self.per_rank, self.world_size, self.rank * self.per_rank
         full = StepInfo((g,) * w, big_g)
-        base: list[Any] | None = None
-        step = 0
         while True:
             chunk = list(islice(it, big_g))
             n = len(chunk)

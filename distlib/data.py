@@ -14,11 +14,16 @@ import dataclasses
 import random
 import weakref
 from collections.abc import Iterator, Mapping
-from itertools import chain
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from distlib._shard_plan import ShardPlan, StepInfo, count_batches
 from distlib.env import Env
@@ -236,6 +241,11 @@ class ShardedLoader:
         """The user's batches (or indices) for this pass, reseeded for the epoch if random."""
         source = self._batches if self._batches is not None else self.source.sampler
         inner = getattr(source, "sampler", None)
+        if type(source) is BatchSampler and type(inner) is SequentialSampler:
+            # The same batches as ranges: other ranks' indices are never built as objects.
+            n, size = len(inner), source.batch_size
+            stop = n - n % size if source.drop_last else n
+            return (range(i, min(i + size, stop)) for i in range(0, stop, size))
         if type(source) is not BatchSampler or type(inner) is not RandomSampler:
             return source
         if self._seed is None:
@@ -279,8 +289,8 @@ class _RankBatches:
         loader = self.loader
         plan, source = _replace(loader._plan, loader._pass_start), loader._pass_batches()
         infos, single = loader._infos, loader._batches is None
-        stream = source if plan.variable or single else chain.from_iterable(source)
-        for batch, info in plan.iter_batches(stream):
+        steps = plan.iter_batches(source) if single else plan.iter_dealt(source)
+        for batch, info in steps:
             infos.append(info)
             yield batch[0] if single else batch
 

@@ -104,3 +104,17 @@ def test_whole_pass_dedup_gives_back_the_dataset(plan: ShardPlan, padded: bool) 
         gathered += block + ([-1] * (stride - len(block)) if stride else [])
     kept = [gathered[i] for i in keep_index(steps, stride)]
     assert kept == list(range(_kept(plan)))
+
+
+@PLAN_SETTINGS
+@given(shard_plans(variable=False))
+def test_dealing_whole_loader_batches_is_the_same_plan(plan: ShardPlan) -> None:
+    n, size = plan.num_samples or 0, plan.batch_size or 1
+    batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+    if plan.drop_last:
+        batches = [b for b in batches if len(b) == size]
+    flat = [i for b in batches for i in b]
+    assert list(plan.iter_dealt(batches)) == list(plan.iter_batches(flat))
+    # A batch sampler whose batches are not all full is cut by samples as well.
+    odd = [[0], *batches]
+    assert list(plan.iter_dealt(odd)) == list(plan.iter_batches([0, *flat]))
