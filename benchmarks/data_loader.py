@@ -2,9 +2,10 @@
 
 200,000 small samples (8 floats and a label), batch 64, one process and 2 gloo ranks started
 with distlib's launcher. Each rank times full passes of every loader, interleaved, and keeps
-the median (the loaders take turns going first); with 2 ranks the raw loader still reads the whole dataset on each rank, so the
-rates compare the cost per batch. Time is the rank's CPU time (``time.process_time``; the
-loaders use no worker processes), so other load on a shared machine does not skew the ratios.
+the median (the loaders take turns going first); with 2 ranks the raw loader still reads the
+whole dataset on each rank, so the rates compare the cost per batch. Time is the rank's CPU
+time (``time.process_time``; the loaders use no worker processes), so other load on a shared
+machine does not skew the ratios.
 Target: the sharded loader at >= 0.98x of raw.
 Run: python benchmarks/data_loader.py [--samples 200000] [--repeats 7] [--world-sizes 1 2]
 """

@@ -118,9 +118,9 @@ class ShardedLoader:
             per_loader = (1 if self._batches is None
                           else getattr(self._batches, "batch_size", None))
             drop_last = bool(getattr(self._batches, "drop_last", False))
-        self._plan = ShardPlan(batch_size=per_loader,
-                               batch_sizes=() if per_loader is None else None, world_size=env.world_size,
-                               rank=env.rank, drop_last=drop_last, split_batches=split_batches,
+        self._plan = ShardPlan(batch_size=per_loader, world_size=env.world_size, rank=env.rank,
+                               batch_sizes=() if per_loader is None else None,
+                               drop_last=drop_last, split_batches=split_batches,
                                even_batches=even_batches, start_batch=start_batch)
         self._seed: int | None = self._known_seed()
         self._epoch, self._next_start = 0, start_batch
@@ -155,8 +155,8 @@ class ShardedLoader:
 
     def metrics_layout(self) -> tuple[bool, list[StepInfo]]:
         """``(whole_pass, steps)``: the current step, or every step once the pass has ended."""
-        if self._done:
-            return True, self._infos[:self._yielded]
+        if self._done:  # map-style: also the last step, where this rank may have had no batch
+            return True, list(self._infos)
         if not self._yielded:
             return False, []
         return False, [self._infos[self._yielded - 1]]
@@ -211,7 +211,8 @@ class ShardedLoader:
             if inner is None:
                 return len(self._batches) * self._plan.batch_size  # type: ignore[operator]
             n = len(inner)
-            return n - n % self._plan.batch_size if self._plan.drop_last else n  # type: ignore[operator]
+            size: int = self._plan.batch_size  # type: ignore[assignment]
+            return n - n % size if self._plan.drop_last else n
         except TypeError:
             msg = ("len(): the loader's dataset or sampler must have a length to count batches, "
                    f"but got a {type(self.dataset).__name__} without __len__. Iterate without "
@@ -326,7 +327,8 @@ def _move(batch: Any, device: Any, non_blocking: bool) -> Any:
     if callable(getattr(batch, "to", None)) and not isinstance(batch, (str, bytes)):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return type(batch)({k: _move(v, device, non_blocking) for k, v in batch.items()})  # type: ignore[call-arg]
+        moved = {k: _move(v, device, non_blocking) for k, v in batch.items()}
+        return type(batch)(moved)  # type: ignore[call-arg]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(_move(v, device, non_blocking) for v in batch))
     if isinstance(batch, (list, tuple)):
@@ -386,7 +388,8 @@ def _length(inputs: Any) -> int:
 
 def _chunk(inputs: Any, start: int, end: int, target: int | None) -> Any:
     if isinstance(inputs, Mapping):
-        return type(inputs)({k: _chunk(v, start, end, target) for k, v in inputs.items()})  # type: ignore[call-arg]
+        parts = {k: _chunk(v, start, end, target) for k, v in inputs.items()}
+        return type(inputs)(parts)  # type: ignore[call-arg]
     part = inputs[start:end]
     missing = 0 if target is None or len(inputs) == 0 else target - len(part)
     if missing <= 0:

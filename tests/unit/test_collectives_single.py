@@ -53,7 +53,8 @@ def test_split_between_processes_covers_in_order(n: int, world: int) -> None:
     assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1
     if n and world > 1:
         assert len({len(p) for p in padded}) == 1
-        assert all(p[len(c):] == [items[-1]] * (len(p) - len(c)) for p, c in zip(padded, chunks, strict=True))
+        for p, c in zip(padded, chunks, strict=True):
+            assert p[len(c):] == [items[-1]] * (len(p) - len(c))
         assert [t["t"].tolist() for t in tensors] == [[int(s[1:]) for s in p] for p in padded]
         assert [list(t["s"]) for t in tensors] == padded
     with pytest.raises(ShardingError, match="same length"), dl.split_between_processes(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import namedtuple
+from typing import Any
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ class Stream(IterableDataset[int]):
         return self.n
 
 
-def _passes(make, world: int, **kw: object) -> list[list[list[int]]]:  # type: ignore[no-untyped-def]
+def _passes(make: Any, world: int, **kw: Any) -> list[list[list[int]]]:
     out = []
     for rank in range(world):
         loader = dl.shard(make(), _env(rank, world), **kw)
@@ -56,7 +57,7 @@ def _passes(make, world: int, **kw: object) -> list[list[list[int]]]:  # type: i
     return out
 
 
-def _dedup(make, world: int, **kw: object) -> list[int]:  # type: ignore[no-untyped-def]
+def _dedup(make: Any, world: int, **kw: Any) -> list[int]:
     """What gather_metrics returns over a whole pass, computed rank by rank."""
     blocks, layout = [], []
     for rank in range(world):
