@@ -30,10 +30,9 @@ def _version(module: str) -> str:
 def _config_path(explicit: str | None) -> str:
     if explicit:
         return explicit
-    if os.environ.get("DISTLIB_CONFIG_FILE"):
-        return os.environ["DISTLIB_CONFIG_FILE"]
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "distlib", "default_config.yaml")
+    from distlib.launch.config import default_config_path
+
+    return default_config_path(os.environ)
 
 
 def environment_report(config_file: str | None = None) -> str:
