@@ -26,7 +26,7 @@ from distlib.big_model.sizes import TensorInfo, dtype_name, keep_in_fp32_of
 from distlib.errors import CheckpointError
 
 __all__ = ["OFFLOAD_ATTR", "OffloadSource", "checkpoint_files", "checkpoint_tensors",
-           "load_checkpoint", "open_source", "read_safetensors_header"]
+           "drop_pages", "load_checkpoint", "open_source", "read_safetensors_header"]
 
 OFFLOAD_ATTR = "distlib_offload"  # model attribute: {tensor name: OffloadSource}
 _SAFE_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -188,12 +188,20 @@ class _Reader:
 
     def release(self, src: OffloadSource) -> None:
         """Drop the pages of ``src`` (already copied out) from this process's memory map."""
-        mapped = self.maps.get(src.file)
-        advice = getattr(mmap, "MADV_DONTNEED", None)
-        start = -(-src.offset // mmap.PAGESIZE) * mmap.PAGESIZE  # only whole pages inside
-        stop = (src.offset + src.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        if mapped is not None and advice is not None and stop > start:
-            mapped.madvise(advice, start, stop - start)
+        drop_pages(self.maps.get(src.file), src)
+
+
+def drop_pages(mapped: mmap.mmap | None, src: OffloadSource) -> None:
+    """Unmap the whole pages inside ``src``'s bytes from this process (``MADV_DONTNEED``).
+
+    The map is private and these pages were never written, so a later read faults the
+    file's bytes back in (from the page cache when they are still there).
+    """
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    start = -(-src.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    stop = (src.offset + src.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if mapped is not None and advice is not None and stop > start:
+        mapped.madvise(advice, start, stop - start)
 
 
 def _numel(shape: Sequence[int]) -> int:

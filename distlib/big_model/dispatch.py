@@ -21,6 +21,7 @@ from distlib.big_model.checkpoint_io import (
     OFFLOAD_ATTR,
     OffloadSource,
     _offload,
+    drop_pages,
     load_checkpoint,
     open_source,
     read_offload_index,
@@ -114,11 +115,18 @@ def _read_ahead(runtime: _Runtime, key: str) -> None:
     advise = getattr(mmap, "MADV_WILLNEED", None)
     for slot in slots:
         src = slot.source
-        mapped = runtime.maps.get(src.file) if src is not None else None
-        if src is None or advise is None or mapped is None or src.nbytes == 0:
+        if src is None or advise is None or src.nbytes == 0:
             continue
+        open_source(src, runtime.maps)  # maps the file on first use
+        mapped = runtime.maps[src.file]
         start = src.offset - src.offset % mmap.PAGESIZE
         mapped.madvise(advise, start, src.offset + src.nbytes - start)
+
+
+def _release(runtime: _Runtime, src: OffloadSource) -> None:
+    """Unmap a disk weight's pages once its module has run: they stay in the page cache, but
+    no longer count in this process's resident memory."""
+    drop_pages(runtime.maps.get(src.file), src)
 
 
 def _following(runtime: _Runtime, key: str) -> str | None:
@@ -174,9 +182,12 @@ def _make_hooks(key: str, runtime: _Runtime, root: bool) -> tuple[Any, Any]:
     def post_hook(module: Any, args: Any, output: Any) -> Any:
         for slot in slots:
             _restore(slot)
+            if slot.source is not None:
+                _release(runtime, slot.source)
         if root and runtime.trace is not None:
             _learn_order(runtime)
-        if root and runtime.output_device is not None:
+        if root and runtime.output_device is not None and \
+                any(d != runtime.output_device for d in runtime.devices.values()):
             return _move(output, runtime.output_device)
         return output
 

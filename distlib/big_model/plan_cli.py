@@ -75,7 +75,7 @@ def plan_checkpoint(checkpoint: str, max_memory: dict[str, Any] | None = None, d
             no_split = list(getattr(model, "_no_split_modules", None) or ())
     else:
         infos = checkpoint_tensors(checkpoint)
-        model = layout_from_tensors(sorted(infos.values(), key=lambda i: _natural(i.name)))
+        model = layout_from_tensors(_model_order(infos.values()))
     return infer_device_map(model, max_memory, no_split or (), dtype, mode=mode,
                             keep_in_fp32_modules=None if model_config else ())
 
@@ -83,6 +83,16 @@ def plan_checkpoint(checkpoint: str, max_memory: dict[str, Any] | None = None, d
 def _natural(name: str) -> list[tuple[int, int | str]]:
     """Sort key: numbered blocks in numeric order (``layers.2`` before ``layers.10``)."""
     return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
+
+
+def _model_order(infos: Any) -> list[Any]:
+    """Guess the definition order from names alone: the backbone (the top-level module with
+    the most tensors) first, then the smaller ones such as heads; numbers as numbers."""
+    counts: dict[str, int] = {}
+    for info in infos:
+        top = info.name.split(".")[0]
+        counts[top] = counts.get(top, 0) + 1
+    return sorted(infos, key=lambda i: (-counts[i.name.split(".")[0]], _natural(i.name)))
 
 
 def _human(size: float) -> str:
