@@ -21,8 +21,8 @@ _TOP = {"mixed_precision": "precision", "use_cpu": "cpu", "num_processes": "num_
         "rdzv_backend": "rdzv_backend", "debug": "debug"}
 _IGNORED_TOP = {"same_network", "main_training_function", "enable_cpu_affinity",
                 "downcast_bf16", "tpu_name", "tpu_zone", "tpu_use_cluster", "tpu_use_sudo",
-                "command_file", "commands", "tpu_vm", "tpu_env", "tpu_use_sudo",
-                "dynamo_config", "ipex_config", "mpirun_config", "fp8_config",
+                "command_file", "commands", "tpu_vm", "tpu_env", "dynamo_config",
+                "ipex_config", "mpirun_config", "fp8_config",
                 "parallelism_config", "megatron_lm_config", "dynamo_backend"}
 _DISTRIBUTED = {"NO": None, "MULTI_CPU": "ddp", "MULTI_GPU": "ddp", "FSDP": "fsdp",
                 "DEEPSPEED": "deepspeed", "XLA": "xla", "TPU": "xla"}
