@@ -33,7 +33,8 @@ class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
             msg = f"[rank {self.env.rank}] {msg}"
         return msg, kwargs
 
-    def log(self, level: int, msg: Any, *args: Any, main_process_only: bool = True,
+    def log(  # type: ignore[override]
+            self, level: int, msg: Any, *args: Any, main_process_only: bool = True,
             in_order: bool = False, **kwargs: Any) -> None:
         """Log on rank 0 only (default), or on every rank; ``in_order`` takes turns.
 
