@@ -90,6 +90,8 @@ def _signature(x: Any, free_dim: int | None, rows: bool) -> list[Any]:
 def _check_agree(env: Env, call: str, sig: Any) -> None:
     import torch.distributed as dist
 
+    if env.backend == "xla":
+        return  # XLA replicas exchange tensors only; the check needs Python objects
     every: list[Any] = [None] * env.world_size
     dist.all_gather_object(every, (call, sig))
     for rank, theirs in enumerate(every):
@@ -100,11 +102,23 @@ def _check_agree(env: Env, call: str, sig: Any) -> None:
             raise CollectiveError(msg)
 
 
+def _no_objects_on_xla(env: Env, call: str) -> None:
+    if env.backend == "xla":
+        msg = (f"{call}: Python objects must travel between processes of a torch.distributed "
+               f"group, but got an XLA Env with {env.world_size} replicas. Exchange tensors "
+               "(gather, broadcast), or run the objects' part on CPU processes.")
+        raise CollectiveError(msg)
+
+
 # -- tensors ---------------------------------------------------------------------------------
 def _gather_tensor(t: torch.Tensor, env: Env) -> torch.Tensor:
     import torch.distributed as dist
 
     t = (t[None] if t.dim() == 0 else t).contiguous()
+    if env.backend == "xla":
+        from distlib import _xla
+
+        return _xla.all_gather(t)
     out = t.new_empty((env.world_size * t.shape[0], *t.shape[1:]))
     if env.backend == "nccl":
         dist.all_gather_into_tensor(out, t)
@@ -155,6 +169,7 @@ def gather_object(obj: Any, env: Env) -> list[Any]:
     import torch.distributed as dist
 
     _start(env, "gather_object()", None)
+    _no_objects_on_xla(env, "gather_object()")
     every: list[Any] = [None] * env.world_size
     dist.all_gather_object(every, obj)
     if all(isinstance(o, (list, tuple)) for o in every):
@@ -182,6 +197,10 @@ def reduce(x: Any, env: Env, op: str = "mean") -> Any:
     import torch.distributed as dist
 
     _start(env, "reduce()", x)
+    if env.backend == "xla":
+        from distlib import _xla
+
+        return _map(lambda t: _xla.all_reduce(t, op), x)
     red = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
            "min": dist.ReduceOp.MIN}[op]
 
@@ -208,6 +227,10 @@ def broadcast(x: Any, env: Env, src: int = 0) -> Any:
     import torch.distributed as dist
 
     _start(env, "broadcast()", x)
+    if env.backend == "xla":
+        from distlib import _xla
+
+        return _map(lambda t: _xla.broadcast(t.clone(), src), x)
 
     def one(t: torch.Tensor) -> torch.Tensor:
         out = t.clone().contiguous()
@@ -231,6 +254,7 @@ def broadcast_object(obj: Any, env: Env, src: int = 0) -> Any:
     import torch.distributed as dist
 
     _start(env, "broadcast_object()", None)
+    _no_objects_on_xla(env, "broadcast_object()")
     box = [obj if env.rank == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -290,6 +314,11 @@ def barrier(env: Env) -> None:
         import torch.distributed as dist
 
         runtime.initialize(env)
+        if env.backend == "xla":
+            from distlib import _xla
+
+            _xla.barrier("distlib.barrier")
+            return
         dist.barrier()
 
 
@@ -394,6 +423,7 @@ def _longest_layout(steps: list[Any], env: Env) -> list[Any]:
     """Every rank's layout is a prefix of the pass's; a rank that ran out early lacks the end."""
     import torch.distributed as dist
 
+    _no_objects_on_xla(env, "gather_metrics() with even_batches=False")
     every: list[Any] = [None] * env.world_size
     dist.all_gather_object(every, steps)
     return max(every, key=len)
@@ -409,6 +439,7 @@ def _gather_rows(leaves: Sequence[Any], env: Env, stride: int,
     objects = [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)]
     every: list[Any] = [None] * env.world_size
     if objects:
+        _no_objects_on_xla(env, "gather_metrics() of Python objects")
         dist.all_gather_object(every, objects)
     out: list[Any] = []
     which = 0

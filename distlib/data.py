@@ -261,9 +261,11 @@ class ShardedLoader:
         seed = random.SystemRandom().randrange(2**62)
         if not self.env.is_distributed:
             return seed
-        from distlib.collectives import broadcast_object
+        from distlib.collectives import broadcast
 
-        return int(broadcast_object(seed, self.env))
+        # A tensor, not a pickled object: works on every backend (XLA replicas too).
+        mine = torch.tensor([seed], dtype=torch.int64, device=self.env.device)
+        return int(broadcast(mine, self.env).item())
 
 
 def _replace(plan: ShardPlan, start: int) -> ShardPlan:

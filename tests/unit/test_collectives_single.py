@@ -68,3 +68,31 @@ def test_logger_speaks_on_the_main_rank_only(caplog: pytest.LogCaptureFixture) -
     get_logger("distlib.test_log", _env(1, 2)).info("everyone", main_process_only=False)
     get_logger("distlib.test_log", _env(0, 2)).info("main")
     assert [r.getMessage() for r in caplog.records] == ["[rank 1] everyone", "[rank 0] main"]
+
+
+def test_xla_envs_route_tensor_collectives_through_distlib_xla(monkeypatch: pytest.MonkeyPatch,
+                                                              ) -> None:
+    """Multi-replica XLA Envs use torch_xla's collectives (faked here: no torch_xla on CI)."""
+    from distlib import _xla, runtime
+
+    calls: list[str] = []
+    monkeypatch.setattr(runtime, "initialize", lambda env, **kw: None)
+    monkeypatch.setattr(_xla, "all_gather", lambda t, dim=0: calls.append("gather") or
+                        torch.cat([t, t + 100]))
+    monkeypatch.setattr(_xla, "all_reduce", lambda t, op="sum": calls.append(op) or t * 2)
+    monkeypatch.setattr(_xla, "broadcast", lambda t, src=0: calls.append("bcast") or t)
+    monkeypatch.setattr(_xla, "barrier", lambda tag: calls.append("barrier"))
+    env = Env(rank=0, world_size=2, local_rank=0, local_world_size=2, backend="xla",
+              device="xla:0")
+    assert dl.gather({"a": torch.tensor([1, 2])}, env)["a"].tolist() == [1, 2, 101, 102]
+    assert dl.reduce([torch.ones(1)], env, op="max")[0].tolist() == [2.0]
+    x = torch.zeros(1)
+    assert dl.broadcast(x, env) is not x
+    dl.barrier(env)
+    loader = dl.shard(torch.utils.data.DataLoader(list(range(3)), batch_size=2), env,
+                      device_placement=False)
+    batches = [dl.gather_metrics(b, env, loader).tolist() for b in loader]
+    assert batches == [[0, 1, 100]]  # the fake peer's rows are ours + 100; 1 padding row dropped
+    assert calls == ["gather", "max", "bcast", "barrier", "gather"]
+    with pytest.raises(CollectiveError, match="XLA Env"):
+        dl.gather_object(["a"], env)
