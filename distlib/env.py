@@ -22,6 +22,7 @@ from distlib.errors import ConfigError, EnvError
 from distlib.precision import Precision, parse_precision
 from distlib.strategies.base import Strategy, parse_strategy
 from distlib.strategies.single import Single
+from distlib.strategies.xla import XLA
 
 __all__ = ["BACKENDS", "Env", "Hardware", "detect", "probe_hardware"]
 
@@ -58,10 +59,21 @@ class Hardware:
     num_gpus: int = 0
     mps: bool = False
     xla: bool = False
+    # The rank fields of an ``xmp.spawn`` replica as torch_xla's runtime reports them, in the
+    # order of _XLA_FIELDS (replicas may be threads of one process: not in the environment).
+    xla_replica: tuple[int, int, int, int, int, int] | None = None
 
 
-def probe_hardware() -> Hardware:
+_XLA_FIELDS = ("rank", "world_size", "local_rank", "local_world_size", "node_rank", "num_nodes")
+
+
+def probe_hardware(*, xla_replica: bool = False) -> Hardware:
     """Ask torch how many GPUs are visible and whether MPS / torch_xla exist.
+
+    Args:
+        xla_replica: this process runs ``xmp.spawn`` replicas: ask torch_xla's runtime for
+            the replica's ranks (this starts the runtime, so never in the parent of
+            ``xmp.spawn``).
 
     Effects: imports torch; does not initialise CUDA (``device_count`` uses NVML where it can).
     """
@@ -71,7 +83,14 @@ def probe_hardware() -> Hardware:
 
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     xla = importlib.util.find_spec("torch_xla") is not None
-    return Hardware(num_gpus=torch.cuda.device_count(), mps=mps, xla=xla)
+    ranks = None
+    if xla and xla_replica:
+        from distlib import _xla
+
+        found = _xla.runtime_ranks()
+        ranks = tuple(int(found[f]) for f in _XLA_FIELDS)
+    return Hardware(num_gpus=torch.cuda.device_count(), mps=mps, xla=xla,
+                    xla_replica=ranks)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -360,13 +379,25 @@ def detect(
     from_config = _from_config(config)
     use_cpu = cpu if cpu is not None else _read_bool(environ, "DISTLIB_CPU",
                                                      from_config.get("cpu", False))
-    hw = hardware if hardware is not None or use_cpu else probe_hardware()
+    # An xmp.spawn replica: no launcher variables, PJRT_LOCAL_PROCESS_COUNT set by xmp.spawn.
+    in_xmp = (launcher == "none" and bool(environ.get("PJRT_DEVICE"))
+              and "PJRT_LOCAL_PROCESS_COUNT" in environ and not use_cpu)
+    hw = (hardware if hardware is not None or use_cpu
+          else probe_hardware(xla_replica=in_xmp))
+    if in_xmp and hw is not None and hw.xla_replica is not None:
+        values = dict(zip(_XLA_FIELDS, hw.xla_replica, strict=True))
+        launcher = "xmp"
+        _check_ranks("detect()", values | {"master_port": port},
+                     {f: f"torch_xla's {f}" for f in values} | {"master_port": "MASTER_PORT"},
+                     repr)
     device, backend = _device_for(environ, hw or Hardware(), values["local_rank"], use_cpu)
     chosen_strategy = (strategy if strategy is not None
                        else _strategy_from_environ(environ) or from_config.get("strategy"))
     if chosen_strategy is None:
-        chosen_strategy = ("xla" if backend == "xla"
-                           else "ddp" if values["world_size"] > 1 else "single")
+        if backend == "xla":
+            chosen_strategy = XLA(spmd=_read_bool(environ, "XLA_USE_SPMD", False))
+        else:
+            chosen_strategy = "ddp" if values["world_size"] > 1 else "single"
     chosen_precision = (precision if precision is not None
                         else environ.get("DISTLIB_PRECISION") or from_config.get("precision"))
     timeout = environ.get("DISTLIB_TIMEOUT")
