@@ -39,23 +39,38 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from distlib.big_model import (
+        DeviceMap,
+        dispatch,
+        infer_device_map,
+        init_empty_weights,
+        init_on_device,
+        load_checkpoint,
+        load_checkpoint_and_dispatch,
+    )
     from distlib.checkpoint import load_state, save_state
+    from distlib.collectives import (
+        barrier,
+        broadcast,
+        broadcast_object,
+        gather,
+        gather_metrics,
+        gather_object,
+        main_process_first,
+        pad_across_processes,
+        reduce,
+    )
+    from distlib.data import ShardPlan, shard, split_between_processes
     from distlib.env import Env, detect
     from distlib.launch.launcher import LaunchResult, launch  # the package is callable
     from distlib.precision import Precision
+    from distlib.step import MicroStep, accumulate, backward, clip_grad_norm, seed
+    from distlib.strategies.base import unwrap, wrap
     from distlib.strategies.ddp import DDP
     from distlib.strategies.deepspeed import DeepSpeed
     from distlib.strategies.fsdp import FSDP
     from distlib.strategies.single import Single
     from distlib.strategies.xla import XLA
-    from distlib.strategies.base import unwrap, wrap
-    from distlib.step import MicroStep, accumulate, backward, clip_grad_norm, seed
-    from distlib.data import ShardPlan, shard, split_between_processes
-    from distlib.big_model import (DeviceMap, dispatch, infer_device_map, init_empty_weights,
-                                   init_on_device, load_checkpoint, load_checkpoint_and_dispatch)
-    from distlib.collectives import (barrier, broadcast, broadcast_object, gather, gather_metrics,
-                                     gather_object, main_process_first, pad_across_processes,
-                                     reduce)
 
 
 def __getattr__(name: str) -> Any:

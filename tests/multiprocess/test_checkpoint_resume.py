@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  its import sets TORCHINDUCTOR_CACHE_DIR; before the leak check
+import torch._dynamo
 
 import distlib as dl
 from distlib.testing import spawn
