@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from distlib.errors import StrategyError
 from distlib.strategies._validate import check_choice, check_min, check_type
 
 __all__ = ["DDP", "apply"]
@@ -87,6 +88,10 @@ def apply(model: Any, strategy: DDP, env: Any, *, optimizer: Any = None,
     if not is_initialized():
         return single.apply(model, single.Single(), env, optimizer=optimizer,
                             scheduler=scheduler)
+    if strategy.comm_hook == "bf16" and env.backend != "nccl":
+        msg = (f"wrap(): DDP comm_hook 'bf16' must run on the NCCL backend, but got backend "
+               f"{env.backend!r}. Use comm_hook='fp16' (or 'powersgd') on gloo.")
+        raise StrategyError(msg)
     scaler = place_with_precision(model, env, autocast=False)
     device = env.torch_device
     # torch >= 2.13 deprecates the argument with a warning: pass it only to turn it off.

@@ -90,6 +90,8 @@ SCENARIOS: dict[str, tuple[Any, dict[str, Any]]] = {
     "ddp": (dl.DDP(), {}),
     "ddp-acc2-two-models": (dl.DDP(), {"steps": 2, "seeds": (0, 1)}),
     "ddp-fp16-hook": (dl.DDP(comm_hook="fp16"), {}),
+    "ddp-powersgd-static": (dl.DDP(comm_hook="powersgd", static_graph=True,
+                                   gradient_as_bucket_view=True), {"steps": 2}),
     "ddp-bf16": (dl.DDP(), {"precision": "bf16", "steps": 2}),
     "ddp-fp16-overflow": (dl.DDP(), {"precision": "fp16", "steps": 2, "overflow": True}),
     "fsdp": (dl.FSDP(wrap_classes=("Block",)), {}),

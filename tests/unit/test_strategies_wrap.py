@@ -166,6 +166,18 @@ def test_ddp_in_one_process_without_group_only_places() -> None:
     assert model is inner
 
 
+def test_ddp_bf16_comm_hook_needs_nccl(group: None) -> None:
+    with pytest.raises(StrategyError, match="comm_hook 'bf16' must run on the NCCL backend"):
+        dl.wrap(_net(), dl.DDP(comm_hook="bf16"), env=dl.Env())
+
+
+def test_ddp_in_a_one_rank_group_wraps_and_trains_like_single(group: None) -> None:
+    reference = _weights(_train(dl.Single()))
+    got = _weights(_train(dl.DDP(find_unused_parameters=True, comm_hook="fp16")))
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=1e-2, atol=1e-3)
+
+
 def test_plan_units_by_class_and_by_size() -> None:
     net = _net()
     assert plan_units(net, dl.FSDP(wrap_classes=("Block",))) == ["1", "0"]
