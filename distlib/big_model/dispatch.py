@@ -11,7 +11,6 @@ of the memory map on the CPU.
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +55,64 @@ class _Runtime:
     ahead: tuple[str, Any, list[Any]] | None = None
     output_device: Any = None
     trace: list[str] | None = field(default_factory=list)  # run order, until learned
+    arenas: list[Any] = field(default_factory=list)  # free byte buffers for disk weights
+    arena_bytes: int = 0
+    in_use: dict[str, Any] = field(default_factory=dict)  # module -> arena while it runs
+
+
+_ALIGN = 64
+
+
+def _spans(slots: list[_Slot]) -> tuple[list[int], int]:
+    """Offsets of each disk weight in a module's arena (64-byte aligned), and the total."""
+    offsets, total = [], 0
+    for slot in slots:
+        offsets.append(total)
+        nbytes = slot.source.nbytes if slot.source is not None else 0
+        total += -(-nbytes // _ALIGN) * _ALIGN
+    return offsets, total
+
+
+def _read_into(handle: Any, src: OffloadSource, out: Any) -> None:
+    """Read ``src``'s bytes into the uint8 tensor ``out`` (no page faults on a mapping)."""
+    view, done = memoryview(out.numpy()).cast("B"), 0
+    while done < src.nbytes:
+        handle.seek(src.offset + done)
+        count = handle.readinto(view[done:])
+        if not count:
+            msg = (f"dispatch(): {src.file} must hold the bytes of an offloaded weight, but it "
+                   "ended early. Was the checkpoint or offload folder changed after loading?")
+            raise DeviceMapError(msg)
+        done += count
+
+
+def _fetch_cpu(runtime: _Runtime, key: str, slots: list[_Slot]) -> list[Any]:
+    """Read a CPU-run module's disk weights into a reused arena: copies, not page faults."""
+    import torch
+
+    offsets, total = _spans(slots)
+    arena = runtime.arenas.pop() if runtime.arenas else None
+    if arena is None or arena.numel() < total:
+        arena = torch.empty(max(total, runtime.arena_bytes), dtype=torch.uint8)
+    runtime.in_use[key] = arena
+    values: list[Any] = []
+    handles: dict[str, Any] = {}
+    try:
+        for slot, offset in zip(slots, offsets, strict=True):
+            src = slot.source
+            if src is None:  # not offloaded to disk: nothing to read
+                values.append(slot.home)
+                continue
+            chunk = arena[offset:offset + src.nbytes]
+            if src.nbytes:
+                if src.file not in handles:
+                    handles[src.file] = open(src.file, "rb", buffering=0)  # noqa: SIM115
+                _read_into(handles[src.file], src, chunk)
+            values.append(chunk.view(getattr(torch, src.dtype)).view(src.shape))
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return values
 
 
 def _move(obj: Any, device: Any) -> Any:
@@ -79,7 +136,7 @@ def _fetch(slot: _Slot, device: Any, runtime: _Runtime, non_blocking: bool = Fal
     if slot.source is not None:
         view = open_source(slot.source, runtime.maps)
         return view if device.type == "cpu" else view.to(device, non_blocking=non_blocking)
-    return slot.home.to(device, non_blocking=non_blocking)
+    return slot.home.detach().to(device, non_blocking=non_blocking)
 
 
 def _install(slot: _Slot, value: Any) -> None:
@@ -112,15 +169,13 @@ def _read_ahead(runtime: _Runtime, key: str) -> None:
             event.record(runtime.stream)
         runtime.ahead = (key, event, values)
         return
-    advise = getattr(mmap, "MADV_WILLNEED", None)
+    advise = getattr(os, "posix_fadvise", None)
     for slot in slots:
         src = slot.source
         if src is None or advise is None or src.nbytes == 0:
             continue
-        open_source(src, runtime.maps)  # maps the file on first use
-        mapped = runtime.maps[src.file]
-        start = src.offset - src.offset % mmap.PAGESIZE
-        mapped.madvise(advise, start, src.offset + src.nbytes - start)
+        with open(src.file, "rb", buffering=0) as handle:  # the advice outlives the handle
+            advise(handle.fileno(), src.offset, src.nbytes, os.POSIX_FADV_WILLNEED)
 
 
 def _release(runtime: _Runtime, src: OffloadSource) -> None:
@@ -168,6 +223,8 @@ def _make_hooks(key: str, runtime: _Runtime, root: bool) -> tuple[Any, Any]:
                 for value in ahead[2]:
                     value.record_stream(torch.cuda.current_stream(device))
                 values = ahead[2]
+            elif device is not None and device.type == "cpu":
+                values = _fetch_cpu(runtime, key, slots)
             else:
                 values = [_fetch(s, device, runtime) for s in slots]
             for slot, value in zip(slots, values, strict=True):
@@ -182,8 +239,10 @@ def _make_hooks(key: str, runtime: _Runtime, root: bool) -> tuple[Any, Any]:
     def post_hook(module: Any, args: Any, output: Any) -> Any:
         for slot in slots:
             _restore(slot)
-            if slot.source is not None:
+            if slot.source is not None and key not in runtime.in_use:
                 _release(runtime, slot.source)
+        if key in runtime.in_use:
+            runtime.arenas.append(runtime.in_use.pop(key))
         if root and runtime.trace is not None:
             _learn_order(runtime)
         if root and runtime.output_device is not None and \
@@ -270,7 +329,7 @@ def _plan_slots(model: Any, dmap: DeviceMap, main: Any, sources: Mapping[str, Of
             device in ("cpu", "disk") and run_on.type != "cpu" and (is_param or offload_buffers))
         if not offloaded:
             if id(tensor) not in homes:
-                moved = tensor.to(run_on)
+                moved = tensor.detach().to(run_on) if tensor.device != run_on else tensor
                 homes[id(tensor)] = torch.nn.Parameter(moved, tensor.requires_grad) \
                     if is_param and moved is not tensor else moved
             store[leaf] = homes[id(tensor)]
@@ -356,6 +415,7 @@ def dispatch(model: Any, device_map: DeviceMap | Mapping[str, Any],
     movers = _movers(dmap, modules, main)
     runtime.devices.update(movers)
     runtime.order = [n for n in modules if runtime.slots.get(n)]
+    runtime.arena_bytes = max((_spans(v)[1] for v in runtime.slots.values()), default=0)
     if main.type == "cuda" and runtime.order:
         runtime.stream = torch.cuda.Stream(main)  # type: ignore[no-untyped-call]
     hooked = list(dict.fromkeys([*movers, *runtime.order])) if len(dmap.devices) > 1 or \
