@@ -14,7 +14,7 @@ def check_sharded_loader(env: Env) -> str:
 
     Each must give back exactly the dataset, in order: every sample once, padding dropped.
 
-    Example:
+    Examples:
         >>> check_sharded_loader(Env())
         'map 7/7, iterable 7/7'
 

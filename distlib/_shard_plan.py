@@ -41,7 +41,7 @@ def count_batches(units: int, per_step: int, per_rank: int, rank: int, *, drop_l
                   pad: bool) -> tuple[int, int]:
     """Return ``(steps in the pass, batches rank gets)`` for ``units`` samples (or batches).
 
-    Example:
+    Examples:
         >>> count_batches(10, 4, 2, 1, drop_last=False, pad=False)   # 10 samples, G=4, g=2
         (3, 2)
     """
@@ -71,7 +71,7 @@ class ShardPlan:
         start_batch: the first step to yield (resuming mid-epoch).
         batch_sizes: the sizes of the loader's batches this pass (variable-size batches only).
 
-    Example:
+    Examples:
         >>> plan = ShardPlan(num_samples=10, batch_size=2, world_size=2, rank=1)
         >>> len(plan), plan.step_positions(2)
         (3, ((8, 9), (0, 1)))
@@ -302,7 +302,7 @@ def keep_index(steps: Sequence[StepInfo], rank_stride: int | None = None) -> lis
     block starts at ``rank * rank_stride`` (default: right after the previous block). Within a
     step the real rows are the first ``real`` in rank order; the rest is padding.
 
-    Example:
+    Examples:
         >>> keep_index([StepInfo((2, 2), 4), StepInfo((2, 2), 3)])   # 7 samples, 2 ranks
         [0, 1, 4, 5, 2, 3, 6]
     """

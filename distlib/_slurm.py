@@ -78,7 +78,7 @@ def expand_nodelist(text: str, *, source: str = "SLURM_JOB_NODELIST") -> list[st
     Raises:
         EnvError: the text is not a valid host list.
 
-    Example:
+    Examples:
         >>> expand_nodelist("gpu[01-03,07],cpu3")
         ['gpu01', 'gpu02', 'gpu03', 'gpu07', 'cpu3']
     """
@@ -96,7 +96,7 @@ def expand_nodelist(text: str, *, source: str = "SLURM_JOB_NODELIST") -> list[st
 def expand_tasks_per_node(text: str, *, source: str = "SLURM_TASKS_PER_NODE") -> list[int]:
     """Expand SLURM's tasks-per-node notation into one count per node.
 
-    Example:
+    Examples:
         >>> expand_tasks_per_node("2(x3),1")
         [2, 2, 2, 1]
     """

@@ -36,7 +36,7 @@ _REDUCE_OPS = ("sum", "mean", "max", "min")
 def is_available() -> bool:
     """True when torch_xla can be imported (checked without importing it).
 
-    Example:
+    Examples:
         >>> isinstance(is_available(), bool)
         True
     """
@@ -223,7 +223,7 @@ def barrier(tag: str) -> None:
 def to_cpu(obj: Any) -> Any:
     """Copy every XLA tensor of a nested structure to the CPU (before saving, for example).
 
-    Example:
+    Examples:
         >>> to_cpu({"a": [torch.ones(1)], "b": 3})
         {'a': [tensor([1.])], 'b': 3}
     """
@@ -280,7 +280,7 @@ def check_precision(precision: Any) -> torch.dtype | None:
     Raises:
         PrecisionError: fp16 or fp8 (TPUs compute in bf16; there is no fp16 grad scaling here).
 
-    Example:
+    Examples:
         >>> check_precision("bf16")
         torch.bfloat16
     """

@@ -248,7 +248,7 @@ def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathli
     Effects: joins the process group; writes ``.<name>.partial`` beside ``path`` and renames
     it to ``path`` when complete (the previous checkpoint is removed only after that).
 
-    Example:
+    Examples:
         >>> import torch, distlib as dl, tempfile, os
         >>> model = torch.nn.Linear(2, 2)
         >>> folder = os.path.join(tempfile.mkdtemp(), "ckpt")

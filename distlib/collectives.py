@@ -140,7 +140,7 @@ def gather(x: Any, env: Env) -> Any:
     Raises:
         CollectiveError: a leaf is not a tensor, or (debug mode) shapes or dtypes disagree.
 
-    Example:
+    Examples:
         >>> gather({"x": torch.ones(2)}, Env())["x"]
         tensor([1., 1.])
 
@@ -158,7 +158,7 @@ def gather(x: Any, env: Env) -> Any:
 def gather_object(obj: Any, env: Env) -> list[Any]:
     """Collect a picklable object from every rank: lists are concatenated, others listed.
 
-    Example:
+    Examples:
         >>> gather_object(["a", "b"], Env())
         ['a', 'b']
 
@@ -182,7 +182,7 @@ def reduce(x: Any, env: Env, op: str = "mean") -> Any:
 
     A mean of integer tensors is a floating tensor (on one rank too).
 
-    Example:
+    Examples:
         >>> reduce(torch.tensor([1.0, 3.0]), Env(), op="sum")
         tensor([1., 3.])
 
@@ -215,7 +215,7 @@ def reduce(x: Any, env: Env, op: str = "mean") -> Any:
 def broadcast(x: Any, env: Env, src: int = 0) -> Any:
     """Every rank gets rank ``src``'s tensors (each rank passes tensors of the same shapes).
 
-    Example:
+    Examples:
         >>> broadcast([torch.zeros(1)], Env())
         [tensor([0.])]
 
@@ -243,7 +243,7 @@ def broadcast(x: Any, env: Env, src: int = 0) -> Any:
 def broadcast_object(obj: Any, env: Env, src: int = 0) -> Any:
     """Every rank gets rank ``src``'s picklable object.
 
-    Example:
+    Examples:
         >>> broadcast_object({"seed": 7}, Env())
         {'seed': 7}
 
@@ -273,7 +273,7 @@ def pad_across_processes(x: Any, env: Env, dim: int = 0, pad_index: int = 0,
         pad_index: the fill value.
         pad_first: pad at the start instead of the end.
 
-    Example:
+    Examples:
         >>> pad_across_processes(torch.ones(2, 3), Env(), dim=1).shape
         torch.Size([2, 3])
 
@@ -305,7 +305,7 @@ def _pad(t: torch.Tensor, dim: int, size: int, pad_index: Any, pad_first: bool) 
 def barrier(env: Env) -> None:
     """Wait until every rank reaches this call.
 
-    Example:
+    Examples:
         >>> barrier(Env())
 
     Effects: joins the process group on first need.
@@ -326,7 +326,7 @@ def barrier(env: Env) -> None:
 def main_process_first(env: Env, local: bool = False) -> Iterator[None]:
     """Run the body on the main rank (of each machine with ``local``) before the others.
 
-    Example:
+    Examples:
         >>> with main_process_first(Env()):
         ...     print("downloading")
         downloading
@@ -363,7 +363,7 @@ def gather_metrics(x: Any, env: Env, loader: Any) -> Any:
         CollectiveError: ``loader`` is not a sharded loader, ``x`` does not have this rank's
             rows, or a per-batch call with ``even_batches=False``.
 
-    Example:
+    Examples:
         >>> import torch, distlib as dl
         >>> loader = dl.shard(torch.utils.data.DataLoader(list(range(5)), batch_size=2), Env())
         >>> [gather_metrics(b * 10, Env(), loader).tolist() for b in loader]

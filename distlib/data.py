@@ -75,7 +75,7 @@ def shard(dataloader: Any, env: Env, *, split_batches: bool = False, even_batche
         ShardingError: a batch size of 0, ``split_batches`` with a batch size that
             ``world_size`` does not divide, or an iterable dataset without a batch size.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loader = torch.utils.data.DataLoader(list(range(10)), batch_size=2)
         >>> mine = shard(loader, Env(rank=1, world_size=2, local_rank=1, local_world_size=2))
@@ -356,7 +356,7 @@ def split_between_processes(inputs: Any, env: Env, apply_padding: bool = False) 
     Raises:
         ShardingError: ``inputs`` is of another type, or a dict's values differ in length.
 
-    Example:
+    Examples:
         >>> env = Env(rank=1, world_size=2, local_rank=1, local_world_size=2)
         >>> with split_between_processes(["a", "b", "c"], env, apply_padding=True) as mine:
         ...     mine

@@ -51,7 +51,7 @@ _SLURM = {"rank": "SLURM_PROCID", "world_size": "SLURM_NTASKS", "local_rank": "S
 class Hardware:
     """What `detect()` needs to know about the machine; tests pass a fake one.
 
-    Example:
+    Examples:
         >>> Hardware(num_gpus=8).num_gpus
         8
     """
@@ -101,7 +101,7 @@ class Env:
     anything). Change one field with ``dataclasses.replace``. Plain strings are accepted for
     ``precision`` and ``strategy``.
 
-    Example:
+    Examples:
         >>> env = Env(rank=3, world_size=8, local_rank=3, local_world_size=8)
         >>> env.is_main, env.is_distributed
         (False, True)
@@ -352,7 +352,7 @@ def detect(
         EnvError: a variable is malformed or the variables contradict each other; the message
             names the variable and quotes its value.
 
-    Example:
+    Examples:
         >>> env = detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
         ...               "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"},
         ...              hardware=Hardware(num_gpus=2))

@@ -116,7 +116,7 @@ def export_weights(model: Any, out: str | os.PathLike[str], env: Env, *,
     Works for every strategy: FSDP2 shards and ZeRO-3 partitions are gathered first. Call it
     on every rank.
 
-    Example:
+    Examples:
         >>> import torch, tempfile, os, distlib as dl
         >>> from distlib.export import export_weights
         >>> out = export_weights(torch.nn.Linear(2, 2), os.path.join(tempfile.mkdtemp(), "w"), dl.Env())

@@ -66,7 +66,7 @@ def get_logger(name: str, env: Env, level: int | str | None = None) -> RankLogge
         env: this process's Env.
         level: set this level on the underlying logger (None leaves it).
 
-    Example:
+    Examples:
         >>> log = get_logger("distlib.doctest", Env(rank=1, world_size=2, local_rank=1,
         ...                                          local_world_size=2))
         >>> log.warning("not shown on rank 1")

@@ -28,7 +28,7 @@ class Precision(str, Enum):
 
     Plain strings are accepted wherever a `Precision` is: ``Precision("bf16") is Precision.BF16``.
 
-    Example:
+    Examples:
         >>> Precision("fp16").value
         'fp16'
         >>> Precision.NO == "no"
@@ -75,7 +75,7 @@ def parse_precision(value: object, *, source: str = "precision") -> Precision:
     Raises:
         PrecisionError: the value is not a known precision.
 
-    Example:
+    Examples:
         >>> parse_precision("bfloat16")
         Precision.BF16
     """
@@ -96,7 +96,7 @@ def parse_precision(value: object, *, source: str = "precision") -> Precision:
 def compute_dtype(precision: object) -> Any:
     """Return the torch dtype that mixed precision computes in, or None for full fp32.
 
-    Example:
+    Examples:
         >>> compute_dtype("bf16")
         torch.bfloat16
         >>> compute_dtype("no") is None
@@ -113,7 +113,7 @@ def check_supported(precision: object, device: str) -> Precision:
 
     fp8 needs torchao and an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper).
 
-    Example:
+    Examples:
         >>> check_supported("bf16", "cpu")
         Precision.BF16
     """
@@ -155,7 +155,7 @@ def convert_fp8(module: Any) -> Any:
 def make_scaler(precision: object, device: str) -> Any:
     """Return a `torch.amp.GradScaler` for fp16 on ``device``, or None for other precisions.
 
-    Example:
+    Examples:
         >>> make_scaler("fp16", "cpu").get_scale()
         65536.0
         >>> make_scaler("bf16", "cpu") is None
@@ -171,7 +171,7 @@ def make_scaler(precision: object, device: str) -> Any:
 def to_float32(value: Any) -> Any:
     """Return ``value`` with every fp16/bf16 tensor in it cast to fp32 (nested containers too).
 
-    Example:
+    Examples:
         >>> import torch
         >>> to_float32({"y": [torch.ones(1, dtype=torch.bfloat16)]})["y"][0].dtype
         torch.float32

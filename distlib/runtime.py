@@ -114,7 +114,7 @@ def shutdown() -> None:
 def process_group(env: Env, *, timeout_s: float | None = None) -> Iterator[Env]:
     """Join the group for the body of a ``with`` block and always leave it, also on error.
 
-    Example:
+    Examples:
         >>> with process_group(Env()) as env:
         ...     env.world_size
         1

@@ -42,7 +42,7 @@ class MicroStep:
         next_sync: True when the next batch will be a window's last batch (or is unknown);
             DDP uses it to prepare the next forward.
 
-    Example:
+    Examples:
         >>> MicroStep(step=0, index=1, size=2, sync=True, next_sync=False).sync
         True
     """
@@ -70,7 +70,7 @@ def plan_window(position: int, steps: int, total: int | None) -> tuple[int, int,
 
     Windows hold ``steps`` batches; with a known ``total`` the last window holds the rest.
 
-    Example:
+    Examples:
         >>> [plan_window(i, 4, 6) for i in (0, 3, 4, 5)]
         [(0, 0, 4), (0, 3, 4), (1, 0, 2), (1, 1, 2)]
     """
@@ -99,7 +99,7 @@ def accumulate(loader: Iterable[Any], steps: int = 1) -> Iterator[tuple[Any, Mic
         loader: any iterable of batches (a ``DataLoader``, a sharded loader, a list).
         steps: batches per optimizer step.
 
-    Example:
+    Examples:
         >>> [(b, m.sync) for b, m in accumulate("abcde", steps=2)]
         [('a', False), ('b', True), ('c', False), ('d', True), ('e', True)]
     """
@@ -148,7 +148,7 @@ def backward(loss: Any, model: Any, micro: MicroStep | None = None) -> None:
         model: the model returned by ``wrap`` (a plain module works too: plain backward).
         micro: the `MicroStep` from `accumulate`; None means a window of one batch.
 
-    Example:
+    Examples:
         >>> import torch, distlib as dl
         >>> model = dl.wrap(torch.nn.Linear(2, 1), dl.Env())
         >>> dl.backward(model(torch.ones(1, 2)).sum(), model)
@@ -204,7 +204,7 @@ def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0) -> Any:
     Returns:
         The total norm before clipping (a tensor), or None under DeepSpeed.
 
-    Example:
+    Examples:
         >>> import torch, distlib as dl
         >>> model = dl.wrap(torch.nn.Linear(2, 1, bias=False), dl.Env())
         >>> dl.backward(model(torch.full((1, 2), 3.0)).sum(), model)
@@ -256,7 +256,7 @@ def seed(seed: int, env: Any, device_specific: bool = False) -> int:
     Returns:
         The seed used on this rank.
 
-    Example:
+    Examples:
         >>> import distlib as dl
         >>> dl.seed(42, dl.Env(rank=3, world_size=4), device_specific=True)
         45

@@ -54,7 +54,7 @@ def parse_strategy(
     Raises:
         ConfigError: unknown name, unknown option or an option of the wrong type.
 
-    Example:
+    Examples:
         >>> parse_strategy("ddp", {"static_graph": True})
         DDP(find_unused_parameters=False, bucket_cap_mb=None, static_graph=True, ...)
     """
@@ -90,7 +90,7 @@ def parse_strategy(
 def strategy_options(strategy: Strategy) -> dict[str, Any]:
     """Return the options of a strategy value that differ from its defaults.
 
-    Example:
+    Examples:
         >>> from distlib.strategies.fsdp import FSDP
         >>> strategy_options(FSDP(cpu_offload=True))
         {'cpu_offload': True}
@@ -172,7 +172,7 @@ def wrap(model: Any, env_or_strategy: Any = None, *, optimizer: Any = None,
     Effects: joins the process group on first need (`distlib.runtime.initialize`); moves the
     model to the Env's device and may modify it in place (autocast forward, FSDP2 sharding).
 
-    Example:
+    Examples:
         >>> import torch, distlib as dl
         >>> model = dl.wrap(torch.nn.Linear(2, 2), dl.Env(precision="bf16"))
         >>> model(torch.ones(1, 2)).dtype
@@ -207,7 +207,7 @@ def wrap(model: Any, env_or_strategy: Any = None, *, optimizer: Any = None,
 def unwrap(model: Any) -> Any:
     """Return the user's module inside a wrapped (compiled, DDP, DeepSpeed) model.
 
-    Example:
+    Examples:
         >>> import torch, distlib as dl
         >>> inner = torch.nn.Linear(2, 2)
         >>> dl.unwrap(dl.wrap(inner, dl.Env())) is inner

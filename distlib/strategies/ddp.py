@@ -26,7 +26,7 @@ class DDP:
         broadcast_buffers: broadcast buffers from rank 0 at every forward.
         comm_hook: gradient compression: ``"none"``, ``"fp16"``, ``"bf16"``, ``"powersgd"``.
 
-    Example:
+    Examples:
         >>> DDP(static_graph=True).static_graph
         True
     """

@@ -29,7 +29,7 @@ class DeepSpeed:
         gradient_accumulation_steps: micro-steps per optimizer step (None: from the config, else 1).
         gradient_clipping: max gradient norm applied inside DeepSpeed's step (None: off).
 
-    Example:
+    Examples:
         >>> DeepSpeed(zero_stage=3).zero_stage
         3
     """
@@ -112,7 +112,7 @@ def plan_config(strategy: DeepSpeed, env: Any, *, has_optimizer: bool) -> dict[s
     Raises:
         ConfigError: the config contradicts the strategy or the Env.
 
-    Example:
+    Examples:
         >>> from distlib.env import Env
         >>> cfg = plan_config(DeepSpeed(zero_stage=3), Env(precision="bf16"), has_optimizer=True)
         >>> cfg["zero_optimization"]["stage"], cfg["bf16"]["enabled"], cfg["train_batch_size"]

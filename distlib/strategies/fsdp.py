@@ -29,7 +29,7 @@ class FSDP:
         state_dict_type: ``"sharded"`` (each rank its shard) or ``"full"`` (gathered).
         hybrid_shard: replicate across machines and shard within one (HSDP, a 2-D mesh).
 
-    Example:
+    Examples:
         >>> FSDP(wrap_classes=["Block"]).wrap_classes
         ('Block',)
     """
@@ -69,7 +69,7 @@ def plan_units(model: Any, strategy: FSDP) -> list[str]:
     Raises:
         StrategyError: ``wrap_classes`` names a class the model does not contain.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
         >>> plan_units(net, FSDP(min_num_params=50))

@@ -12,7 +12,7 @@ __all__ = ["Single", "apply"]
 class Single:
     """One process; ``wrap`` only moves the model to the device.
 
-    Example:
+    Examples:
         >>> Single()
         Single()
     """

@@ -26,7 +26,7 @@ class XLA:
             all-reduce). Needs ``XLA_USE_SPMD=1`` in the launch environment. This is also
             the only way to use several devices of the CPU client (see docs/tpu.md).
 
-    Example:
+    Examples:
         >>> XLA()
         XLA(sync_on_step=True, spmd=False)
     """
@@ -67,7 +67,7 @@ def apply(model: Any, strategy: XLA, env: Any, *, optimizer: Any = None,
     place; for bf16 sets the model's ``forward`` attribute to an autocast wrapper whose
     outputs are fp32; hangs the wrapped model's handle on it (as every strategy does).
 
-    Example:
+    Examples:
         >>> import torch, distlib as dl
         >>> apply(torch.nn.Linear(2, 2), XLA(), dl.Env(precision="fp16"))
         Traceback (most recent call last):
