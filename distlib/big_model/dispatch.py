@@ -4,9 +4,9 @@ Each entry of the device map gets a forward pre-hook (``register_forward_pre_hoo
 moves the inputs to the entry's execution device and brings offloaded weights there just in
 time, and a forward hook that sends them home afterwards; ``forward`` itself is never
 replaced. Weights mapped to ``"cpu"`` stay in RAM when a GPU executes; weights mapped to
-``"disk"`` are memory-mapped views of safetensors bytes. While one entry computes, the next
-offloaded entry is fetched ahead: a side CUDA stream on GPUs, ``madvise(WILLNEED)`` read-ahead
-of the memory map on the CPU.
+``"disk"`` stay in safetensors files (read into a reused buffer when the CPU executes, copied
+from a memory map when a GPU does). While one entry computes, the next offloaded entry is
+fetched ahead: a side CUDA stream on GPUs, ``posix_fadvise(WILLNEED)`` read-ahead on the CPU.
 """
 
 from __future__ import annotations
