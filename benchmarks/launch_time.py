@@ -6,6 +6,8 @@
    ``distlib launch --cpu --num-processes 2``, ``torchrun --nproc-per-node 2`` and
    ``accelerate launch --cpu --num_processes 2`` (which starts ONE process here: the table
    shows the world size each launcher really produced), plus one plain ``python job.py``.
+   ``--start-method spawn`` shows distlib without forking ranks from the agent (fresh
+   interpreters, as torchrun and GPU jobs do).
 Launchers are interleaved run by run; the table shows medians and ratios to torchrun.
 Target: distlib no slower than torchrun.
 Run: python benchmarks/launch_time.py [--repeats 5]
@@ -58,10 +60,10 @@ def _table(title: str, rows: dict[str, list[float]], base: str,
            notes: dict[str, str]) -> None:
     print(f"\n{title}")
     ref = statistics.median(rows[base])
-    print(f"{'launcher':<34} {'median s':>9} {'min s':>7} {'vs ' + base:>12}  note")
+    print(f"{'launcher':<40} {'median s':>9} {'min s':>7} {'vs ' + base:>12}  note")
     for name, times in rows.items():
         med = statistics.median(times)
-        print(f"{name:<34} {med:>9.2f} {min(times):>7.2f} {med / ref:>11.2f}x  "
+        print(f"{name:<40} {med:>9.2f} {min(times):>7.2f} {med / ref:>11.2f}x  "
               f"{notes.get(name, '')}")
 
 
@@ -97,6 +99,9 @@ def bench_job(repeats: int) -> None:
     commands = {
         "distlib launch --cpu -n 2": lambda: [_bin("distlib"), "launch", "--cpu",
                                               "--num-processes", "2", job],
+        "distlib launch ... --start-method spawn": lambda: [
+            _bin("distlib"), "launch", "--cpu", "--num-processes", "2", "--start-method",
+            "spawn", job],
         "torchrun --nproc-per-node 2": lambda: [_bin("torchrun"), "--nproc-per-node", "2",
                                                 "--master-port", _port(), job],
         "accelerate launch --cpu -n 2": lambda: [_bin("accelerate"), "launch", "--cpu",

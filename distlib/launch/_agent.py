@@ -112,19 +112,38 @@ def _failures(error: Any, log_dir: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_spec(source: str) -> dict[str, Any] | None:
+    """The spec from a file, or from stdin (``-``); None when stdin closed without one."""
+    try:
+        if source == "-":
+            return dict(json.load(sys.stdin))
+        with open(source, encoding="utf-8") as handle:
+            return dict(json.load(handle))
+    except json.JSONDecodeError:
+        return None
+
+
 def main(argv: Sequence[str]) -> int:
-    """Run the agent for the spec at ``argv[0]``; return 0 when every rank succeeded."""
+    """Run the agent for the spec at ``argv[0]`` (``-``: stdin); 0 when every rank succeeded.
+
+    torch is imported before the spec is read, so a launcher that starts this process first
+    overlaps the import with its own planning.
+    """
     die_with_parent()
-    with open(argv[0], encoding="utf-8") as handle:
-        spec = json.load(handle)
-    plan = LaunchPlan(**spec["plan"])
-    if not plan.debug:
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-        logging.getLogger("torch.distributed.launcher").setLevel(logging.CRITICAL)
-        logging.getLogger("torch.multiprocessing").setLevel(logging.CRITICAL)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
+
+    spec = _read_spec(argv[0])
+    if spec is None:
+        return 0  # the launcher stopped before launching (a config error, Ctrl-C)
+    os.environ.clear()  # this process is the launcher's: the ranks inherit exactly this
+    os.environ.update(spec["environ"])
+    plan = LaunchPlan(**spec["plan"])
+    if not plan.debug:
+        for name in ("torch.distributed.elastic", "torch.distributed.launcher",
+                     "torch.multiprocessing"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
     # Count GPUs through NVML so this process never creates a CUDA context (it may fork);
     # the variable is gone again before the ranks start, so they inherit nothing of it.
@@ -153,4 +172,9 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The outcome file is written and closed, the ranks are gone: skip tearing down torch's
+    # modules (a second or so on a busy machine) that nobody waits for.
+    os._exit(code)

@@ -67,11 +67,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.parse_args([command])
         return 2
     module_name, text = COMMANDS[command]
+    if command == "launch" and not {"-h", "--help", "--dry-run"} & set(rest):
+        import os
+
+        from distlib.launch._start import start_agent
+
+        # Start torch's agent before anything else: it imports torch meanwhile.
+        launch_agent = start_agent(os.environ)
+        try:
+            return _run(command, text, rest, module_name, agent=launch_agent)
+        finally:
+            _release(launch_agent)
+    return _run(command, text, rest, module_name)
+
+
+def _release(agent: object) -> None:
+    """Stop a pre-started agent that never got its plan (an error before the launch)."""
+    import subprocess
+
+    if not isinstance(agent, subprocess.Popen):
+        return
+    if agent.poll() is None and not (agent.stdin is not None and agent.stdin.closed):
+        agent.kill()
+    agent.wait()
+    if agent.stdin is not None:
+        agent.stdin.close()
+
+
+def _run(command: str, text: str, rest: list[str], module_name: str,
+         agent: object = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"distlib {command}", description=text)
     module.add_arguments(parser)
     _accept_underscores(parser)
     args = parser.parse_args(rest)
+    if agent is not None:
+        args.agent = agent
     from distlib.errors import DistlibError
 
     try:

@@ -118,7 +118,15 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Resolve, then launch (or print with ``--dry-run``); return the job's exit code."""
+    """Resolve, then launch (or print with ``--dry-run``); return the job's exit code.
+
+    ``args.agent`` may hold an agent process the command line started early; without it
+    the agent is started when the plan is ready.
+    """
+    return _run(args, getattr(args, "agent", None))
+
+
+def _run(args: argparse.Namespace, agent: Any) -> int:
     from distlib.launch._environ import child_environ
     from distlib.launch.launcher import free_port, root_cause_message, run_plan
 
@@ -134,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="distlib-launch-") as work_dir:
         try:
             ok, failures, stopped = run_plan(plan, command, environ=child_environ(
-                os.environ, plan), work_dir=work_dir)
+                os.environ, plan), work_dir=work_dir, agent=agent)
         except KeyboardInterrupt:
             print("distlib launch: interrupted; every rank was stopped.", file=sys.stderr)
             return 130

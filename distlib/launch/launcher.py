@@ -26,9 +26,11 @@ from typing import Any
 
 from distlib.errors import LaunchError
 from distlib.launch._environ import child_environ
+from distlib.launch._start import start_agent
 from distlib.launch.plan import LaunchPlan, plan_launch
 
-__all__ = ["Failure", "LaunchResult", "free_port", "launch", "launch_plan", "run_plan"]
+__all__ = ["Failure", "LaunchResult", "free_port", "launch", "launch_plan", "run_plan",
+           "start_agent"]
 
 _STOP_GRACE_S = 10.0
 
@@ -124,21 +126,26 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_plan(plan: LaunchPlan, command: Sequence[str], *, environ: Mapping[str, str],
-             work_dir: str, timeout_s: float | None = None) -> tuple[bool, list[Failure], str]:
+             work_dir: str, timeout_s: float | None = None,
+             agent: subprocess.Popen[bytes] | None = None) -> tuple[bool, list[Failure], str]:
     """Run the agent for ``plan`` and wait; return (ok, failures root cause first, signal).
+
+    ``environ`` becomes the agent's whole environment (the ranks inherit it). ``agent`` is
+    one `start_agent` started earlier, else one is started here.
 
     Effects: starts the agent process (which starts the ranks); on timeout, Ctrl-C or
     SIGTERM stops it and every rank before returning or re-raising.
     """
-    spec_path = os.path.join(work_dir, "spec.json")
     outcome_path = os.path.join(work_dir, "outcome.json")
     spec = {"plan": dataclasses.asdict(plan), "command": list(command),
-            "outcome": outcome_path, "log_dir": os.path.join(work_dir, "logs")}
-    with open(spec_path, "w", encoding="utf-8") as handle:
-        json.dump(spec, handle)
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "distlib.launch._agent", spec_path],
-                            env=dict(environ), start_new_session=True)
+            "outcome": outcome_path, "log_dir": os.path.join(work_dir, "logs"),
+            "environ": dict(environ)}
+    proc = agent if agent is not None else start_agent(environ)
     try:
+        with contextlib.suppress(BrokenPipeError):  # an agent that died reports below
+            if proc.stdin is not None:
+                proc.stdin.write(json.dumps(spec).encode())
+                proc.stdin.close()
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _stop(proc)
