@@ -134,7 +134,14 @@ def run_case(case: str, lib: str, size_gb: float, folder: str,
         _touch(model.state_dict().values())
         return {"seconds": seconds, "seconds_with_touch": time.perf_counter() - start,
                 "peak_growth": _peak() - base}
-    offload = tempfile.mkdtemp(prefix="offload-")
+    with tempfile.TemporaryDirectory(prefix="offload-") as offload:
+        return _offload_case(lib, model, folder, cpu_budget, offload, base, start)
+
+
+def _offload_case(lib: str, model: Any, folder: str, cpu_budget: str, offload: str, base: int,
+                  start: float) -> dict[str, Any]:
+    import torch
+
     model = _load(lib, model, folder, "auto", max_memory={"cpu": cpu_budget},
                   no_split_module_classes=["LlamaDecoderLayer"], offload_folder=offload)
     loaded = time.perf_counter() - start
