@@ -359,7 +359,7 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
     Effects: reads the files; moves tensors to devices; may write ``offload_folder``; sets the
     model's parameters and buffers and its ``distlib_offload`` attribute.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch
         >>> from safetensors.torch import save_file
         >>> folder = tempfile.mkdtemp()

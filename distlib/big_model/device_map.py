@@ -31,7 +31,7 @@ _NAMED = ("mps", "cpu", "disk")
 def normalize_device(device: Any, *, source: str = "DeviceMap()") -> Device:
     """Return a device as the map writes it: GPU index ``int``, ``"mps"``, ``"cpu"``, ``"disk"``.
 
-    Example:
+    Examples:
         >>> normalize_device("cuda:1"), normalize_device(0), normalize_device("cpu")
         (1, 0, 'cpu')
     """
@@ -64,7 +64,7 @@ class DeviceMap:
     device (empty for maps built by hand). A tensor's device is that of its longest named
     prefix.
 
-    Example:
+    Examples:
         >>> dm = DeviceMap.of({"embed": 0, "layers": "cpu", "head": "disk"})
         >>> dm.device_of("layers.3.weight"), dm.devices
         ('cpu', (0, 'cpu', 'disk'))
@@ -127,7 +127,7 @@ class DeviceMap:
 def normalize_budgets(max_memory: Mapping[Any, Any], *, source: str) -> dict[Device, int]:
     """Return ``{device: bytes}`` ordered GPUs, mps, cpu, disk; strings parsed.
 
-    Example:
+    Examples:
         >>> normalize_budgets({"cpu": "1GB", "cuda:1": 10, 0: "1KiB"}, source="x")
         {0: 1024, 1: 10, 'cpu': 1000000000}
     """
@@ -230,7 +230,7 @@ def infer_device_map(model: Any, max_memory: Mapping[Any, Any] | None = None,
     Raises:
         DeviceMapError: a budget or device is malformed, or the model cannot fit.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from distlib.big_model.empty import init_empty_weights
         >>> with init_empty_weights():
@@ -487,7 +487,7 @@ def plan_layout(layout: Layout, sizes: Mapping[str, int], budgets: Mapping[Devic
                 no_split: frozenset[str] = frozenset()) -> DeviceMap:
     """The pure planner: fill ``budgets`` (ordered GPUs, mps, cpu, disk) with ``layout``.
 
-    Example:
+    Examples:
         >>> from distlib.big_model.sizes import TensorInfo, layout_from_tensors, module_sizes
         >>> layout = layout_from_tensors(
         ...     [TensorInfo(name=f"h.{i}.w", numel=100, dtype="float32") for i in range(3)])

@@ -387,7 +387,7 @@ def dispatch(model: Any, device_map: DeviceMap | Mapping[str, Any],
     Effects: moves tensors between devices; registers forward hooks (removing those of an
     earlier dispatch); may write ``offload_folder``; sets ``model.hf_device_map``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
         >>> dispatch(net, {"": "cpu"}).hf_device_map
@@ -467,7 +467,7 @@ def load_checkpoint_and_dispatch(
 
     Effects: as `load_checkpoint` then `dispatch`; prints a progress bar to stderr.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch
         >>> from safetensors.torch import save_file
         >>> from distlib.big_model.empty import init_empty_weights

@@ -26,7 +26,7 @@ def init_on_device(device: Any, include_buffers: bool = False) -> Iterator[None]
     whole process (other threads building modules at the same time are affected too); it is
     restored on exit, also on error.
 
-    Example:
+    Examples:
         >>> import torch
         >>> with init_on_device("meta"):
         ...     layer = torch.nn.Linear(4, 4)
@@ -73,7 +73,7 @@ def init_empty_weights(include_buffers: bool = False) -> Iterator[None]:
 
     Effects: as `init_on_device` with ``device="meta"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> with init_empty_weights():
         ...     big = torch.nn.Sequential(*[torch.nn.Linear(10_000, 10_000) for _ in range(100)])

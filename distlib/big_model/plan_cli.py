@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_max_memory(text: str) -> dict[str, str]:
     """Parse ``"cuda:0=20GiB,cpu=30GiB"`` into ``{"cuda:0": "20GiB", "cpu": "30GiB"}``.
 
-    Example:
+    Examples:
         >>> parse_max_memory("0=1GB, cpu=2GiB")
         {'0': '1GB', 'cpu': '2GiB'}
     """

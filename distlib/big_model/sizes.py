@@ -40,7 +40,7 @@ def parse_size(size: int | float | str, *, source: str = "parse_size()") -> int:
 
     ``GiB``/``MiB``/``KiB`` are powers of 1024, ``GB``/``MB``/``KB`` powers of 1000.
 
-    Example:
+    Examples:
         >>> parse_size("10GiB"), parse_size("500MB"), parse_size(123)
         (10737418240, 500000000, 123)
     """
@@ -59,7 +59,7 @@ def parse_size(size: int | float | str, *, source: str = "parse_size()") -> int:
 def dtype_name(dtype: Any) -> str:
     """Return a dtype's short name: ``torch.bfloat16`` / ``"torch.bfloat16"`` -> ``"bfloat16"``.
 
-    Example:
+    Examples:
         >>> dtype_name("torch.float16"), dtype_name("bf16")
         ('float16', 'bfloat16')
     """
@@ -71,7 +71,7 @@ def dtype_name(dtype: Any) -> str:
 def dtype_size(dtype: Any) -> int:
     """Return the bytes one element of ``dtype`` takes (bool counts as one byte).
 
-    Example:
+    Examples:
         >>> dtype_size("float32"), dtype_size("bfloat16"), dtype_size("int64")
         (4, 2, 8)
     """
@@ -146,7 +146,7 @@ def layout_of(model: Any) -> Layout:
     One pass over the module tree (``named_modules``, ``named_parameters`` and
     ``named_buffers`` orders, shared tensors listed once), fast enough for 100,000 modules.
 
-    Example:
+    Examples:
         >>> import torch
         >>> layout = layout_of(torch.nn.Sequential(torch.nn.Linear(2, 3)))
         >>> [t.name for t in layout.tensors], layout.modules[1].class_name
@@ -192,7 +192,7 @@ def layout_of(model: Any) -> Layout:
 def tied_groups(model: Any) -> tuple[tuple[str, ...], ...]:
     """Return the groups of parameter names that share one tensor, each sorted.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Embedding(5, 2), torch.nn.Linear(2, 5, bias=False))
         >>> net[1].weight = net[0].weight
@@ -213,7 +213,7 @@ def layout_from_tensors(tensors: Iterable[TensorInfo],
     replaced by ``*`` (``model.layers.*``), so ``no_split_module_classes=["model.layers.*"]``
     keeps each numbered block whole.
 
-    Example:
+    Examples:
         >>> infos = [TensorInfo(name=f"layers.{i}.w", numel=4, dtype="float32") for i in range(2)]
         >>> [(m.name, m.class_name) for m in layout_from_tensors(infos).modules][:3]
         [('', ''), ('layers', 'layers'), ('layers.0', 'layers.*')]
@@ -252,7 +252,7 @@ def module_sizes(layout: Layout, dtype: Any = None,
     element size (weights are never up-cast on load); integer and bool tensors keep theirs.
     Tensors inside ``keep_in_fp32_modules`` count as float32. Tied parameters count once.
 
-    Example:
+    Examples:
         >>> infos = [TensorInfo(name="a.w", numel=10, dtype="float32")]
         >>> module_sizes(layout_from_tensors(infos), dtype="bfloat16")
         {'': 20, 'a': 20, 'a.w': 20}
