@@ -14,7 +14,7 @@ never complete on the CPU client, while an SPMD program over a device mesh does.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,9 +23,9 @@ from distlib.errors import CollectiveError, PrecisionError, StrategyError
 
 __all__ = [
     "XLAOptimizer", "all_gather", "all_reduce", "barrier", "broadcast", "check_autograd",
-    "check_precision", "check_replicas", "data_mesh", "device", "device_loader", "is_available",
-    "is_spmd", "num_devices", "place", "rebind_optimizer", "runtime_ranks", "shard_batch",
-    "sync", "to_cpu",
+    "check_precision", "check_replicas", "data_mesh", "device", "device_batches", "device_loader",
+    "is_available", "is_spmd", "num_devices", "place", "rebind_optimizer", "runtime_ranks",
+    "shard_batch", "sync", "to_cpu",
 ]
 
 _INSTALL = ("Install it with `pip install torch==2.9.0 torch_xla==2.9.0` (the versions must "
@@ -179,6 +179,24 @@ def device_loader(loader: Iterable[Any], target: Any = None, *, mesh: Any = None
 
         kwargs["input_sharding"] = xs.ShardingSpec(mesh, ("data", None))
     return pl.MpDeviceLoader(loader, target if target is not None else device(), **kwargs)
+
+
+def device_batches(batches: Iterable[Any], *, mesh: Any = None) -> Iterator[Any]:
+    """Iterate ``batches`` through `device_loader`; stop its threads when the caller stops.
+
+    The parallel loader reads ahead in its own threads; a caller that leaves the loop early
+    (a step budget reached mid-epoch) would leave them blocked on a full queue. Closing the
+    generator closes the loader and joins its threads.
+
+    Effects: starts torch_xla's loader threads for the pass; copies batches to the device.
+    """
+    loader = device_loader(batches, mesh=mesh)
+    try:
+        yield from loader
+    finally:
+        parallel = getattr(loader, "_parallel_loader", None)
+        if parallel is not None:
+            parallel.close()
 
 
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:

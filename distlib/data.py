@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import random
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -64,7 +64,9 @@ def shard(dataloader: Any, env: Env, *, split_batches: bool = False, even_batche
         env: this process's Env.
         split_batches: split each batch across ranks instead of dealing whole batches.
         even_batches: complete the last step so that all ranks get equal batches.
-        device_placement: move each batch to ``env.device`` (non-blocking when pinned).
+        device_placement: move each batch to ``env.device`` (non-blocking when pinned; on
+            an XLA Env through torch_xla's parallel device loader, split over the device mesh
+            under ``XLA(spmd=True)``).
         start_batch: resume the first pass at this step; map-style datasets do not read the
             skipped samples, iterable ones read and discard them. Later passes start at 0.
 
@@ -73,7 +75,8 @@ def shard(dataloader: Any, env: Env, *, split_batches: bool = False, even_batche
 
     Raises:
         ShardingError: a batch size of 0, ``split_batches`` with a batch size that
-            ``world_size`` does not divide, or an iterable dataset without a batch size.
+            ``world_size`` does not divide, an iterable dataset without a batch size, or
+            under ``XLA(spmd=True)`` a batch size that the XLA device count does not divide.
 
     Examples:
         >>> import torch
@@ -122,6 +125,8 @@ class ShardedLoader:
                                batch_sizes=() if per_loader is None else None,
                                drop_last=drop_last, split_batches=split_batches,
                                even_batches=even_batches, start_batch=start_batch)
+        if device_placement and _is_spmd(env):
+            _check_spmd_batch(env, None if self._plan.variable else self._plan.per_rank)
         self._seed: int | None = self._known_seed()
         self._epoch, self._next_start = 0, start_batch
         self._infos: list[StepInfo] = []
@@ -179,6 +184,14 @@ class ShardedLoader:
         start, self._next_start = self._next_start, 0
         self._pass_start, self._infos, self._yielded, self._done = start, [], 0, False
         inner = self._inner_loader(start)
+        if self.device_placement and self.env.backend == "xla":
+            with contextlib.closing(self._xla_batches(inner)) as batches:
+                for batch in batches:  # counted as the user gets it; torch_xla reads ahead
+                    self._yielded += 1
+                    yield batch
+            self._done = True
+            self._epoch += 1
+            return
         move = self.device_placement and self.env.device != "cpu"
         non_blocking = bool(self._kwargs.get("pin_memory")) and self.env.device.startswith("cuda")
         infos = self._infos
@@ -192,6 +205,25 @@ class ShardedLoader:
         self._epoch += 1
 
     # -- the shell --------------------------------------------------------------------------
+    def _xla_batches(self, inner: Any) -> Generator[Any, None, None]:
+        """This pass's batches through torch_xla's parallel device loader (split over the SPMD
+        mesh under ``XLA(spmd=True)``); its ``next()`` also cuts the lazy graph."""
+        from distlib import _xla
+
+        if not self.iterable:
+            self._pass_batches()  # agree on a shuffle seed here: torch_xla's thread reads ahead
+        infos = self._infos
+
+        def untagged() -> Iterator[Any]:
+            for batch in inner:
+                if self.iterable:
+                    batch, info = batch
+                    infos.append(info)
+                yield batch
+
+        mesh = _xla.data_mesh() if _is_spmd(self.env) else None
+        yield from _xla.device_batches(untagged(), mesh=mesh)
+
     def _known_seed(self) -> int | None:
         for owner in (getattr(self._batches, "sampler", None), self.source):
             generator = getattr(owner, "generator", None)
@@ -266,6 +298,22 @@ class ShardedLoader:
         # A tensor, not a pickled object: works on every backend (XLA replicas too).
         mine = torch.tensor([seed], dtype=torch.int64, device=self.env.device)
         return int(broadcast(mine, self.env).item())
+
+
+def _is_spmd(env: Env) -> bool:
+    return env.backend == "xla" and bool(getattr(env.strategy, "spmd", False))
+
+
+def _check_spmd_batch(env: Env, batch_size: int | None) -> None:
+    """Under XLA SPMD every batch is split along dim 0 over all devices of the mesh."""
+    from distlib import _xla
+
+    devices = _xla.num_devices()
+    if batch_size is None or batch_size % devices:  # None: batches of varying sizes
+        msg = (f"shard(): under XLA(spmd=True) the batch size must be a multiple of the "
+               f"{devices} XLA devices (each batch is split over them), but got batch_size="
+               f"{batch_size!r}. Use a batch size divisible by {devices}.")
+        raise ShardingError(msg)
 
 
 def _replace(plan: ShardPlan, start: int) -> ShardPlan:
