@@ -112,11 +112,20 @@ def _failures(error: Any, log_dir: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_spec(source: str) -> dict[str, Any] | None:
-    """The spec from a file, or from stdin (``-``); None when stdin closed without one."""
+def _stdin_copy() -> int:
+    """A duplicate of stdin for forked ranks (multiprocessing closes theirs), or -1."""
     try:
-        if source == "-":
-            return dict(json.load(sys.stdin))
+        return os.dup(0)
+    except OSError:
+        return -1
+
+
+def _read_spec(source: str) -> dict[str, Any] | None:
+    """The spec from a pipe (``fd:N``) or a file; None when the pipe closed without one."""
+    try:
+        if source.startswith("fd:"):
+            with os.fdopen(int(source[3:]), "rb") as pipe:
+                return dict(json.loads(pipe.read() or b"null") or {}) or None
         with open(source, encoding="utf-8") as handle:
             return dict(json.load(handle))
     except json.JSONDecodeError:
@@ -124,7 +133,7 @@ def _read_spec(source: str) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """Run the agent for the spec at ``argv[0]`` (``-``: stdin); 0 when every rank succeeded.
+    """Run the agent for the spec at ``argv[0]`` (``fd:N``: a pipe); 0 when all ranks succeeded.
 
     torch is imported before the spec is read, so a launcher that starts this process first
     overlaps the import with its own planning.
@@ -159,7 +168,8 @@ def main(argv: Sequence[str]) -> int:
     entrypoint: Any = fork_entry if fork else command[0]
     outcome: dict[str, Any] = {"ok": True, "failures": []}
     try:
-        elastic_launch(config, entrypoint)(*(command[4:] if fork else command[1:]))
+        args = [str(_stdin_copy()), *command[4:]] if fork else command[1:]
+        elastic_launch(config, entrypoint)(*args)
     except ChildFailedError as error:
         outcome = {"ok": False, "failures": _failures(error, spec["log_dir"])}
     except SignalException as error:

@@ -119,16 +119,22 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def fork_entry(*argv: str) -> None:
+def fork_entry(stdin_fd: str, *argv: str) -> None:
     """Entry point of a rank forked from the agent, which has already imported torch.
 
     Forking skips one torch import per rank (seconds). The rank gets back what a fresh
-    interpreter would have: default signal handlers and its own atexit handlers, run at exit.
+    interpreter would have: the launcher's stdin (``stdin_fd``, a copy the agent kept, since
+    multiprocessing swaps stdin for /dev/null), default signal handlers, and its own atexit
+    handlers, run at exit.
 
-    Effects: resets signal handlers and atexit handlers of this (forked) process.
+    Effects: resets stdin, signal handlers and atexit handlers of this (forked) process.
     """
     import atexit
     import signal
+
+    if int(stdin_fd) >= 0:
+        os.dup2(int(stdin_fd), 0)
+        sys.stdin = open(0, encoding=sys.getdefaultencoding(), closefd=False)  # noqa: SIM115
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -77,21 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _run(command, text, rest, module_name, agent=launch_agent)
         finally:
-            _release(launch_agent)
+            launch_agent.release()
     return _run(command, text, rest, module_name)
-
-
-def _release(agent: object) -> None:
-    """Stop a pre-started agent that never got its plan (an error before the launch)."""
-    import subprocess
-
-    if not isinstance(agent, subprocess.Popen):
-        return
-    if agent.poll() is None and not (agent.stdin is not None and agent.stdin.closed):
-        agent.kill()
-    agent.wait()
-    if agent.stdin is not None:
-        agent.stdin.close()
 
 
 def _run(command: str, text: str, rest: list[str], module_name: str,

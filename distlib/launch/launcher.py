@@ -26,7 +26,7 @@ from typing import Any
 
 from distlib.errors import LaunchError
 from distlib.launch._environ import child_environ
-from distlib.launch._start import start_agent
+from distlib.launch._start import Agent, start_agent
 from distlib.launch.plan import LaunchPlan, plan_launch
 
 __all__ = ["Failure", "LaunchResult", "free_port", "launch", "launch_plan", "run_plan",
@@ -127,7 +127,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def run_plan(plan: LaunchPlan, command: Sequence[str], *, environ: Mapping[str, str],
              work_dir: str, timeout_s: float | None = None,
-             agent: subprocess.Popen[bytes] | None = None) -> tuple[bool, list[Failure], str]:
+             agent: Agent | None = None) -> tuple[bool, list[Failure], str]:
     """Run the agent for ``plan`` and wait; return (ok, failures root cause first, signal).
 
     ``environ`` becomes the agent's whole environment (the ranks inherit it). ``agent`` is
@@ -140,12 +140,10 @@ def run_plan(plan: LaunchPlan, command: Sequence[str], *, environ: Mapping[str, 
     spec = {"plan": dataclasses.asdict(plan), "command": list(command),
             "outcome": outcome_path, "log_dir": os.path.join(work_dir, "logs"),
             "environ": dict(environ)}
-    proc = agent if agent is not None else start_agent(environ)
+    agent = agent if agent is not None else start_agent(environ)
+    proc = agent.process
     try:
-        with contextlib.suppress(BrokenPipeError):  # an agent that died reports below
-            if proc.stdin is not None:
-                proc.stdin.write(json.dumps(spec).encode())
-                proc.stdin.close()
+        agent.send(json.dumps(spec).encode())
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _stop(proc)

@@ -228,3 +228,12 @@ def test_no_python_runs_a_program_per_rank(work: Path) -> None:
     failed = _cli(["launch", "--cpu", "--num-processes", "2", "--no-python", "sh", "-c",
                    'exit $((RANK + 3))'], work)
     assert failed.returncode in (3, 4) and "without a Python traceback" in failed.stderr
+
+
+def test_ranks_read_the_launchers_stdin(work: Path) -> None:
+    (work / "echo.py").write_text("import sys\nprint('got', sys.stdin.readline().strip())\n")
+    for method in ("fork", "spawn"):  # a breakpoint() in a rank needs the terminal's stdin
+        done = subprocess.run([sys.executable, "-m", "distlib", "launch", "--cpu",
+                               "--start-method", method, "echo.py"], cwd=work, input="hi\n",
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.stdout.split() == ["got", "hi"], (method, done.stderr)
