@@ -246,7 +246,8 @@ def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathli
             not passed).
 
     Effects: joins the process group; writes ``.<name>.partial`` beside ``path`` and renames
-    it to ``path`` when complete (the previous checkpoint is removed only after that).
+    it to ``path`` when complete (the previous checkpoint is removed only after that). Under
+    XLA the model and optimizer tensors are copied to the CPU first (the graph runs).
 
     Examples:
         >>> import torch, distlib as dl, tempfile, os
@@ -288,7 +289,7 @@ def _save_parts(staging: pathlib.Path, env: Env, objects: Mapping[str, Any],
 
     from distlib.strategies._handle import handle_of
 
-    state = _dcp_state(objects, kinds, call)
+    state = _on_cpu(_dcp_state(objects, kinds, call), env)
     if state:
         with _quiet_single_process():
             state_dict_saver.save(state, checkpoint_id=staging / "dcp", no_dist=not env.is_distributed)
@@ -310,6 +311,19 @@ def _save_parts(staging: pathlib.Path, env: Env, objects: Mapping[str, Any],
                    for n in objects if kinds[n] == "model"},
         "objects": sorted(small),
     }
+
+
+def _on_cpu(state: dict[str, Any], env: Env) -> dict[str, Any]:
+    """Under XLA: CPU copies of the device tensors, which DCP writes and reads as plain ones.
+
+    Loading then copies them into the XLA parameters (``load_state_dict``), and torch's
+    ``Optimizer.load_state_dict`` moves the optimizer state to its parameters' device.
+    """
+    if env.backend != "xla":
+        return state
+    from distlib import _xla
+
+    return _xla.to_cpu(state)  # type: ignore[no-any-return]
 
 
 def _resolve(path: str | os.PathLike[str]) -> pathlib.Path:
@@ -375,7 +389,7 @@ def _check_model(name: str, expected: Mapping[str, Any], state: Mapping[str, Any
 
 
 def _load_dcp(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str, str],
-              manifest: Mapping[str, Any]) -> None:
+              manifest: Mapping[str, Any], env: Env) -> None:
     from torch.distributed.checkpoint import state_dict_loader
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
@@ -386,7 +400,7 @@ def _load_dcp(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str
 
     from distlib.runtime import is_initialized
 
-    state = _dcp_state(objects, kinds, "load_state()")
+    state = _on_cpu(_dcp_state(objects, kinds, "load_state()"), env)
     if not state:
         return
     for name in state:
@@ -492,7 +506,7 @@ def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
     manifest = _read_manifest(folder)
     kinds = _classify(objects, "load_state()")
     _check_names(manifest, objects, kinds, folder)
-    _load_dcp(folder, objects, kinds, manifest)
+    _load_dcp(folder, objects, kinds, manifest, env)
     for name, obj in objects.items():
         if kinds[name] == "engine":
             loaded, _ = handle_of(obj).engine.load_checkpoint(  # type: ignore[union-attr]
