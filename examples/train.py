@@ -106,8 +106,9 @@ def main() -> None:
         env = dataclasses.replace(env, precision=args.precision)
     dl.seed(0, env)                                                                # dl
     data, chars = dataset(TEXT.read_text(encoding="utf-8"))
+    # A seeded generator: every strategy sees the same batches (losses can be compared).
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True,
-                                         drop_last=True)
+                                         drop_last=True, generator=torch.Generator().manual_seed(0))
     loader = dl.shard(loader, env)                                                 # dl
     model = CharModel(len(chars))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
