@@ -85,12 +85,13 @@ def test_module_launch_reads_an_accelerate_config(work: Path) -> None:
                       "mixed_precision: bf16\nnum_processes: 2\nuse_cpu: true\n"
                       "machine_rank: 0\nnum_machines: 1\nrdzv_backend: static\n"
                       "main_training_function: main\nsame_network: true\n")
-    done = _cli(["launch", "--config-file", str(config), "--start-method", "spawn", "-m",
-                 "pkg.report", "x"], work)
+    done = _cli(["launch", "--config-file", str(config), "--start-method", "spawn",
+                 "--strategy", "fsdp", "-m", "pkg.report", "x"], work)
     assert done.returncode == 0, done.stderr
     reports = _reports(work)
-    assert sorted(reports) == [0, 1] and reports[1]["precision"] == "bf16"
-    assert reports[0]["argv"] == ["x"] and reports[0]["strategy"] == "ddp"
+    assert sorted(reports) == [0, 1] and reports[1]["precision"] == "bf16"  # from the file
+    assert reports[1]["strategy"] == "fsdp"  # the flag beats the file's MULTI_CPU (ddp)
+    assert reports[0]["argv"] == ["x"]
     assert (work / "exit0").exists()
 
 
