@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ATTRIBUTE", "EngineOptimizer", "Handle", "ScaledOptimizer", "handle_of"]
+__all__ = ["ATTRIBUTE", "DelegatingOptimizer", "EngineOptimizer", "Handle", "ScaledOptimizer",
+           "handle_of"]
 
 # The attribute of a wrapped model that holds its Handle.
 ATTRIBUTE = "_distlib_handle"
@@ -60,93 +61,19 @@ def handle_of(model: Any) -> Handle | None:
     return handle if isinstance(handle, Handle) else None
 
 
-class ScaledOptimizer(torch.optim.Optimizer):
-    """The user's optimizer stepped through a ``GradScaler`` (fp16).
+class DelegatingOptimizer(torch.optim.Optimizer):
+    """An optimizer that is a view of ``self.optimizer``: groups, state and state dicts are its.
 
-    ``step()`` unscales (unless `clip_grad_norm` already did), skips the update when a
-    gradient overflowed, and adjusts the scale. Skipped steps are counted, not hidden:
-    ``step_was_skipped`` tells about the last step and ``skipped_steps`` counts all of them.
-    Everything else (``param_groups``, ``state``, ``state_dict``) is the user's optimizer's.
+    Subclasses change how ``step`` (and perhaps ``zero_grad``) runs; everything else reads
+    and writes the inner optimizer, so schedulers, checkpoints and the user see one object.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler: Any, handle: Handle) -> None:
-        # No super().__init__: the param groups and state stay the wrapped optimizer's.
+    optimizer: Any
+    _OWN: tuple[str, ...] = ("optimizer", "__setstate__")
+
+    def __init__(self, optimizer: Any) -> None:
+        # No super().__init__: the param groups and state stay the inner optimizer's.
         self.optimizer = optimizer
-        self.scaler = scaler
-        self._handle = handle
-        self.skipped_steps = 0
-        self.step_was_skipped = False
-
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property  # type: ignore[override]
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property  # type: ignore[override]
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        """Unscale, step unless a gradient overflowed, update the scale; count skips."""
-        if closure is not None:
-            msg = ("optimizer.step(): closure must be None under fp16 grad scaling, but got a "
-                   "callable. Compute the loss outside step() and call distlib.backward.")
-            raise TypeError(msg)
-        before = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self._handle.unscaled = False
-        self.step_was_skipped = self.scaler.get_scale() < before
-        self.skipped_steps += int(self.step_was_skipped)
-        return None
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("optimizer", "__setstate__"):
-            raise AttributeError(name)
-        return getattr(self.optimizer, name)
-
-    def __repr__(self) -> str:
-        return f"ScaledOptimizer({self.optimizer!r})"
-
-
-class EngineOptimizer(torch.optim.Optimizer):
-    """The optimizer of a DeepSpeed engine, driven through the engine.
-
-    ``step()`` is ``engine.step()`` (which clips, steps and zeroes the gradients at the
-    accumulation boundary), ``zero_grad()`` is ``engine.zero_grad()``. ``skipped_steps``
-    is the engine's count of fp16 overflow steps.
-    """
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.optimizer = engine.optimizer
 
     @property  # type: ignore[override]
     def param_groups(self) -> list[dict[str, Any]]:
@@ -172,6 +99,72 @@ class EngineOptimizer(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()  # type: ignore[no-any-return]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in type(self)._OWN:
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.optimizer).__name__})"
+
+
+class ScaledOptimizer(DelegatingOptimizer):
+    """The user's optimizer stepped through a ``GradScaler`` (fp16).
+
+    ``step()`` unscales (unless `clip_grad_norm` already did), skips the update when a
+    gradient overflowed, and adjusts the scale. Skipped steps are counted, not hidden:
+    ``step_was_skipped`` tells about the last step and ``skipped_steps`` counts all of them.
+    Everything else (``param_groups``, ``state``, ``state_dict``) is the user's optimizer's.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: Any, handle: Handle) -> None:
+        super().__init__(optimizer)
+        self.scaler = scaler
+        self._handle = handle
+        self.skipped_steps = 0
+        self.step_was_skipped = False
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """Unscale, step unless a gradient overflowed, update the scale; count skips."""
+        if closure is not None:
+            msg = ("optimizer.step(): closure must be None under fp16 grad scaling, but got a "
+                   "callable. Compute the loss outside step() and call distlib.backward.")
+            raise TypeError(msg)
+        before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._handle.unscaled = False
+        self.step_was_skipped = self.scaler.get_scale() < before
+        self.skipped_steps += int(self.step_was_skipped)
+        return None
+
+
+class EngineOptimizer(DelegatingOptimizer):
+    """The optimizer of a DeepSpeed engine, driven through the engine.
+
+    ``step()`` is ``engine.step()`` (which clips, steps and zeroes the gradients at the
+    accumulation boundary), ``zero_grad()`` is ``engine.zero_grad()``. ``skipped_steps``
+    is the engine's count of fp16 overflow steps.
+    """
+
+    _OWN = ("optimizer", "engine", "__setstate__")
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine.optimizer)
+        self.engine = engine
+
     @property
     def skipped_steps(self) -> int:
         return int(self.engine.skipped_steps)
@@ -182,20 +175,6 @@ class EngineOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.engine.zero_grad()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()  # type: ignore[no-any-return]
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("optimizer", "engine", "__setstate__"):
-            raise AttributeError(name)
-        return getattr(self.optimizer, name)
-
-    def __repr__(self) -> str:
-        return f"EngineOptimizer({type(self.optimizer).__name__})"
 
 
 def attach(wrapped: Any, handle: Handle, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
