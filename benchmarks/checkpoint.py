@@ -70,7 +70,7 @@ def _job(env: Any, variant: str, folder: str, mb: int, repeats: int) -> dict[str
     base = _rss_mb()
     saves, loads = [], []
     for i in range(repeats):
-        path = pathlib.Path(folder) / f"{variant}-{time.time_ns()}-{i}"
+        path = pathlib.Path(folder) / f"{variant}-{i}"
         dist.barrier()
         t0 = time.perf_counter()
         if variant == "distlib":
@@ -99,7 +99,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for variant in ("dcp", "distlib", "dcp", "distlib"):  # interleaved: fair to both
-            out = dl.launch(_run_rank, variant, folder,
+            out = dl.launch(_run_rank, variant, tempfile.mkdtemp(dir=folder),
                             args.mb, args.repeats, num_processes=2, cpu=True, timeout_s=1200)
             runs = results.setdefault(variant, [])
             runs.append({k: max(r[k] for r in out) for k in out[0]})
