@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from distlib.errors import CollectiveError, PrecisionError, StrategyError
+from distlib.strategies._handle import DelegatingOptimizer
 
 __all__ = [
     "XLAOptimizer", "all_gather", "all_reduce", "barrier", "broadcast", "check_autograd",
@@ -381,7 +382,7 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer,
     optimizer.state.update(state)
 
 
-class XLAOptimizer(torch.optim.Optimizer):
+class XLAOptimizer(DelegatingOptimizer):
     """The user's optimizer whose ``step()`` is torch_xla's ``xm.optimizer_step``.
 
     ``step()`` all-reduces (averages) the gradients when the runtime has several replicas,
@@ -390,49 +391,17 @@ class XLAOptimizer(torch.optim.Optimizer):
     Everything else (``param_groups``, ``state``, ``state_dict``) is the wrapped optimizer's.
     """
 
+    _OWN = ("optimizer", "sync", "__setstate__")
+
     def __init__(self, optimizer: torch.optim.Optimizer, *, sync: bool = True) -> None:
-        # No super().__init__: the param groups and state stay the wrapped optimizer's.
-        self.optimizer = optimizer
+        super().__init__(optimizer)
         self.sync = sync
-
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         """Reduce gradients across replicas, step, and cut the graph (when ``sync``)."""
         _, xm, _ = _modules("optimizer.step()")
         args = {} if closure is None else {"closure": closure}
         return xm.optimizer_step(self.optimizer, barrier=self.sync, optimizer_args=args)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("optimizer", "sync", "__setstate__"):
-            raise AttributeError(name)
-        return getattr(self.optimizer, name)
 
     def __repr__(self) -> str:
         return f"XLAOptimizer({self.optimizer!r}, sync={self.sync})"
