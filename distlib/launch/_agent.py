@@ -27,19 +27,23 @@ def _launch_config(plan: LaunchPlan, log_dir: str, start_method: str) -> Any:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig
 
-    nproc = plan.nproc_per_node or _visible_gpus(plan) or 1
+    # XLA: one process per machine; torch_xla starts the replicas in it (xmp.spawn) or, under
+    # SPMD, that one process drives every device.
+    nproc = 1 if plan.strategy == "xla" else plan.nproc_per_node or _visible_gpus(plan) or 1
     configs: dict[str, Any] = {"timeout": plan.collective_timeout_s or 900}
     if plan.rdzv_backend == "static":
         configs["rank"] = plan.machine_rank
     elif plan.max_machines > 1:
         configs["is_host"] = plan.machine_rank == 0
+    # shutdown_timeout is newer than torch 2.9 (the XLA session's torch): pass it where it exists.
+    extra: dict[str, Any] = ({"shutdown_timeout": 5} if "shutdown_timeout" in getattr(
+        LaunchConfig, "__dataclass_fields__", {}) else {})
     return LaunchConfig(
         min_nodes=plan.min_machines, max_nodes=plan.max_machines, nproc_per_node=nproc,
         run_id=plan.run_id, role="rank", rdzv_backend=plan.rdzv_backend,
         rdzv_endpoint=f"{plan.main_address}:{plan.main_port}", rdzv_configs=configs,
         max_restarts=plan.max_restarts, monitor_interval=plan.monitor_interval_s,
-        start_method=start_method, logs_specs=DefaultLogsSpecs(log_dir=log_dir),
-        shutdown_timeout=5,
+        start_method=start_method, logs_specs=DefaultLogsSpecs(log_dir=log_dir), **extra,
     )
 
 

@@ -49,7 +49,7 @@ def is_secondary(exc: BaseException) -> bool:
     return any(sign in text for sign in _PEER_SIGNS)
 
 
-def _record(exc: BaseException) -> None:
+def _record(exc: BaseException, rank: str | None = None) -> None:
     """Write the traceback in torch's error-file format (plus a precise timestamp)."""
     tb = exc.__traceback__
     own = (os.path.abspath(__file__), os.path.abspath(runpy.__file__), "<frozen runpy>")
@@ -66,21 +66,20 @@ def _record(exc: BaseException) -> None:
                         "extraInfo": {"py_callstack": text, "timestamp": str(int(time.time())),
                                       "distlib_time_ns": str(time.time_ns()),
                                       "distlib_secondary": is_secondary(exc),
-                                      "distlib_rank": os.environ.get("RANK", "0"),
+                                      "distlib_rank": rank or os.environ.get("RANK", "0"),
                                       "distlib_attempt": os.environ.get(
                                           "TORCHELASTIC_RESTART_COUNT", "0")}}}
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle)
 
 
-def _run_callable(payload_path: str, results_dir: str) -> None:
+def _run_callable(payload_path: str, results_dir: str, rank: str) -> None:
     from distlib.launch._payload import dumps, loads
 
     with open(payload_path, "rb") as handle:
         target, args = loads(handle.read())
     value = target(*args)
-    # RANK is the agent's protocol with this bootstrap (user code reads it through detect()).
-    path = os.path.join(results_dir, f"{os.environ.get('RANK', '0')}.pkl")
+    path = os.path.join(results_dir, f"{rank}.pkl")
     with open(path + ".tmp", "wb") as handle:
         handle.write(dumps(value))
     os.replace(path + ".tmp", path)
@@ -97,20 +96,74 @@ def _run_module(name: str, args: Sequence[str]) -> None:
     runpy.run_module(name, run_name="__main__", alter_sys=True)
 
 
+def _run(kind: str, rest: Sequence[str], rank: str) -> None:
+    if kind == "callable":
+        _run_callable(rest[0], rest[1], rank)
+    elif kind == "script":
+        _run_script(rest[0], rest[1:])
+    elif kind == "module":
+        _run_module(rest[0], rest[1:])
+    else:
+        msg = f"distlib bootstrap: unknown target kind {kind!r}"
+        raise SystemExit(msg)
+
+
+class _ReplicaFailed(Exception):
+    """An XLA replica raised; its traceback is already recorded."""
+
+
+def _replica(index: int, kind: str, rest: Sequence[str]) -> None:
+    """One ``xmp.spawn`` replica (a thread or a process): run the target as rank ``index``."""
+    try:
+        _run(kind, rest, str(index))
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        _record(exc, str(index))
+        raise _ReplicaFailed(str(index)) from None
+
+
+# The agent's rank variables for this one host process; the replicas' ranks come from
+# torch_xla's runtime instead (`detect()` asks it when these are absent).
+_HOST_RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                        "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE")
+
+
+def _run_xla_replicas(kind: str, rest: Sequence[str], replicas: str) -> int:
+    """Start the target in torch_xla's replicas (``xmp.spawn``: the device count sets how many).
+
+    Effects: removes the agent's rank variables from this process's environment (it is the
+    launcher's process; the replicas must not read them).
+    """
+    try:
+        import torch_xla.distributed.xla_multiprocessing as xmp
+    except ImportError as exc:  # the root cause: no (or a broken) torch_xla on this machine
+        _record(exc)
+        return 1
+    for name in _HOST_RANK_VARIABLES:
+        os.environ.pop(name, None)
+    try:
+        xmp.spawn(_replica, args=(kind, list(rest)), nprocs=1 if replicas == "1" else None)
+    except _ReplicaFailed:
+        return 1
+    except SystemExit:
+        raise
+    except BaseException as exc:  # e.g. BrokenProcessPool: a replica process died
+        _record(exc)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
     """Run one rank's target; return its exit code."""
     die_with_parent()
     kind, rest = argv[0], list(argv[1:])
+    replicas = os.environ.get("DISTLIB_XLA_REPLICAS")
+    if replicas:
+        return _run_xla_replicas(kind, rest, replicas)
     try:
-        if kind == "callable":
-            _run_callable(rest[0], rest[1])
-        elif kind == "script":
-            _run_script(rest[0], rest[1:])
-        elif kind == "module":
-            _run_module(rest[0], rest[1:])
-        else:
-            msg = f"distlib bootstrap: unknown target kind {kind!r}"
-            raise SystemExit(msg)
+        # RANK is the agent's protocol with this bootstrap (user code reads it via detect()).
+        _run(kind, rest, os.environ.get("RANK", "0"))
     except SystemExit:
         raise
     except BaseException as exc:

@@ -16,7 +16,9 @@ __all__ = ["DISTLIB_VARIABLES", "child_environ"]
 
 # Every variable the launcher owns; inherited values of these are replaced or dropped.
 DISTLIB_VARIABLES = ("DISTLIB_LAUNCHED", "DISTLIB_STRATEGY", "DISTLIB_STRATEGY_OPTIONS",
-                     "DISTLIB_PRECISION", "DISTLIB_CPU", "DISTLIB_DEBUG", "DISTLIB_TIMEOUT")
+                     "DISTLIB_PRECISION", "DISTLIB_CPU", "DISTLIB_DEBUG", "DISTLIB_TIMEOUT",
+                     "DISTLIB_XLA_REPLICAS")
+_TRUE = ("1", "true", "yes", "on")
 
 
 def _python_path(base: Mapping[str, str], sys_path: Iterable[str], cwd: str,
@@ -82,10 +84,47 @@ def child_environ(
         env["DISTLIB_TIMEOUT"] = str(plan.collective_timeout_s)
     if plan.gpu_ids is not None and plan.gpu_ids != "all":
         env["CUDA_VISIBLE_DEVICES"] = plan.gpu_ids
-    if "OMP_NUM_THREADS" not in env and plan.nproc_per_node != 1:
+    if plan.strategy == "xla":
+        env.update(_xla_variables(env, plan))
+    elif "OMP_NUM_THREADS" not in env and plan.nproc_per_node != 1:
         # As torchrun: several ranks on one machine must not each spawn a thread per core.
         env["OMP_NUM_THREADS"] = "1"
     python_path = _python_path(base, sys_path, cwd, skip_prefixes)
     if python_path:
         env["PYTHONPATH"] = python_path
     return env
+
+
+def _xla_variables(env: Mapping[str, str], plan: LaunchPlan) -> dict[str, str]:
+    """torch_xla's variables for ``--strategy xla`` (one process per machine; see docs/tpu.md).
+
+    SPMD (``spmd`` strategy option, or ``XLA_USE_SPMD=1`` already set): that process drives
+    every device; on the CPU client ``CPU_NUM_DEVICES`` is the per-machine count. Otherwise
+    the process starts the replicas with ``xmp.spawn`` (``DISTLIB_XLA_REPLICAS``: ``1``, or
+    ``all`` devices); on the CPU client only one, since collectives between replicas never
+    complete there (pytorch/xla#9089).
+    """
+    import importlib.util
+
+    from distlib.errors import ConfigError
+
+    device = env.get("PJRT_DEVICE") or (
+        "TPU" if importlib.util.find_spec("libtpu") is not None else "CPU")
+    spmd = bool(plan.strategy_options.get("spmd")) or env.get("XLA_USE_SPMD", "") in _TRUE
+    count = plan.nproc_per_node
+    out = {"PJRT_DEVICE": device}
+    if spmd:
+        options = dict(plan.strategy_options) | {"spmd": True}
+        out |= {"XLA_USE_SPMD": "1",
+                "DISTLIB_STRATEGY_OPTIONS": json.dumps(options, sort_keys=True)}
+        if device == "CPU" and count is not None:
+            out["CPU_NUM_DEVICES"] = str(count)
+        return out
+    if device == "CPU" and count is not None and count > 1:
+        msg = (f"launch(): with strategy 'xla' on PJRT_DEVICE=CPU the number of processes "
+               f"must be 1, but got {count}. Collectives between XLA replicas never complete "
+               "on the CPU client (pytorch/xla#9089); for several CPU devices use SPMD: "
+               "XLA_USE_SPMD=1 (or strategy_options={'spmd': True}).")
+        raise ConfigError(msg)
+    out["DISTLIB_XLA_REPLICAS"] = "1" if count == 1 else "all"
+    return out
