@@ -131,11 +131,13 @@ class ShardedLoader:
         self._epoch, self._next_start = 0, start_batch
         self._infos: list[StepInfo] = []
         self._yielded, self._done, self._pass_start = 0, False, start_batch
+        self._pending = True  # no pass started since construction or load_state_dict
         self._inner: dict[int | str, Any] = {}
 
     # -- public surface -------------------------------------------------------------------
     def __len__(self) -> int:
-        start = self._pass_start if self._yielded and not self._done else self._next_start
+        running = self._yielded and not self._done and not self._pending
+        start = self._pass_start if running else self._next_start
         units = self._num_units()
         plan = self._plan
         total = count_batches(units, plan.per_step, plan.per_rank, plan.rank,
@@ -169,19 +171,23 @@ class ShardedLoader:
     def state_dict(self) -> dict[str, int]:
         """The position to resume from: ``{"epoch": e, "start_batch": k}`` (and the shuffle
         ``"seed"`` once one is chosen, so a resumed epoch has the same order)."""
-        state = {"epoch": self._epoch, "start_batch": 0 if self._done
-                 else self._pass_start + self._yielded}
+        if self._pending:  # resumed (or new) and not iterated yet: the pass to come
+            start = self._next_start
+        else:
+            start = 0 if self._done else self._pass_start + self._yielded
+        state = {"epoch": self._epoch, "start_batch": start}
         return state if self._seed is None else state | {"seed": self._seed}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Resume the next pass at ``state["start_batch"]`` of epoch ``state["epoch"]``."""
         self.set_epoch(int(state["epoch"]))
         self._next_start = int(state["start_batch"])
+        self._pending = True
         if state.get("seed") is not None:
             self._seed = int(state["seed"])
 
     def __iter__(self) -> Iterator[Any]:
-        start, self._next_start = self._next_start, 0
+        start, self._next_start, self._pending = self._next_start, 0, False
         self._pass_start, self._infos, self._yielded, self._done = start, [], 0, False
         inner = self._inner_loader(start)
         if self.device_placement and self.env.backend == "xla":

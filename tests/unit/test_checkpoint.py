@@ -286,3 +286,21 @@ def test_export_loads_with_transformers_from_pretrained(tmp_path: pathlib.Path) 
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.allclose(loaded(ids).logits, model(ids).logits)
+
+
+def test_saving_right_after_a_resume_keeps_the_position(tmp_path: pathlib.Path) -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(16.0))
+    loader = dl.shard(torch.utils.data.DataLoader(data, batch_size=2), ENV)
+    seen = []
+    for (x,) in loader:
+        seen.append(float(x[0]))
+        if len(seen) == 3:
+            break
+    dl.save_state(tmp_path / "a", ENV, loader=loader)
+    resumed = dl.shard(torch.utils.data.DataLoader(data, batch_size=2), ENV)
+    dl.load_state(tmp_path / "a", ENV, loader=resumed)
+    assert len(resumed) == 5
+    dl.save_state(tmp_path / "b", ENV, loader=resumed)  # before iterating: same position
+    again = dl.shard(torch.utils.data.DataLoader(data, batch_size=2), ENV)
+    dl.load_state(tmp_path / "b", ENV, loader=again)
+    assert [float(x[0]) for (x,) in again] == [6.0, 8.0, 10.0, 12.0, 14.0]
