@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from distlib.collectives import barrier
 from distlib.env import Env
 from distlib.errors import CheckpointError
 
@@ -196,13 +197,6 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
-def _barrier(env: Env) -> None:
-    if env.is_distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def _swap_into_place(staging: pathlib.Path, path: pathlib.Path) -> None:
     """Rename the finished staging folder to ``path``; the old checkpoint goes last."""
     old = path.parent / f".{path.name}.old"
@@ -268,16 +262,16 @@ def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathli
         if staging.exists():
             shutil.rmtree(staging)
         (staging / "rng").mkdir(parents=True)
-    _barrier(env)
+    barrier(env)
     manifest = _save_parts(staging, env, objects, kinds, call)
     import torch
 
     torch.save(_rng_state(), staging / "rng" / f"rank{env.rank}.pt")
-    _barrier(env)
+    barrier(env)
     if env.is_main:
         _write_manifest(staging, manifest)
         _swap_into_place(staging, path)
-    _barrier(env)
+    barrier(env)
     return path
 
 
@@ -518,7 +512,7 @@ def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
     _load_small(folder, objects, kinds, manifest, env)
     if rng:
         _load_rng(folder, env, manifest)
-    _barrier(env)
+    barrier(env)
     return dict(manifest["values"])
 
 
@@ -560,7 +554,7 @@ def check_save_load(env: Env) -> str:
     fresh, fresh_optimizer = build(1)
     values = load_state(path, env, model=fresh, optimizer=fresh_optimizer)
     before, after = flat(model), flat(fresh)
-    _barrier(env)
+    barrier(env)
     if env.is_main:
         shutil.rmtree(folder, ignore_errors=True)
     assert values == {"step": 1}, f"saved values came back as {values}"

@@ -125,7 +125,8 @@ def export_weights(model: Any, out: str | os.PathLike[str], env: Env, *,
 
     Effects: joins the process group; rank 0 writes ``out`` atomically.
     """
-    from distlib.checkpoint import _barrier, _tied_names
+    from distlib.checkpoint import _tied_names
+    from distlib.collectives import barrier
     from distlib.runtime import initialize
 
     initialize(env)
@@ -133,7 +134,7 @@ def export_weights(model: Any, out: str | os.PathLike[str], env: Env, *,
     if env.is_main:
         write_safetensors(state, out, tied=_tied_names(model), max_shard_size=max_shard_size,
                           dtype=dtype)
-    _barrier(env)
+    barrier(env)
     return pathlib.Path(os.path.abspath(out))
 
 
