@@ -30,7 +30,9 @@ class LaunchPlan:
     """Everything the agent needs to start one machine's share of a job.
 
     ``None`` means "not chosen": ``nproc_per_node=None`` is resolved by the agent (visible GPUs,
-    else 1); ``precision``/``strategy`` left ``None`` let ``detect()`` pick in each rank.
+    else 1); ``precision``/``strategy`` left ``None`` let ``detect()`` pick in each rank;
+    ``num_threads=None`` gives each rank ``OMP_NUM_THREADS`` when it is set, else the
+    machine's cores shared among its CPU ranks (one thread per GPU rank, as torchrun).
 
     Example:
         >>> LaunchPlan(nproc_per_node=2, cpu=True).world_size
@@ -55,6 +57,7 @@ class LaunchPlan:
     debug: bool = False
     collective_timeout_s: int | None = None
     start_method: str = "auto"
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("nproc_per_node", self.nproc_per_node, 1, allow_none=True)
@@ -64,6 +67,7 @@ class LaunchPlan:
         _check_int("main_port", self.main_port, 0)
         _check_int("max_restarts", self.max_restarts, 0)
         _check_int("collective_timeout_s", self.collective_timeout_s, 1, allow_none=True)
+        _check_int("num_threads", self.num_threads, 1, allow_none=True)
         if self.main_port > 65535:
             _fail("main_port", self.main_port, "be in 0..65535 (0 picks a free port)")
         if self.machine_rank >= self.max_machines:
