@@ -19,10 +19,12 @@ from typing import Any
 
 from distlib._slurm import expand_nodelist
 from distlib.errors import ConfigError
+from distlib.launch._accelerate_config import KeyNote, problems_message, translate_all
 from distlib.launch.plan import LaunchPlan, plan_launch
 
-__all__ = ["SETTINGS", "Setting", "default_config_path", "from_accelerate", "read_config_file",
-           "resolve", "to_plan", "validate"]
+__all__ = ["SETTINGS", "ConfigFile", "KeyNote", "Setting", "default_config_path",
+           "from_accelerate", "read_config", "read_config_file", "resolve", "to_plan",
+           "validate"]
 
 _BOOL = ("true", "false")
 
@@ -37,12 +39,19 @@ class Setting:
     help: str
     choices: tuple[Any, ...] = ()
     group: str = "launch"
+    minimum: int | None = None
+    aliases: tuple[str, ...] = ()
 
 
 def _s(name: str, kind: type, default: Any, text: str, choices: tuple[Any, ...] = (),
-       group: str = "launch") -> Setting:
+       group: str = "launch", minimum: int | None = None,
+       aliases: tuple[str, ...] = ()) -> Setting:
     return Setting(name=name, kind=kind, default=default, help=text, choices=choices,
-                   group=group)
+                   group=group, minimum=minimum, aliases=aliases)
+
+
+THREADS_DEFAULT = ("$OMP_NUM_THREADS, else the machine's cores shared among its CPU ranks; "
+                   "1 per GPU rank")
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
@@ -67,17 +76,25 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
        "CPU only), spawn fresh interpreters, or auto (fork when no GPU is used)",
        ("auto", "fork", "spawn")),
     _s("debug", bool, False, "verbose launcher logs; each failing rank's traceback"),
+    _s("num_threads", int, None, f"threads each rank's torch uses (default: {THREADS_DEFAULT})",
+       minimum=1, aliases=("--num-cpu-threads-per-process",)),
     _s("fsdp_reshard_after_forward", bool, None, "free gathered parameters after forward",
        group="fsdp"),
     _s("fsdp_cpu_offload", bool, None, "keep parameters on the CPU", group="fsdp"),
     _s("fsdp_wrap_classes", str, None, "comma-separated module classes that become FSDP "
-       "units", group="fsdp"),
+       "units, or auto: the classes in the model's _no_split_modules", group="fsdp"),
     _s("fsdp_min_num_params", int, None, "wrap modules with at least this many parameters",
        group="fsdp"),
     _s("fsdp_activation_checkpointing", bool, None, "recompute activations in backward",
        group="fsdp"),
     _s("fsdp_state_dict_type", str, None, "checkpoint layout", ("sharded", "full"),
        group="fsdp"),
+    _s("fsdp_hybrid_shard", bool, None, "HSDP: replicate across machines, shard within each",
+       group="fsdp"),
+    _s("fsdp_sync_module_states", bool, None, "broadcast rank 0's parameters and buffers "
+       "before sharding", group="fsdp"),
+    _s("fsdp_forward_prefetch", bool, None, "each FSDP unit prefetches the next unit's "
+       "all-gather in forward", group="fsdp"),
     _s("deepspeed_config_file", str, None, "a DeepSpeed JSON config", group="deepspeed"),
     _s("zero_stage", int, None, "ZeRO stage", (0, 1, 2, 3), group="deepspeed"),
     _s("offload_optimizer_device", str, None, "where optimizer states live",
@@ -87,6 +104,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     _s("gradient_accumulation_steps", int, None, "micro-steps per optimizer step",
        group="deepspeed"),
     _s("gradient_clipping", float, None, "clip gradients to this norm", group="deepspeed"),
+    _s("offload_optimizer_nvme_path", str, None, "folder for optimizer states offloaded to "
+       "NVMe", group="deepspeed"),
+    _s("offload_param_nvme_path", str, None, "folder for parameters offloaded to NVMe",
+       group="deepspeed"),
+    _s("zero3_save_16bit_model", bool, None, "under ZeRO-3, gather 16-bit weights when "
+       "DeepSpeed saves the model", group="deepspeed"),
 )}
 
 # Setting -> (strategy, its option name)
@@ -97,12 +120,18 @@ _STRATEGY_OPTION = {
     "fsdp_min_num_params": ("fsdp", "min_num_params"),
     "fsdp_activation_checkpointing": ("fsdp", "activation_checkpointing"),
     "fsdp_state_dict_type": ("fsdp", "state_dict_type"),
+    "fsdp_hybrid_shard": ("fsdp", "hybrid_shard"),
+    "fsdp_sync_module_states": ("fsdp", "sync_module_states"),
+    "fsdp_forward_prefetch": ("fsdp", "forward_prefetch"),
     "deepspeed_config_file": ("deepspeed", "config"),
     "zero_stage": ("deepspeed", "zero_stage"),
     "offload_optimizer_device": ("deepspeed", "offload_optimizer"),
     "offload_param_device": ("deepspeed", "offload_param"),
     "gradient_accumulation_steps": ("deepspeed", "gradient_accumulation_steps"),
     "gradient_clipping": ("deepspeed", "gradient_clipping"),
+    "offload_optimizer_nvme_path": ("deepspeed", "offload_optimizer_nvme_path"),
+    "offload_param_nvme_path": ("deepspeed", "offload_param_nvme_path"),
+    "zero3_save_16bit_model": ("deepspeed", "gather_16bit_weights_on_save"),
 }
 
 
@@ -121,14 +150,18 @@ def default_config_path(environ: Mapping[str, str]) -> str:
 
 
 def _bad(where: str, key: str, value: Any, rule: str, fix: str = "") -> ConfigError:
-    return ConfigError(f"{where}: `{key}` must {rule}, but got {value!r}. {fix}".rstrip())
+    prefix = f"{where}: " if where else ""
+    return ConfigError(f"{prefix}`{key}` must {rule}, but got {value!r}. {fix}".rstrip())
 
 
-def _convert(where: str, setting: Setting, value: Any) -> Any:
-    """Check one value's type and choices; return it in its canonical form."""
+def _convert(where: str, setting: Setting, value: Any, label: str | None = None) -> Any:
+    """Check one value's type and choices; return it in its canonical form.
+
+    ``label`` is the key as the user wrote it (``mixed_precision`` for ``precision``).
+    """
     if value is None:
         return None
-    kind, key = setting.kind, setting.name
+    kind, key = setting.kind, label or setting.name
     if kind is bool:
         if isinstance(value, str) and value.strip().lower() in (*_BOOL, "yes", "no", "1", "0"):
             return value.strip().lower() in ("true", "yes", "1")
@@ -139,6 +172,8 @@ def _convert(where: str, setting: Setting, value: Any) -> Any:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise _bad(where, key, value, "be a whole number")
+        if setting.minimum is not None and value < setting.minimum:
+            raise _bad(where, key, value, f"be >= {setting.minimum}")
     elif kind is float:
         try:
             value = float(value)
@@ -157,38 +192,101 @@ def _convert(where: str, setting: Setting, value: Any) -> Any:
     return value
 
 
-def validate(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _check_all(values: Mapping[str, Any], origins: Mapping[str, str]
+               ) -> tuple[dict[str, Any], list[str]]:
+    """Convert every value; collect one problem per bad key instead of stopping at the first."""
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in values.items():
+        written = origins.get(key, key)
+        label = written if written == key else f"{written}` (distlib's `{key}"
+        if key not in SETTINGS:
+            near = difflib.get_close_matches(str(key), list(SETTINGS), n=1)
+            hint = f"Did you mean `{near[0]}`?" if near else "Remove it."
+            problems.append(str(_bad("", str(key), value, "name a setting; valid keys are "
+                                     + ", ".join(SETTINGS),
+                                     fix=f"Unknown key `{key}`. {hint}")))
+            continue
+        try:
+            out[key] = _convert("", SETTINGS[key], value, label)
+        except ConfigError as error:
+            problems.append(str(error))
+    return out, problems
+
+
+def validate(values: Mapping[str, Any], where: str,
+             origins: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Check a mapping of distlib settings: known keys, right types, valid choices.
 
+    Args:
+        values: setting name -> raw value.
+        where: the source, quoted first in errors (``config file x.yaml``, ``command line``).
+        origins: setting name -> the key as the user wrote it, named in errors instead.
+
     Raises:
-        ConfigError: naming the key, the value and the valid choices (or a close spelling).
+        ConfigError: listing every bad key at once, each with its value and the valid
+            choices (or a close spelling).
 
     Example:
         >>> validate({"num_processes": "2", "cpu": "true"}, "flags")
         {'num_processes': 2, 'cpu': True}
     """
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in SETTINGS:
-            near = difflib.get_close_matches(str(key), list(SETTINGS), n=1)
-            hint = f"Did you mean `{near[0]}`?" if near else "Remove it."
-            raise _bad(where, str(key), value, "name a setting; valid keys are "
-                       + ", ".join(SETTINGS), fix=f"Unknown key `{key}`. {hint}")
-        out[key] = _convert(where, SETTINGS[key], value)
+    out, problems = _check_all(values, origins or {})
+    if problems:
+        raise ConfigError(problems_message(where, problems))
     return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigFile:
+    """A config file read: its validated settings, and what became of each key it held."""
+
+    path: str
+    settings: dict[str, Any]
+    notes: tuple[KeyNote, ...]
+    accelerate: bool = False
+
+
+def read_config(path: str) -> ConfigFile:
+    """Read a distlib or Accelerate YAML config file, keeping a note for every key.
+
+    Raises:
+        ConfigError: the file is missing or not YAML; or, all listed at once, every unknown
+            key, every key distlib cannot honour and every bad value, each named as written.
+
+    Effects: reads the file.
+    """
+    where = f"config file {path}"
+    data = _load_yaml(path, where)
+    if not data:
+        return ConfigFile(path=path, settings={}, notes=())
+    if not _looks_like_accelerate(data):
+        notes = tuple(KeyNote(key=str(k), value=v, outcome="translated",
+                              effect=f"{k}={v if not isinstance(v, bool) else str(v).lower()}")
+                      for k, v in data.items())
+        return ConfigFile(path=path, settings=validate(data, where), notes=notes)
+    translation, problems = translate_all(data)
+    settings, more = _check_all(translation.settings, translation.origins)
+    problems += more
+    if problems:
+        raise ConfigError(problems_message(where, problems))
+    return ConfigFile(path=path, settings=settings, notes=translation.notes, accelerate=True)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
     """Read a distlib or Accelerate YAML config file into validated distlib settings.
 
     Raises:
-        ConfigError: the file is missing, not YAML, or has a wrong key, type or combination.
+        ConfigError: the file is missing, not YAML, or has wrong keys, types or values.
 
     Effects: reads the file.
     """
+    return read_config(path).settings
+
+
+def _load_yaml(path: str, where: str) -> dict[str, Any] | None:
     import yaml
 
-    where = f"config file {path}"
     try:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
@@ -200,14 +298,10 @@ def read_config_file(path: str) -> dict[str, Any]:
         msg = f"{where}: the file must be YAML, but got a parse error: {error}"
         raise ConfigError(msg) from None
     if data is None:
-        return {}
+        return None
     if not isinstance(data, dict):
         raise _bad(where, "<top level>", data, "be a mapping of key: value")
-    if _looks_like_accelerate(data):
-        from distlib.launch._accelerate_config import from_accelerate
-
-        data = from_accelerate(data, where)
-    return validate(data, where)
+    return data
 
 
 def _looks_like_accelerate(data: Mapping[str, Any]) -> bool:
@@ -317,7 +411,8 @@ def to_plan(resolved: Mapping[str, tuple[Any, str]]) -> LaunchPlan:
         max_restarts=v["max_restarts"], monitor_interval_s=v["monitor_interval"],
         cpu=v["cpu"], gpu_ids=v["gpu_ids"], precision=v["precision"], strategy=strategy,
         strategy_options=_strategy_options(v, strategy), debug=v["debug"],
-        collective_timeout_s=v["timeout"], start_method=v["start_method"])
+        collective_timeout_s=v["timeout"], start_method=v["start_method"],
+        num_threads=v["num_threads"])
 
 
 def flag_name(name: str) -> str:

@@ -17,16 +17,19 @@ from typing import Any
 from distlib.errors import ConfigError
 from distlib.launch.config import (
     SETTINGS,
+    THREADS_DEFAULT,
+    ConfigFile,
     default_config_path,
     flag_name,
-    read_config_file,
+    read_config,
     resolve,
     to_plan,
     validate,
 )
 from distlib.launch.plan import LaunchPlan
 
-__all__ = ["add_arguments", "add_setting_arguments", "resolve_from_args", "run"]
+__all__ = ["add_arguments", "add_setting_arguments", "dry_run_text", "resolve_config",
+           "resolve_from_args", "run"]
 
 _GROUPS = {"launch": "processes and machines", "fsdp": "FSDP options (--strategy fsdp)",
            "deepspeed": "DeepSpeed options (--strategy deepspeed)"}
@@ -49,7 +52,7 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
             if setting.choices:
                 kwargs["choices"] = setting.choices
                 kwargs["metavar"] = "{" + ",".join(map(str, setting.choices)) + "}"
-        group.add_argument(flag_name(setting.name), **kwargs)
+        group.add_argument(flag_name(setting.name), *setting.aliases, **kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,18 +72,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_from_args(args: argparse.Namespace, environ: Mapping[str, str]
                       ) -> tuple[dict[str, tuple[Any, str]], str | None]:
     """Resolved settings (value, source) from flags, the config file and the environment."""
+    resolved, config = resolve_config(args, environ)
+    return resolved, config.path if config else None
+
+
+def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]
+                   ) -> tuple[dict[str, tuple[Any, str]], ConfigFile | None]:
+    """`resolve_from_args`, with the config file read (its notes) instead of its path."""
     flags = validate({name: getattr(args, name) for name in SETTINGS
                       if getattr(args, name) is not None}, "command line")
     path = args.config_file
     if path is None and os.path.exists(default_config_path(environ)):
         path = default_config_path(environ)
-    config = read_config_file(path) if path else {}
-    return resolve(flags, config, environ, config_source=f"config file {path}"), path
+    config = read_config(path) if path else None
+    settings = config.settings if config else {}
+    return resolve(flags, settings, environ, config_source=f"config file {path}"), config
+
+
+def _threads_text(plan: LaunchPlan, environ: Mapping[str, str]) -> tuple[str, str]:
+    """What ``num_threads`` unset amounts to, and where that comes from."""
+    if environ.get("OMP_NUM_THREADS"):
+        return environ["OMP_NUM_THREADS"], "environment (OMP_NUM_THREADS)"
+    if plan.cpu and plan.nproc_per_node:
+        from distlib.launch._environ import rank_threads
+
+        cores = os.cpu_count() or 1
+        if hasattr(os, "sched_getaffinity"):
+            cores = len(os.sched_getaffinity(0))
+        threads = rank_threads(plan, environ, nproc=plan.nproc_per_node, gpu_ranks=False,
+                               num_cpus=cores)
+        if threads is not None:
+            return (f"{threads} ({cores} cores shared among {plan.nproc_per_node} CPU ranks)",
+                    "derived")
+    return THREADS_DEFAULT, "default"
 
 
 def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
-                 command: list[str]) -> str:
-    """The ``--dry-run`` table: every setting, its value and where it came from."""
+                 command: list[str], config: ConfigFile | None = None,
+                 environ: Mapping[str, str] | None = None) -> str:
+    """The ``--dry-run`` report: every setting with its value and source, then every key of
+    the config file and what became of it."""
     derived = {"main_port": plan.main_port or "0 (a free port is picked at launch)",
                "nproc_per_node": plan.nproc_per_node or "visible GPUs, else 1",
                "strategy": "auto: ddp for several ranks, else single",
@@ -89,7 +120,9 @@ def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
     for name, (value, source) in resolved.items():
         if value is None and SETTINGS[name].group != "launch":
             continue  # an option of a strategy not in use
-        if value is None:
+        if name == "num_threads" and value is None:
+            value, source = _threads_text(plan, os.environ if environ is None else environ)
+        elif value is None:
             value, source = derived.get(name, "(not set)"), (
                 "derived" if name == "nproc_per_node" and plan.nproc_per_node else source)
         rows.append((name, str(value), source))
@@ -97,6 +130,10 @@ def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
     vwidth = max(len(r[1]) for r in rows)
     lines = [f"{'setting':<{width}}  {'value':<{vwidth}}  source"]
     lines += [f"{n:<{width}}  {v:<{vwidth}}  {s}" for n, v, s in rows]
+    if config is not None and config.notes:
+        kind = "Accelerate" if config.accelerate else "distlib"
+        lines.append(f"\nconfig file {config.path} ({kind} format), key by key:")
+        lines += [f"  {note.row()}" for note in config.notes]
     lines.append(f"\neach rank runs: {' '.join(command)}")
     return "\n".join(lines)
 
@@ -130,11 +167,11 @@ def _run(args: argparse.Namespace, agent: Any) -> int:
     from distlib.launch._environ import child_environ
     from distlib.launch.launcher import free_port, root_cause_message, run_plan
 
-    resolved, _ = resolve_from_args(args, os.environ)
+    resolved, config = resolve_config(args, os.environ)
     plan = to_plan(resolved)
     command = _command(args)
     if args.dry_run:
-        print(dry_run_text(resolved, plan, command))
+        print(dry_run_text(resolved, plan, command, config, os.environ))
         return 0
     if plan.main_port == 0:
         plan = dataclasses.replace(plan, main_port=free_port())

@@ -28,6 +28,12 @@ class DeepSpeed:
         offload_param: ``"none"``, ``"cpu"`` or ``"nvme"`` (ZeRO-3 only).
         gradient_accumulation_steps: micro-steps per optimizer step (None: from the config, else 1).
         gradient_clipping: max gradient norm applied inside DeepSpeed's step (None: off).
+        offload_optimizer_nvme_path: the folder for optimizer states under
+            ``offload_optimizer="nvme"``.
+        offload_param_nvme_path: the folder for parameters under ``offload_param="nvme"``.
+        gather_16bit_weights_on_save: under ZeRO-3, gather the 16-bit weights when DeepSpeed
+            saves the model (its ``stage3_gather_16bit_weights_on_model_save``; None: the
+            config's value).
 
     Examples:
         >>> DeepSpeed(zero_stage=3).zero_stage
@@ -41,6 +47,9 @@ class DeepSpeed:
     offload_param: str = "none"
     gradient_accumulation_steps: int | None = None
     gradient_clipping: float | None = None
+    offload_optimizer_nvme_path: str | None = None
+    offload_param_nvme_path: str | None = None
+    gather_16bit_weights_on_save: bool | None = None
 
     def __post_init__(self) -> None:
         check_choice("DeepSpeed", "zero_stage", self.zero_stage, (0, 1, 2, 3))
@@ -56,6 +65,19 @@ class DeepSpeed:
         if self.gradient_clipping is not None:
             check_type("DeepSpeed", "gradient_clipping", self.gradient_clipping, (int, float))
             check_min("DeepSpeed", "gradient_clipping", self.gradient_clipping, 0)
+        for key in ("optimizer", "param"):
+            path = getattr(self, f"offload_{key}_nvme_path")
+            if path is None:
+                continue
+            check_type("DeepSpeed", f"offload_{key}_nvme_path", path, str)
+            if getattr(self, f"offload_{key}") != "nvme":
+                msg = (f"DeepSpeed: offload_{key}_nvme_path must come with offload_{key}='nvme',"
+                       f" but got offload_{key}={getattr(self, f'offload_{key}')!r}. Set both, "
+                       "or drop the path.")
+                raise ValueError(msg)
+        if self.gather_16bit_weights_on_save is not None:
+            check_type("DeepSpeed", "gather_16bit_weights_on_save",
+                       self.gather_16bit_weights_on_save, bool)
 
 
 def _load_config(config: str | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -133,6 +155,11 @@ def plan_config(strategy: DeepSpeed, env: Any, *, has_optimizer: bool) -> dict[s
         device = getattr(strategy, key)
         if device != "none":
             zero[key] = {**dict(zero.get(key) or {}), "device": device}
+        path = getattr(strategy, f"{key}_nvme_path")
+        if path is not None:
+            zero[key] = {**dict(zero.get(key) or {}), "nvme_path": path}
+    if strategy.gather_16bit_weights_on_save is not None:
+        zero["stage3_gather_16bit_weights_on_model_save"] = strategy.gather_16bit_weights_on_save
     if "offload_param" in zero and zero["stage"] != 3:
         msg = (f"wrap(): DeepSpeed offload_param must come with ZeRO stage 3, but got stage "
                f"{zero['stage']}. Use zero_stage=3 or offload_optimizer only.")

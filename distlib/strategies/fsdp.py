@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -11,6 +12,7 @@ from distlib.strategies._validate import check_choice, check_min, check_type
 __all__ = ["FSDP", "apply", "plan_units", "state_dict"]
 
 STATE_DICT_TYPES = ("sharded", "full")
+AUTO = "auto"  # wrap_classes="auto": the model's own _no_split_modules
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,12 +24,19 @@ class FSDP:
             False keeps them until backward (ZeRO-2 style).
         cpu_offload: keep sharded parameters, gradients and optimizer state on the CPU.
         wrap_classes: names of module classes that each become their own FSDP unit
-            (e.g. ``("LlamaDecoderLayer",)``).
+            (e.g. ``("LlamaDecoderLayer",)``), or ``"auto"``: the classes the model lists in
+            its ``_no_split_modules`` (transformers models carry it), as Accelerate's
+            ``TRANSFORMER_BASED_WRAP`` does without class names.
         min_num_params: modules with at least this many parameters become their own unit
             (0: off). Used when ``wrap_classes`` is empty.
         activation_checkpointing: recompute the activations of each unit in backward.
         state_dict_type: ``"sharded"`` (each rank its shard) or ``"full"`` (gathered).
-        hybrid_shard: replicate across machines and shard within one (HSDP, a 2-D mesh).
+        hybrid_shard: replicate across machines and shard within one (HSDP, a 2-D mesh
+            ``(num_nodes, ranks per machine)``; on one machine that is plain sharding).
+        sync_module_states: before sharding, broadcast rank 0's parameters and buffers to
+            every rank, so ranks that initialised (or loaded) differently start equal.
+        forward_prefetch: each unit explicitly prefetches the next unit's all-gather in
+            forward (FSDP2's ``set_modules_to_forward_prefetch``), overlapping it with compute.
 
     Examples:
         >>> FSDP(wrap_classes=["Block"]).wrap_classes
@@ -42,10 +51,12 @@ class FSDP:
     activation_checkpointing: bool = False
     state_dict_type: str = "sharded"
     hybrid_shard: bool = False
+    sync_module_states: bool = False
+    forward_prefetch: bool = False
 
     def __post_init__(self) -> None:
         for flag in ("reshard_after_forward", "cpu_offload", "activation_checkpointing",
-                     "hybrid_shard"):
+                     "hybrid_shard", "sync_module_states", "forward_prefetch"):
             check_type("FSDP", flag, getattr(self, flag), bool)
         if isinstance(self.wrap_classes, str):
             object.__setattr__(self, "wrap_classes", tuple(
@@ -54,6 +65,10 @@ class FSDP:
             object.__setattr__(self, "wrap_classes", tuple(self.wrap_classes))
         for cls in self.wrap_classes:
             check_type("FSDP", "wrap_classes[...]", cls, str)
+        if AUTO in self.wrap_classes and len(self.wrap_classes) > 1:
+            msg = (f"FSDP: wrap_classes must be 'auto' alone or class names, but got "
+                   f"{list(self.wrap_classes)}. Drop 'auto', or pass wrap_classes='auto'.")
+            raise ValueError(msg)
         check_type("FSDP", "min_num_params", self.min_num_params, int)
         check_min("FSDP", "min_num_params", self.min_num_params, 0)
         check_choice("FSDP", "state_dict_type", self.state_dict_type, STATE_DICT_TYPES)
@@ -62,29 +77,35 @@ class FSDP:
 def plan_units(model: Any, strategy: FSDP) -> list[str]:
     """Names of the submodules that become their own FSDP unit, innermost first.
 
-    A module is a unit when its class name is in ``wrap_classes``; with no classes given and
+    A module is a unit when its class name is in ``wrap_classes`` (``"auto"``: in the model's
+    ``_no_split_modules``; an empty list there wraps only the root); with no classes given and
     ``min_num_params > 0``, when the parameters it holds outside smaller units reach
     ``min_num_params``. The root is never listed (it is always sharded last).
 
     Raises:
-        StrategyError: ``wrap_classes`` names a class the model does not contain.
+        StrategyError: ``wrap_classes`` names a class the model does not contain, or is
+            ``"auto"`` for a model without ``_no_split_modules``.
 
     Examples:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
         >>> plan_units(net, FSDP(min_num_params=50))
         ['0']
+        >>> net._no_split_modules = ["Linear"]
+        >>> plan_units(net, FSDP(wrap_classes="auto"))
+        ['1', '0']
     """
     modules = dict(model.named_modules())
+    classes = _wrap_classes(model, strategy)
     if strategy.wrap_classes:
         present = {type(m).__name__ for m in modules.values()}
-        missing = sorted(set(strategy.wrap_classes) - present)
+        missing = sorted(set(classes) - present)
         if missing:
             msg = (f"wrap(): FSDP wrap_classes must name module classes in the model, but got "
                    f"{missing}, and the model has {sorted(present)}. Check the class names.")
             raise StrategyError(msg)
         return [name for name, m in reversed(modules.items())
-                if name and type(m).__name__ in strategy.wrap_classes]
+                if name and type(m).__name__ in classes]
     if strategy.min_num_params <= 0:
         return []
     units: list[str] = []
@@ -99,16 +120,30 @@ def plan_units(model: Any, strategy: FSDP) -> list[str]:
     return units
 
 
+def _wrap_classes(model: Any, strategy: FSDP) -> tuple[str, ...]:
+    """The class names that become units: ``wrap_classes``, or the model's own list."""
+    if strategy.wrap_classes != (AUTO,):
+        return strategy.wrap_classes
+    listed = getattr(model, "_no_split_modules", None)
+    if listed is None:
+        msg = (f"wrap(): FSDP wrap_classes='auto' must find the model's `_no_split_modules` "
+               f"(transformers models carry it), but got a {type(model).__name__} without it. "
+               "Name the classes, e.g. FSDP(wrap_classes=['Block']) or "
+               "--fsdp-wrap-classes Block.")
+        raise StrategyError(msg)
+    return tuple(str(name) for name in listed)
+
+
 def _mesh(strategy: FSDP, env: Any) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = env.torch_device.type
     if not strategy.hybrid_shard:
         return init_device_mesh(device_type, (env.world_size,))
-    if env.num_nodes < 2 or env.world_size % env.num_nodes:
-        msg = (f"wrap(): FSDP hybrid_shard must have >= 2 machines that divide the world size, "
-               f"but got num_nodes={env.num_nodes}, world_size={env.world_size}. Use plain "
-               "FSDP on one machine.")
+    if env.num_nodes < 1 or env.world_size % env.num_nodes:
+        msg = (f"wrap(): FSDP hybrid_shard must have a machine count that divides the world "
+               f"size, but got num_nodes={env.num_nodes}, world_size={env.world_size}. Start "
+               "the same number of ranks on every machine.")
         raise StrategyError(msg)
     return init_device_mesh(device_type, (env.num_nodes, env.world_size // env.num_nodes),
                             mesh_dim_names=("replicate", "shard"))
@@ -148,6 +183,25 @@ def _rebind(optimizer: Any, before: dict[int, str], model: Any) -> None:
         group["params"] = [after[n] for n in names]  # type: ignore[index]
 
 
+def _broadcast_from_rank0(model: Any) -> None:
+    """Give every rank rank 0's parameters and buffers (Accelerate's sync_module_states)."""
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        seen: set[int] = set()
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                dist.broadcast(tensor.data, src=0)
+
+
+def _chain_forward_prefetch(units: list[Any]) -> None:
+    """Each unit, in registration (forward) order, prefetches the next one's all-gather."""
+    for unit, following in itertools.pairwise(units):
+        unit.set_modules_to_forward_prefetch([following])
+
+
 def apply(model: Any, strategy: FSDP, env: Any, *, optimizer: Any = None,
           scheduler: Any = None) -> tuple[Any, Any, Any]:
     """Shard the model with FSDP2 (``fully_shard``), units first, then the root.
@@ -161,7 +215,8 @@ def apply(model: Any, strategy: FSDP, env: Any, *, optimizer: Any = None,
         StrategyError: no process group, an optimizer that already has state, unknown
             ``wrap_classes``.
 
-    Effects: joins the process group; shards ``model`` in place (its parameters are
+    Effects: joins the process group; with ``sync_module_states`` overwrites every rank's
+    parameters and buffers with rank 0's; shards ``model`` in place (its parameters are
     replaced); rewrites ``optimizer.param_groups``.
     """
     from torch.distributed._composable.checkpoint_activation import checkpoint
@@ -182,13 +237,18 @@ def apply(model: Any, strategy: FSDP, env: Any, *, optimizer: Any = None,
         raise StrategyError(msg)
     before = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     scaler = place_with_precision(model, env, autocast=False)
+    if strategy.sync_module_states:
+        _broadcast_from_rank0(model)
     mesh = _mesh(strategy, env)
     modules = dict(model.named_modules())
-    for name in plan_units(model, strategy):
+    units = plan_units(model, strategy)
+    for name in units:
         if strategy.activation_checkpointing:
             checkpoint(modules[name])
         fully_shard(modules[name], mesh=mesh, **_policies(strategy, env, root=False))
     fully_shard(model, mesh=mesh, **_policies(strategy, env, root=True))
+    if strategy.forward_prefetch:
+        _chain_forward_prefetch([modules[name] for name in reversed(units)])
     _rebind(optimizer, before, model)
     handle = Handle(strategy=strategy, env=env, precision=env.precision, module=model,
                     fsdp=model, scaler=scaler)

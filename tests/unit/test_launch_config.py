@@ -65,14 +65,15 @@ ACCELERATE_CASES = [
     ({"distributed_type": "FSDP", "mixed_precision": "bf16", "num_processes": 2,
       "fsdp_config": {"fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                       "fsdp_backward_prefetch": "BACKWARD_PRE", "fsdp_forward_prefetch": False,
-                      "fsdp_cpu_ram_efficient_loading": True, "fsdp_offload_params": True,
+                      "fsdp_cpu_ram_efficient_loading": False, "fsdp_offload_params": True,
                       "fsdp_sharding_strategy": "SHARD_GRAD_OP",
                       "fsdp_state_dict_type": "FULL_STATE_DICT",
                       "fsdp_sync_module_states": True,
                       "fsdp_transformer_layer_cls_to_wrap": "GPT2Block",
                       "fsdp_use_orig_params": True, "fsdp_version": 1,
                       "fsdp_activation_checkpointing": True}},
-     {"strategy": "fsdp", "strategy_options": {"cpu_offload": True,
+     {"strategy": "fsdp", "strategy_options": {"cpu_offload": True, "hybrid_shard": False,
+                                               "sync_module_states": True,
                                                "reshard_after_forward": False,
                                                "state_dict_type": "full",
                                                "wrap_classes": "GPT2Block",
@@ -91,7 +92,7 @@ ACCELERATE_CASES = [
          "gradient_accumulation_steps": 4, "gradient_clipping": 1.0,
          "offload_optimizer": "cpu", "offload_param": "none", "zero_stage": 3}}),
     ({"distributed_type": "MULTI_GPU", "num_processes": -1, "mixed_precision": "no",
-      "dynamo_config": {"dynamo_backend": "INDUCTOR"}}, {"nproc_per_node": None}),
+      "dynamo_config": {"dynamo_backend": "NO"}}, {"nproc_per_node": None}),
 ]
 
 
