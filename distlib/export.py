@@ -1,6 +1,8 @@
 """Full-weights export to safetensors, from a live model or offline from a checkpoint.
 
-The export is what `distlib.load_checkpoint` and transformers' ``from_pretrained`` read:
+`save_model` is Accelerate's ``save_model``: the weights (and a transformers config) into a
+folder the user owns. The export is what `distlib.load_checkpoint` and transformers'
+``from_pretrained`` read:
 ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` shards with a
 ``model.safetensors.index.json``. Tied weights are written once (safetensors refuses tensors
 that share memory); loaders tie them again. ``distlib merge-weights`` is the offline form.
@@ -12,14 +14,16 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from distlib.env import Env
-from distlib.errors import CheckpointError
+from distlib.errors import CheckpointError, ConfigError
 
-__all__ = ["add_arguments", "export_weights", "merge_weights", "run", "write_safetensors"]
+__all__ = ["add_arguments", "export_weights", "merge_weights", "parse_shard_size", "run",
+           "save_model", "write_safetensors"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -136,6 +140,115 @@ def export_weights(model: Any, out: str | os.PathLike[str], env: Env, *,
                           dtype=dtype)
     barrier(env)
     return pathlib.Path(os.path.abspath(out))
+
+
+# Accelerate's units for max_shard_size (utils.modeling.convert_file_size_to_int).
+_SHARD_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+_SHARD_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMG]I?B)\s*$", re.IGNORECASE)
+# What save_model writes into (and clears from) the folder; everything else there stays.
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
+
+
+def parse_shard_size(size: object, *, source: str = "save_model(): max_shard_size") -> int:
+    """Bytes from an int or a string such as ``"10GB"``, ``"500MB"``, ``"1GiB"``, as Accelerate.
+
+    ``GB``/``MB``/``KB`` are powers of 1000 and ``GiB``/``MiB``/``KiB`` powers of 1024; a
+    lowercase final ``b`` (``"8Mb"``) means bits, as in Accelerate's
+    ``convert_file_size_to_int``.
+
+    Raises:
+        ConfigError: not a positive int nor such a string.
+
+    Examples:
+        >>> parse_shard_size("10GB"), parse_shard_size("1MiB"), parse_shard_size("8Mb")
+        (10000000000, 1048576, 1000000)
+        >>> parse_shard_size(300)
+        300
+    """
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = _SHARD_SIZE.match(size) if isinstance(size, str) else None
+    if match is not None:
+        unit = match.group(2)
+        value = int(float(match.group(1)) * _SHARD_UNITS[unit.upper()])
+        if unit.upper() in ("GB", "MB", "KB") and unit.endswith("b"):
+            value //= 8
+        if value > 0:
+            return value
+    msg = (f"{source} must be a positive int of bytes or a size such as '10GB', '500MB' or "
+           f"'1GiB' (units GB, MB, KB, GiB, MiB, KiB), but got {size!r}. E.g. "
+           "max_shard_size='5GB'.")
+    raise ConfigError(msg)
+
+
+def _move_into(staging: pathlib.Path, folder: pathlib.Path) -> list[str]:
+    """Replace the weight files of ``folder`` with those in ``staging`` (the index last)."""
+    for old in folder.iterdir():
+        if _WEIGHT_FILE.match(old.name):
+            old.unlink()
+    names = sorted(p.name for p in staging.iterdir())
+    names.sort(key=lambda name: name == INDEX)
+    for name in names:
+        os.replace(staging / name, folder / name)
+    staging.rmdir()
+    return names
+
+
+def save_model(model: Any, folder: str | os.PathLike[str], env: Env, *,
+               max_shard_size: int | str = "10GB",
+               safe_serialization: bool = True) -> pathlib.Path:
+    """Write a model's full weights into ``folder`` as transformers does, from rank 0.
+
+    Accelerate's ``accelerator.save_model``: ``model.safetensors``, or
+    ``model-0000k-of-0000n.safetensors`` shards of at most ``max_shard_size`` with
+    ``model.safetensors.index.json``; for a transformers model also its ``config.json``, so
+    that ``from_pretrained(folder)`` loads it. FSDP2 shards and ZeRO-3 partitions are
+    gathered first (`export_weights`). Call it on every rank. Other files in ``folder``
+    (a tokenizer, a README) stay; weight files of an earlier save are replaced.
+
+    Args:
+        model: the model returned by ``wrap`` (or a plain module).
+        folder: where to write; created if missing.
+        env: this process's Env.
+        max_shard_size: the largest shard, in bytes or as ``"10GB"``, ``"500MB"``,
+            ``"1GiB"`` (`parse_shard_size`).
+        safe_serialization: must be True: distlib writes safetensors only (a pickled
+            ``pytorch_model.bin`` runs code when loaded).
+
+    Returns:
+        The folder.
+
+    Raises:
+        ConfigError: a bad ``max_shard_size``, or ``safe_serialization`` not True.
+
+    Examples:
+        >>> import torch, tempfile, os, distlib as dl
+        >>> out = save_model(torch.nn.Linear(2, 2), tempfile.mkdtemp(), dl.Env())
+        >>> sorted(os.listdir(out))
+        ['model.safetensors']
+
+    Effects: joins the process group; gathers the weights; rank 0 writes the files (each
+    shard complete before it is moved in, the index last); a barrier ends the call.
+    """
+    from distlib.collectives import barrier
+    from distlib.strategies.base import unwrap
+
+    if safe_serialization is not True:
+        msg = (f"save_model(): safe_serialization must be True (distlib writes safetensors "
+               f"only), but got {safe_serialization!r}. Drop the argument: transformers and "
+               "distlib.load_checkpoint read model.safetensors.")
+        raise ConfigError(msg)
+    size = parse_shard_size(max_shard_size)
+    folder = pathlib.Path(os.path.abspath(folder))
+    staging = folder / ".save_model"
+    export_weights(model, staging, env, max_shard_size=size)
+    if env.is_main:
+        _move_into(staging, folder)
+        config: Any = getattr(unwrap(model), "config", None)
+        if hasattr(config, "save_pretrained"):
+            config.save_pretrained(folder)
+    barrier(env)
+    return folder
 
 
 def merge_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *,

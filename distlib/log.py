@@ -12,7 +12,7 @@ from typing import Any
 
 from distlib.env import Env
 
-__all__ = ["RankLogger", "get_logger"]
+__all__ = ["RankLogger", "get_logger", "main_print"]
 
 
 class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -76,3 +76,27 @@ def get_logger(name: str, env: Env, level: int | str | None = None) -> RankLogge
     if level is not None:
         logger.setLevel(level)
     return RankLogger(logger, env)
+
+
+def main_print(env: Env, *values: object, local: bool = False, **print_kwargs: Any) -> None:
+    """`print` on the main process only (rank 0), or on each machine's first rank.
+
+    Accelerate's ``accelerator.print`` prints on each machine's first rank: that is
+    ``main_print(env, ..., local=True)``.
+
+    Args:
+        env: this process's Env.
+        *values: what `print` prints.
+        local: print on the first rank of every machine (``env.is_local_main``) instead of
+            on global rank 0 only.
+        **print_kwargs: `print`'s keywords (``sep``, ``end``, ``file``, ``flush``).
+
+    Examples:
+        >>> main_print(Env(), "step", 1, sep="=")
+        step=1
+        >>> main_print(Env(rank=1, world_size=2, local_rank=1, local_world_size=2), "not shown")
+
+    Effects: writes to ``sys.stdout`` (or ``file=``) on the chosen ranks.
+    """
+    if env.is_local_main if local else env.is_main:
+        print(*values, **print_kwargs)

@@ -140,9 +140,38 @@ def _compile(model: Any, compile: bool | Mapping[str, Any]) -> Any:
     return torch.compile(model, **options)
 
 
+def _check_scheduler_steps(scheduler_steps: object, split_batches: object, optimizer: Any,
+                           scheduler: Any) -> None:
+    from distlib.strategies._handle import SCHEDULER_STEPS
+
+    if scheduler_steps not in SCHEDULER_STEPS:
+        msg = (f"wrap(): scheduler_steps must be one of {', '.join(map(repr, SCHEDULER_STEPS))}, "
+               f"but got {scheduler_steps!r}. Use 'accelerate' to step the scheduler as "
+               "Accelerate does (world size times per call), 'once' for one step per call.")
+        raise ConfigError(msg)
+    if not isinstance(split_batches, bool):
+        msg = (f"wrap(): split_batches must be a bool, but got {split_batches!r}. Pass the "
+               "value given to dl.shard(..., split_batches=...).")
+        raise ConfigError(msg)
+    if scheduler_steps == "once":
+        if split_batches:
+            msg = ("wrap(): split_batches must come with scheduler_steps='accelerate' (it only "
+                   "sets how many times that scheduler steps), but got split_batches=True with "
+                   "scheduler_steps='once'. Drop it, or pass scheduler_steps='accelerate'.")
+            raise ConfigError(msg)
+        return
+    if scheduler is None or optimizer is None:
+        missing = "scheduler" if scheduler is None else "optimizer"
+        msg = (f"wrap(): scheduler_steps='accelerate' must come with a scheduler and its "
+               f"optimizer, but got {missing}=None. Pass wrap(model, env, optimizer=opt, "
+               "scheduler=sched, scheduler_steps='accelerate').")
+        raise ConfigError(msg)
+
+
 def wrap(model: Any, env_or_strategy: Any = None, *, optimizer: Any = None,
          scheduler: Any = None, env: Any = None,
-         compile: bool | Mapping[str, Any] = False) -> Any:
+         compile: bool | Mapping[str, Any] = False, scheduler_steps: str = "once",
+         split_batches: bool = False) -> Any:
     """Apply a strategy and a precision to a model (and its optimizer and scheduler).
 
     The strategy is ``env.strategy`` for ``wrap(model, env)``; an explicit strategy value
@@ -155,10 +184,19 @@ def wrap(model: Any, env_or_strategy: Any = None, *, optimizer: Any = None,
         env_or_strategy: an `Env`, or a strategy value / name (then ``env=`` gives the Env).
         optimizer: the model's optimizer; FSDP2 rebinds it to the sharded parameters,
             DeepSpeed drives it through its engine, fp16 steps it through a ``GradScaler``.
-        scheduler: the learning-rate scheduler, returned unchanged beside the optimizer.
+        scheduler: the learning-rate scheduler, returned unchanged beside the optimizer
+            (or inside an `AccelerateScheduler`, see ``scheduler_steps``).
         env: the Env when ``env_or_strategy`` is a strategy.
         compile: ``True`` or ``torch.compile`` options (``backend``, ``mode``,
             ``fullgraph``, ``dynamic``, ``options``) to compile the wrapped model.
+        scheduler_steps: ``"once"`` (default): ``scheduler.step()`` is the user's scheduler's
+            own, one step per call, so a schedule counts optimizer steps, whatever the number
+            of processes. ``"accelerate"``: step as Accelerate's prepared scheduler does, for
+            a schedule sized in batches of the unsharded loader: ``env.world_size`` steps per
+            call, none when the optimizer did not update the weights since the last call
+            (fp16 overflow, a micro-step without ``optimizer.step()``).
+        split_batches: with ``scheduler_steps="accelerate"``, the loaders split each batch
+            across ranks (``dl.shard(..., split_batches=True)``): one step per call.
 
     Returns:
         The wrapped model alone, or ``(model, optimizer)``, or
@@ -168,6 +206,8 @@ def wrap(model: Any, env_or_strategy: Any = None, *, optimizer: Any = None,
         StrategyError: the strategy cannot apply here (no process group for FSDP2, an
             optimizer that already holds state, a model wrapped twice, ...).
         PrecisionError: the hardware cannot run the Env's precision.
+        ConfigError: an unknown ``scheduler_steps``, or ``"accelerate"`` without a scheduler
+            and optimizer.
 
     Effects: joins the process group on first need (`distlib.runtime.initialize`); moves the
     model to the Env's device and may modify it in place (autocast forward, FSDP2 sharding).
@@ -182,6 +222,7 @@ def wrap(model: Any, env_or_strategy: Any = None, *, optimizer: Any = None,
 
     from distlib.strategies._handle import handle_of
 
+    _check_scheduler_steps(scheduler_steps, split_batches, optimizer, scheduler)
     strategy, env = _resolve(env_or_strategy, env)
     if handle_of(model) is not None:
         msg = (f"wrap(): model must not be wrapped already, but got a model wrapped with "
@@ -197,6 +238,11 @@ def wrap(model: Any, env_or_strategy: Any = None, *, optimizer: Any = None,
         model, strategy, env, optimizer=optimizer, scheduler=scheduler)
     if compile:
         model = _compile(model, compile)
+    if scheduler_steps == "accelerate":
+        from distlib.strategies._handle import AccelerateScheduler
+
+        scheduler_out = AccelerateScheduler.for_env(scheduler_out, optimizer_out, env,
+                                                    split_batches=split_batches)
     if scheduler is not None:
         return model, optimizer_out, scheduler_out
     if optimizer is not None:
