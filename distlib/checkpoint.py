@@ -342,11 +342,47 @@ def _read_manifest(path: pathlib.Path) -> dict[str, Any]:
         msg = (f"load_state(): {path / MANIFEST} must be readable JSON, but got {exc}. "
                "The checkpoint is damaged; load an earlier one.")
         raise CheckpointError(msg) from exc
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         msg = (f"load_state(): the checkpoint format must be {FORMAT}, but got "
-               f"{manifest.get('format')!r} in {path}. Was it written by another distlib version?")
+               f"{found!r} in {path}. Was it written by another distlib version?")
         raise CheckpointError(msg)
-    return manifest  # type: ignore[no-any-return]
+    problem = _manifest_problem(manifest)
+    if problem:
+        msg = (f"load_state(): {path / MANIFEST} must hold what save_state writes, but "
+               f"{problem}. The checkpoint is damaged; load an earlier one.")
+        raise CheckpointError(msg)
+    return manifest
+
+
+def _manifest_problem(manifest: Mapping[str, Any]) -> str:
+    """What is wrong with a parsed manifest's layout ("" when nothing)."""
+    import torch
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    kinds, models = manifest.get("kinds"), manifest.get("models")
+    if not is_int(manifest.get("world_size")) or manifest["world_size"] < 1:
+        return f"world_size is {manifest.get('world_size')!r}"
+    if not isinstance(kinds, dict) or not all(isinstance(v, str) for v in kinds.values()):
+        return f"kinds is {kinds!r:.80}"
+    if not isinstance(manifest.get("values"), dict) or not isinstance(models, dict):
+        return "values or models is not an object"
+    objects = manifest.get("objects")
+    if not isinstance(objects, list) or not all(isinstance(n, str) for n in objects):
+        return f"objects is {objects!r:.80}"
+    for name, model in models.items():
+        tensors = model.get("tensors") if isinstance(model, dict) else None
+        if not isinstance(tensors, dict) or not isinstance(model.get("tied"), list):
+            return f"model {name!r} has no tensors/tied lists"
+        for key, entry in tensors.items():
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
+                    and all(is_int(d) and d >= 0 for d in entry[0])
+                    and isinstance(entry[1], str)
+                    and isinstance(getattr(torch, entry[1], None), torch.dtype)):
+                return f"tensor {key!r} of model {name!r} is described as {entry!r:.80}"
+    return ""
 
 
 def _check_names(manifest: Mapping[str, Any], objects: Mapping[str, Any],
@@ -384,14 +420,13 @@ def _check_model(name: str, expected: Mapping[str, Any], state: Mapping[str, Any
 
 def _load_dcp(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str, str],
               manifest: Mapping[str, Any], env: Env) -> None:
-    from torch.distributed.checkpoint import state_dict_loader
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
         set_optimizer_state_dict,
         set_state_dict,
     )
 
+    from distlib._safe_unpickle import read_dcp
     from distlib.runtime import is_initialized
 
     state = _on_cpu(_dcp_state(objects, kinds, "load_state()"), env)
@@ -400,14 +435,7 @@ def _load_dcp(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str
     for name in state:
         if kinds[name] == "model":
             _check_model(name, manifest["models"][name]["tensors"], state[name], path)
-    try:
-        with _quiet_single_process():
-            state_dict_loader.load(state, checkpoint_id=path / "dcp", no_dist=not is_initialized())
-    except (Exception, CheckpointException) as exc:  # DCP's exception is a BaseException
-        msg = (f"load_state(): the sharded files in {path / 'dcp'} must be complete and "
-               f"readable, but reading them failed: {type(exc).__name__}: {exc}. The checkpoint "
-               "is damaged or truncated; load an earlier one.")
-        raise CheckpointError(msg) from exc
+    read_dcp(state, path / "dcp", no_dist=not is_initialized(), call="load_state()")
     for name, (module, optimizers) in _pairs(objects, kinds, "load_state()").items():
         if len(optimizers) == 1:
             set_state_dict(module, optimizers[0][1], model_state_dict=state[name],
@@ -420,20 +448,22 @@ def _load_dcp(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str
 
 def _load_small(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str, str],
                 manifest: Mapping[str, Any], env: Env) -> None:
-    import torch
+    from distlib._safe_unpickle import load_torch_file
 
     wanted = {n: o for n, o in objects.items() if kinds[n] == "stateful"}
     wanted |= {n: s for n, s in _scalers(objects, kinds).items() if n in manifest["objects"]}
     if not wanted:
         return
     file = path / "objects.pt"
-    try:
-        saved = torch.load(file, weights_only=True, map_location="cpu")
-    except Exception as exc:
-        msg = (f"load_state(): {file} must be a complete torch file of plain state, but "
-               f"reading it failed: {type(exc).__name__}: {exc}. The checkpoint is damaged or "
-               "was not written by save_state.")
-        raise CheckpointError(msg) from exc
+    saved = load_torch_file(file, file=str(file), call="load_state()",
+                            what="a complete torch file of plain state",
+                            fix="The checkpoint is damaged or was not written by save_state.")
+    missing = sorted(n for n in wanted if not isinstance(saved, Mapping) or n not in saved)
+    if missing:
+        msg = (f"load_state(): {file} must hold the state of {missing}, as its manifest says, "
+               f"but it holds {sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__}. "
+               "The checkpoint is damaged or was not written by save_state.")
+        raise CheckpointError(msg)
     for name, obj in wanted.items():
         if _is_sharded_loader(obj) and manifest["world_size"] != env.world_size:
             msg = (f"load_state(): the world size must equal the saving job's to resume loader "
@@ -448,8 +478,29 @@ def _is_sharded_loader(obj: Any) -> bool:
     return type(obj).__name__ == "ShardedLoader"
 
 
-def _load_rng(path: pathlib.Path, env: Env, manifest: Mapping[str, Any]) -> None:
+def _check_rng_state(state: Any) -> None:
+    """Raise TypeError/ValueError unless ``state`` has the layout `_rng_state` writes."""
     import torch
+
+    if not isinstance(state, Mapping) or not {"python", "torch"} <= set(state):
+        raise ValueError("it lacks the 'python' and 'torch' states")
+    python = state["python"]
+    if not (isinstance(python, tuple) and len(python) == 3 and isinstance(python[0], int)
+            and isinstance(python[1], (tuple, list)) and len(python[1]) == 625
+            and all(isinstance(v, int) for v in python[1])):
+        raise ValueError("its 'python' state is not a random.getstate() value")
+    tensors = [state["torch"], *(state.get("cuda") or [])]
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in tensors):
+        raise ValueError("its torch/cuda states are not uint8 tensors")
+    numpy = state.get("numpy")
+    if numpy is not None and not (isinstance(numpy, tuple) and len(numpy) == 5
+                                  and isinstance(numpy[0], str)
+                                  and isinstance(numpy[1], torch.Tensor)):
+        raise ValueError("its 'numpy' state is not a numpy RNG state")
+
+
+def _load_rng(path: pathlib.Path, env: Env, manifest: Mapping[str, Any]) -> None:
+    from distlib._safe_unpickle import load_torch_file
 
     if manifest["world_size"] != env.world_size:
         msg = (f"load_state(): the world size must equal the saving job's to restore each "
@@ -458,12 +509,14 @@ def _load_rng(path: pathlib.Path, env: Env, manifest: Mapping[str, Any]) -> None
                "random state.")
         raise CheckpointError(msg)
     file = path / "rng" / f"rank{env.rank}.pt"
+    state = load_torch_file(file, file=str(file), call="load_state()",
+                            what="a complete RNG state file", fix="Pass rng=False to skip it.")
     try:
-        state = torch.load(file, weights_only=True)
-    except Exception as exc:
-        msg = (f"load_state(): {file} must be a complete RNG state file, but reading it "
-               f"failed: {type(exc).__name__}: {exc}. Pass rng=False to skip it.")
-        raise CheckpointError(msg) from exc
+        _check_rng_state(state)
+    except (TypeError, ValueError) as exc:
+        msg = (f"load_state(): {file} must hold the RNG states save_state writes, but {exc}. "
+               "The checkpoint is damaged; pass rng=False to skip it.")
+        raise CheckpointError(msg) from None
     _set_rng_state(state)
 
 

@@ -19,7 +19,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from distlib.big_model.device_map import DeviceMap
 from distlib.big_model.sizes import TensorInfo, dtype_name, keep_in_fp32_of
@@ -49,50 +49,163 @@ class OffloadSource:
     shape: tuple[int, ...]
 
 
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def _corrupt(path: str, rule: str, got: str) -> CheckpointError:
+    msg = (f"load_checkpoint(): {path} must be a valid safetensors file whose {rule}, but got "
+           f"{got}. The file is corrupt or not safetensors; download or save it again.")
+    return CheckpointError(msg)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN/Infinity; serde does not
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_header(path: str, raw: bytes) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _corrupt(path, "header is UTF-8", f"an invalid byte at {exc.start}") from None
+    if not text.startswith("{"):
+        raise _corrupt(path, "header starts with '{'", repr(text[:10]))
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _corrupt(path, "header is a JSON object", f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is a JSON object", type(header).__name__)
+    return header
+
+
+def _check_entry(path: str, name: str, meta: Any) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype code, shape, begin, end) of one tensor entry, each field checked."""
+    if not isinstance(meta, dict) or set(meta) != _ENTRY_KEYS:
+        keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise _corrupt(path, f"tensor {name!r} has exactly the keys {sorted(_ENTRY_KEYS)}",
+                       repr(keys))
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
+        raise _corrupt(path, f"tensor {name!r} has a dtype distlib reads (one of "
+                       f"{', '.join(_ITEMSIZE)})", repr(dtype))
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _corrupt(path, f"tensor {name!r} has a shape of non-negative ints", repr(shape))
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise _corrupt(path, f"tensor {name!r} has data_offsets [begin, end] of non-negative "
+                       "ints", repr(offsets))
+    begin, end = offsets
+    nbytes = _numel(shape) * _ITEMSIZE[dtype]
+    if end - begin != nbytes:
+        raise _corrupt(path, f"tensor {name!r} spans shape x itemsize bytes ({shape} x "
+                       f"{_ITEMSIZE[dtype]} for {dtype} = {nbytes})",
+                       f"data_offsets {offsets} ({end - begin} bytes)")
+    return dtype, tuple(shape), begin, end
+
+
 def read_safetensors_header(path: str) -> dict[str, OffloadSource]:
-    """Parse a safetensors header; check that the file holds every byte it promises.
+    """Parse a safetensors header, validated as strictly as safetensors does, before any read.
+
+    The header length must fit the file (and safetensors' 100 MB limit); the header must be
+    UTF-8 JSON, an object with no repeated key; each tensor has a known dtype, a shape of
+    non-negative ints and ``data_offsets`` spanning exactly numel x itemsize bytes; sorted,
+    the offsets start at 0, follow each other without gap or overlap and end at the end of
+    the file; ``__metadata__`` maps strings to strings.
 
     Raises:
-        CheckpointError: the file is truncated or its header is not safetensors.
+        CheckpointError: the file breaks one of these rules (named, with the tensor).
+
+    Examples:
+        >>> import os, tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> file = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+        >>> save_file({"a": torch.zeros(2, 3)}, file)
+        >>> src = read_safetensors_header(file)["a"]
+        >>> src.dtype, src.shape, src.nbytes
+        ('float32', (2, 3), 24)
     """
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
         head = handle.read(8)
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < length <= size - 8:
+        if not 0 < length <= min(size - 8, _MAX_HEADER):
             msg = (f"load_checkpoint(): {path} must be a safetensors file, but its header length "
                    f"is {length} bytes in a {size}-byte file. The file is truncated or not "
                    "safetensors; download or save it again.")
             raise CheckpointError(msg)
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError as exc:
-            msg = (f"load_checkpoint(): {path} must start with a JSON safetensors header, but "
-                   f"it does not parse ({exc}). The file is corrupt; download or save it again.")
-            raise CheckpointError(msg) from exc
-    base, out, end = 8 + length, {}, 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        start, stop = meta["data_offsets"]
-        end = max(end, stop)
-        out[name] = OffloadSource(file=os.path.abspath(path), offset=base + start,
-                                  nbytes=stop - start, dtype=_SAFE_DTYPES.get(meta["dtype"],
-                                                                              meta["dtype"]),
-                                  shape=tuple(meta["shape"]))
-    if base + end > size:
-        msg = (f"load_checkpoint(): {path} must hold the {base + end} bytes its header "
-               f"promises, but it has {size}. The file is truncated (an interrupted download "
-               "or copy?); download or save it again.")
-        raise CheckpointError(msg)
+        header = _parse_header(path, handle.read(length))
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(v, str) for v in metadata.values())):
+        raise _corrupt(path, "__metadata__ maps strings to strings", repr(metadata)[:100])
+    base = 8 + length
+    entries = sorted(((name, *_check_entry(path, name, meta)) for name, meta in header.items()),
+                     key=lambda e: (e[3], e[4]))
+    out, end = {}, 0
+    for name, dtype, shape, begin, stop in entries:
+        if begin != end:
+            rule = "tensors follow each other from byte 0 without gap or overlap"
+            raise _corrupt(path, rule, f"tensor {name!r} at data_offsets [{begin}, {stop}] "
+                           f"where the previous one ends at {end}")
+        end = stop
+        out[name] = OffloadSource(file=os.path.abspath(path), offset=base + begin,
+                                  nbytes=stop - begin, dtype=_SAFE_DTYPES[dtype], shape=shape)
+    if base + end != size:
+        if base + end > size:
+            msg = (f"load_checkpoint(): {path} must hold the {base + end} bytes its header "
+                   f"promises, but it has {size}. The file is truncated (an interrupted "
+                   "download or copy?); download or save it again.")
+            raise CheckpointError(msg)
+        raise _corrupt(path, "tensors cover the data section up to the end of the file",
+                       f"{size - base - end} bytes after the last tensor")
     return out
 
 
 def _index_files(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
-        weight_map = json.load(handle).get("weight_map", {})
+    """The shard files an index names (each once, in order), after checking the index."""
+    def refuse(rule: str, got: str,
+               fix: str = "The index is damaged; download it again.") -> NoReturn:
+        msg = f"load_checkpoint(): {path} must {rule}, but {got}. {fix}"
+        raise CheckpointError(msg)
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            body = json.load(handle)
+    except (OSError, ValueError) as exc:
+        refuse("be a JSON checkpoint index", f"reading it failed ({type(exc).__name__}: "
+               f"{str(exc)[:200]})")
+    weight_map = body.get("weight_map") if isinstance(body, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        refuse("hold a 'weight_map' object of tensor name -> shard file",
+               f"got {type(weight_map).__name__ if weight_map is not None else 'none'}")
     folder = os.path.dirname(path)
-    return [os.path.join(folder, f) for f in dict.fromkeys(weight_map.values())]
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            refuse("name shard files inside its folder", f"it names {name!r}")
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            first = next(k for k, v in weight_map.items() if v == name)
+            refuse("name shard files that exist", f"{file} (holding {first!r}, ...) is missing",
+                   "The download is incomplete; fetch the missing shard.")
+        files.append(file)
+    return files
 
 
 def checkpoint_files(checkpoint: str | os.PathLike[str]) -> tuple[str, ...]:
@@ -162,6 +275,15 @@ class _Reader:
         self.headers = {f: read_safetensors_header(f) for f in files if f.endswith(".safetensors")}
         self.torch = {f: _load_torch(f) for f in files if f not in self.headers}
         self.maps: dict[str, mmap.mmap | None] = {}
+        seen: dict[str, str] = {}
+        for file in files:
+            for name in self.headers[file] if file in self.headers else self.torch[file]:
+                if name in seen:
+                    msg = (f"load_checkpoint(): each tensor must be stored in one file of the "
+                           f"checkpoint, but got {name!r} in {seen[name]} and in {file}. The "
+                           "shards do not belong together; download the checkpoint again.")
+                    raise CheckpointError(msg)
+                seen[name] = file
 
     def infos(self) -> dict[str, TensorInfo]:
         out: dict[str, TensorInfo] = {}
@@ -428,14 +550,58 @@ def write_offload_index(folder: str | os.PathLike[str], sources: Mapping[str, Of
 
 
 def read_offload_index(folder: str | os.PathLike[str]) -> dict[str, OffloadSource]:
-    """Read what `write_offload_index` wrote (empty when there is none)."""
+    """Read what `write_offload_index` wrote (empty when there is none), checking every entry.
+
+    Raises:
+        CheckpointError: the index is not JSON, or an entry's dtype, shape or byte range is
+            not one a weight can have in the file it names.
+    """
     path = os.path.join(folder, "index.json")
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as handle:
-        body = json.load(handle)
-    return {n: OffloadSource(file=v["file"], offset=v["offset"], nbytes=v["nbytes"],
-                             dtype=v["dtype"], shape=tuple(v["shape"])) for n, v in body.items()}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            body = json.load(handle)
+    except (OSError, ValueError) as exc:
+        msg = (f"dispatch(): {path} must be a JSON offload index written by load_checkpoint, "
+               f"but reading it failed ({type(exc).__name__}: {str(exc)[:200]}). Delete the "
+               "offload folder and load the checkpoint again.")
+        raise CheckpointError(msg) from None
+    if not isinstance(body, dict):
+        msg = (f"dispatch(): {path} must be a JSON object of tensor name -> source, but got a "
+               f"{type(body).__name__}. Delete the offload folder and load the checkpoint again.")
+        raise CheckpointError(msg)
+    return {name: _offload_entry(path, name, entry) for name, entry in body.items()}
+
+
+_TORCH_ITEMSIZE = {_SAFE_DTYPES[code]: size for code, size in _ITEMSIZE.items()}
+
+
+def _offload_entry(path: str, name: str, entry: Any) -> OffloadSource:
+    """One offload index entry as an `OffloadSource`, or the reason it cannot be one."""
+    keys = {"file", "offset", "nbytes", "dtype", "shape"}
+    problem = ""
+    if not isinstance(entry, dict) or set(entry) != keys:
+        problem = f"has the keys {sorted(entry) if isinstance(entry, dict) else entry!r:.80}"
+    elif not isinstance(entry["file"], str) or not os.path.isfile(entry["file"]):
+        problem = f"names a file that does not exist ({entry['file']!r:.200})"
+    elif entry["dtype"] not in _TORCH_ITEMSIZE:
+        problem = f"has the dtype {entry['dtype']!r:.40}"
+    elif not (isinstance(entry["shape"], list) and all(_is_count(d) for d in entry["shape"])
+              and _is_count(entry["offset"]) and _is_count(entry["nbytes"])):
+        problem = f"has the shape/offset/nbytes {entry['shape']!r:.60}/{entry['offset']!r}/" \
+                  f"{entry['nbytes']!r}"
+    elif entry["nbytes"] != _numel(entry["shape"]) * _TORCH_ITEMSIZE[entry["dtype"]]:
+        problem = f"spans {entry['nbytes']} bytes for shape {entry['shape']} of {entry['dtype']}"
+    elif entry["offset"] + entry["nbytes"] > os.path.getsize(entry["file"]):
+        problem = f"ends past the end of {entry['file']}"
+    if problem:
+        msg = (f"dispatch(): {path} must describe each offloaded weight by an existing file, a "
+               f"known dtype and a byte range matching its shape, but {name!r} {problem}. "
+               "Delete the offload folder and load the checkpoint again.")
+        raise CheckpointError(msg)
+    return OffloadSource(file=entry["file"], offset=entry["offset"], nbytes=entry["nbytes"],
+                         dtype=entry["dtype"], shape=tuple(entry["shape"]))
 
 
 def _stream_into(model: Any, reader: _Reader, expected: Mapping[str, Any],
