@@ -18,18 +18,32 @@ from collections.abc import Sequence
 from typing import Any
 
 from distlib.launch._bootstrap import die_with_parent, fork_entry
+from distlib.launch._environ import rank_threads
 from distlib.launch.plan import LaunchPlan
 
 __all__ = ["main"]
+
+
+def _nproc(plan: LaunchPlan) -> int:
+    # XLA: one process per machine; torch_xla starts the replicas in it (xmp.spawn) or, under
+    # SPMD, that one process drives every device.
+    return 1 if plan.strategy == "xla" else plan.nproc_per_node or _visible_gpus(plan) or 1
+
+
+def _num_cpus() -> int:
+    """The cores this process may run on: physical cores, within its CPU affinity."""
+    import psutil
+
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    return min(cores, allowed) if allowed else cores
 
 
 def _launch_config(plan: LaunchPlan, log_dir: str, start_method: str) -> Any:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig
 
-    # XLA: one process per machine; torch_xla starts the replicas in it (xmp.spawn) or, under
-    # SPMD, that one process drives every device.
-    nproc = 1 if plan.strategy == "xla" else plan.nproc_per_node or _visible_gpus(plan) or 1
+    nproc = _nproc(plan)
     configs: dict[str, Any] = {"timeout": plan.collective_timeout_s or 900}
     if plan.rdzv_backend == "static":
         configs["rank"] = plan.machine_rank
@@ -164,6 +178,10 @@ def main(argv: Sequence[str]) -> int:
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     command = spec["command"]
     fork = _fork(plan, command)
+    threads = rank_threads(plan, os.environ, nproc=_nproc(plan),
+                           gpu_ranks=_visible_gpus(plan) > 0, num_cpus=_num_cpus())
+    if threads is not None:  # the ranks inherit it; forked ones apply it (see fork_entry)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     config = _launch_config(plan, spec["log_dir"], "fork" if fork else "spawn")
     if saved is None:
         del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]

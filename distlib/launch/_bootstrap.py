@@ -9,6 +9,7 @@ print it once as the job's root cause.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import runpy
@@ -172,15 +173,34 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+def apply_threads(value: str | None) -> None:
+    """Give this forked rank's torch the thread counts a fresh interpreter would read.
+
+    torch reads ``OMP_NUM_THREADS`` once, when it is imported; a rank forked from the agent
+    inherits the agent's torch, imported before the variable was set, so without this every
+    rank would run one thread per core of the machine.
+
+    Effects: sets torch's intra-op and inter-op thread counts of this process.
+    """
+    if not value or not value.strip().isdigit() or int(value) < 1:
+        return
+    import torch
+
+    torch.set_num_threads(int(value))
+    with contextlib.suppress(RuntimeError):  # inter-op work ran in the agent: its pool stays
+        torch.set_num_interop_threads(int(value))
+
+
 def fork_entry(stdin_fd: str, *argv: str) -> None:
     """Entry point of a rank forked from the agent, which has already imported torch.
 
     Forking skips one torch import per rank (seconds). The rank gets back what a fresh
     interpreter would have: the launcher's stdin (``stdin_fd``, a copy the agent kept, since
-    multiprocessing swaps stdin for /dev/null), default signal handlers, and its own atexit
-    handlers, run at exit.
+    multiprocessing swaps stdin for /dev/null), default signal handlers, its own atexit
+    handlers, run at exit, and torch's thread counts from ``OMP_NUM_THREADS``.
 
-    Effects: resets stdin, signal handlers and atexit handlers of this (forked) process.
+    Effects: resets stdin, signal handlers, atexit handlers and torch's thread counts of this
+    (forked) process.
     """
     import atexit
     import signal
@@ -192,6 +212,7 @@ def fork_entry(stdin_fd: str, *argv: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     atexit._clear()  # the agent's handlers are not this rank's
+    apply_threads(os.environ.get("OMP_NUM_THREADS"))
     code = main(argv)
     atexit._run_exitfuncs()
     if code:

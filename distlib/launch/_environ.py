@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from distlib.launch.plan import LaunchPlan
 
-__all__ = ["DISTLIB_VARIABLES", "child_environ"]
+__all__ = ["DISTLIB_VARIABLES", "child_environ", "rank_threads"]
 
 # Every variable the launcher owns; inherited values of these are replaced or dropped.
 DISTLIB_VARIABLES = ("DISTLIB_LAUNCHED", "DISTLIB_STRATEGY", "DISTLIB_STRATEGY_OPTIONS",
@@ -58,16 +58,21 @@ def child_environ(
 
     Returns:
         A new dict: ``base`` plus ``DISTLIB_LAUNCHED=1`` and the plan's ``DISTLIB_*``
-        variables; inherited ``DISTLIB_*`` variables the plan leaves unset are dropped.
+        variables; inherited ``DISTLIB_*`` variables the plan leaves unset are dropped. The
+        threads of each rank are set by the agent (`rank_threads`), which knows the rank count.
+
+    Raises:
+        ConfigError: ``OMP_NUM_THREADS`` is set but not a whole number >= 1.
 
     Example:
         >>> plan = LaunchPlan(nproc_per_node=2, cpu=True, precision="bf16")
         >>> env = child_environ({"HOME": "/root", "DISTLIB_STRATEGY": "fsdp"}, plan)
         >>> env["DISTLIB_LAUNCHED"], env["DISTLIB_CPU"], env["DISTLIB_PRECISION"]
         ('1', '1', 'bf16')
-        >>> "DISTLIB_STRATEGY" in env, env["OMP_NUM_THREADS"]
-        (False, '1')
+        >>> "DISTLIB_STRATEGY" in env
+        False
     """
+    inherited_threads(base)  # a malformed OMP_NUM_THREADS is refused before anything starts
     env = {k: v for k, v in base.items() if k not in DISTLIB_VARIABLES}
     env["DISTLIB_LAUNCHED"] = "1"
     if plan.cpu:
@@ -86,13 +91,71 @@ def child_environ(
         env["CUDA_VISIBLE_DEVICES"] = plan.gpu_ids
     if plan.strategy == "xla":
         env.update(_xla_variables(env, plan))
-    elif "OMP_NUM_THREADS" not in env and plan.nproc_per_node != 1:
-        # As torchrun: several ranks on one machine must not each spawn a thread per core.
-        env["OMP_NUM_THREADS"] = "1"
     python_path = _python_path(base, sys_path, cwd, skip_prefixes)
     if python_path:
         env["PYTHONPATH"] = python_path
     return env
+
+
+def inherited_threads(environ: Mapping[str, str]) -> int | None:
+    """The ``OMP_NUM_THREADS`` the launcher inherited, or None when it is unset (pure).
+
+    Raises:
+        ConfigError: it is set but not a whole number >= 1.
+
+    Examples:
+        >>> inherited_threads({"OMP_NUM_THREADS": "4"}), inherited_threads({})
+        (4, None)
+    """
+    value = environ.get("OMP_NUM_THREADS")
+    if value is None:
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        from distlib.errors import ConfigError
+
+        msg = (f"launch(): OMP_NUM_THREADS must be a whole number >= 1, but got "
+               f"OMP_NUM_THREADS={value!r}. Unset it, or pass --num-threads N (num_threads=N) "
+               "to set the threads of each rank.")
+        raise ConfigError(msg)
+    return int(value)
+
+
+def rank_threads(plan: LaunchPlan, environ: Mapping[str, str], *, nproc: int, gpu_ranks: bool,
+                 num_cpus: int) -> int | None:
+    """How many threads each rank's torch uses, or None to leave torch's default (pure).
+
+    ``plan.num_threads`` wins; else an ``OMP_NUM_THREADS`` the launcher inherited; else, with
+    several ranks on the machine, one thread per GPU rank (as torchrun) and the machine's
+    cores shared among CPU ranks (as Accelerate on CPUs), so ranks never oversubscribe the
+    cores. One rank (or XLA's one process per machine) keeps torch's default.
+
+    Args:
+        plan: the launch plan (``num_threads``, ``strategy``).
+        environ: the environment the ranks start from.
+        nproc: ranks on this machine.
+        gpu_ranks: whether the ranks use GPUs.
+        num_cpus: the cores this machine gives the job.
+
+    Raises:
+        ConfigError: ``OMP_NUM_THREADS`` is set but not a whole number >= 1.
+
+    Examples:
+        >>> rank_threads(LaunchPlan(), {}, nproc=2, gpu_ranks=False, num_cpus=16)
+        8
+        >>> rank_threads(LaunchPlan(), {}, nproc=4, gpu_ranks=True, num_cpus=16)
+        1
+        >>> rank_threads(LaunchPlan(num_threads=3), {"OMP_NUM_THREADS": "1"}, nproc=2,
+        ...              gpu_ranks=False, num_cpus=2)
+        3
+    """
+    if plan.num_threads is not None:
+        return plan.num_threads
+    inherited = inherited_threads(environ)
+    if inherited is not None:
+        return inherited
+    if plan.strategy == "xla" or nproc <= 1:
+        return None
+    return 1 if gpu_ranks else max(1, num_cpus // nproc)
 
 
 def _xla_variables(env: Mapping[str, str], plan: LaunchPlan) -> dict[str, str]:

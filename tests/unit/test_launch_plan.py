@@ -70,7 +70,7 @@ def test_child_environ_sets_the_plan_and_leaves_the_base_alone() -> None:
     assert env["DISTLIB_TIMEOUT"] == "60" and env["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert "DISTLIB_PRECISION" not in env and "DISTLIB_DEBUG" not in env
     assert env["PYTHONPATH"].split(os.pathsep) == ["/proj/", "/proj/tests", "/extra"]
-    assert env["OMP_NUM_THREADS"] == "1" and env["HOME"] == "/h"
+    assert "OMP_NUM_THREADS" not in env and env["HOME"] == "/h"  # the agent sets it per rank
 
 
 def test_child_environ_round_trips_through_detect() -> None:
@@ -133,3 +133,35 @@ def test_launch_result_and_root_cause_text() -> None:
     assert "another machine" in root_cause_message("distlib launch", [lost])
     assert "rank 0:\nTraceback...\nOSError: y" in root_cause_message("launch()", both,
                                                                     every_traceback=True)
+
+
+@pytest.mark.parametrize(("plan", "environ", "nproc", "gpus", "cpus", "expected"), [
+    (LaunchPlan(), {}, 2, False, 2, 1),            # 2 CPU ranks on 2 cores: one each
+    (LaunchPlan(), {}, 2, False, 16, 8),           # the cores shared among CPU ranks
+    (LaunchPlan(), {}, 3, False, 16, 5),
+    (LaunchPlan(), {}, 32, False, 16, 1),          # never below one
+    (LaunchPlan(), {}, 4, True, 64, 1),            # GPU ranks: one thread, as torchrun
+    (LaunchPlan(), {}, 1, False, 16, None),        # one rank keeps torch's default
+    (LaunchPlan(), {"OMP_NUM_THREADS": "3"}, 2, False, 16, 3),   # the user's variable wins
+    (LaunchPlan(num_threads=4), {"OMP_NUM_THREADS": "3"}, 2, False, 16, 4),  # the flag wins
+    (LaunchPlan(num_threads=2), {}, 1, True, 16, 2),
+    (LaunchPlan(strategy="xla"), {}, 1, False, 16, None),
+])
+def test_rank_threads(plan: LaunchPlan, environ: dict[str, str], nproc: int, gpus: bool,
+                      cpus: int, expected: int | None) -> None:
+    from distlib.launch._environ import rank_threads
+
+    assert rank_threads(plan, environ, nproc=nproc, gpu_ranks=gpus, num_cpus=cpus) == expected
+
+
+@pytest.mark.parametrize("value", ["", "0", "-1", "two", "1.5", " ", "4x"])
+def test_a_malformed_omp_num_threads_is_refused_before_launch(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"OMP_NUM_THREADS must be a whole number >= 1, but "
+                       rf"got OMP_NUM_THREADS={value!r}\. Unset it, or pass --num-threads"):
+        child_environ({"OMP_NUM_THREADS": value}, LaunchPlan(nproc_per_node=2))
+
+
+@pytest.mark.parametrize("value", [0, -2, True, "2", 1.0])
+def test_num_threads_must_be_a_positive_int(value: object) -> None:
+    with pytest.raises(ConfigError, match="num_threads must be"):
+        LaunchPlan(num_threads=value)  # type: ignore[arg-type]
