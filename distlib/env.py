@@ -342,7 +342,9 @@ def detect(
             ``cpu``) that the variables override.
         precision: overrides every other source.
         strategy: overrides every other source.
-        cpu: force (True) or allow (False) the device choice; None reads ``DISTLIB_CPU``.
+        cpu: True forces the CPU; False or None leave the choice to ``DISTLIB_CPU`` (the
+            launcher's ``--cpu``), the config file and the hardware, as Accelerate's
+            ``cpu=False`` does.
         hardware: the machine as a `Hardware` value; None probes it with torch.
 
     Returns:
@@ -377,8 +379,9 @@ def detect(
                "Export MASTER_ADDR=<host of rank 0> before launching.")
         raise EnvError(msg)
     from_config = _from_config(config)
-    use_cpu = cpu if cpu is not None else _read_bool(environ, "DISTLIB_CPU",
-                                                     from_config.get("cpu", False))
+    # Only True forces: False means "not forced" (Accelerate's cpu=False), so a launcher's
+    # --cpu (DISTLIB_CPU) or a config file's cpu still holds.
+    use_cpu = cpu is True or _read_bool(environ, "DISTLIB_CPU", from_config.get("cpu", False))
     # An xmp.spawn replica: no launcher variables, PJRT_LOCAL_PROCESS_COUNT set by xmp.spawn.
     in_xmp = (launcher == "none" and bool(environ.get("PJRT_DEVICE"))
               and "PJRT_LOCAL_PROCESS_COUNT" in environ and not use_cpu)

@@ -198,3 +198,17 @@ def test_env_rejects_bad_fields(fields: dict[str, object], text: str) -> None:
 def test_bad_precision_field_names_choices() -> None:
     with pytest.raises(PrecisionError, match="'no', 'fp16', 'bf16', 'fp8'"):
         Env(precision="int4")
+
+
+@pytest.mark.parametrize(("cpu", "environ", "config", "device"), [
+    (False, {"DISTLIB_CPU": "1"}, None, "cpu"),      # cpu=False does not undo the launcher's --cpu
+    (None, {"DISTLIB_CPU": "1"}, None, "cpu"),
+    (False, {}, {"cpu": True}, "cpu"),               # ... nor a config file's cpu: true
+    (False, {}, None, "cuda:0"),                     # not forced: the hardware decides
+    (None, {}, None, "cuda:0"),
+    (True, {}, None, "cpu"),                         # only True forces
+    (True, {"DISTLIB_CPU": "0"}, None, "cpu"),
+])
+def test_detect_cpu_false_means_not_forced(cpu: bool | None, environ: dict[str, str],
+                                           config: dict[str, bool] | None, device: str) -> None:
+    assert detect(environ, config=config, cpu=cpu, hardware=TWO_GPUS).device == device
