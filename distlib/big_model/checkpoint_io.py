@@ -53,6 +53,8 @@ _MAX_HEADER = 100_000_000  # safetensors' own limit
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
              "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+_FLOATING = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+_TORCH_ITEMSIZE = {_SAFE_DTYPES[code]: size for code, size in _ITEMSIZE.items()}
 
 
 def _corrupt(path: str, rule: str, got: str) -> CheckpointError:
@@ -96,10 +98,9 @@ def _parse_header(path: str, raw: bytes) -> dict[str, Any]:
 
 def _check_entry(path: str, name: str, meta: Any) -> tuple[str, tuple[int, ...], int, int]:
     """(dtype code, shape, begin, end) of one tensor entry, each field checked."""
-    if not isinstance(meta, dict) or set(meta) != _ENTRY_KEYS:
+    if not isinstance(meta, dict) or not set(meta) >= _ENTRY_KEYS:  # others ignored, as there
         keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
-        raise _corrupt(path, f"tensor {name!r} has exactly the keys {sorted(_ENTRY_KEYS)}",
-                       repr(keys))
+        raise _corrupt(path, f"tensor {name!r} has the keys {sorted(_ENTRY_KEYS)}", repr(keys))
     dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
         raise _corrupt(path, f"tensor {name!r} has a dtype distlib reads (one of "
@@ -386,10 +387,15 @@ def _mismatch_report(model: Any, expected: Mapping[str, Any], infos: Mapping[str
     unexpected = [n for n in infos if n not in expected] if strict else []
     shapes = [f"{n}: checkpoint {list(infos[n].shape)} vs model {list(expected[n].shape)}"
               for n in infos if n in expected and tuple(expected[n].shape) != infos[n].shape]
+    # a floating weight cannot take integers (they would replace it unconverted)
+    kinds = [f"{n}: checkpoint {infos[n].dtype} vs model {dtype_name(expected[n].dtype)}"
+             for n in infos if n in expected and expected[n].is_floating_point()
+             and infos[n].dtype not in _FLOATING]
     lines = []
     for title, names in (("missing from the checkpoint", missing),
                          ("in the checkpoint but not in the model", unexpected),
-                         ("with different shapes", shapes)):
+                         ("with different shapes", shapes),
+                         ("stored as integers where the model holds floats", kinds)):
         if names:
             shown = [f"{n} {list(expected[n].shape)}" if n in expected and ":" not in n else n
                      for n in names[:20]]
@@ -572,9 +578,6 @@ def read_offload_index(folder: str | os.PathLike[str]) -> dict[str, OffloadSourc
                f"{type(body).__name__}. Delete the offload folder and load the checkpoint again.")
         raise CheckpointError(msg)
     return {name: _offload_entry(path, name, entry) for name, entry in body.items()}
-
-
-_TORCH_ITEMSIZE = {_SAFE_DTYPES[code]: size for code, size in _ITEMSIZE.items()}
 
 
 def _offload_entry(path: str, name: str, entry: Any) -> OffloadSource:
