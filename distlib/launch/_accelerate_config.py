@@ -313,7 +313,9 @@ def _fsdp_key(name: str) -> str:
 
 
 def _fsdp_get(data: Mapping[str, Any], name: str) -> Any:
-    section = data.get("fsdp_config") or {}
+    section = data.get("fsdp_config")
+    if not isinstance(section, Mapping):
+        return None
     for key, value in section.items():
         if _fsdp_key(str(key)) == name:
             return value
@@ -527,7 +529,9 @@ _TE_RECIPE = {"fp8_format": "HYBRID", "amax_history_len": 1024, "amax_compute_al
 
 
 def _fp8_backend(data: Mapping[str, Any]) -> str:
-    section = data.get("fp8_config") or {}
+    section = data.get("fp8_config")
+    if not isinstance(section, Mapping):
+        return "AO"
     value = section.get("backend", section.get("fp8_backend"))
     return "AO" if value is None else str(value).upper().replace("-", "")
 

@@ -23,7 +23,7 @@ from distlib.launch._accelerate_config import KeyNote, problems_message, transla
 from distlib.launch.plan import LaunchPlan, plan_launch
 
 __all__ = ["SETTINGS", "ConfigFile", "KeyNote", "Setting", "default_config_path",
-           "from_accelerate", "read_config", "read_config_file", "resolve", "to_plan",
+           "from_accelerate", "read_config", "read_config_data", "read_config_file", "resolve", "to_plan",
            "validate"]
 
 _BOOL = ("true", "false")
@@ -151,7 +151,8 @@ def default_config_path(environ: Mapping[str, str]) -> str:
 
 def _bad(where: str, key: str, value: Any, rule: str, fix: str = "") -> ConfigError:
     prefix = f"{where}: " if where else ""
-    return ConfigError(f"{prefix}`{key}` must {rule}, but got {value!r}. {fix}".rstrip())
+    name = key if key.startswith("`") else f"`{key}`"  # already quoted: "`a` (distlib's `b`)"
+    return ConfigError(f"{prefix}{name} must {rule}, but got {value!r}. {fix}".rstrip())
 
 
 def _convert(where: str, setting: Setting, value: Any, label: str | None = None) -> Any:
@@ -199,7 +200,7 @@ def _check_all(values: Mapping[str, Any], origins: Mapping[str, str]
     problems: list[str] = []
     for key, value in values.items():
         written = origins.get(key, key)
-        label = written if written == key else f"{written}` (distlib's `{key}"
+        label = written if written == key else f"`{written}` (distlib's `{key}`)"
         if key not in SETTINGS:
             near = difflib.get_close_matches(str(key), list(SETTINGS), n=1)
             hint = f"Did you mean `{near[0]}`?" if near else "Remove it."
@@ -257,7 +258,21 @@ def read_config(path: str) -> ConfigFile:
     Effects: reads the file.
     """
     where = f"config file {path}"
-    data = _load_yaml(path, where)
+    return read_config_data(_load_yaml(path, where) or {}, where, path=path)
+
+
+def read_config_data(data: Mapping[str, Any], where: str = "config",
+                     path: str = "") -> ConfigFile:
+    """`read_config` for an already parsed mapping (distlib's flat keys or Accelerate's).
+
+    Raises:
+        ConfigError: every unknown key, every key distlib cannot honour and every bad value,
+            listed at once, each named as written.
+
+    Example:
+        >>> read_config_data({"distributed_type": "MULTI_CPU", "num_processes": "2"}).settings
+        {'strategy': 'ddp', 'cpu': True, 'num_processes': 2}
+    """
     if not data:
         return ConfigFile(path=path, settings={}, notes=())
     if not _looks_like_accelerate(data):
