@@ -1,0 +1,249 @@
+"""Accelerate's nlp_example loop, run by `distlib launch` and by `accelerate launch`, side by side.
+
+This file is also the script both launchers run (``python test_port_accelerate.py distlib OUT``
+or ``... accelerate OUT``): one tiny BERT from a config, synthetic sentence data, AdamW and
+transformers' ``get_linear_schedule_with_warmup`` sized, as in nlp_example, by the unsharded
+loader. Each rank writes its learning rates after every step and the final loss over the whole
+data set. The distlib run trains three times in one launch — the default scheduler stepping,
+``scheduler_steps="accelerate"`` under DDP and under DeepSpeed ZeRO-3 — and writes the full
+weights with `save_model` from 2 FSDP2 ranks and from ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+ROWS, BATCH, EPOCHS, WARMUP, LR, SEQ = 64, 4, 2, 3, 1e-2, 8
+TIMEOUT = 400
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _model() -> Any:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(42)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=SEQ, num_labels=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config)
+
+
+def _data() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 64, (ROWS, SEQ), generator=g)
+    labels = (ids[:, 1] > 33).long()  # learnable from one token
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long),
+             "labels": labels[i]} for i in range(ROWS)]
+
+
+def _parts() -> tuple[Any, Any, Any, Any, Any]:
+    from torch.utils.data import DataLoader
+    from transformers import get_linear_schedule_with_warmup
+
+    data = _data()
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    loader = DataLoader(data, batch_size=BATCH, shuffle=False)
+    # As nlp_example: the schedule is sized by the loader before it is sharded.
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=WARMUP,
+                                                num_training_steps=len(loader) * EPOCHS)
+    return data, model, optimizer, loader, scheduler
+
+
+def _full_loss(module: Any, data: list[dict[str, torch.Tensor]]) -> float:
+    from torch.utils.data import default_collate
+
+    module.eval()
+    with torch.no_grad():
+        batch = default_collate(data)
+        return float(module(**{k: v.to(module.device) for k, v in batch.items()}).loss)
+
+
+def _full_weights(module: Any) -> dict[str, torch.Tensor]:
+    params = list(module.parameters())
+    if hasattr(params[0], "ds_id"):  # ZeRO-3: gather the partitions
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().clone()
+            for k, v in module.state_dict().items()}
+
+
+def _train_distlib(env: Any, mode: str, strategy: Any = None) -> tuple[Any, dict[str, Any]]:
+    import distlib as dl
+
+    data, model, optimizer, loader, scheduler = _parts()
+    model, optimizer, scheduler = dl.wrap(model, strategy, env=env, optimizer=optimizer,
+                                          scheduler=scheduler, scheduler_steps=mode)
+    loader = dl.shard(loader, env)
+    lrs = []
+    for _ in range(EPOCHS):
+        model.train()
+        for batch in loader:
+            dl.backward(model(**batch).loss, model)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            lrs.append(scheduler.get_last_lr()[0])
+    inner = dl.unwrap(model)
+    weights = _full_weights(inner)
+    return model, {"lrs": lrs, "loss": _full_loss(inner, data) if not strategy else None,
+                   "weights_sum": sum(float(v.double().sum()) for v in weights.values())}
+
+
+def _run_distlib(out: pathlib.Path) -> dict[str, Any]:
+    import safetensors.torch
+
+    import distlib as dl
+    from distlib.export import save_model
+    from distlib.memory import free_memory
+    from distlib.runtime import process_group
+
+    result: dict[str, Any] = {}
+    with process_group(dl.detect()) as env:
+        for mode in ("once", "accelerate"):
+            _, result[mode] = _train_distlib(env, mode)
+        model, result["zero3"] = _train_distlib(env, "accelerate", dl.DeepSpeed(zero_stage=3))
+        reference = _full_weights(dl.unwrap(model))
+        save_model(model, out / "zero3-model", env)
+        if env.is_main:
+            safetensors.torch.save_file(reference, out / "zero3-reference.safetensors")
+        free_memory(model)
+        model = dl.wrap(_model(), dl.FSDP(), env=env)
+        reference = _full_weights(dl.unwrap(model))  # DTensor.full_tensor, not export's path
+        save_model(model, out / "fsdp-model", env, max_shard_size="5KB")
+        if env.is_main:
+            safetensors.torch.save_file(reference, out / "fsdp-reference.safetensors")
+        result["fsdp_local_shard"] = list(next(iter(dl.unwrap(model).parameters()))
+                                          .to_local().shape)
+        result["rank"] = env.rank
+    return result
+
+
+def _run_accelerate() -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    data, model, optimizer, loader, scheduler = _parts()
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    lrs = []
+    for _ in range(EPOCHS):
+        model.train()
+        for batch in loader:
+            accelerator.backward(model(**batch).loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            lrs.append(scheduler.get_last_lr()[0])
+    loss = _full_loss(accelerator.unwrap_model(model), data)
+    result = {"lrs": lrs, "loss": loss, "rank": accelerator.process_index}
+    accelerator.end_training()
+    return result
+
+
+def _linear(step: int) -> float:
+    """get_linear_schedule_with_warmup's learning rate after ``step`` scheduler steps."""
+    total = ROWS // BATCH * EPOCHS
+    factor = step / WARMUP if step < WARMUP else max(0.0, (total - step) / (total - WARMUP))
+    return LR * factor
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from distlib.testing import free_port
+
+    out = tmp_path_factory.mktemp("port")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(out / "hf"), HF_HUB_OFFLINE="1")
+    commands = {
+        "distlib": [sys.executable, "-m", "distlib", "launch", "--cpu", "--num-processes", "2"],
+        # `accelerate launch --cpu` starts one process (several need mpirun); --multi_gpu is
+        # its torchrun path, and Accelerator(cpu=True) in the script puts the ranks on gloo.
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                       "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                       "--dynamo_backend", "no", "--main_process_port", str(free_port())],
+    }
+    results: dict[str, Any] = {"out": out}
+    for name, command in commands.items():
+        done = subprocess.run([*command, __file__, name, str(out)], env=env, cwd=out,
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, f"{name} launch failed:\n{done.stdout}\n{done.stderr}"
+        results[name] = {r: json.loads((out / f"{name}-rank{r}.json").read_text())
+                         for r in range(2)}
+    return results
+
+
+def test_accelerate_stepping_gives_accelerate_launchs_learning_rates(runs: Any) -> None:
+    steps = ROWS // BATCH // 2 * EPOCHS  # optimizer steps per rank
+    expected = [_linear(2 * k) for k in range(1, steps + 1)]  # two scheduler steps per update
+    for rank in range(2):
+        theirs = runs["accelerate"][rank]["lrs"]
+        assert theirs == pytest.approx(expected, abs=1e-12)
+        assert runs["distlib"][rank]["accelerate"]["lrs"] == pytest.approx(theirs, abs=1e-12)
+        assert runs["distlib"][rank]["zero3"]["lrs"] == pytest.approx(theirs, abs=1e-12)
+    assert expected[-1] == 0.0  # Accelerate's run reaches the end of the schedule
+
+
+def test_default_stepping_counts_optimizer_steps(runs: Any) -> None:
+    steps = ROWS // BATCH // 2 * EPOCHS
+    expected = [_linear(k) for k in range(1, steps + 1)]
+    for rank in range(2):
+        assert runs["distlib"][rank]["once"]["lrs"] == pytest.approx(expected, abs=1e-12)
+    assert expected[-1] == pytest.approx(LR * 16 / 29)  # lambda(16) of 32: half-way down
+
+
+def test_final_loss_side_by_side(runs: Any) -> None:
+    ours, theirs = runs["distlib"][0], runs["accelerate"][0]
+    assert ours["accelerate"]["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+    # The default stepping trains with larger learning rates for longer: another result.
+    assert abs(ours["once"]["loss"] - theirs["loss"]) > 10 * abs(
+        ours["accelerate"]["loss"] - theirs["loss"]) + 1e-3
+    # DeepSpeed ZeRO-3 with the same stepping trains the same weights as DDP.
+    assert ours["zero3"]["weights_sum"] == pytest.approx(ours["accelerate"]["weights_sum"],
+                                                         rel=1e-4)
+    print(f"\nfinal loss: accelerate launch {theirs['loss']:.4f}, distlib accelerate-stepping "
+          f"{ours['accelerate']['loss']:.4f}, distlib default stepping {ours['once']['loss']:.4f}")
+
+
+@pytest.mark.parametrize("name", ["fsdp", "zero3"])
+def test_save_model_from_sharded_ranks_loads_with_from_pretrained(runs: Any, name: str) -> None:
+    from safetensors.torch import load_file
+    from transformers import BertForSequenceClassification
+
+    folder = runs["out"] / f"{name}-model"
+    reference = load_file(runs["out"] / f"{name}-reference.safetensors")
+    files = sorted(p.name for p in folder.iterdir())
+    if name == "fsdp":
+        assert runs["distlib"][0]["fsdp_local_shard"] != list(reference[
+            "bert.embeddings.word_embeddings.weight"].shape)  # each rank held a shard only
+        assert "model.safetensors.index.json" in files and len(files) > 3  # sharded at 5 kB
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        written = {k: v for f in set(index["weight_map"].values())
+                   for k, v in load_file(folder / f).items()}
+    else:
+        assert files == ["config.json", "model.safetensors"]
+        written = load_file(folder / "model.safetensors")
+    assert sorted(written) == sorted(reference)
+    for key, value in reference.items():
+        assert torch.equal(written[key].float(), value), key
+    loaded = BertForSequenceClassification.from_pretrained(folder).state_dict()
+    for key, value in reference.items():
+        assert torch.equal(loaded[key].float(), value), key
+    if name == "fsdp":  # untrained: one process builds the same weights
+        for key, value in _model().state_dict().items():
+            assert torch.equal(loaded[key], value), key
+
+
+if __name__ == "__main__":
+    LAUNCHER, OUT = sys.argv[1], pathlib.Path(sys.argv[2])
+    RESULT = _run_distlib(OUT) if LAUNCHER == "distlib" else _run_accelerate()
+    (OUT / f"{LAUNCHER}-rank{RESULT['rank']}.json").write_text(json.dumps(RESULT))
