@@ -538,7 +538,9 @@ def _fp8_backend(data: Mapping[str, Any]) -> str:
 
 def _fp8_name(name: str) -> str:
     """Accelerate accepts fp8_config keys with or without their ``fp8_`` prefix."""
-    return name if name in _FP8_KEYS else name.removeprefix("fp8_")
+    if name in _FP8_KEYS:
+        return name
+    return "fp8_" + name if "fp8_" + name in _FP8_KEYS else name.removeprefix("fp8_")
 
 
 def _fp8(r: _Reader, key: str, value: Any, data: Mapping[str, Any]) -> None:

@@ -436,3 +436,27 @@ def test_deepspeed_nvme_paths_and_16bit_save_reach_its_config() -> None:
                            {}))
     assert plan.strategy_options["offload_param_nvme_path"] == "/local_nvme"
     assert plan.strategy_options["gather_16bit_weights_on_save"] is True
+
+
+def test_the_tables_cover_every_key_accelerate_knows() -> None:
+    """Accelerate's own config class and launcher options: none is left out of the tables."""
+    config_args = pytest.importorskip("accelerate.commands.config.config_args")
+    from accelerate.commands.launch import launch_command_parser
+
+    fields = set(config_args.ClusterConfig.__dataclass_fields__)
+    assert fields <= set(accelerate._TOP) | set(accelerate._SECTIONS)
+    options = {a.dest for a in launch_command_parser()._actions}
+    groups = {"fsdp_": set(accelerate._FSDP), "parallelism_config_": set(
+        accelerate._PARALLELISM_KEYS), "dynamo_": set(accelerate._DYNAMO_KEYS),
+        "mpirun_": set(accelerate._SECTION_KEYS["mpirun_config"])}
+    for prefix, known in groups.items():
+        assert {o for o in options if o.startswith(prefix)} <= known, prefix
+    fp8 = {o for o in options if o.startswith("fp8_")}
+    spellings = fp8 | {o.removeprefix("fp8_") for o in fp8}  # a file may write either
+    assert {accelerate._fp8_name(name) for name in spellings} <= set(accelerate._FP8_KEYS)
+    deepspeed = {"deepspeed_config_file", "zero_stage", "offload_optimizer_device",
+                 "offload_param_device", "offload_optimizer_nvme_path",
+                 "offload_param_nvme_path", "gradient_accumulation_steps", "gradient_clipping",
+                 "zero3_init_flag", "zero3_save_16bit_model"}
+    assert {o for o in options if o.startswith("deepspeed_")} | deepspeed <= set(
+        accelerate._DEEPSPEED)
