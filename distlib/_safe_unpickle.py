@@ -7,7 +7,8 @@ through `SafeFileSystemReader` instead: ``.metadata`` goes through a restricted 
 admits only the classes DCP's own metadata is made of (`DCP_METADATA_GLOBALS`), every BYTE_IO
 entry through ``torch.load(weights_only=True)``. Torch files distlib writes itself (``objects.pt``,
 RNG states) go through `load_torch_file`, ``torch.load(weights_only=True)`` with a message
-that names the refused global. Anything refused is a `CheckpointError` naming the file, what
+that names the refused global; the files of a DeepSpeed engine, which DeepSpeed loads with
+``weights_only=False``, are scanned first by `check_torch_globals`. Anything refused is a `CheckpointError` naming the file, what
 was found and the fix.
 """
 
@@ -27,8 +28,9 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 
 from distlib.errors import CheckpointError
 
-__all__ = ["DCP_METADATA_GLOBALS", "SafeFileSystemReader", "load_restricted", "load_torch_file",
-           "read_dcp", "read_dcp_metadata"]
+__all__ = ["DCP_METADATA_GLOBALS", "DEEPSPEED_GLOBALS", "SafeFileSystemReader",
+           "check_torch_globals", "load_restricted", "load_torch_file", "read_dcp",
+           "read_dcp_metadata"]
 
 _DCP_META = "torch.distributed.checkpoint.metadata"
 _DCP_FS = "torch.distributed.checkpoint.filesystem"
@@ -244,6 +246,46 @@ def load_torch_file(source: str | os.PathLike[str] | io.BytesIO, *, file: str, c
         msg = (f"{call}: {file} must be {what}, but reading it failed: "
                f"{type(exc).__name__}: {str(exc)[:300]}. {fix}")
         raise CheckpointError(msg) from exc
+
+
+# What DeepSpeed's own checkpoint files name beyond weights_only's allow-list (found by
+# listing the globals of ZeRO-2 and ZeRO-3 checkpoints that save_state writes).
+DEEPSPEED_GLOBALS: frozenset[str] = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def check_torch_globals(file: str | os.PathLike[str], allowed: Iterable[str], *, call: str,
+                        loader: str) -> None:
+    """Refuse a torch file that names globals outside weights_only's list and ``allowed``.
+
+    For files a library loads with ``weights_only=False`` (``loader`` names it): the pickle is
+    scanned, never run (``torch.serialization.get_unsafe_globals_in_checkpoint``); a pickle
+    the scanner cannot read (another protocol, the legacy format) is refused too.
+
+    Raises:
+        CheckpointError: the file names another global, or cannot be scanned.
+    """
+    import torch
+
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+    except Exception as exc:
+        msg = (f"{call}: {file} must be a torch.save zip file whose pickle can be checked "
+               f"before {loader} loads it (it does so with weights_only=False), but checking "
+               f"it failed: {type(exc).__name__}: {str(exc)[:200]}. Do not load this "
+               "checkpoint unless you wrote it; save it again from a trusted run.")
+        raise CheckpointError(msg) from None
+    refused = sorted(set(found) - set(allowed))
+    if refused:
+        msg = (f"{call}: {file} must hold only plain state and {loader}'s own checkpoint "
+               f"classes ({', '.join(sorted(allowed))}), but it asks for {', '.join(refused)}. "
+               f"{loader} loads it with weights_only=False, so distlib checks it first: do not "
+               "load this checkpoint; save it again from a trusted run.")
+        raise CheckpointError(msg)
 
 
 def _check_metadata(metadata: Any, file: str, call: str) -> None:

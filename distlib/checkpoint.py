@@ -10,8 +10,11 @@ A checkpoint is a folder::
       rng/rank<r>.pt       each rank's python / numpy / torch / CUDA RNG states
 
 It is written beside the target (``.<name>.partial``) and renamed into place only when
-complete, so a job killed mid-save leaves the last good checkpoint intact. Everything is read
-back with ``weights_only=True``: loading never unpickles arbitrary objects.
+complete, so a job killed mid-save leaves the last good checkpoint intact. Loading never
+unpickles arbitrary objects: the manifest is JSON; ``objects.pt`` and the RNG files are read
+with ``weights_only=True``; DCP's ``.metadata`` through a restricted unpickler and its
+non-tensor entries with ``weights_only=True`` (`distlib._safe_unpickle.read_dcp`); a
+DeepSpeed engine's files are scanned for globals before DeepSpeed loads them.
 """
 
 from __future__ import annotations
@@ -520,6 +523,15 @@ def _load_rng(path: pathlib.Path, env: Env, manifest: Mapping[str, Any]) -> None
     _set_rng_state(state)
 
 
+def _check_engine_files(folder: pathlib.Path) -> None:
+    """Scan a DeepSpeed engine's files: DeepSpeed itself loads them with weights_only=False."""
+    from distlib._safe_unpickle import DEEPSPEED_GLOBALS, check_torch_globals
+
+    for file in sorted(folder.rglob("*")):
+        if file.is_file() and file.suffix in (".pt", ".pth", ".bin"):
+            check_torch_globals(file, DEEPSPEED_GLOBALS, call="load_state()", loader="DeepSpeed")
+
+
 def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
                **objects: Any) -> dict[str, Any]:
     """Restore what `save_state` saved into the objects passed, by name.
@@ -556,6 +568,7 @@ def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
     _load_dcp(folder, objects, kinds, manifest, env)
     for name, obj in objects.items():
         if kinds[name] == "engine":
+            _check_engine_files(folder / "deepspeed" / name)
             loaded, _ = handle_of(obj).engine.load_checkpoint(  # type: ignore[union-attr]
                 str(folder / "deepspeed" / name), tag="state")
             if loaded is None:
