@@ -251,8 +251,10 @@ def _load_torch(path: str) -> Mapping[str, Any]:
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        from distlib._safe_unpickle import _unsafe_globals
+
         msg = (f"load_checkpoint(): {path} must hold only tensors (it is opened with "
-               f"weights_only=True), but it holds other pickled objects: {str(exc)[:300]}. "
+               f"weights_only=True), but it asks for {_unsafe_globals(path, exc)}. "
                "distlib never unpickles arbitrary objects; re-save the weights as "
                "safetensors from a trusted environment.")
         raise CheckpointError(msg) from exc

@@ -243,6 +243,7 @@ def test_a_payload_in_an_offload_index_or_safetensors_index_does_not_run(
     with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json must be a JSON"):
         load_checkpoint(model, checkpoint)
     torch.save({"weight": Plant(marker)}, checkpoint / "weights.bin")
-    with pytest.raises(CheckpointError, match=r"weights\.bin must hold only tensors"):
+    with pytest.raises(CheckpointError, match=r"weights\.bin must hold only tensors .* but it "
+                                              r"asks for builtins\.exec"):
         load_checkpoint(model, checkpoint / "weights.bin")
     assert not marker.exists()
