@@ -4,12 +4,12 @@ torch.distributed.checkpoint (DCP) reads its ``.metadata`` with plain ``pickle.l
 non-tensor (BYTE_IO) entries of its ``.distcp`` files with ``torch.load(weights_only=False)``,
 so a crafted checkpoint folder runs code when it is loaded. `read_dcp` loads a DCP folder
 through `SafeFileSystemReader` instead: ``.metadata`` goes through a restricted unpickler that
-admits only the classes DCP's own metadata is made of (`DCP_METADATA_GLOBALS`), every BYTE_IO
-entry through ``torch.load(weights_only=True)``. Torch files distlib writes itself (``objects.pt``,
-RNG states) go through `load_torch_file`, ``torch.load(weights_only=True)`` with a message
-that names the refused global; the files of a DeepSpeed engine, which DeepSpeed loads with
-``weights_only=False``, are scanned first by `check_torch_globals`. Anything refused is a `CheckpointError` naming the file, what
-was found and the fix.
+admits only the classes DCP's own metadata is made of (`DCP_METADATA_GLOBALS`), every
+BYTE_IO entry through ``torch.load(weights_only=True)``. Torch files distlib writes itself
+(``objects.pt``, RNG states) go through `load_torch_file`, ``torch.load(weights_only=True)``
+with a message that names the refused global; the files of a DeepSpeed engine, which
+DeepSpeed loads with ``weights_only=False``, are scanned first by `check_torch_globals`.
+Anything refused is a `CheckpointError` naming the file, what was found and the fix.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 
@@ -34,18 +34,19 @@ __all__ = ["DCP_METADATA_GLOBALS", "DEEPSPEED_GLOBALS", "SafeFileSystemReader",
 
 _DCP_META = "torch.distributed.checkpoint.metadata"
 _DCP_FS = "torch.distributed.checkpoint.filesystem"
-# What a DCP .metadata pickle may name (found by pickling the metadata of save_state under
-# every strategy and precision the tests use): DCP's dataclasses, torch.Size, dtypes (by the
-# rule in _is_dtype), layouts (torch's own copyreg reducer) and the checkpoint_id path.
+# What a DCP .metadata pickle may name: what the metadata of save_state names under single,
+# DDP and FSDP2, fp32/fp16/bf16 (recorded with a logging unpickler): DCP's dataclasses,
+# torch.Size, dtypes (by the rule in _is_dtype), layouts (torch's copyreg reducer for
+# torch.layout) and the checkpoint_id path.
 DCP_METADATA_GLOBALS: frozenset[tuple[str, str]] = frozenset({
     (_DCP_META, "Metadata"), (_DCP_META, "TensorStorageMetadata"),
     (_DCP_META, "BytesStorageMetadata"), (_DCP_META, "ChunkStorageMetadata"),
     (_DCP_META, "TensorProperties"), (_DCP_META, "MetadataIndex"), (_DCP_META, "StorageMeta"),
     (_DCP_META, "_MEM_FORMAT_ENCODING"), (_DCP_FS, "_StorageInfo"),
     ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    # StorageMeta.checkpoint_id (pathlib._local: where Python 3.13 defines the classes)
     *((module, cls) for module in ("pathlib", "pathlib._local")
-      for cls in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath",
-                  "PureWindowsPath")),
+      for cls in ("PosixPath", "WindowsPath")),
 })
 # Classes whose fresh instances BUILD may fill (never a class, a function or an enum member).
 _BUILDABLE = frozenset({(_DCP_META, n) for n in (
@@ -238,8 +239,8 @@ def load_torch_file(source: str | os.PathLike[str] | io.BytesIO, *, file: str, c
     except pickle.UnpicklingError as exc:
         msg = (f"{call}: {file} must hold only plain state (tensors, numbers, strings, "
                f"containers: it is read with weights_only=True), but it asks for "
-               f"{_unsafe_globals(source, exc)}. distlib never unpickles other objects: do not load this "
-               "file. If you wrote it yourself and trust that class, allow it with "
+               f"{_unsafe_globals(source, exc)}. distlib never unpickles other objects: do not "
+               "load this file. If you wrote it yourself and trust that class, allow it with "
                "torch.serialization.add_safe_globals([...]).")
         raise CheckpointError(msg) from None
     except Exception as exc:
@@ -293,7 +294,7 @@ def _check_metadata(metadata: Any, file: str, call: str) -> None:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
-    def refuse(rule: str, got: str) -> None:
+    def refuse(rule: str, got: str) -> NoReturn:
         msg = (f"{call}: {file} must be torch.distributed.checkpoint metadata whose {rule}, "
                f"but got {got}. {_REFUSED_FIX}")
         raise CheckpointError(msg)
