@@ -383,6 +383,8 @@ def dispatch(model: Any, device_map: DeviceMap | Mapping[str, Any],
     Raises:
         DeviceMapError: the map leaves parameters without a device, or a disk weight has no
             source.
+        CheckpointError: ``offload_folder``'s ``index.json`` is not JSON, or an entry names a
+            file, dtype or byte range no weight can have (it is never unpickled).
 
     Effects: moves tensors between devices; registers forward hooks (removing those of an
     earlier dispatch); may write ``offload_folder``; sets ``model.hf_device_map``.
