@@ -26,6 +26,48 @@ def _engine_of(obj: Any) -> Any:
     return obj.engine if isinstance(obj, EngineOptimizer) else None
 
 
+def _leave_zero3_stack(engine: Any) -> None:
+    """Take the engine's modules off ZeRO-3's module-level forward stack.
+
+    DeepSpeed (0.19) pushes a module on ``parameter_offload.FWD_MODULE_STACK`` in its forward
+    pre-hook and can leave the root there after the forward; that global list then keeps the
+    whole model alive after ``engine.destroy()`` (found by `free_memory`'s test).
+    """
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    stack = getattr(offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list) and stack:
+        mine = {id(m) for m in engine.module.modules()}
+        stack[:] = [m for m in stack if id(m) not in mine]
+
+
+def _lru_caches(value: Any, depth: int = 0) -> list[Any]:
+    """The ``functools.lru_cache`` wrappers in ``value`` or in its closure (decorators)."""
+    if hasattr(value, "cache_clear"):
+        return [value]
+    found: list[Any] = []
+    for cell in (getattr(value, "__closure__", None) or ()) if depth < 3 else ():
+        try:
+            found += _lru_caches(cell.cell_contents, depth + 1)
+        except ValueError:  # an empty cell
+            continue
+    return found
+
+
+def _clear_zero3_caches() -> None:
+    """Empty the method caches of ZeRO-3's parameter coordinator.
+
+    DeepSpeed (0.19) decorates a ``PartitionedParameterCoordinator`` method with a class-level
+    ``functools.lru_cache`` keyed by ``(coordinator, submodule, step)``: it keeps every
+    engine's coordinator and submodules alive for the life of the process. Emptying it costs
+    other live engines one recomputation per key, nothing else.
+    """
+    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    cls = getattr(coordinator, "PartitionedParameterCoordinator", None)
+    for value in vars(cls).values() if cls is not None else ():
+        for cache in _lru_caches(value):
+            cache.cache_clear()
+
+
 def _drop_autocast(obj: Any) -> None:
     """Remove an `AutocastForward` set on this instance (it refers back to the object)."""
     from distlib.precision import AutocastForward
@@ -41,7 +83,9 @@ def _release(obj: Any, destroyed: set[int]) -> None:
     engine = _engine_of(obj)
     if engine is not None and id(engine) not in destroyed:
         destroyed.add(id(engine))
+        _leave_zero3_stack(engine)
         engine.destroy()
+        _clear_zero3_caches()
     handle = handle_of(obj)
     if handle is None:
         return
@@ -85,12 +129,13 @@ def free_memory(*objects: Any) -> list[None]:
     are references. For each object distlib wrapped, its DeepSpeed engine is destroyed and
     what distlib hung on it is taken off (its handle with the scaler, DDP wrapper, engine and
     optimizer view; the autocast forward), which breaks the reference cycles those made: once
-    the names are rebound, reference counting frees the objects at once, without waiting for
-    the garbage collector. Then the garbage collector runs (earlier cycles) and the
-    accelerator's cache is emptied (`empty_device_cache`), as Accelerate's
-    ``release_memory`` does. The memory of the objects passed returns to the allocator when
-    the names are rebound; to hand it to the device too, call ``dl.free_memory()`` (no
-    arguments) after that.
+    the names are rebound, reference counting frees a `Single` or `DDP` model at once,
+    without waiting for the garbage collector. Then the garbage collector runs (earlier
+    cycles) and the accelerator's cache is emptied (`empty_device_cache`), as Accelerate's
+    ``release_memory`` does. FSDP2 and DeepSpeed keep cycles of their own inside a wrapped
+    model, which only the garbage collector frees, and the caller's names still hold the
+    objects during this call: call ``free_memory()`` once more, without arguments, after the
+    rebinding to collect them and hand their memory back to the device now.
 
     Args:
         *objects: what to release: models returned by ``wrap``, optimizers, schedulers,
