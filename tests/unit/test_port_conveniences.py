@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import pathlib
+import subprocess
+import sys
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -172,6 +175,55 @@ def test_scheduler_steps_errors_teach() -> None:
     assert handle_of(model) is None  # refused before anything was applied
     with pytest.raises(ValueError, match=r"steps_per_call must be an int >= 1, but got 0"):
         AccelerateScheduler(sched, opt, steps_per_call=0)
+
+
+# ---------------------------------------------------------------- short last window
+
+# Accelerate's accumulation over 3 batches with steps=2: the gradient of each window.
+ACCELERATE_WINDOWS = """
+import json, torch
+from accelerate import Accelerator
+accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+model = torch.nn.Linear(1, 1, bias=False)
+opt = torch.optim.SGD(model.parameters(), lr=0.0)
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(3, 1)))
+model, opt, loader = accelerator.prepare(model, opt, loader)
+grads = []
+for (x,) in loader:
+    with accelerator.accumulate(model):
+        accelerator.backward(model(x).sum())
+        if accelerator.sync_gradients:
+            grads.append(model.weight.grad.item())
+        opt.step()
+        opt.zero_grad()
+print(json.dumps(grads))
+"""
+
+
+def _distlib_windows(scale_like_accelerate: bool) -> list[float]:
+    steps = 2
+    net = dl.wrap(torch.nn.Linear(1, 1, bias=False), dl.Env())
+    grads = []
+    for x, micro in dl.accumulate([torch.ones(1, 1)] * 3, steps=steps):
+        loss = net(x).sum()
+        if scale_like_accelerate:
+            loss = loss * micro.size / steps  # the one-liner of docs/migration.md
+        dl.backward(loss, net, micro)
+        if micro.sync:
+            grads.append(net.weight.grad.item())
+            net.weight.grad = None
+    return grads
+
+
+def test_short_last_window_mean_and_accelerates_division(tmp_path: pathlib.Path) -> None:
+    env = dict(os.environ, HF_HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", ACCELERATE_WINDOWS], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert theirs == [1.0, 0.5]  # the window of one batch is divided by 2
+    assert _distlib_windows(scale_like_accelerate=True) == theirs
+    assert _distlib_windows(scale_like_accelerate=False) == [1.0, 1.0]  # a mean per window
 
 
 # ---------------------------------------------------------------- main_print
