@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from distlib.errors import ConfigError, StrategyError
 
@@ -170,7 +170,8 @@ def _check_scheduler_steps(scheduler_steps: object, split_batches: object, optim
 
 def wrap(model: Any, env_or_strategy: Any = None, *, optimizer: Any = None,
          scheduler: Any = None, env: Any = None,
-         compile: bool | Mapping[str, Any] = False, scheduler_steps: str = "once",
+         compile: bool | Mapping[str, Any] = False,
+         scheduler_steps: Literal["once", "accelerate"] = "once",
          split_batches: bool = False) -> Any:
     """Apply a strategy and a precision to a model (and its optimizer and scheduler).
 
