@@ -219,7 +219,8 @@ def save_model(model: Any, folder: str | os.PathLike[str], env: Env, *,
         The folder.
 
     Raises:
-        ConfigError: a bad ``max_shard_size``, or ``safe_serialization`` not True.
+        ConfigError: a bad ``max_shard_size``, ``safe_serialization`` not True, or ``folder``
+            an existing file.
 
     Examples:
         >>> import torch, tempfile, os, distlib as dl
@@ -240,6 +241,10 @@ def save_model(model: Any, folder: str | os.PathLike[str], env: Env, *,
         raise ConfigError(msg)
     size = parse_shard_size(max_shard_size)
     folder = pathlib.Path(os.path.abspath(folder))
+    if folder.exists() and not folder.is_dir():
+        msg = (f"save_model(): folder must be a directory (or not exist yet), but got the file "
+               f"{str(folder)!r}. Pass a folder path, e.g. {str(folder.with_suffix(''))!r}.")
+        raise ConfigError(msg)
     staging = folder / ".save_model"
     export_weights(model, staging, env, max_shard_size=size)
     if env.is_main:

@@ -412,6 +412,10 @@ def test_bad_max_shard_size_is_named(size: object, tmp_path: pathlib.Path) -> No
     assert list(tmp_path.iterdir()) == []
 
 
-def test_save_model_refuses_pickles(tmp_path: pathlib.Path) -> None:
+def test_save_model_refuses_pickles_and_a_file_as_folder(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ConfigError, match=r"safe_serialization must be True .* but got False"):
         save_model(torch.nn.Linear(1, 1), tmp_path, dl.Env(), safe_serialization=False)
+    (tmp_path / "model.bin").write_text("")
+    with pytest.raises(ConfigError, match=r"folder must be a directory .* but got the file "
+                       r".*model.bin'\. Pass a folder path"):
+        save_model(torch.nn.Linear(1, 1), tmp_path / "model.bin", dl.Env())
