@@ -102,6 +102,31 @@ def _train_distlib(env: Any, mode: str, strategy: Any = None) -> tuple[Any, dict
                    "weights_sum": sum(float(v.double().sum()) for v in weights.values())}
 
 
+def _deepspeed_fp16_overflow(env: Any) -> list[tuple[bool, float]]:
+    """ZeRO-2 fp16, an overflow first: (step skipped, learning rate) after each step."""
+    import dataclasses
+
+    import distlib as dl
+    from distlib.memory import free_memory
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(16, 16)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+    model, opt, sched = dl.wrap(net, dl.DeepSpeed(zero_stage=2),
+                                env=dataclasses.replace(env, precision="fp16"), optimizer=opt,
+                                scheduler=sched, scheduler_steps="accelerate")
+    out = []
+    for i in range(4):
+        x = torch.full((1, 16), 1e5) if i == 0 else torch.ones(1, 16)
+        dl.backward(model(x).sum() * (1e5 if i == 0 else 1.0), model)
+        opt.step()
+        sched.step()
+        out.append((opt.step_was_skipped, sched.get_last_lr()[0]))
+    free_memory(model, opt, sched)
+    return out
+
+
 def _run_distlib(out: pathlib.Path) -> dict[str, Any]:
     import safetensors.torch
 
@@ -123,6 +148,7 @@ def _run_distlib(out: pathlib.Path) -> dict[str, Any]:
         (model,) = free_memory(model)
         free_memory()  # the engine's own cycles need a collection after the rebinding
         result["zero3_freed"] = module() is None  # also off ZeRO-3's global forward stack
+        result["zero2_fp16"] = _deepspeed_fp16_overflow(env)
         model = dl.wrap(_model(), dl.FSDP(), env=env)
         reference = _full_weights(dl.unwrap(model))  # DTensor.full_tensor, not export's path
         save_model(model, out / "fsdp-model", env, max_shard_size="5KB")
@@ -203,6 +229,17 @@ def test_default_stepping_counts_optimizer_steps(runs: Any) -> None:
     for rank in range(2):
         assert runs["distlib"][rank]["once"]["lrs"] == pytest.approx(expected, abs=1e-12)
     assert expected[-1] == pytest.approx(LR * 16 / 29)  # lambda(16) of 32: half-way down
+
+
+def test_accelerate_stepping_skips_deepspeed_overflow_steps(runs: Any) -> None:
+    steps = [runs["distlib"][rank]["zero2_fp16"] for rank in range(2)]
+    assert steps[0] == steps[1]  # every rank skips together
+    skipped = [s for s, _ in steps[0]]
+    assert skipped[0] and not skipped[-1]  # the overflow, then updates
+    updates = 0
+    for was_skipped, lr in steps[0]:  # lambda(s) = 1 / (1 + s), two steps per update
+        updates += not was_skipped
+        assert lr == pytest.approx(1 / (1 + 2 * updates))
 
 
 def test_free_memory_releases_a_zero3_model(runs: Any) -> None:
