@@ -5,8 +5,9 @@ or ``... accelerate OUT``): one tiny BERT from a config, synthetic sentence data
 transformers' ``get_linear_schedule_with_warmup`` sized, as in nlp_example, by the unsharded
 loader. Each rank writes its learning rates after every step and the final loss over the whole
 data set. The distlib run trains three times in one launch — the default scheduler stepping,
-``scheduler_steps="accelerate"`` under DDP and under DeepSpeed ZeRO-3 — and writes the full
-weights with `save_model` from 2 FSDP2 ranks and from ZeRO-3.
+``scheduler_steps="accelerate"`` under DDP and under DeepSpeed ZeRO-3 — writes the full
+weights with `save_model` from ZeRO-3 and from 2 FSDP2 ranks, frees the ZeRO-3 model with
+`free_memory`, and steps a ZeRO-2 fp16 run through an overflow.
 """
 
 from __future__ import annotations
