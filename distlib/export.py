@@ -267,8 +267,8 @@ def merge_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str
         CheckpointError: the folder is not a checkpoint, or holds no model ``name``.
     """
     import torch
-    from torch.distributed.checkpoint import state_dict_loader
 
+    from distlib._safe_unpickle import read_dcp
     from distlib.checkpoint import _quiet_single_process, _read_manifest, _resolve
 
     folder = _resolve(checkpoint)
@@ -281,7 +281,7 @@ def merge_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str
     tensors = {key: torch.empty(shape, dtype=getattr(torch, dt))
                for key, (shape, dt) in models[name]["tensors"].items()}
     with _quiet_single_process():
-        state_dict_loader.load({name: tensors}, checkpoint_id=folder / "dcp", no_dist=True)
+        read_dcp({name: tensors}, folder / "dcp", no_dist=True, call="merge_weights()")
     return write_safetensors(tensors, out, tied=models[name]["tied"],
                              max_shard_size=max_shard_size, dtype=dtype)
 

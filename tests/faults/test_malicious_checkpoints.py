@@ -104,8 +104,6 @@ def test_a_payload_in_dcp_metadata_does_not_run(tmp_path: pathlib.Path) -> None:
     assert marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="distlib/export.py's merge_weights still calls DCP's "
-                   "plain reader; it must call distlib._safe_unpickle.read_dcp")
 def test_merge_weights_does_not_run_a_payload_in_metadata(tmp_path: pathlib.Path) -> None:
     folder = tmp_path / "ckpt"
     _save(folder)
