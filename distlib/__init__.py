@@ -22,6 +22,8 @@ _EXPORTS: dict[str, str] = {
     "DeepSpeed": "distlib.strategies.deepspeed",
     "XLA": "distlib.strategies.xla",
     "wrap": "distlib.strategies.base", "unwrap": "distlib.strategies.base",
+    "AccelerateScheduler": "distlib.strategies._handle",
+    "autocast": "distlib.precision",
     "MicroStep": "distlib.step", "accumulate": "distlib.step", "backward": "distlib.step",
     "clip_grad_norm": "distlib.step", "seed": "distlib.step",
     "launch": "distlib.launch", "LaunchResult": "distlib.launch.launcher",
@@ -34,6 +36,9 @@ _EXPORTS: dict[str, str] = {
                      "broadcast", "broadcast_object", "barrier", "main_process_first"),
                     "distlib.collectives"),
     "save_state": "distlib.checkpoint", "load_state": "distlib.checkpoint",
+    "save_model": "distlib.export",
+    # porting conveniences
+    "main_print": "distlib.log", "free_memory": "distlib.memory",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -62,9 +67,13 @@ if TYPE_CHECKING:
     )
     from distlib.data import ShardPlan, shard, split_between_processes
     from distlib.env import Env, detect
+    from distlib.export import save_model
     from distlib.launch.launcher import LaunchResult, launch  # the package is callable
-    from distlib.precision import Precision
+    from distlib.log import main_print
+    from distlib.memory import free_memory
+    from distlib.precision import Precision, autocast
     from distlib.step import MicroStep, accumulate, backward, clip_grad_norm, seed
+    from distlib.strategies._handle import AccelerateScheduler
     from distlib.strategies.base import unwrap, wrap
     from distlib.strategies.ddp import DDP
     from distlib.strategies.deepspeed import DeepSpeed

@@ -14,15 +14,18 @@ DOCUMENTED = {
     "Env", "detect",
     # strategies
     "Single", "DDP", "FSDP", "DeepSpeed", "XLA", "wrap", "unwrap",
+    "AccelerateScheduler",  # what wrap(..., scheduler_steps="accelerate") returns
     # precision and the training step
-    "Precision", "accumulate", "backward", "clip_grad_norm", "seed", "MicroStep",
+    "Precision", "accumulate", "backward", "clip_grad_norm", "seed", "MicroStep", "autocast",
     # data
     "shard", "split_between_processes", "ShardPlan",
     # collectives
     "gather", "gather_object", "gather_metrics", "pad_across_processes", "reduce",
     "broadcast", "broadcast_object", "barrier", "main_process_first",
     # checkpoints
-    "save_state", "load_state",
+    "save_state", "load_state", "save_model",
+    # porting conveniences (issue 11: what a port from Accelerate reaches for)
+    "main_print", "free_memory",
     # big models
     "init_empty_weights", "init_on_device", "infer_device_map", "load_checkpoint", "dispatch",
     "load_checkpoint_and_dispatch", "DeviceMap",
