@@ -12,6 +12,7 @@ innermost launcher wins: distlib's own > torchrun > MPI > SLURM.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ class Env:
     restart_count: int = 0
     timeout_s: float = 1800.0
     debug: bool = False
+    check_collectives: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", parse_precision(self.precision, source="Env(): precision"))
@@ -145,6 +147,11 @@ class Env:
         if not self.timeout_s > 0:
             msg = f"Env(): timeout_s must be > 0 seconds, but got {self.timeout_s!r}."
             raise EnvError(msg)
+        for name in ("debug", "check_collectives", "agent_store"):
+            if not isinstance(getattr(self, name), bool):
+                msg = (f"Env(): {name} must be True or False, but got "
+                       f"{getattr(self, name)!r}.")
+                raise EnvError(msg)
 
     @property
     def is_main(self) -> bool:
@@ -177,10 +184,14 @@ def _is_device(text: object) -> bool:
 
 
 def _check_ranks(call: str, v: Mapping[str, int], label: Mapping[str, str],
-                 show: Callable[[Any], str]) -> None:
-    """Check the rank fields; ``label`` maps each field to the name a user knows it by."""
+                 show: Callable[[Any], str], shown: Mapping[str, str] | None = None) -> None:
+    """Check the rank fields; ``label`` maps each field to the name a user knows it by.
+
+    ``shown`` overrides how a field's value is written (a field derived from another
+    variable says which, e.g. ``local_world_size=2 (from SLURM_TASKS_PER_NODE='2(x2)')``).
+    """
     def fail(rule: str, *names: str, fix: str) -> None:
-        got = ", ".join(f"{label[n]}={show(v[n])}" for n in names)
+        got = ", ".join((shown or {}).get(n) or f"{label[n]}={show(v[n])}" for n in names)
         msg = f"{call}: {rule}, but got {got}. {fix}"
         raise EnvError(msg)
 
@@ -239,31 +250,41 @@ def _which_launcher(environ: Mapping[str, str]) -> tuple[str, Mapping[str, str |
     return "none", {}
 
 
-def _read_ranks(environ: Mapping[str, str], table: Mapping[str, str | None]) -> dict[str, int]:
+def _read_ranks(environ: Mapping[str, str], table: Mapping[str, str | None]
+                ) -> tuple[dict[str, int], dict[str, str]]:
+    """The rank fields, and for each one not read from a variable, what it was derived from."""
     values = {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1,
               "node_rank": 0, "num_nodes": 1}
     present = {f: var for f, var in table.items() if var is not None and var in environ}
     values.update({f: _read_int(environ, var) for f, var in present.items()})
+    raw = {f: f"{var}={environ[var]!r}" for f, var in present.items()}
+    derived: dict[str, str] = {}
     if "world_size" in present and "local_world_size" not in present:
         values["local_world_size"] = values["world_size"]
+        derived["local_world_size"] = raw["world_size"]
     if "local_rank" not in present and "world_size" in present:
         values["local_rank"] = values["rank"] % max(values["local_world_size"], 1)
+        derived["local_rank"] = raw.get("rank", "rank 0")
     if "node_rank" not in present and values["local_world_size"] > 0:
         values["node_rank"] = values["rank"] // values["local_world_size"]
+        derived["node_rank"] = "rank // local_world_size"
     if "num_nodes" not in present and values["local_world_size"] > 0:
         values["num_nodes"] = -(-values["world_size"] // values["local_world_size"])
-    return values
+        derived["num_nodes"] = "world_size / local_world_size"
+    return values, derived
 
 
-def _slurm_extras(environ: Mapping[str, str], values: dict[str, int]) -> dict[str, Any]:
+def _slurm_extras(environ: Mapping[str, str], values: dict[str, int],
+                  derived: dict[str, str]) -> dict[str, Any]:
     """Local world size, main address and port that SLURM implies."""
     extras: dict[str, Any] = {}
     per_node = environ.get("SLURM_TASKS_PER_NODE") or environ.get("SLURM_NTASKS_PER_NODE")
     if per_node:
-        counts = expand_tasks_per_node(per_node, source="SLURM_TASKS_PER_NODE"
-                                       if "SLURM_TASKS_PER_NODE" in environ
-                                       else "SLURM_NTASKS_PER_NODE")
+        var = ("SLURM_TASKS_PER_NODE" if environ.get("SLURM_TASKS_PER_NODE")
+               else "SLURM_NTASKS_PER_NODE")
+        counts = expand_tasks_per_node(per_node, source=var)
         values["local_world_size"] = counts[min(values["node_rank"], len(counts) - 1)]
+        derived["local_world_size"] = f"{var}={per_node!r}"
     nodelist_var = next((v for v in ("SLURM_JOB_NODELIST", "SLURM_NODELIST") if v in environ), None)
     if nodelist_var:
         extras["master_addr"] = expand_nodelist(environ[nodelist_var], source=nodelist_var)[0]
@@ -322,7 +343,14 @@ def _strategy_from_environ(environ: Mapping[str, str]) -> Strategy | None:
                f"DISTLIB_STRATEGY_OPTIONS={raw!r}. It is written by `distlib launch`; "
                "set it to e.g. '{\"zero_stage\": 3}'.")
         raise EnvError(msg)
-    return parse_strategy(name, options, source="DISTLIB_STRATEGY")
+    parse_strategy(name, None, source="detect(): DISTLIB_STRATEGY")  # a known name first
+    try:
+        return parse_strategy(name, options, source="options")
+    except ConfigError as error:
+        msg = (f"detect(): DISTLIB_STRATEGY_OPTIONS must hold valid options of strategy "
+               f"DISTLIB_STRATEGY={name!r}, but got DISTLIB_STRATEGY_OPTIONS={raw!r} ({error}). It is "
+               "written by `distlib launch` from its strategy flags; set them there.")
+        raise ConfigError(msg) from None
 
 
 def detect(
@@ -363,21 +391,12 @@ def detect(
     """
     environ = os.environ if environ is None else environ
     launcher, table = _which_launcher(environ)
-    values: dict[str, Any] = _read_ranks(environ, table)
-    extras = _slurm_extras(environ, values) if launcher == "slurm" else {}
+    ranks, derived = _read_ranks(environ, table)
+    values: dict[str, Any] = ranks
+    extras = _slurm_extras(environ, values, derived) if launcher == "slurm" else {}
     labels = {f: (table.get(f) or f) for f in _TORCHRUN} | {"master_port": "MASTER_PORT"}
-    if "MASTER_PORT" in environ:
-        extras["master_port"] = _read_int(environ, "MASTER_PORT")
-    if "MASTER_ADDR" in environ:
-        extras["master_addr"] = environ["MASTER_ADDR"].strip()
+    extras = _read_address(environ, values, labels, derived, extras)
     port = extras.get("master_port", 29500)
-    _check_ranks("detect()", values | {"master_port": port}, labels,
-                 lambda x: repr(str(x)))
-    if values["num_nodes"] > 1 and "master_addr" not in extras:
-        msg = (f"detect(): MASTER_ADDR must be set when the job spans machines, but got "
-               f"{values['num_nodes']} machines ({launcher}) and no MASTER_ADDR. "
-               "Export MASTER_ADDR=<host of rank 0> before launching.")
-        raise EnvError(msg)
     from_config = _from_config(config)
     # Only True forces: False means "not forced" (Accelerate's cpu=False), so a launcher's
     # --cpu (DISTLIB_CPU) or a config file's cpu still holds.
@@ -403,17 +422,68 @@ def detect(
             chosen_strategy = "ddp" if values["world_size"] > 1 else "single"
     chosen_precision = (precision if precision is not None
                         else environ.get("DISTLIB_PRECISION") or from_config.get("precision"))
-    timeout = environ.get("DISTLIB_TIMEOUT")
     return Env(
-        **values, **extras, backend=backend, device=device, launcher=launcher,
-        precision=parse_precision(chosen_precision, source="DISTLIB_PRECISION"
+        **values, **extras, **_read_policies(environ), backend=backend, device=device,
+        launcher=launcher,
+        precision=parse_precision(chosen_precision, source="detect(): DISTLIB_PRECISION"
                                   if precision is None and "DISTLIB_PRECISION" in environ
                                   else "precision"),
         strategy=parse_strategy(chosen_strategy, source="strategy"),
-        agent_store=_read_bool(environ, "TORCHELASTIC_USE_AGENT_STORE", False),
-        restart_count=(_read_int(environ, "TORCHELASTIC_RESTART_COUNT")
-                       if "TORCHELASTIC_RESTART_COUNT" in environ else 0),
-        timeout_s=float(_read_int(environ, "DISTLIB_TIMEOUT")) if timeout else 1800.0,
-        debug=_read_bool(environ, "DISTLIB_DEBUG", False),
     )
 
+
+def _read_address(environ: Mapping[str, str], values: Mapping[str, int],
+                  labels: Mapping[str, str], derived: Mapping[str, str],
+                  implied: Mapping[str, Any]) -> dict[str, Any]:
+    """Read MASTER_ADDR / MASTER_PORT over what SLURM ``implied``; check the rank fields."""
+    extras = dict(implied)
+    if "MASTER_PORT" in environ:
+        extras["master_port"] = _read_int(environ, "MASTER_PORT")
+    if "MASTER_ADDR" in environ:
+        extras["master_addr"] = environ["MASTER_ADDR"].strip()
+        if not extras["master_addr"]:
+            if values["world_size"] > 1:
+                msg = (f"detect(): MASTER_ADDR must name the host of rank 0, but got "
+                       f"MASTER_ADDR={environ['MASTER_ADDR']!r}. Export MASTER_ADDR=<host of "
+                       "rank 0>, or unset it for a job on this machine (127.0.0.1).")
+                raise EnvError(msg)
+            del extras["master_addr"]  # one process: nothing connects to it
+    shown = {f: (f"{labels[f]} unset, so {values[f]} (from {how})" if labels[f] != f
+                 else f"{f}={values[f]} (from {how})") for f, how in derived.items()}
+    _check_ranks("detect()", {**values, "master_port": extras.get("master_port", 29500)},
+                 labels, lambda x: repr(str(x)), shown)
+    if values["num_nodes"] > 1 and "master_addr" not in extras:
+        var = labels["num_nodes"]
+        machines = shown.get("num_nodes") or f"{var}={environ.get(var, values['num_nodes'])!r}"
+        msg = (f"detect(): MASTER_ADDR must be set when the job spans machines, but got "
+               f"{machines} and no MASTER_ADDR. Export MASTER_ADDR=<host of rank 0> before "
+               "launching.")
+        raise EnvError(msg)
+    return extras
+
+
+def _read_policies(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The Env fields the launcher passes as DISTLIB_* / TORCHELASTIC_* variables."""
+    restarts = 0
+    if "TORCHELASTIC_RESTART_COUNT" in environ:
+        restarts = _read_int(environ, "TORCHELASTIC_RESTART_COUNT")
+        if restarts < 0:
+            msg = (f"detect(): TORCHELASTIC_RESTART_COUNT must be >= 0, but got "
+                   f"TORCHELASTIC_RESTART_COUNT={environ['TORCHELASTIC_RESTART_COUNT']!r}. "
+                   "It is set by torch's elastic agent; unset it outside a launched job.")
+            raise EnvError(msg)
+    timeout = 1800.0
+    if environ.get("DISTLIB_TIMEOUT", "").strip():
+        raw = environ["DISTLIB_TIMEOUT"]
+        try:
+            timeout = float(raw.strip())
+        except ValueError:
+            timeout = math.nan
+        if not (math.isfinite(timeout) and timeout > 0):
+            msg = (f"detect(): DISTLIB_TIMEOUT must be a number of seconds > 0, but got "
+                   f"DISTLIB_TIMEOUT={raw!r}. Set it to e.g. 1800 (distlib launch --timeout).")
+            raise EnvError(msg)
+    return {"restart_count": restarts, "timeout_s": timeout,
+            "agent_store": _read_bool(environ, "TORCHELASTIC_USE_AGENT_STORE", False),
+            "debug": _read_bool(environ, "DISTLIB_DEBUG", False),
+            "check_collectives": _read_bool(environ, "DISTLIB_CHECK_COLLECTIVES", True)}

@@ -8,7 +8,7 @@ import pytest
 
 import distlib as dl
 from distlib.env import Env, Hardware, detect
-from distlib.errors import ConfigError, EnvError, PrecisionError
+from distlib.errors import ConfigError, DistlibError, EnvError, PrecisionError
 
 CPU = Hardware()
 TWO_GPUS = Hardware(num_gpus=2)
@@ -212,3 +212,143 @@ def test_bad_precision_field_names_choices() -> None:
 def test_detect_cpu_false_means_not_forced(cpu: bool | None, environ: dict[str, str],
                                            config: dict[str, bool] | None, device: str) -> None:
     assert detect(environ, config=config, cpu=cpu, hardware=TWO_GPUS).device == device
+
+
+# Every way a variable can make detect() fail: (environ, the variable blamed, its value).
+# The message must name the variable and quote the value as it was set.
+T = {"RANK": "0", "WORLD_SIZE": "2"}
+VARIABLE_ERRORS = [
+    ({"RANK": "one", "WORLD_SIZE": "2"}, "RANK", "one"),
+    ({"RANK": "0", "WORLD_SIZE": "2x"}, "WORLD_SIZE", "2x"),
+    ({**T, "LOCAL_RANK": "-1"}, "LOCAL_RANK", "-1"),
+    ({**T, "LOCAL_RANK": "3"}, "LOCAL_RANK", "3"),  # LOCAL_WORLD_SIZE unset: from WORLD_SIZE
+    ({**T, "LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE", "0"),
+    ({**T, "LOCAL_WORLD_SIZE": "4"}, "LOCAL_WORLD_SIZE", "4"),
+    ({**T, "GROUP_RANK": "2", "GROUP_WORLD_SIZE": "2", "MASTER_ADDR": "h"}, "GROUP_RANK", "2"),
+    ({**T, "LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "x"}, "GROUP_WORLD_SIZE", "x"),
+    ({**T, "LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "2"}, "GROUP_WORLD_SIZE", "2"),  # no addr
+    ({"RANK": "5", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "4",
+      "MASTER_ADDR": "h"}, "RANK", "5"),
+    ({**T, "MASTER_ADDR": " "}, "MASTER_ADDR", " "),
+    ({**T, "MASTER_PORT": "http"}, "MASTER_PORT", "http"),
+    ({**T, "MASTER_PORT": "70000"}, "MASTER_PORT", "70000"),
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_RANK", "2"),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "0"}, "OMPI_COMM_WORLD_SIZE", "0"),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "5"}, "OMPI_COMM_WORLD_LOCAL_RANK", "5"),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "y"}, "OMPI_COMM_WORLD_LOCAL_SIZE", "y"),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE":
+      "1", "OMPI_COMM_WORLD_NODE_RANK": "7", "MASTER_ADDR": "h"}, "OMPI_COMM_WORLD_NODE_RANK",
+     "7"),
+    ({"PMI_RANK": "z", "PMI_SIZE": "2"}, "PMI_RANK", "z"),
+    ({"PMI_RANK": "0", "PMI_SIZE": "-2"}, "PMI_SIZE", "-2"),
+    ({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "2"}, "MPI_LOCALRANKID", "2"),
+    ({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "4"}, "MPI_LOCALNRANKS", "4"),
+    ({"MV2_COMM_WORLD_RANK": "9", "MV2_COMM_WORLD_SIZE": "2"}, "MV2_COMM_WORLD_RANK", "9"),
+    ({"MV2_COMM_WORLD_RANK": "0", "MV2_COMM_WORLD_SIZE": "a"}, "MV2_COMM_WORLD_SIZE", "a"),
+    ({"MV2_COMM_WORLD_RANK": "0", "MV2_COMM_WORLD_SIZE": "2", "MV2_COMM_WORLD_LOCAL_RANK": "2"},
+     "MV2_COMM_WORLD_LOCAL_RANK", "2"),
+    ({"MV2_COMM_WORLD_RANK": "0", "MV2_COMM_WORLD_SIZE": "2", "MV2_COMM_WORLD_LOCAL_SIZE": "3"},
+     "MV2_COMM_WORLD_LOCAL_SIZE", "3"),
+    ({"SLURM_PROCID": "p", "SLURM_NTASKS": "2"}, "SLURM_PROCID", "p"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "0"}, "SLURM_NTASKS", "0"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "2"}, "SLURM_LOCALID", "2"),
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3", "SLURM_NODEID": "1",
+      "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_NODELIST": "a[1-2]"},
+     "SLURM_TASKS_PER_NODE", "2(x2)"),  # the local rank is checked against the per-node count
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "two"},
+     "SLURM_NTASKS_PER_NODE", "two"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODEID": "2", "SLURM_NNODES": "2",
+      "SLURM_JOB_NODELIST": "a[1-2]"}, "SLURM_NODEID", "2"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NNODES": "n"}, "SLURM_NNODES", "n"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NNODES": "2",
+      "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_NODELIST": "gpu[01-02"},
+     "SLURM_JOB_NODELIST", "gpu[01-02"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NNODES": "2",
+      "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_NODELIST": "a,,b"}, "SLURM_NODELIST", "a,,b"),
+    ({"DISTLIB_PRECISION": "fp64"}, "DISTLIB_PRECISION", "fp64"),
+    ({"DISTLIB_STRATEGY": "zero"}, "DISTLIB_STRATEGY", "zero"),
+    ({"DISTLIB_STRATEGY": "ddp", "DISTLIB_STRATEGY_OPTIONS": "[1]"},
+     "DISTLIB_STRATEGY_OPTIONS", "[1]"),
+    ({"DISTLIB_STRATEGY": "deepspeed", "DISTLIB_STRATEGY_OPTIONS": '{"zero_stag": 3}'},
+     "DISTLIB_STRATEGY_OPTIONS", '{"zero_stag": 3}'),
+    ({"DISTLIB_STRATEGY": "deepspeed", "DISTLIB_STRATEGY_OPTIONS": '{"zero_stage": 9}'},
+     "DISTLIB_STRATEGY_OPTIONS", '{"zero_stage": 9}'),
+    ({"DISTLIB_CPU": "maybe"}, "DISTLIB_CPU", "maybe"),
+    ({"DISTLIB_DEBUG": "2"}, "DISTLIB_DEBUG", "2"),
+    ({"DISTLIB_CHECK_COLLECTIVES": "sometimes"}, "DISTLIB_CHECK_COLLECTIVES", "sometimes"),
+    ({"DISTLIB_TIMEOUT": "soon"}, "DISTLIB_TIMEOUT", "soon"),
+    ({"DISTLIB_TIMEOUT": "0"}, "DISTLIB_TIMEOUT", "0"),
+    ({"DISTLIB_TIMEOUT": "-30"}, "DISTLIB_TIMEOUT", "-30"),
+    ({"DISTLIB_TIMEOUT": "inf"}, "DISTLIB_TIMEOUT", "inf"),
+    ({"TORCHELASTIC_RESTART_COUNT": "-1"}, "TORCHELASTIC_RESTART_COUNT", "-1"),
+    ({"TORCHELASTIC_RESTART_COUNT": "again"}, "TORCHELASTIC_RESTART_COUNT", "again"),
+    ({"TORCHELASTIC_USE_AGENT_STORE": "perhaps"}, "TORCHELASTIC_USE_AGENT_STORE", "perhaps"),
+    ({"PJRT_DEVICE": "TPU", "XLA_USE_SPMD": "maybe"}, "XLA_USE_SPMD", "maybe"),
+]
+# Variables any value of which is valid (never an error, so no case above).
+FREE_FORM = {
+    "DISTLIB_LAUNCHED": "'1' means distlib's launcher; anything else means torchrun",
+    "PJRT_DEVICE": "any non-empty value selects XLA when torch_xla is installed",
+    "PJRT_LOCAL_PROCESS_COUNT": "only its presence is read (an xmp.spawn replica)",
+    "SLURM_JOB_ID": "a non-numeric id leaves the default port",
+    "SLURM_JOBID": "a non-numeric id leaves the default port",
+}
+
+
+class _Recording(dict):  # type: ignore[type-arg]
+    """A mapping that remembers every name detect() looks up."""
+
+    def __init__(self, data: dict[str, str], seen: set[str]) -> None:
+        super().__init__(data)
+        self.seen = seen
+
+    def __getitem__(self, key: str) -> str:
+        self.seen.add(key)
+        return str(super().__getitem__(key))
+
+    def __contains__(self, key: object) -> bool:
+        self.seen.add(str(key))
+        return super().__contains__(key)
+
+    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+        self.seen.add(key)
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize(("environ", "variable", "value"), VARIABLE_ERRORS,
+                         ids=[f"{v}={x!r}" for _, v, x in VARIABLE_ERRORS])
+def test_every_detect_error_names_its_variable_and_quotes_its_value(
+        environ: dict[str, str], variable: str, value: str) -> None:
+    hardware = Hardware(xla=True) if "PJRT_DEVICE" in environ else CPU
+    with pytest.raises(ValueError) as info:
+        detect(environ, hardware=hardware)
+    message = str(info.value)
+    assert isinstance(info.value, DistlibError), message
+    assert message.startswith("detect(): "), message
+    assert variable in message and repr(value) in message, message
+    assert "Env()" not in message  # never blames a field the user did not write
+
+
+def test_the_error_cases_cover_every_variable_detect_reads() -> None:
+    """Adding a variable to detect() without a bad-value case above fails here."""
+    seen: set[str] = set()
+    every = {**TORCHRUN, **OPENMPI, **INTELMPI, **MVAPICH, **SLURM,
+             "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODELIST": "a", "SLURM_JOBID": "1",
+             "DISTLIB_LAUNCHED": "1", "DISTLIB_PRECISION": "bf16", "DISTLIB_STRATEGY": "ddp",
+             "DISTLIB_STRATEGY_OPTIONS": "{}", "DISTLIB_CPU": "0", "DISTLIB_DEBUG": "0",
+             "DISTLIB_CHECK_COLLECTIVES": "1", "DISTLIB_TIMEOUT": "60",
+             "PJRT_DEVICE": "TPU", "PJRT_LOCAL_PROCESS_COUNT": "1", "XLA_USE_SPMD": "0"}
+    launchers = (TORCHRUN, OPENMPI, INTELMPI, MVAPICH, SLURM)
+    for ranks in launchers:  # each launcher alone, with every other variable distlib reads
+        others = {k: v for k, v in every.items()
+                  if not any(k in table for table in launchers if table is not ranks)}
+        detect(_Recording({**others, **ranks}, seen), hardware=Hardware(xla=True))
+        detect(_Recording({k: v for k, v in others.items() if k != "PJRT_DEVICE"} | ranks,
+                          seen), hardware=CPU)
+    detect(_Recording({"PJRT_DEVICE": "TPU", "PJRT_LOCAL_PROCESS_COUNT": "1"}, seen),
+           hardware=Hardware(xla=True, xla_replica=(0, 1, 0, 1, 0, 1)))
+    covered = {variable for _, variable, _ in VARIABLE_ERRORS}
+    missing = sorted(seen - covered - set(FREE_FORM))
+    assert not missing, f"detect() reads {missing} but no case above makes them fail"
