@@ -2,14 +2,22 @@
 
 Every function takes the Env explicitly, joins the process group on first need
 (`distlib.runtime.initialize`), returns new values (inputs are never changed), and is a cheap
-identity on a single-process Env. With ``env.debug`` (``DISTLIB_DEBUG=1`` or
-``distlib launch --debug``) every call first compares the structure, shapes and dtypes of all
-ranks and names the rank that disagrees, instead of failing deep inside the backend or hanging.
+identity on a single-process Env.
+
+Agreement check (on by default): before exchanging anything, every call compares what the
+ranks pass — the call and its options (``op``, ``src``, ``dim``), the structure, each tensor's
+shape and dtype — in one small exchange (one 8-byte fingerprint per rank), and raises
+`CollectiveError` on every rank naming the rank that disagrees, instead of returning wrong
+values, uninitialised memory or hanging. Turn it off for a hot loop with ``check=False`` on
+the call, for an Env with ``dataclasses.replace(env, check_collectives=False)``, or for a job
+with ``DISTLIB_CHECK_COLLECTIVES=0``; ``env.debug`` keeps it on whatever those say.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -67,39 +75,81 @@ def _map(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:
 
 
 def _start(env: Env, call: str, x: Any, *, free_dim: int | None = None,
-           rows: bool = False) -> None:
-    """Join the group; in debug mode check that every rank passes the same kind of value."""
+           rows: bool = False, check: bool | None = None) -> None:
+    """Join the group; unless opted out, check that every rank passes the same kind of value."""
+    checking = _checking(env, check)  # a bad ``check`` is refused before joining anything
     runtime.initialize(env)
-    if env.debug:
+    if checking:
         _check_agree(env, call, _signature(x, free_dim, rows))
 
 
-def _signature(x: Any, free_dim: int | None, rows: bool) -> list[Any]:
-    sig: list[Any] = [type(x).__name__] if not isinstance(x, torch.Tensor) else []
-    for leaf in _leaves(x, rows) if x is not None else []:
-        if not isinstance(leaf, torch.Tensor):
-            sig.append("rows")
-            continue
-        shape: list[Any] = list(leaf.shape)
-        if free_dim is not None and -leaf.dim() <= free_dim < leaf.dim():
+def _checking(env: Env, check: bool | None) -> bool:
+    if check is not None and not isinstance(check, bool):
+        msg = (f"collectives: check must be True, False or None (the Env's "
+               f"check_collectives), but got {check!r}. Pass check=False to skip the "
+               "agreement check in a hot loop.")
+        raise CollectiveError(msg)
+    return env.debug or (env.check_collectives if check is None else check)
+
+
+def _signature(x: Any, free_dim: int | None, rows: bool) -> str:
+    """What a rank passes, as text: structure, shapes (``*`` for the free dim) and dtypes."""
+    if x is None:
+        return ""
+    if isinstance(x, torch.Tensor):
+        shape: list[Any] = list(x.shape)
+        if free_dim is not None and -x.dim() <= free_dim < x.dim():
             shape[free_dim] = "*"
-        sig.append((tuple(shape), str(leaf.dtype)))
-    return sig
+        return f"{str(x.dtype).removeprefix('torch.')}[{', '.join(map(str, shape))}]"
+    if rows and _is_rows(x):
+        return "rows"
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_signature(v, free_dim, rows)}"
+                               for k, v in x.items()) + "}"
+    if isinstance(x, (list, tuple)):
+        inner = ", ".join(_signature(v, free_dim, rows) for v in x)
+        if isinstance(x, tuple):
+            name = type(x).__name__ if hasattr(x, "_fields") else ""
+            return f"{name}({inner}{',' if len(x) == 1 and not name else ''})"
+        return f"[{inner}]"
+    _leaves(x)  # raises the "every leaf must be a tensor" error
+    return type(x).__name__
 
 
-def _check_agree(env: Env, call: str, sig: Any) -> None:
+def _fingerprint(text: str) -> int:
+    """A 64-bit digest that is the same in every process (``hash()`` of a str is not)."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _check_agree(env: Env, call: str, sig: str) -> None:
+    """One all-gather of a fingerprint per rank; on a mismatch, say who passed what."""
     import torch.distributed as dist
 
     if env.backend == "xla":
-        return  # XLA replicas exchange tensors only; the check needs Python objects
+        return  # XLA replicas cannot exchange the Python objects that name the difference
+    text = f"{call} of {sig}" if sig else call
+    device = torch.device(env.device) if env.backend == "nccl" else torch.device("cpu")
+    mine = torch.tensor([_fingerprint(text)], dtype=torch.int64, device=device)
+    prints = _gather_tensor(mine, env).tolist()
+    if len(set(prints)) == 1:
+        return
     every: list[Any] = [None] * env.world_size
-    dist.all_gather_object(every, (call, sig))
-    for rank, theirs in enumerate(every):
-        if theirs != every[0]:
-            msg = (f"{call}: every rank must pass the same call, structure, shapes and dtypes, "
-                   f"but rank {rank} passed {theirs!r} while rank 0 passed {every[0]!r}. "
-                   "Check what that rank computes before this call (a shorter last batch?).")
-            raise CollectiveError(msg)
+    dist.all_gather_object(every, text)  # every rank saw the mismatch: all take this path
+    raise CollectiveError(_disagreement(every))
+
+
+def _disagreement(every: Sequence[str]) -> str:
+    """The error: the most common value (ties: the lowest rank's) against the others."""
+    counts = Counter(every)
+    ref_rank = min(range(len(every)), key=lambda r: (-counts[every[r]], r))
+    odd = [r for r, text in enumerate(every) if text != every[ref_rank]]
+    others = f" (ranks {', '.join(map(str, odd))} disagree)" if len(odd) > 1 else ""
+    call = every[ref_rank].split(" of ", 1)[0]
+    return (f"{call}: every rank must make the same call with the same structure, shapes and "
+            f"dtypes, but rank {odd[0]} passed {every[odd[0]]} while rank {ref_rank} passed "
+            f"{every[ref_rank]}{others}. Check what that rank computes before this call (a "
+            "shorter last batch? a branch taken on one rank only?).")
 
 
 def _no_objects_on_xla(env: Env, call: str) -> None:
@@ -120,43 +170,56 @@ def _gather_tensor(t: torch.Tensor, env: Env) -> torch.Tensor:
 
         return _xla.all_gather(t)
     out = t.new_empty((env.world_size * t.shape[0], *t.shape[1:]))
+    # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns).
+    single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     if env.backend == "nccl":
-        dist.all_gather_into_tensor(out, t)
-    else:  # gloo has no all_gather_into_tensor: gather into views of one buffer, no copy after
+        single(out, t)
+        return out
+    try:  # gloo has it too since torch 2.3, at half the latency of a list all_gather
+        single(out, t)
+    except RuntimeError as error:  # refused locally, on every rank alike, before any exchange
+        if "support" not in str(error):
+            raise
         dist.all_gather(list(out.view(env.world_size, *t.shape).unbind(0)), t)
     return out
 
 
-def gather(x: Any, env: Env) -> Any:
+def gather(x: Any, env: Env, *, check: bool | None = None) -> Any:
     """Concatenate every rank's tensors along dim 0 (0-dim tensors become one row each).
 
     Args:
         x: a tensor, or lists / tuples / dicts of them; shapes must agree across ranks.
         env: this process's Env.
+        check: compare the ranks' structures, shapes and dtypes first (one small exchange);
+            ``None`` follows ``env.check_collectives`` (on unless turned off).
 
     Returns:
         The same structure with each tensor holding all ranks' rows, rank 0 first.
 
     Raises:
-        CollectiveError: a leaf is not a tensor, or (debug mode) shapes or dtypes disagree.
+        CollectiveError: a leaf is not a tensor, or the ranks' structures, shapes or dtypes
+            disagree (the message names the rank).
 
     Examples:
         >>> gather({"x": torch.ones(2)}, Env())["x"]
         tensor([1., 1.])
 
-    Effects: joins the process group on first need; one all-gather for all the tensors (their
-    bytes, packed), or one per device when they live on several.
+    Effects: joins the process group on first need; the agreement check (an all-gather of 8
+    bytes per rank); one all-gather for all the tensors (their bytes, packed), or one per
+    device when they live on several.
     """
     if env.world_size == 1:
         _leaves(x)
         return x
-    _start(env, "gather()", x)
+    _start(env, "gather()", x, check=check)
     leaves = [t[None] if t.dim() == 0 else t for t in _leaves(x)]
     return _rebuild(x, iter(_gather_packed(leaves, env)))
 
 
-def gather_object(obj: Any, env: Env) -> list[Any]:
+def gather_object(obj: Any, env: Env, *, check: bool | None = None) -> list[Any]:
     """Collect a picklable object from every rank: lists are concatenated, others listed.
+
+    With the agreement check (``check``, as in `gather`) every rank must be in this call.
 
     Examples:
         >>> gather_object(["a", "b"], Env())
@@ -168,7 +231,7 @@ def gather_object(obj: Any, env: Env) -> list[Any]:
         return list(obj) if isinstance(obj, (list, tuple)) else [obj]
     import torch.distributed as dist
 
-    _start(env, "gather_object()", None)
+    _start(env, "gather_object()", None, check=check)
     _no_objects_on_xla(env, "gather_object()")
     every: list[Any] = [None] * env.world_size
     dist.all_gather_object(every, obj)
@@ -177,16 +240,19 @@ def gather_object(obj: Any, env: Env) -> list[Any]:
     return every
 
 
-def reduce(x: Any, env: Env, op: str = "mean") -> Any:
+def reduce(x: Any, env: Env, op: str = "mean", *, check: bool | None = None) -> Any:
     """Combine every rank's tensors elementwise with ``op``: "sum", "mean", "max" or "min".
 
-    A mean of integer tensors is a floating tensor (on one rank too).
+    A mean of integer tensors is a floating tensor (on one rank too). With the agreement
+    check (``check``, as in `gather`) the ranks must pass the same ``op``, structure, shapes
+    and dtypes.
 
     Examples:
         >>> reduce(torch.tensor([1.0, 3.0]), Env(), op="sum")
         tensor([1., 3.])
 
-    Effects: joins the process group on first need; one all-reduce per tensor.
+    Effects: joins the process group on first need; the agreement check; one all-reduce
+    per tensor.
     """
     if op not in _OPS:
         msg = (f"reduce(): op must be one of {', '.join(map(repr, _OPS))}, but got {op!r}. "
@@ -196,7 +262,7 @@ def reduce(x: Any, env: Env, op: str = "mean") -> Any:
         return _map(lambda t: t / 1 if op == "mean" and not t.is_floating_point() else t, x)
     import torch.distributed as dist
 
-    _start(env, "reduce()", x)
+    _start(env, f"reduce(op={op!r})", x, check=check)
     if env.backend == "xla":
         from distlib import _xla
 
@@ -212,21 +278,25 @@ def reduce(x: Any, env: Env, op: str = "mean") -> Any:
     return _map(one, x)
 
 
-def broadcast(x: Any, env: Env, src: int = 0) -> Any:
+def broadcast(x: Any, env: Env, src: int = 0, *, check: bool | None = None) -> Any:
     """Every rank gets rank ``src``'s tensors (each rank passes tensors of the same shapes).
+
+    With the agreement check (``check``, as in `gather`) the ranks must pass the same
+    ``src``, structure, shapes and dtypes.
 
     Examples:
         >>> broadcast([torch.zeros(1)], Env())
         [tensor([0.])]
 
-    Effects: joins the process group on first need; one broadcast per tensor.
+    Effects: joins the process group on first need; the agreement check; one broadcast per
+    tensor.
     """
     if env.world_size == 1:
         _leaves(x)
         return x
     import torch.distributed as dist
 
-    _start(env, "broadcast()", x)
+    _start(env, f"broadcast(src={src!r})", x, check=check)
     if env.backend == "xla":
         from distlib import _xla
 
@@ -240,8 +310,10 @@ def broadcast(x: Any, env: Env, src: int = 0) -> Any:
     return _map(one, x)
 
 
-def broadcast_object(obj: Any, env: Env, src: int = 0) -> Any:
+def broadcast_object(obj: Any, env: Env, src: int = 0, *, check: bool | None = None) -> Any:
     """Every rank gets rank ``src``'s picklable object.
+
+    With the agreement check (``check``, as in `gather`) the ranks must pass the same ``src``.
 
     Examples:
         >>> broadcast_object({"seed": 7}, Env())
@@ -253,7 +325,7 @@ def broadcast_object(obj: Any, env: Env, src: int = 0) -> Any:
         return obj
     import torch.distributed as dist
 
-    _start(env, "broadcast_object()", None)
+    _start(env, f"broadcast_object(src={src!r})", None, check=check)
     _no_objects_on_xla(env, "broadcast_object()")
     box = [obj if env.rank == src else None]
     dist.broadcast_object_list(box, src=src)
@@ -261,7 +333,7 @@ def broadcast_object(obj: Any, env: Env, src: int = 0) -> Any:
 
 
 def pad_across_processes(x: Any, env: Env, dim: int = 0, pad_index: int = 0,
-                         pad_first: bool = False) -> Any:
+                         pad_first: bool = False, *, check: bool | None = None) -> Any:
     """Pad each tensor along ``dim`` to the largest size any rank has, so they can be gathered.
 
     Tensors with fewer than ``dim + 1`` dimensions are returned as they are.
@@ -272,17 +344,20 @@ def pad_across_processes(x: Any, env: Env, dim: int = 0, pad_index: int = 0,
         dim: the dimension to pad.
         pad_index: the fill value.
         pad_first: pad at the start instead of the end.
+        check: compare the ranks' ``dim``, structures, dtypes and other dimensions first
+            (as in `gather`).
 
     Examples:
         >>> pad_across_processes(torch.ones(2, 3), Env(), dim=1).shape
         torch.Size([2, 3])
 
-    Effects: joins the process group on first need; one all-gather of the sizes.
+    Effects: joins the process group on first need; the agreement check; one all-gather of
+    the sizes.
     """
     if env.world_size == 1:
         _leaves(x)
         return x
-    _start(env, "pad_across_processes()", x, free_dim=dim)
+    _start(env, f"pad_across_processes(dim={dim!r})", x, free_dim=dim, check=check)
     leaves = _leaves(x)
     sizes = torch.tensor([t.shape[dim] if -t.dim() <= dim < t.dim() else 0 for t in leaves],
                          dtype=torch.int64)
@@ -302,22 +377,30 @@ def _pad(t: torch.Tensor, dim: int, size: int, pad_index: Any, pad_first: bool) 
     return out
 
 
-def barrier(env: Env) -> None:
+def barrier(env: Env, *, check: bool | None = None) -> None:
     """Wait until every rank reaches this call.
+
+    With the agreement check (``check``, as in `gather`) the barrier is the check's own
+    exchange, so a rank that is in another collective is named instead of paired with it.
 
     Examples:
         >>> barrier(Env())
 
-    Effects: joins the process group on first need.
+    Effects: joins the process group on first need; one small all-gather (the check) or
+    ``torch.distributed.barrier``.
     """
     if env.world_size > 1:
         import torch.distributed as dist
 
+        checking = _checking(env, check)
         runtime.initialize(env)
         if env.backend == "xla":
             from distlib import _xla
 
             _xla.barrier("distlib.barrier")
+            return
+        if checking:
+            _check_agree(env, "barrier()", "")  # an all-gather: nobody leaves before all came
             return
         dist.barrier()
 
@@ -342,7 +425,7 @@ def main_process_first(env: Env, local: bool = False) -> Iterator[None]:
 
 
 # -- evaluation -------------------------------------------------------------------------------
-def gather_metrics(x: Any, env: Env, loader: Any) -> Any:
+def gather_metrics(x: Any, env: Env, loader: Any, *, check: bool | None = None) -> Any:
     """Gather predictions of every rank and drop the rows that padding duplicated.
 
     Call it inside the loop over a loader from `distlib.shard` with this step's outputs, or
@@ -355,13 +438,16 @@ def gather_metrics(x: Any, env: Env, loader: Any) -> Any:
         x: a tensor, a list of plain objects, or lists / tuples / dicts of those.
         env: this process's Env.
         loader: the `ShardedLoader` that produced the batches.
+        check: compare the ranks' structures, dtypes and row shapes first (as in `gather`;
+            dim 0 may differ).
 
     Returns:
         The same structure holding every rank's real rows.
 
     Raises:
         CollectiveError: ``loader`` is not a sharded loader, ``x`` does not have this rank's
-            rows, or a per-batch call with ``even_batches=False``.
+            rows, a per-batch call with ``even_batches=False``, or the ranks' structures,
+            dtypes or row shapes disagree (the message names the rank).
 
     Examples:
         >>> import torch, distlib as dl
@@ -369,12 +455,14 @@ def gather_metrics(x: Any, env: Env, loader: Any) -> Any:
         >>> [gather_metrics(b * 10, Env(), loader).tolist() for b in loader]
         [[0, 10], [20, 30], [40]]
 
-    Effects: joins the process group on first need; one all-gather per tensor and one
-    object all-gather for the plain rows.
+    Effects: joins the process group on first need; the agreement check; one all-gather per
+    tensor and one object all-gather for the plain rows.
     """
     whole, steps = _layout(loader, env)
+    checked = False
     if whole and not loader.even_batches and env.world_size > 1:
-        runtime.initialize(env)
+        _start(env, "gather_metrics()", x, free_dim=0, rows=True, check=check)
+        checked = True
         steps = _longest_layout(steps, env)
     leaves = _leaves(x, rows=True)
     mine = sum(s.rows[env.rank] for s in steps)
@@ -388,7 +476,8 @@ def gather_metrics(x: Any, env: Env, loader: Any) -> Any:
             raise CollectiveError(msg)
     if env.world_size == 1:
         return x
-    _start(env, "gather_metrics()", x, free_dim=0, rows=True)
+    if not checked:
+        _start(env, "gather_metrics()", x, free_dim=0, rows=True, check=check)
     stride = max(sum(s.rows[r] for s in steps) for r in range(env.world_size))
     # One step with equal rows everywhere (every per-batch call with even batches): the real
     # rows are the first `real` of the gather, a slice. Otherwise pick them out by index.

@@ -110,7 +110,7 @@ def _collective_scenarios(env: Any) -> dict[str, Any]:
 
     r = env.rank
     x = {"a": torch.tensor([r, r + 1.0]), "b": [torch.full((2, 2), float(r)), (torch.tensor(r),)]}
-    out: dict[str, Any] = {"debug": env.debug}
+    out: dict[str, Any] = {"debug": env.debug, "check": env.check_collectives}
     g = dl.gather(x, env)
     out["gather"] = (g["a"].tolist(), g["b"][0].tolist(), g["b"][1][0].tolist())
     out["gather_object"] = (dl.gather_object([f"r{r}"], env), dl.gather_object({"r": r}, env))
@@ -137,11 +137,11 @@ def _collective_scenarios(env: Any) -> dict[str, Any]:
 
 
 def test_collectives_match_single_process_math() -> None:
-    result = spawn(_collective_scenarios, world_size=2, timeout_s=240, debug=True)
+    result = spawn(_collective_scenarios, world_size=2, timeout_s=240)  # checked by default
     a = [torch.tensor([r, r + 1.0]) for r in (0, 1)]
     for rank in (0, 1):
         got = result[rank]
-        assert got["debug"] is True
+        assert got["debug"] is False and got["check"] is True
         assert got["gather"] == (torch.cat(a).tolist(), [[0.0, 0.0]] * 2 + [[1.0, 1.0]] * 2,
                                  [0, 1])
         assert got["gather_object"] == (["r0", "r1"], [{"r": 0}, {"r": 1}])

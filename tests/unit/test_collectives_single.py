@@ -96,3 +96,75 @@ def test_xla_envs_route_tensor_collectives_through_distlib_xla(monkeypatch: pyte
     assert calls == ["gather", "max", "bcast", "barrier", "gather"]
     with pytest.raises(CollectiveError, match="XLA Env"):
         dl.gather_object(["a"], env)
+
+
+def test_agreement_check_names_the_minority_rank() -> None:
+    """With 4 ranks where rank 2 alone differs, rank 2 is named against the majority."""
+    from distlib.collectives import _disagreement
+
+    same, odd = "gather() of float32[4]", "gather() of float32[3]"
+    message = _disagreement([same, same, odd, same])
+    assert message.startswith("gather(): every rank must make the same call")
+    assert f"rank 2 passed {odd} while rank 0 passed {same}" in message
+    assert "disagree" not in message.split(". ")[1]  # one odd rank: no list
+    two = _disagreement([odd, same, odd, same, same])
+    assert f"rank 0 passed {odd} while rank 1 passed {same}" in two
+    assert "(ranks 0, 2 disagree)" in two
+
+
+def test_agreement_signature_shows_structure_shapes_dtypes_and_the_free_dim() -> None:
+    from collections import namedtuple
+
+    from distlib.collectives import _signature
+
+    Pair = namedtuple("Pair", "a b")
+    x = {"p": Pair(torch.zeros(2, 3), [torch.ones(4, dtype=torch.int64)]),
+         "t": (torch.tensor(1.0),), "rows": ["a", "b"]}
+    assert _signature(x, None, True) == ("{'p': Pair(float32[2, 3], [int64[4]]), "
+                                         "'t': (float32[],), 'rows': rows}")
+    assert _signature(torch.zeros(5, 2), 0, False) == "float32[*, 2]"
+    assert _signature(torch.zeros(5, 2), -1, False) == "float32[5, *]"
+    with pytest.raises(CollectiveError, match="must be a tensor"):
+        _signature({"a": "text"}, None, False)
+
+
+def test_agreement_fingerprint_is_the_same_in_every_process() -> None:
+    """Python's hash() of a str changes per process; the check's fingerprint must not."""
+    import os
+    import subprocess
+    import sys
+
+    from distlib.collectives import _fingerprint
+
+    code = "from distlib.collectives import _fingerprint; print(_fingerprint('gather() of x'))"
+    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, timeout=120, env={**os.environ, "PYTHONHASHSEED": seed}
+                           ).stdout.strip() for seed in ("1", "2")}
+    assert seen == {str(_fingerprint("gather() of x"))}
+    assert _fingerprint("gather() of x") != _fingerprint("gather() of y")
+
+
+@pytest.mark.parametrize("call", ["gather", "reduce", "broadcast", "pad_across_processes",
+                                  "gather_object", "broadcast_object", "barrier"])
+def test_check_must_be_a_bool_or_none(call: str) -> None:
+    """A bad ``check`` is refused with its value before any process group is joined."""
+    fn = getattr(dl, call)
+    args = (() if call == "barrier" else (["a"],) if call.endswith("object")
+            else (torch.ones(1),))
+    with pytest.raises(CollectiveError, match=r"check must be True, False or None \(the Env's "
+                       r"check_collectives\), but got 'no'"):
+        fn(*args, _env(0, 2), check="no")
+
+
+def test_env_check_collectives_defaults_on_and_reads_its_variable() -> None:
+    from distlib.env import Hardware, detect
+    from distlib.errors import EnvError
+
+    assert Env().check_collectives is True
+    assert detect({}, hardware=Hardware()).check_collectives is True
+    assert detect({"DISTLIB_CHECK_COLLECTIVES": "0"}, hardware=Hardware()).check_collectives \
+        is False
+    with pytest.raises(EnvError, match="DISTLIB_CHECK_COLLECTIVES='sometimes'"):
+        detect({"DISTLIB_CHECK_COLLECTIVES": "sometimes"}, hardware=Hardware())
+    with pytest.raises(EnvError, match="check_collectives must be True or False"):
+        Env(check_collectives="no")  # type: ignore[arg-type]
