@@ -5,13 +5,17 @@ dataset wrapper (iterable datasets) that applies the pure plan of `distlib._shar
 dataset, collate function, workers, pinning, worker init and generator stay the user's. The
 returned `ShardedLoader` remembers where the current pass is, which is all
 `distlib.gather_metrics` needs to drop padding: there is no global state.
+
+Randomness: a loader's one seed (its generator's, else one draw from the global torch RNG,
+broadcast from rank 0) fixes the shuffled order and the worker seeds of every epoch, so a pass
+never draws from the global torch RNG and a resumed run sees the same random stream as one
+that never stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
 import weakref
 from collections.abc import Generator, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -30,11 +34,13 @@ from distlib.env import Env
 from distlib.errors import ShardingError
 
 __all__ = ["LoaderPosition", "ShardPlan", "ShardedLoader", "UnsizedLoaderError", "shard",
-           "split_between_processes"]
+           "skip_first_batches", "split_between_processes"]
 
 _KEPT = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
          "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers",
          "pin_memory_device")
+# Added to the loader seed for the worker seeds, so they are not the shuffle's own stream.
+_WORKER_SALT = 0x9E3779B97F4A7C15
 
 
 class UnsizedLoaderError(ShardingError, TypeError):
@@ -48,6 +54,25 @@ class LoaderPosition(NamedTuple):
     epoch: int
     step: int
     done: bool
+
+
+@dataclasses.dataclass(slots=True)
+class _Cursor:
+    """Where a loader is; mutable on purpose, and shared by `skip_first_batches` views."""
+
+    seed: int | None
+    next_start: int
+    epoch: int = 0
+    pass_start: int = 0
+    yielded: int = 0
+    done: bool = False
+    pending: bool = True  # no pass started since construction or load_state_dict
+    infos: list[StepInfo] = dataclasses.field(default_factory=list)
+
+    @property
+    def idle(self) -> bool:
+        """True when no pass is under way: the next one starts at ``next_start``."""
+        return self.pending or self.done
 
 
 def shard(dataloader: Any, env: Env, *, split_batches: bool = False, even_batches: bool = True,
@@ -71,7 +96,8 @@ def shard(dataloader: Any, env: Env, *, split_batches: bool = False, even_batche
             skipped samples, iterable ones read and discard them. Later passes start at 0.
 
     Returns:
-        A `ShardedLoader`; ``len()`` is this rank's number of batches.
+        A `ShardedLoader`; ``len()`` is this rank's number of batches in an epoch,
+        `ShardedLoader.remaining` the number the current (or next) pass still yields.
 
     Raises:
         ShardingError: a batch size of 0, ``split_batches`` with a batch size that
@@ -90,11 +116,78 @@ def shard(dataloader: Any, env: Env, *, split_batches: bool = False, even_batche
                          start_batch=start_batch)
 
 
+def skip_first_batches(loader: Any, num_batches: int) -> ShardedLoader:
+    """Return ``loader`` with its next pass starting at step ``num_batches``; later passes whole.
+
+    Accelerate's ``accelerator.skip_first_batches(dataloader, num_batches)``. For a sharded
+    loader the result is a new `ShardedLoader` over the same source that shares the
+    original's position (epoch, shuffle seed, the pass under way): the skipped pass *is* the
+    original's next pass, so after it ``loader`` goes on with the next epoch, and
+    ``state_dict()``, `save_state` and `gather_metrics` work through either. Map-style
+    datasets do not read the skipped samples. A plain ``DataLoader`` is treated as the one
+    rank of a one-process job (no device placement): the result yields its batches from
+    ``num_batches`` on in its next pass.
+
+    Args:
+        loader: a `ShardedLoader` (from `shard`) or a ``torch.utils.data.DataLoader``.
+        num_batches: the steps to skip, in ``[0, len(loader)]``.
+
+    Returns:
+        A `ShardedLoader`.
+
+    Raises:
+        ShardingError: ``num_batches`` is not an int, is negative or is past the epoch's
+            ``len(loader)``; ``loader`` is neither kind of loader.
+
+    Examples:
+        >>> import torch
+        >>> loader = shard(torch.utils.data.DataLoader(list(range(10)), batch_size=2), Env())
+        >>> rest = skip_first_batches(loader, 3)
+        >>> [b.tolist() for b in rest], len(rest), len(list(rest))
+        ([[6, 7], [8, 9]], 5, 5)
+
+    Effects: sets the next pass of a sharded ``loader`` (it and the result are one position).
+    """
+    call = "skip_first_batches()"
+    if not isinstance(loader, ShardedLoader):
+        if not isinstance(loader, DataLoader):
+            msg = (f"{call}: loader must be a ShardedLoader (from distlib.shard) or a torch "
+                   f"DataLoader, but got {type(loader).__name__}. Pass the loader you iterate.")
+            raise ShardingError(msg)
+        loader = ShardedLoader(loader, Env(), split_batches=False, even_batches=True,
+                               device_placement=False, start_batch=0)
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 0:
+        msg = (f"{call}: num_batches must be an int >= 0, but got {num_batches!r}. Pass the "
+               "number of steps of this epoch already done (resume_step % len(loader)).")
+        raise ShardingError(msg)
+    try:
+        epoch_length: int | None = len(loader)
+    except UnsizedLoaderError:
+        epoch_length = None  # a stream without a length: a pass past its end yields nothing
+    if epoch_length is not None and num_batches > epoch_length:
+        msg = (f"{call}: num_batches must be at most the epoch's {epoch_length} batches "
+               f"(len(loader)), but got {num_batches}. Skip resume_step % len(loader) batches "
+               "and start at epoch resume_step // len(loader).")
+        raise ShardingError(msg)
+    view = ShardedLoader(loader.source, loader.env, split_batches=loader.split_batches,
+                         even_batches=loader.even_batches,
+                         device_placement=loader.device_placement, start_batch=num_batches)
+    view._at = loader._at
+    view._at.next_start, view._at.pending = num_batches, True
+    return view
+
+
 class ShardedLoader:
     """This rank's view of a DataLoader; iterate it like the original.
 
-    Effects: iterating may join the process group (once, to agree on a shuffle seed when the
-    loader has no generator) and moves batches to ``env.device``.
+    ``len()`` is the number of batches of a whole epoch (what a fresh pass yields), also
+    after ``start_batch``, ``load_state_dict`` or `skip_first_batches`; `remaining` is what
+    the current pass has left.
+
+    Effects: the first pass of a loader that shuffles or has workers, and no generator of its
+    own, draws its seed from the global torch RNG (once; then rank 0's seed is broadcast, which
+    may join the process group); no pass draws from it after that. Batches move to
+    ``env.device``.
     """
 
     def __init__(self, dataloader: Any, env: Env, *, split_batches: bool, even_batches: bool,
@@ -127,22 +220,39 @@ class ShardedLoader:
                                even_batches=even_batches, start_batch=start_batch)
         if device_placement and _is_spmd(env):
             _check_spmd_batch(env, None if self._plan.variable else self._plan.per_rank)
-        self._seed: int | None = self._known_seed()
-        self._epoch, self._next_start = 0, start_batch
-        self._infos: list[StepInfo] = []
-        self._yielded, self._done, self._pass_start = 0, False, start_batch
-        self._pending = True  # no pass started since construction or load_state_dict
+        self._at = _Cursor(seed=self._known_seed(), next_start=start_batch,
+                           pass_start=start_batch)
+        # Worker seeds come from this generator, not the global RNG (unless the user gave one).
+        self._workers_generator = (torch.Generator() if self._kwargs.get("generator") is None
+                                   else None)
         self._inner: dict[int | str, Any] = {}
 
     # -- public surface -------------------------------------------------------------------
     def __len__(self) -> int:
-        running = self._yielded and not self._done and not self._pending
-        start = self._pass_start if running else self._next_start
         units = self._num_units()
         plan = self._plan
-        total = count_batches(units, plan.per_step, plan.per_rank, plan.rank,
-                              drop_last=plan.drop_last, pad=plan.pads)[1]
-        return max(0, total - start)
+        return count_batches(units, plan.per_step, plan.per_rank, plan.rank,
+                             drop_last=plan.drop_last, pad=plan.pads)[1]
+
+    @property
+    def remaining(self) -> int:
+        """The batches the current pass has still to yield; between passes, what the next
+        pass will yield (``len(loader)`` minus its start step).
+
+        Raises:
+            UnsizedLoaderError: the dataset has no length (as ``len()``).
+
+        Examples:
+            >>> import torch
+            >>> loader = shard(torch.utils.data.DataLoader(list(range(10)), batch_size=2),
+            ...                Env(), start_batch=2)
+            >>> len(loader), loader.remaining
+            (5, 3)
+            >>> _ = next(iter(loader)); loader.remaining
+            2
+        """
+        at = self._at
+        return max(0, self._pass_length() - (0 if at.idle else at.yielded))
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass epoch ``epoch``: every rank reshuffles with the same seed.
@@ -150,75 +260,117 @@ class ShardedLoader:
         Effects: forwards ``set_epoch`` to the user's sampler, batch sampler or iterable
         dataset where they have one.
         """
-        self._epoch = epoch
+        self._at.epoch = epoch
         for part in (getattr(self._batches, "sampler", None), self._batches, self.dataset):
             if part is not None and callable(getattr(part, "set_epoch", None)):
                 part.set_epoch(epoch)
 
+    def skip_first_batches(self, num_batches: int) -> ShardedLoader:
+        """`skip_first_batches` ``(self, num_batches)``: the next pass starts at that step."""
+        return skip_first_batches(self, num_batches)
+
     @property
     def position(self) -> LoaderPosition:
         """The epoch, the step of the last batch yielded (-1 before any), and if the pass ended."""
-        return LoaderPosition(self._epoch, self._pass_start + self._yielded - 1, self._done)
+        at = self._at
+        return LoaderPosition(at.epoch, at.pass_start + at.yielded - 1, at.done)
 
     def metrics_layout(self) -> tuple[bool, list[StepInfo]]:
         """``(whole_pass, steps)``: the current step, or every step once the pass has ended."""
-        if self._done:  # map-style: also the last step, where this rank may have had no batch
-            return True, list(self._infos)
-        if not self._yielded:
+        at = self._at
+        if at.done:  # map-style: also the last step, where this rank may have had no batch
+            return True, list(at.infos)
+        if not at.yielded:
             return False, []
-        return False, [self._infos[self._yielded - 1]]
+        return False, [at.infos[at.yielded - 1]]
 
     def state_dict(self) -> dict[str, int]:
-        """The position to resume from: ``{"epoch": e, "start_batch": k}`` (and the shuffle
-        ``"seed"`` once one is chosen, so a resumed epoch has the same order)."""
-        if self._pending:  # resumed (or new) and not iterated yet: the pass to come
-            start = self._next_start
-        else:
-            start = 0 if self._done else self._pass_start + self._yielded
-        state = {"epoch": self._epoch, "start_batch": start}
-        return state if self._seed is None else state | {"seed": self._seed}
+        """The position to resume from: ``{"epoch": e, "start_batch": k}`` (and the loader's
+        ``"seed"`` once one is chosen, so a resumed epoch has the same order and worker seeds)."""
+        at = self._at
+        # Resumed (or new) and not iterated yet: the pass to come; else where this one is.
+        done_or_at = 0 if at.done else at.pass_start + at.yielded
+        start = at.next_start if at.pending else done_or_at
+        state = {"epoch": at.epoch, "start_batch": start}
+        return state if at.seed is None else state | {"seed": at.seed}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Resume the next pass at ``state["start_batch"]`` of epoch ``state["epoch"]``."""
+        """Resume the next pass at ``state["start_batch"]`` of epoch ``state["epoch"]``.
+
+        A saved ``"seed"`` replaces the loader's, so the resumed pass draws nothing from the
+        global RNG (whose saved state `load_state` restores) and repeats the saved order.
+        """
         self.set_epoch(int(state["epoch"]))
-        self._next_start = int(state["start_batch"])
-        self._pending = True
+        self._at.next_start = int(state["start_batch"])
+        self._at.pending = True
         if state.get("seed") is not None:
-            self._seed = int(state["seed"])
+            self._at.seed = int(state["seed"])
 
     def __iter__(self) -> Iterator[Any]:
-        start, self._next_start, self._pending = self._next_start, 0, False
-        self._pass_start, self._infos, self._yielded, self._done = start, [], 0, False
+        at = self._at
+        start, at.next_start, at.pending = at.next_start, 0, False
+        at.pass_start, at.infos, at.yielded, at.done = start, [], 0, False
+        self._start_pass()
         inner = self._inner_loader(start)
         if self.device_placement and self.env.backend == "xla":
             with contextlib.closing(self._xla_batches(inner)) as batches:
                 for batch in batches:  # counted as the user gets it; torch_xla reads ahead
-                    self._yielded += 1
+                    at.yielded += 1
                     yield batch
-            self._done = True
-            self._epoch += 1
+            at.done = True
+            at.epoch += 1
             return
         move = self.device_placement and self.env.device != "cpu"
         non_blocking = bool(self._kwargs.get("pin_memory")) and self.env.device.startswith("cuda")
-        infos = self._infos
+        infos = at.infos
         for batch in inner:
             if self.iterable:
                 batch, info = batch
                 infos.append(info)
-            self._yielded += 1
+            at.yielded += 1
             yield _move(batch, self.env.torch_device, non_blocking) if move else batch
-        self._done = True
-        self._epoch += 1
+        at.done = True
+        at.epoch += 1
 
     # -- the shell --------------------------------------------------------------------------
+    def _start_pass(self) -> None:
+        """Fix this pass's randomness before the inner DataLoader starts (in this thread).
+
+        The seed is agreed once (a collective, so here and not in torch_xla's reading thread);
+        the private generator, the one the inner DataLoader draws its worker base seed from, is
+        reseeded from the seed and epoch, so worker seeds repeat and the global RNG is untouched.
+        """
+        if self._at.seed is None and self._needs_seed():
+            self._at.seed = self._agreed_seed()
+        if self._workers_generator is not None:
+            self._workers_generator.manual_seed(
+                _pass_seed(self._at.seed or 0, self._at.epoch, _WORKER_SALT))
+
+    def _needs_seed(self) -> bool:
+        """Whether the order or the workers depend on a seed that the loader has not got."""
+        workers = int(self._kwargs.get("num_workers") or 0) > 0
+        return (workers and self._workers_generator is not None) or self._reshuffles()
+
+    def _reshuffles(self) -> bool:
+        """True when the pass's order is a RandomSampler's, which is reseeded every epoch."""
+        if self.iterable:
+            return False
+        source = self._batches if self._batches is not None else self.source.sampler
+        inner = getattr(source, "sampler", None)
+        return type(source) is RandomSampler or (type(source) is BatchSampler
+                                                 and type(inner) is RandomSampler)
+
+    def _pass_length(self) -> int:
+        """Batches the current pass yields in all (between passes: the next pass)."""
+        at = self._at
+        return max(0, len(self) - (at.next_start if at.idle else at.pass_start))
+
     def _xla_batches(self, inner: Any) -> Generator[Any, None, None]:
         """This pass's batches through torch_xla's parallel device loader (split over the SPMD
         mesh under ``XLA(spmd=True)``); its ``next()`` also cuts the lazy graph."""
         from distlib import _xla
 
-        if not self.iterable:
-            self._pass_batches()  # agree on a shuffle seed here: torch_xla's thread reads ahead
-        infos = self._infos
+        infos = self._at.infos
 
         def untagged() -> Iterator[Any]:
             for batch in inner:
@@ -257,23 +409,29 @@ class ShardedLoader:
                    "len(), or give the dataset a __len__.")
             raise UnsizedLoaderError(msg) from None
 
+    def _loader_kwargs(self) -> dict[str, Any]:
+        if self._workers_generator is None:
+            return self._kwargs
+        return self._kwargs | {"generator": self._workers_generator}
+
     def _inner_loader(self, start: int) -> Any:
+        kwargs = self._loader_kwargs()
         if self.iterable:
             if start not in self._inner:
                 plan = _replace(self._plan, start)
                 wrapped = _IterableShard(self.dataset, plan)
                 self._inner[start] = DataLoader(
                     wrapped, batch_size=plan.per_rank, drop_last=False,
-                    **(self._kwargs | {"collate_fn": _TaggedCollate(self._kwargs["collate_fn"])}))
+                    **(kwargs | {"collate_fn": _TaggedCollate(kwargs["collate_fn"])}))
             return self._inner[start]
         # One DataLoader for every pass (persistent workers stay up): its batch sampler reads
         # the pass's start and epoch from this loader each time it is iterated.
         if "map" not in self._inner:
             sampler = _RankBatches(self)
             self._inner["map"] = (
-                DataLoader(self.dataset, sampler=sampler, batch_size=None, **self._kwargs)
+                DataLoader(self.dataset, sampler=sampler, batch_size=None, **kwargs)
                 if self._batches is None or self._by_list
-                else DataLoader(self.dataset, batch_sampler=sampler, **self._kwargs))
+                else DataLoader(self.dataset, batch_sampler=sampler, **kwargs))
         return self._inner["map"]
 
     def _pass_batches(self) -> Any:
@@ -285,18 +443,23 @@ class ShardedLoader:
             n, size = len(inner), source.batch_size
             stop = n - n % size if source.drop_last else n
             return (range(i, min(i + size, stop)) for i in range(0, stop, size))
-        if type(source) is not BatchSampler or type(inner) is not RandomSampler:
+        if not self._reshuffles():
             return source
-        if self._seed is None:
-            self._seed = self._agreed_seed()
+        if self._at.seed is None:  # the inner loader iterated directly, not through the pass
+            self._at.seed = self._agreed_seed()
         generator = torch.Generator()
-        generator.manual_seed(self._seed + self._epoch)
-        sampler = RandomSampler(inner.data_source, replacement=inner.replacement,
-                                num_samples=inner._num_samples, generator=generator)
+        generator.manual_seed(_pass_seed(self._at.seed, self._at.epoch))
+        random: Any = source if type(source) is RandomSampler else inner
+        sampler = RandomSampler(random.data_source, replacement=random.replacement,
+                                num_samples=random._num_samples, generator=generator)
+        if type(source) is RandomSampler:
+            return sampler
         return BatchSampler(sampler, source.batch_size, source.drop_last)
 
     def _agreed_seed(self) -> int:
-        seed = random.SystemRandom().randrange(2**62)
+        """One draw from the global torch RNG (so `seed` and `torch.manual_seed` make runs
+        repeat), rank 0's on every rank."""
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
         if not self.env.is_distributed:
             return seed
         from distlib.collectives import broadcast
@@ -304,6 +467,11 @@ class ShardedLoader:
         # A tensor, not a pickled object: works on every backend (XLA replicas too).
         mine = torch.tensor([seed], dtype=torch.int64, device=self.env.device)
         return int(broadcast(mine, self.env).item())
+
+
+def _pass_seed(seed: int, epoch: int, salt: int = 0) -> int:
+    """The seed of one epoch's generator (``seed + epoch``), within torch's 64-bit range."""
+    return (seed + epoch + salt) % 2**64
 
 
 def _is_spmd(env: Env) -> bool:
@@ -344,15 +512,15 @@ class _RankBatches:
 
     def __iter__(self) -> Iterator[Any]:
         loader = self.loader
-        plan, source = _replace(loader._plan, loader._pass_start), loader._pass_batches()
-        infos, single = loader._infos, loader._batches is None
+        plan, source = _replace(loader._plan, loader._at.pass_start), loader._pass_batches()
+        infos, single = loader._at.infos, loader._batches is None
         steps = plan.iter_batches(source) if single else plan.iter_dealt(source)
         for batch, info in steps:
             infos.append(info)
             yield batch[0] if single else batch
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.loader._pass_length()  # what this pass yields, not the whole epoch
 
 
 class _IterableShard(IterableDataset):  # type: ignore[type-arg]

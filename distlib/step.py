@@ -87,6 +87,22 @@ def _check_steps(steps: object) -> int:
     return steps
 
 
+def _pass_length(loader: Iterable[Any], taken: int) -> int | None:
+    """Batches this pass yields in all, known once its first batch is out (``taken``).
+
+    A loader with a ``remaining`` count (a sharded loader, whose ``len()`` is the whole
+    epoch even when the pass resumes mid-epoch) says what is left of the running pass; other
+    loaders are counted with ``len()``; None when neither is known.
+    """
+    try:
+        remaining = getattr(loader, "remaining", None)
+        if isinstance(remaining, int) and not isinstance(remaining, bool) and taken:
+            return taken + remaining
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def accumulate(loader: Iterable[Any], steps: int = 1) -> Iterator[tuple[Any, MicroStep]]:
     """Yield ``(batch, micro)`` with ``micro.sync`` on each window's last batch.
 
@@ -104,12 +120,10 @@ def accumulate(loader: Iterable[Any], steps: int = 1) -> Iterator[tuple[Any, Mic
         [('a', False), ('b', True), ('c', False), ('d', True), ('e', True)]
     """
     steps = _check_steps(steps)
-    try:
-        total: int | None = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
     it = iter(loader)
-    ahead = list(itertools.islice(it, 2))  # the next two batches tell both syncs ahead
+    ahead = list(itertools.islice(it, 1))
+    total = _pass_length(loader, len(ahead))
+    ahead.extend(itertools.islice(it, 1))  # the next two batches tell both syncs ahead
     position = 0
     while ahead:
         batch = ahead.pop(0)

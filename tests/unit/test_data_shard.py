@@ -137,12 +137,12 @@ def test_start_batch_resumes_without_reading_skipped_samples() -> None:
     full = [b.tolist() for b in dl.shard(DataLoader(list(range(20)), batch_size=2), _env(1, 2))]
     data = Counting(20)
     loader = dl.shard(DataLoader(data, batch_size=2), _env(1, 2), start_batch=3)
-    assert len(loader) == len(full) - 3
+    assert (len(loader), loader.remaining) == (len(full), len(full) - 3)
     assert [b.tolist() for b in loader] == full[3:]
     assert sorted(data.read) == sorted(i for b in full[3:] for i in b)
     assert loader.position.step == len(full) - 1 and loader.position.done
     assert [b.tolist() for b in loader] == full  # the next pass starts at 0
-    assert len(loader) == len(full)
+    assert (len(loader), loader.remaining) == (len(full), len(full))
 
 
 def test_state_dict_round_trip() -> None:
@@ -169,7 +169,7 @@ def test_iterable_dataset_dedups_to_exactly_the_dataset(world: int, split: bool)
 def test_iterable_start_batch_and_len() -> None:
     full = _passes(lambda: DataLoader(Stream(30), batch_size=4), 2)
     loader = dl.shard(DataLoader(Stream(30), batch_size=4), _env(1, 2), start_batch=2)
-    assert len(loader) == len(full[1]) - 2
+    assert (len(loader), loader.remaining) == (len(full[1]), len(full[1]) - 2)
     assert [b.tolist() for b in loader] == full[1][2:]
     assert [b.tolist() for b in loader] == full[1]
 
@@ -182,8 +182,9 @@ def test_workers_keep_batches_and_layout() -> None:
         torch.manual_seed(worker_id)
 
     for rank in range(2):
+        # A generator: without one the first pass agrees on a worker seed (a collective).
         src = DataLoader(list(range(23)), batch_size=3, num_workers=2, worker_init_fn=init,
-                         persistent_workers=True)
+                         persistent_workers=True, generator=torch.Generator().manual_seed(0))
         loader = dl.shard(src, _env(rank, 2))
         seen.append([b.tolist() for b in loader])
         assert loader._inner_loader(0).worker_init_fn is init
@@ -193,7 +194,8 @@ def test_workers_keep_batches_and_layout() -> None:
         assert loader._inner_loader(0)._iterator is workers
     assert seen == base
     # Each worker shards its own part of a worker-aware stream; dedup still gives the dataset.
-    got = _dedup(lambda: DataLoader(WorkerStream(19), batch_size=2, num_workers=2), 2)
+    got = _dedup(lambda: DataLoader(WorkerStream(19), batch_size=2, num_workers=2,
+                                    generator=torch.Generator().manual_seed(0)), 2)
     assert sorted(got) == list(range(19))
 
 
