@@ -9,17 +9,19 @@ and installs signal handlers, which is why it runs here and not in the caller's 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from distlib.launch._bootstrap import die_with_parent, fork_entry
 from distlib.launch._environ import rank_threads
-from distlib.launch.plan import LaunchPlan
+from distlib.launch.plan import DEFAULT_TIMEOUT_S, LaunchPlan
 
 __all__ = ["main"]
 
@@ -44,7 +46,10 @@ def _launch_config(plan: LaunchPlan, log_dir: str, start_method: str) -> Any:
     from torch.distributed.launcher.api import LaunchConfig
 
     nproc = _nproc(plan)
-    configs: dict[str, Any] = {"timeout": plan.collective_timeout_s or 900}
+    timeout = plan.collective_timeout_s or DEFAULT_TIMEOUT_S  # one default for both waits
+    configs: dict[str, Any] = {"timeout": timeout}
+    if plan.rdzv_backend == "c10d":
+        configs["join_timeout"] = timeout
     if plan.rdzv_backend == "static":
         configs["rank"] = plan.machine_rank
     elif plan.max_machines > 1:
@@ -78,25 +83,6 @@ def _fork(plan: LaunchPlan, command: Sequence[str]) -> bool:
     return _visible_gpus(plan) == 0
 
 
-def _recorded(log_dir: str) -> dict[int, dict[str, Any]]:
-    """Tracebacks the ranks of the latest attempt recorded, by global rank.
-
-    torch reports one failure per attempt when ranks run as forked functions (the first it
-    notices, often a rank that only saw its peer die), so read every rank's error file.
-    """
-    found: dict[int, dict[str, Any]] = {}
-    for path in glob.glob(os.path.join(log_dir, "**", "error.json"), recursive=True):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                info = json.load(handle)["message"]["extraInfo"]
-            key = (int(info["distlib_attempt"]), int(info["distlib_rank"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        found[key[1]] = info | {"attempt": key[0]}
-    latest = max((info["attempt"] for info in found.values()), default=0)
-    return {rank: info for rank, info in found.items() if info["attempt"] == latest}
-
-
 def _no_traceback(exitcode: int) -> str:
     if exitcode < 0:
         return f"(stopped by signal {-exitcode}; no Python traceback)"
@@ -104,30 +90,234 @@ def _no_traceback(exitcode: int) -> str:
             "run with --no-python, or a crash; see the rank's own output above)")
 
 
-def _failures(error: Any, log_dir: str) -> list[dict[str, Any]]:
-    """Each failed rank as plain data, the root cause first.
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return dict(json.load(handle))
+    except (OSError, ValueError, TypeError):
+        return {}
 
-    The root cause is the earliest traceback that is not a complaint about a dead peer;
-    ranks killed by the agent (no traceback) come last.
+
+class _Watch:
+    """What this agent learns about its ranks between torch's health checks (a handle).
+
+    torch tells the agent of one failure per check (of one rank when they were forked), and
+    stops the other ranks before anyone asks where they were. So before each of torch's
+    checks this looks first: which ranks have exited and how (peeking, without reaping), a
+    rank whose collective stalled or timed out (then every live rank's stack is taken before
+    anything is stopped); after a failed check it prints the attempt's line.
     """
-    exits = {int(rank): failure for rank, failure in error.failures.items()}
-    recorded = _recorded(log_dir)
-    rows = []
-    for rank in sorted(set(exits) | set(recorded)):
-        info = recorded.get(rank, {})
-        traceback = info.get("py_callstack") or ""
-        failure = exits.get(rank)
-        exitcode = failure.exitcode if failure is not None else 1
-        order = int(info.get("distlib_time_ns", 0))
-        rows.append({"rank": rank, "exitcode": exitcode, "traceback": traceback,
-                     "secondary": bool(info.get("distlib_secondary")),
-                     "message": "" if traceback else _no_traceback(exitcode),
-                     "order": (bool(info.get("distlib_secondary")), order) if traceback
-                     else (True, 2**63)})
-    rows.sort(key=lambda row: (row["order"], row["rank"]))
-    for row in rows:
-        del row["order"]
-    return rows
+
+    def __init__(self, plan: LaunchPlan, log_dir: str, call: str) -> None:
+        self.plan, self.log_dir, self.call = plan, log_dir, call
+        self.exits: dict[tuple[int, int], int] = {}  # (attempt, rank) -> exit code, in order
+        self.stopped: set[tuple[int, int]] = set()  # ranks this agent stopped after a stall
+        self.hang: dict[int, dict[str, Any]] = {}  # attempt -> the hang report
+        self.attempts: list[str] = []
+        self.last_failed = 0
+
+    def folders(self, attempt: int) -> dict[int, str]:
+        """Each rank's folder of ``attempt`` (torch's error-file folder), by local rank."""
+        found = glob.glob(os.path.join(self.log_dir, "*", f"attempt_{attempt}", "*"))
+        return {int(os.path.basename(f)): f for f in found if os.path.basename(f).isdigit()}
+
+    def records(self, attempt: int, name: str) -> dict[int, dict[str, Any]]:
+        """Each rank's record ``name`` (error.json, finished.json, ...) of ``attempt``."""
+        out: dict[int, dict[str, Any]] = {}
+        for folder in self.folders(attempt).values():
+            data = _read(os.path.join(folder, name))
+            if name == "error.json":
+                data = dict(data.get("message", {}).get("extraInfo", {})) if data else {}
+                if "distlib_rank" in data:
+                    out[int(data["distlib_rank"])] = data
+            elif "rank" in data:
+                out[int(data["rank"])] = data
+        return out
+
+    def before(self, agent: Any, group: Any) -> None:
+        """Peek at the ranks before torch's check; take stacks when a rank stalls or times out.
+
+        Effects: may signal the ranks (stacks) and kill a stalled one.
+        """
+        attempt = group.spec.max_restarts - agent._remaining_restarts
+        for worker in group.workers:
+            key = (attempt, int(worker.global_rank))
+            if key in self.exits or not worker.id:
+                continue
+            try:  # WNOWAIT: torch still reaps the rank and sees its exit code
+                seen = os.waitid(os.P_PID, int(worker.id), os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                continue
+            if seen is not None:
+                self.exits[key] = (seen.si_status if seen.si_code == os.CLD_EXITED
+                                   else -seen.si_status)
+        if attempt not in self.hang:
+            self._diagnose(attempt, group)
+
+    def _diagnose(self, attempt: int, group: Any) -> None:
+        folders = self.folders(attempt)
+        ranks = {int(w.global_rank): (int(w.id or 0), folders.get(int(w.local_rank), ""))
+                 for w in group.workers}
+        stalls = [_read(os.path.join(f, "stall.json")) for _, f in ranks.values() if f]
+        stalls = [s for s in stalls if s]
+        errors = self.records(attempt, "error.json")
+        timeouts = [r for r, info in errors.items() if info.get("distlib_timeout")
+                    and (attempt, r) in self.exits]
+        if not stalls and not timeouts:
+            return
+        from distlib.launch._hang import (
+            collect_stacks,
+            describe,
+            format_stack,
+            frames_of_stack,
+            hang_lines,
+        )
+
+        live = {r: v for r, v in ranks.items() if (attempt, r) not in self.exits and v[1]}
+        stacks = collect_stacks(live)
+        info: dict[int, dict[str, Any]] = {}
+        texts: dict[int, str] = {}
+        for rank, (_, folder) in ranks.items():
+            seq = _read(os.path.join(folder, "progress.json")).get("seq") if folder else None
+            if rank in stacks:
+                frames = frames_of_stack(stacks[rank])
+                where, collective = describe(frames)
+                texts[rank] = format_stack(frames)
+                info[rank] = {"where": where, "collective": collective, "seq": seq}
+            elif rank in errors:
+                error = errors[rank]
+                info[rank] = {"where": error.get("distlib_where", ""), "seq": seq,
+                              "collective": error.get("distlib_collective", ""),
+                              "state": "timed out" if error.get("distlib_timeout") else "failed"}
+        for stall in stalls:
+            rank = int(stall["rank"])
+            info.setdefault(rank, {}).update(
+                collective=stall.get("collective", ""), seq=stall.get("seq"),
+                state=f"no progress for {stall.get('seconds')} s")
+            info[rank].setdefault("where", stall.get("where", ""))
+        self.hang[attempt] = {
+            "reason": "stall" if stalls else "timeout", "lines": hang_lines(info),
+            "stacks": {str(r): t for r, t in sorted(texts.items())},
+            "ranks": sorted(int(s["rank"]) for s in stalls) or sorted(timeouts),
+            "seconds": max((float(s.get("seconds", 0)) for s in stalls), default=0.0)}
+        for stall in stalls:  # end the attempt: torch then stops the rest of the group
+            rank = int(stall["rank"])
+            if rank in live:
+                self.stopped.add((attempt, rank))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(live[rank][0], signal.SIGKILL)
+
+    def after(self, agent: Any, group: Any, result: Any) -> None:
+        """After a failed check: print the attempt's line when the job restarts.
+
+        Effects: writes one line to stderr per failed attempt of a job with restarts.
+        """
+        from torch.distributed.elastic.agent.server.api import WorkerState
+
+        if result.state != WorkerState.FAILED:
+            return
+        attempt = group.spec.max_restarts - agent._remaining_restarts
+        self.last_failed = attempt
+        for rank, failure in result.failures.items():
+            self.exits.setdefault((attempt, int(rank)), int(failure.exitcode))
+        total = group.spec.max_restarts + 1
+        if total == 1:
+            return
+        rows = self.rows(attempt)
+        line = (f"attempt {attempt + 1} of {total} failed: {_summary(rows[0], self.hang.get(attempt))}"
+                if rows else f"attempt {attempt + 1} of {total} failed")
+        self.attempts.append(line)
+        if agent._remaining_restarts > 0:
+            print(f"{self.call}: {line}; restarting ({agent._remaining_restarts} "
+                  f"restart{'s' if agent._remaining_restarts > 1 else ''} left)",
+                  file=sys.stderr, flush=True)
+
+    def rows(self, attempt: int) -> list[dict[str, Any]]:
+        """Each failed rank of ``attempt`` as plain data, the root cause first.
+
+        The root cause is the earliest traceback that is not a complaint about a dead peer or
+        a timeout; then a rank that died by itself (a signal, an exit code without traceback),
+        then a timed-out rank, then ranks that only lost a peer; ranks the launcher stopped last.
+        """
+        recorded = self.records(attempt, "error.json")
+        exits = {rank: code for (a, rank), code in self.exits.items() if a == attempt}
+        order = list(exits)
+        rows = []
+        for rank in sorted({r for r, c in exits.items() if c != 0} | set(recorded)):
+            info = recorded.get(rank, {})
+            traceback = info.get("py_callstack") or ""
+            exitcode = exits.get(rank, 1)
+            stopped = (attempt, rank) in self.stopped
+            secondary, timed_out = bool(info.get("distlib_secondary")), bool(
+                info.get("distlib_timeout"))
+            died = rank in exits and not stopped
+            if traceback and not secondary and not timed_out:
+                key: tuple[int, int] = (0, int(info.get("distlib_time_ns", 0)))
+            elif died and not traceback:
+                key = (1, order.index(rank))
+            elif traceback:
+                key = (2 if timed_out else 3, int(info.get("distlib_time_ns", 0)))
+            else:
+                key = (4, rank)
+            rows.append({"rank": rank, "exitcode": exitcode, "traceback": traceback,
+                         "secondary": secondary, "timed_out": timed_out,
+                         "signal": -exitcode if exitcode < 0 and died and not traceback else 0,
+                         "where": info.get("distlib_where", ""),
+                         "collective": info.get("distlib_collective", ""),
+                         "message": "" if traceback else (
+                             "(stopped by the launcher after the stall report)" if stopped
+                             else _no_traceback(exitcode)),
+                         "order": key})
+        rows.sort(key=lambda row: (row["order"], row["rank"]))
+        for row in rows:
+            del row["order"]
+        return rows
+
+    def outcome(self) -> dict[str, Any]:
+        """The failed job's outcome: its last attempt's rows, the attempt lines, the hang."""
+        attempt = self.last_failed
+        return {"ok": False, "failures": self.rows(attempt), "attempts": self.attempts,
+                "finished": sorted(self.records(attempt, "finished.json")),
+                "hang": self.hang.get(attempt), "machines": self.plan.max_machines}
+
+
+def _summary(row: Mapping[str, Any], hang: Mapping[str, Any] | None) -> str:
+    """One line for a failed attempt: the rank and what happened to it."""
+    if hang and hang.get("reason") == "stall":
+        return f"rank {hang['ranks'][0]} made no progress in a collective (stall timeout)"
+    if row.get("signal"):
+        return f"rank {row['rank']} was killed by signal {row['signal']} ({_signal_name(row['signal'])})"
+    last = (row.get("traceback") or "").strip().splitlines()
+    return f"rank {row['rank']} raised {last[-1]}" if last else (
+        f"rank {row['rank']} exited with code {row['exitcode']}")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _observe(watch: _Watch) -> None:
+    """Let ``watch`` look at the ranks before and after each of torch's health checks.
+
+    torch's agent has no hook for this; its ``_monitor_workers`` is the one place every
+    check passes through. This process is the agent's own, so the wrapper touches no user code.
+
+    Effects: replaces ``LocalElasticAgent._monitor_workers`` in this process.
+    """
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    original = LocalElasticAgent._monitor_workers
+
+    def monitor(agent: Any, group: Any) -> Any:
+        watch.before(agent, group)
+        result = original(agent, group)
+        watch.after(agent, group, result)
+        return result
+
+    LocalElasticAgent._monitor_workers = monitor  # type: ignore[method-assign]
 
 
 def _stdin_copy() -> int:
@@ -148,6 +338,15 @@ def _read_spec(source: str) -> dict[str, Any] | None:
             return dict(json.load(handle))
     except json.JSONDecodeError:
         return None
+
+
+def _start_error(error: BaseException, plan: LaunchPlan) -> str:
+    """The launcher's words for an error of torch's agent before any rank ran."""
+    text = f"{type(error).__name__}: {error}"
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        return (f"main_port must be free on machine 0, but port {plan.main_port} on "
+                f"{plan.main_address} is in use; pick another or use 0 (a free port).")
+    return f"torch's agent failed before the ranks started: {text}"
 
 
 def main(argv: Sequence[str]) -> int:
@@ -188,14 +387,19 @@ def main(argv: Sequence[str]) -> int:
     else:
         os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = saved
     entrypoint: Any = fork_entry if fork else command[0]
+    watch = _Watch(plan, spec["log_dir"], spec.get("call", "distlib launch"))
+    _observe(watch)
     outcome: dict[str, Any] = {"ok": True, "failures": []}
     try:
         args = [str(_stdin_copy()), *command[4:]] if fork else command[1:]
         elastic_launch(config, entrypoint)(*args)
-    except ChildFailedError as error:
-        outcome = {"ok": False, "failures": _failures(error, spec["log_dir"])}
+        outcome["attempts"] = watch.attempts
+    except ChildFailedError:
+        outcome = watch.outcome()
     except SignalException as error:
         outcome = {"ok": False, "failures": [], "signal": str(error.sigval.name)}
+    except Exception as error:
+        outcome = {"ok": False, "failures": [], "error": _start_error(error, plan)}
     tmp = spec["outcome"] + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(outcome, handle)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import runpy
 import sys
 import time
 import traceback
 from collections.abc import Sequence
+from types import FrameType
+from typing import Any
 
 __all__ = ["main"]
 
@@ -50,6 +53,39 @@ def is_secondary(exc: BaseException) -> bool:
     return any(sign in text for sign in _PEER_SIGNS)
 
 
+_TIMEOUT_SIGNS = re.compile(r"timed out|timeout|DistTimeoutError", re.IGNORECASE)
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """True when the exception says a wait ran out of time (a collective or the rendezvous)."""
+    return isinstance(exc, TimeoutError) or bool(
+        _TIMEOUT_SIGNS.search(f"{type(exc).__name__}: {exc}"))
+
+
+def _where(exc: BaseException) -> tuple[str, str]:
+    """Where the exception was raised, as `distlib.launch._hang.describe` words it."""
+    from distlib.launch._hang import describe
+
+    frames = [(f.filename, f.lineno or 0, f.name) for f in traceback.extract_tb(exc.__traceback__)]
+    return describe(frames)
+
+
+def _rank_folder() -> str | None:
+    """The folder torch's agent gave this rank (its error file's), where it leaves records."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    return os.path.dirname(path) if path else None
+
+
+def _note(name: str, data: dict[str, Any]) -> None:
+    """Leave a record (``start.json``, ``finished.json``) for the agent in the rank's folder."""
+    folder = _rank_folder()
+    if folder:
+        from distlib.launch._hang import write_json
+
+        with contextlib.suppress(OSError):
+            write_json(os.path.join(folder, name), data)
+
+
 def _record(exc: BaseException, rank: str | None = None) -> None:
     """Write the traceback in torch's error-file format (plus a precise timestamp)."""
     tb = exc.__traceback__
@@ -63,10 +99,14 @@ def _record(exc: BaseException, rank: str | None = None) -> None:
     if not path:
         sys.stderr.write(text)
         return
+    where, collective = _where(exc)
     data = {"message": {"message": f"{type(exc).__name__}: {exc}",
                         "extraInfo": {"py_callstack": text, "timestamp": str(int(time.time())),
                                       "distlib_time_ns": str(time.time_ns()),
                                       "distlib_secondary": is_secondary(exc),
+                                      "distlib_timeout": is_timeout(exc),
+                                      "distlib_where": where,
+                                      "distlib_collective": collective,
                                       "distlib_rank": rank or os.environ.get("RANK", "0"),
                                       "distlib_attempt": os.environ.get(
                                           "TORCHELASTIC_RESTART_COUNT", "0")}}}
@@ -155,6 +195,19 @@ def _run_xla_replicas(kind: str, rest: Sequence[str], replicas: str) -> int:
     return 0
 
 
+def _watch(rank: str) -> Any:
+    """Answer the launcher's stack requests; watch for stalls when it asked (see `_hang`)."""
+    folder = _rank_folder()
+    if not folder:
+        return None
+    from distlib.launch._hang import watch_rank
+
+    _note("start.json", {"rank": int(rank), "pid": os.getpid(),
+                         "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
+    stall = os.environ.get("DISTLIB_STALL_TIMEOUT")
+    return watch_rank(folder, rank, float(stall) if stall else None)
+
+
 def main(argv: Sequence[str]) -> int:
     """Run one rank's target; return its exit code."""
     die_with_parent()
@@ -162,14 +215,20 @@ def main(argv: Sequence[str]) -> int:
     replicas = os.environ.get("DISTLIB_XLA_REPLICAS")
     if replicas:
         return _run_xla_replicas(kind, rest, replicas)
+    # RANK is the agent's protocol with this bootstrap (user code reads it via detect()).
+    rank = os.environ.get("RANK", "0")
+    keep = _watch(rank)
     try:
-        # RANK is the agent's protocol with this bootstrap (user code reads it via detect()).
-        _run(kind, rest, os.environ.get("RANK", "0"))
-    except SystemExit:
+        _run(kind, rest, rank)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            _note("finished.json", {"rank": int(rank), "time_ns": time.time_ns()})
         raise
     except BaseException as exc:
         _record(exc)
         return 1
+    _note("finished.json", {"rank": int(rank), "time_ns": time.time_ns()})
+    del keep
     return 0
 
 
@@ -213,10 +272,42 @@ def fork_entry(stdin_fd: str, *argv: str) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     atexit._clear()  # the agent's handlers are not this rank's
     apply_threads(os.environ.get("OMP_NUM_THREADS"))
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # sys.exit(0) in the script is a finished rank too
+        if exc.code not in (0, None):
+            raise
+        code = 0
     atexit._run_exitfuncs()
     if code:
         raise SystemExit(code)
+    _leave_like_a_process()
+
+
+def _leave_like_a_process() -> None:
+    """End a finished forked rank now, as a spawned one ends when its script returns.
+
+    torch keeps a forked rank alive until every rank has finished (it waits on an event after
+    taking the return value), so a peer still waiting in a collective this rank never joins
+    would wait for the whole collective timeout. So: close the rank's process groups (their
+    sockets), hand torch the return value it waits for, and exit.
+
+    Effects: destroys this process's torch.distributed groups; may end the process.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(RuntimeError, ValueError):
+            dist.destroy_process_group()
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and not (  # torch's _wrap(), which called this rank's entry point
+            frame.f_code.co_name == "_wrap" and "ret_val_" in frame.f_locals):
+        frame = frame.f_back
+    if frame is None:
+        return  # another torch: let it end the process its own way
+    frame.f_locals["ret_val_"].put(None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ __all__ = ["DISTLIB_VARIABLES", "child_environ", "rank_threads"]
 # Every variable the launcher owns; inherited values of these are replaced or dropped.
 DISTLIB_VARIABLES = ("DISTLIB_LAUNCHED", "DISTLIB_STRATEGY", "DISTLIB_STRATEGY_OPTIONS",
                      "DISTLIB_PRECISION", "DISTLIB_CPU", "DISTLIB_DEBUG", "DISTLIB_TIMEOUT",
-                     "DISTLIB_XLA_REPLICAS")
+                     "DISTLIB_XLA_REPLICAS", "DISTLIB_STALL_TIMEOUT")
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -87,6 +87,8 @@ def child_environ(
                                                      sort_keys=True)
     if plan.collective_timeout_s is not None:
         env["DISTLIB_TIMEOUT"] = str(plan.collective_timeout_s)
+    if plan.stall_timeout_s is not None:  # read by the bootstrap's stall watcher
+        env["DISTLIB_STALL_TIMEOUT"] = str(plan.stall_timeout_s)
     if plan.gpu_ids is not None and plan.gpu_ids != "all":
         env["CUDA_VISIBLE_DEVICES"] = plan.gpu_ids
     if plan.strategy == "xla":

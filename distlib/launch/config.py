@@ -20,7 +20,7 @@ from typing import Any
 from distlib._slurm import expand_nodelist
 from distlib.errors import ConfigError
 from distlib.launch._accelerate_config import KeyNote, problems_message, translate_all
-from distlib.launch.plan import LaunchPlan, plan_launch
+from distlib.launch.plan import DEFAULT_TIMEOUT_S, LaunchPlan, plan_launch
 
 __all__ = ["SETTINGS", "ConfigFile", "KeyNote", "Setting", "default_config_path",
            "from_accelerate", "read_config", "read_config_data", "read_config_file", "resolve", "to_plan",
@@ -71,7 +71,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     _s("precision", str, "no", "mixed precision", ("no", "fp16", "bf16", "fp8")),
     _s("strategy", str, None, "how the model is distributed (default: ddp for several "
        "ranks, else single)", ("single", "ddp", "fsdp", "deepspeed", "xla")),
-    _s("timeout", int, None, "seconds a rendezvous or collective may wait (default 1800)"),
+    _s("timeout", int, None, "seconds the rendezvous and each collective may wait (default "
+       f"{DEFAULT_TIMEOUT_S})", minimum=1),
+    _s("stall_timeout", float, None, "seconds a rank may wait in one collective before the "
+       "job is stopped with a report of where every rank is (default: off, only --timeout)"),
     _s("start_method", str, "auto", "how Python ranks start: fork from the agent (fast, "
        "CPU only), spawn fresh interpreters, or auto (fork when no GPU is used)",
        ("auto", "fork", "spawn")),
@@ -426,7 +429,8 @@ def to_plan(resolved: Mapping[str, tuple[Any, str]]) -> LaunchPlan:
         max_restarts=v["max_restarts"], monitor_interval_s=v["monitor_interval"],
         cpu=v["cpu"], gpu_ids=v["gpu_ids"], precision=v["precision"], strategy=strategy,
         strategy_options=_strategy_options(v, strategy), debug=v["debug"],
-        collective_timeout_s=v["timeout"], start_method=v["start_method"],
+        collective_timeout_s=v["timeout"], stall_timeout_s=v["stall_timeout"],
+        start_method=v["start_method"],
         num_threads=v["num_threads"])
 
 

@@ -26,7 +26,7 @@ from distlib.launch.config import (
     to_plan,
     validate,
 )
-from distlib.launch.plan import LaunchPlan
+from distlib.launch.plan import DEFAULT_TIMEOUT_S, LaunchPlan
 
 __all__ = ["add_arguments", "add_setting_arguments", "dry_run_text", "resolve_config",
            "resolve_from_args", "run"]
@@ -115,7 +115,7 @@ def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
     derived = {"main_port": plan.main_port or "0 (a free port is picked at launch)",
                "nproc_per_node": plan.nproc_per_node or "visible GPUs, else 1",
                "strategy": "auto: ddp for several ranks, else single",
-               "timeout": "1800 s"}
+               "timeout": f"{DEFAULT_TIMEOUT_S} s", "stall_timeout": "off"}
     rows = []
     for name, (value, source) in resolved.items():
         if value is None and SETTINGS[name].group != "launch":
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, agent: Any) -> int:
     from distlib.launch._environ import child_environ
-    from distlib.launch.launcher import free_port, root_cause_message, run_plan
+    from distlib.launch.launcher import check_port, free_port, root_cause_message, run_plan
 
     resolved, config = resolve_config(args, os.environ)
     plan = to_plan(resolved)
@@ -173,19 +173,20 @@ def _run(args: argparse.Namespace, agent: Any) -> int:
     if args.dry_run:
         print(dry_run_text(resolved, plan, command, config, os.environ))
         return 0
+    check_port(plan)
     if plan.main_port == 0:
         plan = dataclasses.replace(plan, main_port=free_port())
     signal.signal(signal.SIGTERM, _raise_interrupt)
     with tempfile.TemporaryDirectory(prefix="distlib-launch-") as work_dir:
         try:
-            ok, failures, stopped = run_plan(plan, command, environ=child_environ(
-                os.environ, plan), work_dir=work_dir, agent=agent)
+            outcome = run_plan(plan, command, environ=child_environ(os.environ, plan),
+                               work_dir=work_dir, agent=agent, call="distlib launch")
         except KeyboardInterrupt:
             print("distlib launch: interrupted; every rank was stopped.", file=sys.stderr)
             return 130
-    if ok:
+    if outcome.ok:
         return 0
-    print(root_cause_message("distlib launch", failures, stopped, every_traceback=plan.debug),
-          file=sys.stderr)
-    codes = [f.exitcode for f in failures if f.exitcode > 0]
+    print(root_cause_message("distlib launch", outcome.failures, outcome.stopped_by,
+                             every_traceback=plan.debug, outcome=outcome), file=sys.stderr)
+    codes = [f.exitcode for f in outcome.failures if f.exitcode > 0]
     return codes[0] if codes else 1

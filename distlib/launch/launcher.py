@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import glob
 import json
 import os
 import shutil
@@ -29,8 +31,8 @@ from distlib.launch._environ import child_environ
 from distlib.launch._start import Agent, start_agent
 from distlib.launch.plan import LaunchPlan, plan_launch
 
-__all__ = ["Failure", "LaunchResult", "free_port", "launch", "launch_plan", "run_plan",
-           "start_agent"]
+__all__ = ["Failure", "LaunchResult", "Outcome", "check_port", "free_port", "launch",
+           "launch_plan", "root_cause_message", "run_plan", "start_agent"]
 
 _STOP_GRACE_S = 10.0
 
@@ -44,6 +46,29 @@ class Failure:
     traceback: str = ""
     message: str = ""
     secondary: bool = False  # it only reports a lost peer
+    timed_out: bool = False  # its exception says a wait ran out of time
+    signal: int = 0  # it was killed by this signal before the launcher stopped anything
+    where: str = ""  # where it raised: "train.py:50 waiting in all_reduce"
+    collective: str = ""  # the collective it was in when it raised, if any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """How a launch ended, as the agent saw it: the failures, root cause first, and context.
+
+    ``attempts`` has one line per failed attempt of a job with restarts; ``finished`` the
+    ranks whose target had returned; ``hang`` the report of a stall or timeout (its reason,
+    one line per rank, each live rank's stack); ``stopped_by`` a signal that stopped the job.
+    """
+
+    ok: bool
+    failures: tuple[Failure, ...] = ()
+    stopped_by: str = ""
+    attempts: tuple[str, ...] = ()
+    finished: tuple[int, ...] = ()
+    hang: Mapping[str, Any] | None = field(default=None, hash=False)
+    machines: int = 1
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,20 +114,94 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+_SIGNAL_HINTS = {"SIGKILL": "out of memory? (see `dmesg`)",
+                 "SIGSEGV": "a crash in native code (a C extension, a driver)",
+                 "SIGBUS": "a crash in native code (a C extension, a driver)",
+                 "SIGABRT": "a native abort (a failed check in C++ code)",
+                 "SIGTERM": "stopped from outside the launcher",
+                 "SIGINT": "stopped from outside the launcher"}
+
+
+def _signal_text(number: int) -> str:
+    """``9 (SIGKILL) — out of memory? (see `dmesg`)``: a signal, its name and its usual cause.
+
+    Example:
+        >>> _signal_text(11)
+        'signal 11 (SIGSEGV) — a crash in native code (a C extension, a driver)'
+    """
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+    hint = _SIGNAL_HINTS.get(name)
+    return f"signal {number} ({name})" + (f" — {hint}" if hint else "")
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def _hang_text(call: str, hang: Mapping[str, Any], root: Failure | None) -> str:
+    """The report of a stalled or timed-out job: why it ended, where each rank was, stacks."""
+    ranks = list(hang.get("ranks") or ([root.rank] if root else []))
+    lines = [f"  {line}" for line in hang.get("lines", ())]
+    if hang.get("reason") == "stall":
+        head = (f"{call}: {_ranks(ranks)} made no progress in a collective for "
+                f"{hang.get('seconds')} s (the stall timeout); every rank was stopped.")
+    elif hang.get("reason") == "launch timeout":
+        head = (f"{call}: the job must finish within timeout_s={hang.get('seconds')}, but it "
+                "was still running; every rank was stopped.")
+    else:
+        head = (f"{call}: {_ranks(ranks)} timed out waiting"
+                + (f" in {root.collective}" if root and root.collective else "")
+                + "; a timeout is a hang: the rank that timed out is usually not the cause.")
+    text = head + "\nWhere each rank was:\n" + "\n".join(lines) + "\n"
+    for rank, stack in sorted(dict(hang.get("stacks", {})).items(), key=lambda kv: int(kv[0])):
+        text += f"\nrank {rank} (most recent call last):\n{stack}\n"
+    if root is not None and root.traceback and hang.get("reason") == "timeout":
+        text += f"\nrank {root.rank}'s error:\n\n{root.traceback.rstrip()}\n"
+    return text
+
+
 def root_cause_message(call: str, failures: Sequence[Failure], signal_name: str = "", *,
-                       every_traceback: bool = False) -> str:
+                       every_traceback: bool = False, outcome: Outcome | None = None) -> str:
     """The text of a failed launch: the root cause's traceback once, the rest in one line
-    (or, with ``every_traceback``, each other rank's traceback after it)."""
+    (or, with ``every_traceback``, each other rank's traceback after it).
+
+    ``outcome`` adds what the agent saw: a rank killed by a signal, ranks that had finished
+    while a peer still waited, a hang report, one line per failed attempt.
+    """
     if signal_name:
         return f"{call}: the launch was stopped by {signal_name}; every rank was stopped."
+    if outcome is not None and outcome.error:
+        return f"{call}: {outcome.error}"
+    attempts = "".join(f"{call}: {line}\n" for line in (outcome.attempts if outcome else ()))
+    if outcome is not None and outcome.hang:
+        return attempts + _hang_text(call, outcome.hang, failures[0] if failures else None)
     if not failures:
-        return f"{call}: the launch failed without a rank failure (see the agent's output)."
+        return attempts + f"{call}: the launch failed without a rank failure (see the agent's output)."
     root, others = failures[0], failures[1:]
     detail = root.traceback.rstrip() or root.message
-    if root.secondary:
+    finished = [r for r in (outcome.finished if outcome else ()) if r != root.rank]
+    if root.signal:
+        text = (f"{call}: rank {root.rank} was killed by {_signal_text(root.signal)}; this "
+                "is the root cause (no Python traceback: the process was ended from outside "
+                "Python).\n")
+    elif root.secondary and finished:
+        waited = (f"{root.collective} at {root.where.split(' ')[0]}" if root.collective
+                  else "a collective")
+        text = (f"{call}: rank {root.rank} failed with exit code {root.exitcode} after losing "
+                f"a peer: {_ranks(finished)} had finished (its target returned) while rank "
+                f"{root.rank} still waited in {waited}, which {_ranks(finished)} never "
+                f"joined:\n\n{detail}\n")
+    elif root.secondary and (outcome is None or outcome.machines > 1):
         text = (f"{call}: rank {root.rank} failed with exit code {root.exitcode} after losing "
                 f"a peer; the root cause is on another machine (see its launcher):\n\n"
                 f"{detail}\n")
+    elif root.secondary:
+        text = (f"{call}: rank {root.rank} failed with exit code {root.exitcode} after losing "
+                "a peer, and no rank of this job said why (a peer that ended without a "
+                f"traceback, e.g. os._exit()):\n\n{detail}\n")
     else:
         text = (f"{call}: rank {root.rank} failed with exit code {root.exitcode}; this is the "
                 f"root cause:\n\n{detail}\n")
@@ -111,7 +210,32 @@ def root_cause_message(call: str, failures: Sequence[Failure], signal_name: str 
         text += f"\nAlso stopped or failed after it: {rest}."
     for other in others if every_traceback else ():
         text += f"\n\nrank {other.rank}:\n{(other.traceback or other.message).rstrip()}"
-    return text
+    return attempts + text
+
+
+def check_port(plan: LaunchPlan) -> None:
+    """Refuse a busy main port on the machine that hosts the rendezvous, before anything starts.
+
+    Raises:
+        LaunchError: ``plan.main_port`` is in use on ``plan.main_address`` (this machine).
+
+    Example:
+        >>> check_port(LaunchPlan(main_port=0))  # 0: a free port is picked later
+
+    Effects: binds and closes a socket (when this machine hosts the rendezvous).
+    """
+    if plan.main_port == 0 or plan.machine_rank != 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store binds
+        try:
+            sock.bind((plan.main_address, plan.main_port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return  # not an address of this machine (or not IPv4): the agent will tell
+            msg = (f"launch(): main_port must be free on machine 0, but port {plan.main_port} "
+                   f"on {plan.main_address} is in use; pick another or use 0 (a free port).")
+            raise LaunchError(msg) from None
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -125,41 +249,78 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def _collect_hang(log_dir: str, timeout_s: float | None) -> dict[str, Any]:
+    """Where each rank of the latest attempt is, asked before the job is stopped."""
+    from distlib.launch._hang import (
+        collect_stacks,
+        describe,
+        format_stack,
+        frames_of_stack,
+        hang_lines,
+    )
+
+    starts: dict[int, tuple[int, tuple[int, str]]] = {}
+    for path in glob.glob(os.path.join(log_dir, "*", "attempt_*", "*", "start.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            attempt, rank = int(data["attempt"]), int(data["rank"])
+            if rank not in starts or starts[rank][0] <= attempt:
+                starts[rank] = (attempt, (int(data["pid"]), os.path.dirname(path)))
+    stacks = collect_stacks({rank: where for rank, (_, where) in starts.items()})
+    info: dict[int, dict[str, Any]] = {}
+    texts: dict[str, str] = {}
+    for rank, text in stacks.items():
+        frames = frames_of_stack(text)
+        where, collective = describe(frames)
+        info[rank] = {"where": where, "collective": collective}
+        texts[str(rank)] = format_stack(frames)
+    return {"reason": "launch timeout", "lines": hang_lines(info), "stacks": texts,
+            "seconds": timeout_s}
+
+
 def run_plan(plan: LaunchPlan, command: Sequence[str], *, environ: Mapping[str, str],
              work_dir: str, timeout_s: float | None = None,
-             agent: Agent | None = None) -> tuple[bool, list[Failure], str]:
-    """Run the agent for ``plan`` and wait; return (ok, failures root cause first, signal).
+             agent: Agent | None = None, call: str = "launch()") -> Outcome:
+    """Run the agent for ``plan`` and wait; return how the job ended.
 
     ``environ`` becomes the agent's whole environment (the ranks inherit it). ``agent`` is
     one `start_agent` started earlier, else one is started here.
 
+    Raises:
+        LaunchError: the job ran past ``timeout_s`` (the message says where each rank was).
+
     Effects: starts the agent process (which starts the ranks); on timeout, Ctrl-C or
-    SIGTERM stops it and every rank before returning or re-raising.
+    SIGTERM stops it and every rank before returning or re-raising; on timeout it first asks
+    every rank for its Python stack.
     """
     outcome_path = os.path.join(work_dir, "outcome.json")
+    log_dir = os.path.join(work_dir, "logs")
     spec = {"plan": dataclasses.asdict(plan), "command": list(command),
-            "outcome": outcome_path, "log_dir": os.path.join(work_dir, "logs"),
-            "environ": dict(environ)}
+            "outcome": outcome_path, "log_dir": log_dir, "environ": dict(environ),
+            "call": call}
     agent = agent if agent is not None else start_agent(environ)
     proc = agent.process
     try:
         agent.send(json.dumps(spec).encode())
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        hang = _collect_hang(log_dir, timeout_s)
         _stop(proc)
-        msg = (f"launch(): the job must finish within timeout_s={timeout_s}, but it was still "
-               "running; every rank was stopped. Raise timeout_s, or look for a rank that "
-               "waits in a collective the others never reach.")
-        raise LaunchError(msg) from None
+        raise LaunchError(root_cause_message(call, [], outcome=Outcome(
+            ok=False, hang=hang))) from None
     except BaseException:
         _stop(proc)
         raise
     if not os.path.exists(outcome_path):
-        return False, [], f"agent exit code {proc.returncode}"
+        return Outcome(ok=False, stopped_by=f"agent exit code {proc.returncode}")
     with open(outcome_path, encoding="utf-8") as handle:
-        outcome = json.load(handle)
-    failures = [Failure(**f) for f in outcome["failures"]]
-    return bool(outcome["ok"]), failures, outcome.get("signal", "")
+        data = json.load(handle)
+    return Outcome(ok=bool(data["ok"]), failures=tuple(Failure(**f) for f in data["failures"]),
+                   stopped_by=data.get("signal", ""), attempts=tuple(data.get("attempts", ())),
+                   finished=tuple(data.get("finished", ())), hang=data.get("hang"),
+                   machines=int(data.get("machines", plan.max_machines)),
+                   error=data.get("error", ""))
 
 
 def _command(target: Any, args: Sequence[Any], work_dir: str) -> tuple[list[str], bool]:
@@ -231,6 +392,7 @@ def launch_plan(plan: LaunchPlan, target: Callable[..., Any] | str, *args: Any,
     Effects: as `launch`.
     """
     start = time.monotonic()
+    check_port(plan)
     if plan.main_port == 0:
         plan = dataclasses.replace(plan, main_port=free_port())
     base = dict(os.environ if environ is None else environ)
@@ -239,11 +401,12 @@ def launch_plan(plan: LaunchPlan, target: Callable[..., Any] | str, *args: Any,
     work_dir = tempfile.mkdtemp(prefix="distlib-launch-")
     try:
         command, returns = _command(target, args, work_dir)
-        ok, failures, stopped_by = run_plan(plan, command, environ=env, work_dir=work_dir,
-                                            timeout_s=timeout_s)
-        if not ok:
-            raise LaunchError(root_cause_message("launch()", failures, stopped_by,
-                                                 every_traceback=plan.debug))
+        outcome = run_plan(plan, command, environ=env, work_dir=work_dir,
+                           timeout_s=timeout_s)
+        if not outcome.ok:
+            raise LaunchError(root_cause_message("launch()", outcome.failures,
+                                                 outcome.stopped_by, every_traceback=plan.debug,
+                                                 outcome=outcome))
         values: dict[int, Any] = {}
         if returns:
             from distlib.launch._payload import loads

@@ -17,7 +17,12 @@ from distlib.errors import ConfigError, PrecisionError
 from distlib.precision import parse_precision
 from distlib.strategies.base import parse_strategy
 
-__all__ = ["RDZV_BACKENDS", "START_METHODS", "LaunchPlan", "parse_machines", "plan_launch"]
+__all__ = ["DEFAULT_TIMEOUT_S", "RDZV_BACKENDS", "START_METHODS", "LaunchPlan", "parse_machines",
+           "plan_launch"]
+
+# How long the rendezvous and each collective may wait, unless --timeout says otherwise (the
+# agent's rendezvous and `Env.timeout_s`, which the ranks' process groups use).
+DEFAULT_TIMEOUT_S = 1800
 
 RDZV_BACKENDS = ("static", "c10d")
 # How the agent starts Python ranks: "fork" reuses its imported torch (CPU-only machines),
@@ -31,6 +36,8 @@ class LaunchPlan:
 
     ``None`` means "not chosen": ``nproc_per_node=None`` is resolved by the agent (visible GPUs,
     else 1); ``precision``/``strategy`` left ``None`` let ``detect()`` pick in each rank;
+    ``stall_timeout_s`` ends the job with a report of where each rank is when a rank waits
+    that long in one collective; ``collective_timeout_s=None`` means `DEFAULT_TIMEOUT_S`.
     ``num_threads=None`` gives each rank ``OMP_NUM_THREADS`` when it is set, else the
     machine's cores shared among its CPU ranks (one thread per GPU rank, as torchrun).
 
@@ -56,6 +63,7 @@ class LaunchPlan:
     strategy_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     debug: bool = False
     collective_timeout_s: int | None = None
+    stall_timeout_s: float | None = None
     start_method: str = "auto"
     num_threads: int | None = None
 
@@ -68,6 +76,12 @@ class LaunchPlan:
         _check_int("max_restarts", self.max_restarts, 0)
         _check_int("collective_timeout_s", self.collective_timeout_s, 1, allow_none=True)
         _check_int("num_threads", self.num_threads, 1, allow_none=True)
+        if self.stall_timeout_s is not None and (
+                isinstance(self.stall_timeout_s, bool)
+                or not isinstance(self.stall_timeout_s, int | float)
+                or not 0 < self.stall_timeout_s < float("inf")):
+            _fail("stall_timeout_s", self.stall_timeout_s, "be a number of seconds > 0 "
+                  "(None: no stall detection)")
         if self.main_port > 65535:
             _fail("main_port", self.main_port, "be in 0..65535 (0 picks a free port)")
         if self.machine_rank >= self.max_machines:

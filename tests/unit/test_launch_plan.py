@@ -165,3 +165,100 @@ def test_a_malformed_omp_num_threads_is_refused_before_launch(value: str) -> Non
 def test_num_threads_must_be_a_positive_int(value: object) -> None:
     with pytest.raises(ConfigError, match="num_threads must be"):
         LaunchPlan(num_threads=value)  # type: ignore[arg-type]
+
+
+def test_one_timeout_default_for_rendezvous_and_collectives() -> None:
+    """Help, dry run, the agent's rendezvous and Env agree on one documented default."""
+    import argparse
+    from pathlib import Path
+
+    from distlib.env import Env
+    from distlib.launch import launch_command
+    from distlib.launch._agent import _launch_config
+    from distlib.launch.config import SETTINGS
+    from distlib.launch.plan import DEFAULT_TIMEOUT_S
+
+    assert f"(default {DEFAULT_TIMEOUT_S})" in SETTINGS["timeout"].help
+    assert Env.__dataclass_fields__["timeout_s"].default == DEFAULT_TIMEOUT_S
+    for backend in ("static", "c10d"):
+        configs = _launch_config(LaunchPlan(nproc_per_node=2, cpu=True, rdzv_backend=backend),
+                                 "/tmp", "fork").rdzv_configs
+        assert configs["timeout"] == DEFAULT_TIMEOUT_S
+        assert configs.get("join_timeout", DEFAULT_TIMEOUT_S) == DEFAULT_TIMEOUT_S
+    chosen = _launch_config(LaunchPlan(nproc_per_node=2, collective_timeout_s=7,
+                                       rdzv_backend="c10d"), "/tmp", "fork").rdzv_configs
+    assert chosen["timeout"] == chosen["join_timeout"] == 7
+    parser = argparse.ArgumentParser()
+    launch_command.add_arguments(parser)
+    args = parser.parse_args(["--cpu", "--num-processes", "2", "--dry-run", __file__])
+    resolved, config = launch_command.resolve_config(args, {})
+    text = launch_command.dry_run_text(resolved, launch_command.to_plan(resolved), ["x"],
+                                       config, {})
+    assert any(row.split()[:3] == ["timeout", str(DEFAULT_TIMEOUT_S), "s"]
+               for row in text.splitlines())
+    assert any(row.split()[:2] == ["stall_timeout", "off"] for row in text.splitlines())
+    docs = (Path(__file__).parents[2] / "docs" / "launch.md").read_text()
+    assert f"default {DEFAULT_TIMEOUT_S} s" in docs and "--stall-timeout S" in docs
+
+
+@pytest.mark.parametrize("value", [0, -1.5, float("inf"), float("nan"), True, "3"])
+def test_stall_timeout_must_be_positive_seconds(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"stall_timeout_s must be a number of seconds > 0 "
+                                          r"\(None: no stall detection\), but got"):
+        LaunchPlan(stall_timeout_s=value)  # type: ignore[arg-type]
+    plan = LaunchPlan(nproc_per_node=2, stall_timeout_s=2.5)
+    assert child_environ({}, plan)["DISTLIB_STALL_TIMEOUT"] == "2.5"
+    assert "DISTLIB_STALL_TIMEOUT" not in child_environ({"DISTLIB_STALL_TIMEOUT": "9"},
+                                                        LaunchPlan())
+
+
+def test_the_report_names_signals_finished_ranks_hangs_and_attempts() -> None:
+    from distlib.launch.launcher import Outcome
+
+    killed = Failure(rank=1, exitcode=-9, signal=9)
+    lost = Failure(rank=0, exitcode=1, traceback="Traceback...\nRuntimeError: Connection "
+                   "closed by peer\n", secondary=True, where="t.py:9 waiting in all_reduce",
+                   collective="all_reduce")
+    text = root_cause_message("x", [killed, lost], outcome=Outcome(ok=False))
+    assert text.startswith("x: rank 1 was killed by signal 9 (SIGKILL) — out of memory? "
+                           "(see `dmesg`); this is the root cause")
+    assert "another machine" not in text and "rank 0 (exit code 1)" in text
+    one = Outcome(ok=False, finished=(1,))
+    assert ("rank 1 had finished (its target returned) while rank 0 still waited in "
+            "all_reduce at t.py:9, which rank 1 never joined") in root_cause_message(
+                "x", [lost], outcome=one)
+    assert "another machine" not in root_cause_message("x", [lost], outcome=Outcome(ok=False))
+    assert "another machine" in root_cause_message("x", [lost], outcome=Outcome(
+        ok=False, machines=2))
+    hang = {"reason": "stall", "ranks": [0], "seconds": 2.0,
+            "lines": ["rank 0: t.py:9 waiting in all_reduce", "rank 1: t.py:4 in <module>"],
+            "stacks": {"1": '  File "t.py", line 4, in <module>'}}
+    text = root_cause_message("x", [lost], outcome=Outcome(ok=False, hang=hang,
+                                                          attempts=("attempt 1 of 2 failed",)))
+    assert text.splitlines()[:4] == [
+        "x: attempt 1 of 2 failed",
+        "x: rank 0 made no progress in a collective for 2.0 s (the stall timeout); every "
+        "rank was stopped.", "Where each rank was:", "  rank 0: t.py:9 waiting in all_reduce"]
+    assert 'rank 1 (most recent call last):\n  File "t.py", line 4' in text
+    assert root_cause_message("x", [], outcome=Outcome(ok=False, error="port busy")) == (
+        "x: port busy")
+
+
+def test_stacks_are_read_and_described() -> None:
+    from distlib.launch._hang import describe, frames_of_stack, hang_lines
+
+    dump = ("Thread 0x01 (most recent call first):\n"
+            '  File "/usr/lib/python3.11/threading.py", line 320 in wait\n\n'
+            "Current thread 0x02 (most recent call first):\n"
+            '  File "/v/torch/distributed/distributed_c10d.py", line 3252 in all_reduce\n'
+            '  File "/v/torch/distributed/c10d_logger.py", line 83 in wrapper\n'
+            '  File "/v/distlib/collectives.py", line 40 in reduce\n'
+            '  File "/w/train.py", line 50 in step\n'
+            '  File "/v/distlib/launch/_bootstrap.py", line 99 in main\n')
+    frames = frames_of_stack(dump)
+    assert frames[0][2] == "main" and frames[-1][2] == "all_reduce"
+    assert describe(frames) == ("train.py:50 waiting in all_reduce", "all_reduce")
+    assert describe(frames[:2])[1] == ""  # not in a collective
+    assert hang_lines({0: {"where": "a", "collective": "barrier"}, 1: {"where": "b"}})[-1] == (
+        "not in a collective while others wait: rank 1 (the likely cause)")
+    assert len(hang_lines({0: {"where": "a", "collective": "barrier"}})) == 1
