@@ -26,16 +26,17 @@ import pathlib
 import random
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from distlib.collectives import barrier
+from distlib import _checkpoint_folder as folders
+from distlib._checkpoint_folder import MANIFEST
+from distlib.collectives import barrier, gather_object
 from distlib.env import Env
 from distlib.errors import CheckpointError
 
 __all__ = ["MANIFEST", "load_state", "save_state"]
 
-MANIFEST = "distlib_state.json"
 FORMAT = 1
 _PLAIN = (int, float, str, bool, type(None))
 
@@ -201,15 +202,8 @@ def _quiet_single_process() -> Iterator[None]:
 
 
 def _swap_into_place(staging: pathlib.Path, path: pathlib.Path) -> None:
-    """Rename the finished staging folder to ``path``; the old checkpoint goes last."""
-    old = path.parent / f".{path.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(staging, path)
-    if old.exists():
-        shutil.rmtree(old)
+    """Rename the finished staging folder to ``path``; the last complete one goes last."""
+    folders.swap_into_place(staging, path)
 
 
 def _write_manifest(staging: pathlib.Path, manifest: Mapping[str, Any]) -> None:
@@ -240,11 +234,16 @@ def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathli
 
     Raises:
         CheckpointError: an object cannot be saved (its type, or an optimizer whose model is
-            not passed).
+            not passed); the disk cannot hold the new copy (checked before writing from the
+            tensors' sizes) or filled up while writing (the partial folder is then removed):
+            the message names the folder and the bytes needed and free. Every rank raises
+            when any rank's part failed.
 
     Effects: joins the process group; writes ``.<name>.partial`` beside ``path`` and renames
-    it to ``path`` when complete (the previous checkpoint is removed only after that). Under
-    XLA the model and optimizer tensors are copied to the CPU first (the graph runs).
+    it to ``path`` when complete (the previous checkpoint is removed only after that; a save
+    cut short at any point, any number of times in a row, leaves the last complete checkpoint
+    in ``path`` or ``.<name>.old``, where `load_state` finds it). Under XLA the model and
+    optimizer tensors are copied to the CPU first (the graph runs).
 
     Examples:
         >>> import torch, distlib as dl, tempfile, os
@@ -261,43 +260,115 @@ def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathli
     path = pathlib.Path(os.path.abspath(path))
     kinds = _classify(objects, call)
     staging = path.parent / f".{path.name}.partial"
-    if env.is_main:
-        if staging.exists():
-            shutil.rmtree(staging)
-        (staging / "rng").mkdir(parents=True)
-    barrier(env)
-    manifest = _save_parts(staging, env, objects, kinds, call)
-    import torch
+    state, small = _collect(objects, kinds, env, call)
+    needed = folders.tensor_bytes(state, small)
+    refusal = _prepare_staging(staging, path, needed) if env.is_main else None
+    refusals = [r for r in _exchange(env, refusal) if r is not None]
+    if refusals:
+        raise CheckpointError(refusals[0])
 
-    torch.save(_rng_state(), staging / "rng" / f"rank{env.rank}.pt")
-    barrier(env)
-    if env.is_main:
-        _write_manifest(staging, manifest)
-        _swap_into_place(staging, path)
-    barrier(env)
+    def write() -> dict[str, Any]:
+        import torch
+
+        manifest = _save_parts(staging, env, objects, kinds, state, small)
+        with open(staging / "rng" / f"rank{env.rank}.pt", "wb") as handle:
+            torch.save(_rng_state(), handle)
+        return manifest
+
+    manifest = _all_or_none(env, write, staging, path, needed)
+
+    def finish() -> None:
+        if env.is_main:
+            _write_manifest(staging, manifest)
+            _swap_into_place(staging, path)
+
+    _all_or_none(env, finish, staging, path, needed)
     return path
 
 
+def _prepare_staging(staging: pathlib.Path, path: pathlib.Path, needed: int) -> str | None:
+    """Main rank: clear a stale staging folder, check the free space, create the folder."""
+    folders.remove_folder(staging)
+    refusal = folders.space_refusal(staging, path, needed, "save_state()")
+    if refusal is None:
+        if not staging.parent.is_dir():
+            staging.parent.mkdir(parents=True)
+        staging.mkdir()
+        (staging / "rng").mkdir()
+    return refusal
+
+
+def _exchange(env: Env, value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order; the one sync point of each step of a save.
+
+    Under XLA objects cannot be exchanged: the ranks only wait for each other, and a rank's
+    failure is raised by that rank alone (the launcher then ends the job).
+    """
+    if env.backend == "xla":
+        barrier(env)
+        return [value]
+    return gather_object([value], env)
+
+
+def _all_or_none(env: Env, work: Callable[[], Any], staging: pathlib.Path, path: pathlib.Path,
+                 needed: int) -> Any:
+    """Run one step of a save on every rank; if any rank fails, every rank raises and the
+    partial folder is removed (a full disk is a `CheckpointError` that says so)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    result, own, failure = None, None, None
+    try:
+        result = work()
+    except (Exception, CheckpointException) as exc:  # DCP's error is a BaseException
+        own = exc
+        failure = folders.describe_failure(exc, env.rank, staging, needed)
+    failures = [f for f in _exchange(env, failure) if f is not None]
+    if not failures:
+        return result
+    if env.is_main:
+        with contextlib.suppress(OSError):
+            folders.remove_folder(staging)
+    full = [f for f in failures if f.disk_full]
+    if full:
+        msg = folders.disk_full_message(full[0], staging, path, needed, "save_state()")
+        raise CheckpointError(msg) from own
+    if own is not None:
+        raise own
+    msg = (f"save_state(): every rank must write its part of {staging}, but rank "
+           f"{failures[0].rank} failed ({failures[0].text}). See that rank's error; the partial "
+           "save was removed.")
+    raise CheckpointError(msg)
+
+
+def _collect(objects: Mapping[str, Any], kinds: Mapping[str, str], env: Env,
+             call: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The DCP state (models, optimizers) and the small state dicts rank 0 saves."""
+    state = _on_cpu(_dcp_state(objects, kinds, call), env)
+    small = {n: o.state_dict() for n, o in objects.items() if kinds[n] == "stateful"}
+    small |= {n: s.state_dict() for n, s in _scalers(objects, kinds).items()}
+    return state, small
+
+
 def _save_parts(staging: pathlib.Path, env: Env, objects: Mapping[str, Any],
-                kinds: Mapping[str, str], call: str) -> dict[str, Any]:
+                kinds: Mapping[str, str], state: Mapping[str, Any],
+                small: Mapping[str, Any]) -> dict[str, Any]:
     """Write every part but the RNG states and the manifest; return the manifest."""
     import torch
     from torch.distributed.checkpoint import state_dict_saver
 
     from distlib.strategies._handle import handle_of
 
-    state = _on_cpu(_dcp_state(objects, kinds, call), env)
     if state:
         with _quiet_single_process():
-            state_dict_saver.save(state, checkpoint_id=staging / "dcp", no_dist=not env.is_distributed)
+            state_dict_saver.save(dict(state), checkpoint_id=staging / "dcp",
+                                  no_dist=not env.is_distributed)
     for name, obj in objects.items():
         if kinds[name] == "engine":
             handle_of(obj).engine.save_checkpoint(  # type: ignore[union-attr]
                 str(staging / "deepspeed" / name), tag="state")
-    small = {n: o.state_dict() for n, o in objects.items() if kinds[n] == "stateful"}
-    small |= {n: s.state_dict() for n, s in _scalers(objects, kinds).items()}
     if env.is_main and small:
-        torch.save(small, staging / "objects.pt")
+        with open(staging / "objects.pt", "wb") as handle:
+            torch.save(dict(small), handle)
     return {
         "format": FORMAT,
         "world_size": env.world_size,
@@ -326,10 +397,10 @@ def _on_cpu(state: dict[str, Any], env: Env) -> dict[str, Any]:
 def _resolve(path: str | os.PathLike[str]) -> pathlib.Path:
     """The checkpoint folder to read: ``path``, or the previous one if a swap was cut short."""
     path = pathlib.Path(os.path.abspath(path))
-    old = path.parent / f".{path.name}.old"
-    if not (path / MANIFEST).exists() and (old / MANIFEST).exists():
+    old = folders.old_of(path)
+    if not folders.is_complete(path) and folders.is_complete(old):
         return old
-    if not (path / MANIFEST).exists():
+    if not folders.is_complete(path):
         why = ("it holds no " + MANIFEST + " (an unfinished save?)") if path.exists() \
             else "it does not exist"
         msg = (f"load_state(): path must be a checkpoint folder written by save_state, but got "
