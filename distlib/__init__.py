@@ -28,7 +28,7 @@ _EXPORTS: dict[str, str] = {
     "clip_grad_norm": "distlib.step", "seed": "distlib.step",
     "launch": "distlib.launch", "LaunchResult": "distlib.launch.launcher",
     "shard": "distlib.data", "split_between_processes": "distlib.data",
-    "ShardPlan": "distlib.data",
+    "ShardPlan": "distlib.data", "skip_first_batches": "distlib.data",
     **dict.fromkeys(("init_empty_weights", "init_on_device", "infer_device_map", "DeviceMap",
                      "load_checkpoint", "dispatch", "load_checkpoint_and_dispatch"),
                     "distlib.big_model"),
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
         pad_across_processes,
         reduce,
     )
-    from distlib.data import ShardPlan, shard, split_between_processes
+    from distlib.data import ShardPlan, shard, skip_first_batches, split_between_processes
     from distlib.env import Env, detect
     from distlib.export import save_model
     from distlib.launch.launcher import LaunchResult, launch  # the package is callable

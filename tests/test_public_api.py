@@ -18,7 +18,7 @@ DOCUMENTED = {
     # precision and the training step
     "Precision", "accumulate", "backward", "clip_grad_norm", "seed", "MicroStep", "autocast",
     # data
-    "shard", "split_between_processes", "ShardPlan",
+    "shard", "split_between_processes", "ShardPlan", "skip_first_batches",
     # collectives
     "gather", "gather_object", "gather_metrics", "pad_across_processes", "reduce",
     "broadcast", "broadcast_object", "barrier", "main_process_first",

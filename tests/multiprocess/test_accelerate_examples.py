@@ -63,3 +63,31 @@ def _cores() -> int:
 
     allowed = len(os.sched_getaffinity(0))
     return min(psutil.cpu_count(logical=False) or allowed, allowed)
+
+
+CKPT = ROOT / "examples" / "accelerate" / "checkpointing.py"
+
+
+def test_checkpointing_example_resumes_exactly(tmp_path: Path) -> None:
+    """Upstream's resume arithmetic (``resume_step // len(loader)``) on a run stopped mid-epoch:
+    the resumed steps equal the uninterrupted run's bitwise (dropout and shuffle included)."""
+    launch = [sys.executable, "-m", "distlib", "launch", "--cpu", "--num-processes", "2",
+              str(CKPT), "--epochs", "2", "--train-size", "160", "--eval-size", "20"]
+    steps_per_epoch = 160 // 16 // 2
+    environ = _environ(tmp_path)
+
+    def run(name: str, *extra: str) -> dict[str, list[object]]:
+        out = tmp_path / f"{name}.json"
+        subprocess.run([*launch, "--output", str(out), *extra], env=environ, check=True,
+                       timeout=TIMEOUT, cwd=ROOT, stdout=subprocess.DEVNULL)
+        return dict(json.loads(out.read_text()))
+
+    whole = run("whole")
+    stop = steps_per_epoch + 3  # mid-way through the second epoch
+    run("first", "--checkpointing_steps", "4", "--output_dir", str(tmp_path / "ckpt"),
+        "--stop_after", str(stop))
+    resumed = run("resumed", "--resume_from_checkpoint", str(tmp_path / "ckpt" / "step_8"))
+    assert len(whole["losses"]) == 2 * steps_per_epoch
+    assert [s for s, _ in resumed["losses"]] == list(range(9, 2 * steps_per_epoch + 1))
+    assert resumed["losses"] == whole["losses"][8:]
+    assert resumed["last_layer"] == whole["last_layer"]
