@@ -57,9 +57,15 @@ _TIMEOUT_SIGNS = re.compile(r"timed out|timeout|DistTimeoutError", re.IGNORECASE
 
 
 def is_timeout(exc: BaseException) -> bool:
-    """True when the exception says a wait ran out of time (a collective or the rendezvous)."""
-    return isinstance(exc, TimeoutError) or bool(
-        _TIMEOUT_SIGNS.search(f"{type(exc).__name__}: {exc}"))
+    """True when torch.distributed says a wait ran out of time (a collective, the rendezvous).
+
+    A timeout of the user's own code (an HTTP request) is an ordinary failure: only an
+    exception raised through torch.distributed counts.
+    """
+    if not _TIMEOUT_SIGNS.search(f"{type(exc).__name__}: {exc}"):
+        return False
+    inside = os.path.join("torch", "distributed", "")
+    return any(inside in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
 
 
 def _where(exc: BaseException) -> tuple[str, str]:

@@ -155,6 +155,9 @@ def _hang_text(call: str, hang: Mapping[str, Any], root: Failure | None) -> str:
         head = (f"{call}: {_ranks(ranks)} timed out waiting"
                 + (f" in {root.collective}" if root and root.collective else "")
                 + "; a timeout is a hang: the rank that timed out is usually not the cause.")
+    if not lines:
+        lines = ["  (no rank answered with its Python stack: --no-python programs, or ranks "
+                 "that had already ended)"]
     text = head + "\nWhere each rank was:\n" + "\n".join(lines) + "\n"
     for rank, stack in sorted(dict(hang.get("stacks", {})).items(), key=lambda kv: int(kv[0])):
         text += f"\nrank {rank} (most recent call last):\n{stack}\n"
@@ -185,8 +188,7 @@ def root_cause_message(call: str, failures: Sequence[Failure], signal_name: str 
     finished = [r for r in (outcome.finished if outcome else ()) if r != root.rank]
     if root.signal:
         text = (f"{call}: rank {root.rank} was killed by {_signal_text(root.signal)}; this "
-                "is the root cause (no Python traceback: the process was ended from outside "
-                "Python).\n")
+                "is the root cause (a signal ends a process without a Python traceback).\n")
     elif root.secondary and finished:
         waited = (f"{root.collective} at {root.where.split(' ')[0]}" if root.collective
                   else "a collective")

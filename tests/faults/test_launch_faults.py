@@ -10,8 +10,9 @@ Each test runs ``distlib launch`` (2 gloo ranks on 127.0.0.1, short timeouts) on
   and the report names the finished rank and the collective rank 0 waited in (item 6).
 - ``attempts``: with --max-restarts, one line per failed attempt, and the last attempt's
   root cause (a signal, where the first attempt raised) (item 8).
-- ``hang``: rank 1 sleeps while rank 0 waits in an all_reduce; --stall-timeout, --timeout
-  and ``launch(timeout_s=)`` each end the job with each rank's place (item 7).
+- ``hang``: rank 1 sleeps while rank 0 waits in an all_reduce (``hang-distlib``: in
+  ``distlib.reduce``); --stall-timeout, --timeout and ``launch(timeout_s=)`` each end the job
+  with each rank's place (item 7); a TimeoutError of the script's own is no hang.
 - a busy main port is refused by name (item 10, launcher side).
 """
 
@@ -65,6 +66,13 @@ FAULTS = textwrap.dedent("""
             dist.all_reduce(t)  # WAIT-LINE
         else:
             time.sleep(600)  # SLEEP-LINE
+    if fault == "hang-distlib":  # in distlib's own collective: the user's line is named
+        if env.rank == 0:
+            distlib.reduce(t, env)  # DISTLIB-LINE
+        else:
+            time.sleep(600)
+    if fault == "user-timeout" and env.rank == 1:
+        raise TimeoutError("the script's own request timed out")
     dist.barrier()
 """)
 
@@ -177,6 +185,15 @@ def test_a_stall_or_a_timeout_reports_where_each_rank_is(work: Path) -> None:
     _no_rank_left(work / "stall")
 
     start = time.monotonic()
+    mine = _start(work, "--stall-timeout", "2", "faults.py", "hang-distlib", tag="in-distlib")
+    code, err, elapsed = _finish(mine, start)
+    assert code != 0, err
+    assert re.search(rf"  rank 0: faults\.py:{_line('DISTLIB-LINE')} waiting in \w+ "
+                     r"\(collective #\d+; no progress for 2\.0 s\)", err), err
+    assert "not in a collective while others wait: rank 1 (the likely cause)" in err, err
+    assert elapsed < 45, elapsed
+
+    start = time.monotonic()
     timeout = _start(work, "--timeout", "3", "faults.py", "hang", tag="timeout")
     code, err, elapsed = _finish(timeout, start)
     assert code != 0, err
@@ -185,6 +202,15 @@ def test_a_stall_or_a_timeout_reports_where_each_rank_is(work: Path) -> None:
     assert "Timed out waiting 3000ms" in err  # rank 0's own error, after the places
     assert elapsed < 45, elapsed
     _no_rank_left(work / "timeout")
+
+
+def test_a_timeout_in_the_scripts_own_code_is_an_ordinary_failure(work: Path) -> None:
+    proc = _start(work, "faults.py", "user-timeout")
+    code, err, _ = _finish(proc, time.monotonic())
+    assert code == 1, err
+    assert "distlib launch: rank 1 failed with exit code 1; this is the root cause" in err, err
+    assert "TimeoutError: the script's own request timed out" in err
+    assert "Where each rank was" not in err
 
 
 def test_launch_timeout_s_reports_where_each_rank_is(work: Path,
