@@ -11,7 +11,11 @@ saves checkpoint 1 (about 0.8 MB), then:
 - the filler removed: the save goes through.
 
 The child reports each outcome (message, time to the error, the folder listing, what loads)
-and the test asserts on it. Skipped, with the reason, where mount namespaces are refused.
+and the test asserts on it. A second test runs two ranks through ``distlib launch`` on a 2 MiB
+tmpfs: a model too big is refused on both ranks with the same message; when rank 1 fills the
+disk while writing its part, both ranks raise the same disk-full `CheckpointError` (no rank
+is left waiting), the partial folder is gone and the last checkpoint loads on both. Skipped,
+with the reason, where mount namespaces are refused.
 """
 
 from __future__ import annotations
@@ -206,3 +210,99 @@ def test_a_full_disk_is_a_named_error_and_keeps_the_last_checkpoint(
     assert report["room_again"]["listing"] == ["ckpt"]
     assert report["after_room"] == {"step": 5, "weight": 5.0, "moments": 2}
     print({k: round(v["seconds"], 3) for k, v in report.items() if "seconds" in v})
+
+
+RANKS = textwrap.dedent(r'''
+    import json, os, pathlib, sys, time
+    import torch, distlib as dl
+    from distlib.errors import CheckpointError
+
+    disk, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+    env = dl.detect()
+    fill = {"suffix": None}
+
+    def fill_disk(event, args):
+        """Another writer fills the disk when this rank opens a file ending in fill['suffix']."""
+        if event == "open" and fill["suffix"] and str(args[0]).endswith(fill["suffix"]):
+            fill["suffix"] = None
+            try:
+                with open(disk / "filler", "ab", buffering=0) as handle:
+                    while True:
+                        handle.write(b"\0" * 4096)
+            except OSError:
+                pass
+
+    sys.addaudithook(fill_disk)
+
+    def build(width, value):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(width, width)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model, optimizer = dl.wrap(model, env, optimizer=optimizer)
+        dl.backward(model(torch.ones(1, width)).sum(), model)
+        optimizer.step()
+        with torch.no_grad():
+            dl.unwrap(model).weight.fill_(value)
+        return model, optimizer
+
+    def attempt(width, value, step):
+        model, optimizer = build(width, value)
+        start = time.perf_counter()
+        try:
+            dl.save_state(disk / "ckpt", env, model=model, optimizer=optimizer, step=step)
+            error = None
+        except CheckpointError as exc:
+            error = str(exc)
+        seconds = time.perf_counter() - start
+        dl.barrier(env)
+        return {"error": error, "seconds": seconds,
+                "listing": sorted(p.name for p in disk.iterdir())}
+
+    def loads(width):
+        model, optimizer = build(width, 0.0)
+        step = dl.load_state(disk / "ckpt", env, model=model, optimizer=optimizer)["step"]
+        return [step, float(dl.unwrap(model).weight[0, 0])]
+
+    report = {"first": attempt(128, 1.0, 1), "too_big": attempt(1024, 2.0, 2)}
+    report["after_too_big"] = loads(128)
+    if env.rank == 1:
+        fill["suffix"] = f"rank{env.rank}.pt"  # its RNG file, after the sharded tensors
+    report["filled_by_rank1"] = attempt(128, 3.0, 3)
+    report["after_fill"] = loads(128)
+    if env.is_main:
+        (disk / "filler").unlink()
+    dl.barrier(env)
+    report["room_again"] = attempt(128, 4.0, 4)
+    report["after_room"] = loads(128)
+    (out / f"rank{env.rank}.json").write_text(json.dumps(report))
+''')
+
+
+@pytest.mark.multiprocess
+def test_a_full_disk_on_one_rank_fails_the_save_on_every_rank(tmp_path: pathlib.Path) -> None:
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
+    command = [sys.executable, "-m", "distlib", "launch", "--cpu", "--num-processes", "2",
+               str(script), str(tmp_path / "disk"), str(tmp_path)]
+    done = run_on_tmpfs(tmp_path, 2 * MIB, command, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, report in enumerate(reports):
+        assert report["first"]["error"] is None, (rank, report["first"])
+        assert report["too_big"]["error"].startswith(
+            "save_state(): the disk must have room for the new checkpoint"), rank
+        assert report["too_big"]["listing"] == ["ckpt"]
+        text = report["filled_by_rank1"]["error"]
+        assert text is not None and "but it was full while rank " in text, (rank, text)
+        assert "The partial save was removed" in text, (rank, text)
+        assert report["filled_by_rank1"]["listing"] == ["ckpt", "filler"], (rank, report)
+        assert report["after_too_big"] == report["after_fill"] == [1, 1.0], rank
+        assert report["room_again"]["error"] is None and report["after_room"] == [4, 4.0], rank
+        assert report["room_again"]["listing"] == ["ckpt"], rank
+    assert reports[0]["too_big"]["error"] == reports[1]["too_big"]["error"]
+    assert reports[0]["filled_by_rank1"]["error"] == reports[1]["filled_by_rank1"]["error"]
+    # rank 1 fills the disk as it opens its RNG file; rank 0 writes its own at about the same
+    # moment, so the first rank that found the disk full is either (named in rank order).
+    assert re.search(r"full while rank [01] wrote", reports[1]["filled_by_rank1"]["error"])
+    print({case: [round(r[case]["seconds"], 3) for r in reports]
+           for case in ("too_big", "filled_by_rank1")})
