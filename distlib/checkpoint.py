@@ -35,7 +35,7 @@ from distlib.collectives import barrier, gather_object
 from distlib.env import Env
 from distlib.errors import CheckpointError
 
-__all__ = ["MANIFEST", "load_state", "save_state"]
+__all__ = ["MANIFEST", "is_checkpoint", "load_state", "save_state"]
 
 FORMAT = 1
 _PLAIN = (int, float, str, bool, type(None))
@@ -392,6 +392,32 @@ def _on_cpu(state: dict[str, Any], env: Env) -> dict[str, Any]:
     from distlib import _xla
 
     return _xla.to_cpu(state)  # type: ignore[no-any-return]
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether `load_state` finds a complete checkpoint at ``path``: resume or start afresh.
+
+    True also when a save was killed between its two renames: the last complete checkpoint
+    then waits in ``.<name>.old``, where `load_state` reads it (testing for the manifest in
+    ``path`` alone would start the job afresh and lose it).
+
+    Args:
+        path: the checkpoint folder passed to `save_state`.
+
+    Returns:
+        True when ``path`` or ``.<name>.old`` beside it holds a finished checkpoint.
+
+    Examples:
+        >>> import torch, distlib as dl, tempfile, os
+        >>> folder = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> is_checkpoint(folder)
+        False
+        >>> _ = dl.save_state(folder, dl.Env(), model=torch.nn.Linear(2, 2), step=1)
+        >>> is_checkpoint(folder)
+        True
+    """
+    path = pathlib.Path(os.path.abspath(path))
+    return folders.is_complete(path) or folders.is_complete(folders.old_of(path))
 
 
 def _resolve(path: str | os.PathLike[str]) -> pathlib.Path:

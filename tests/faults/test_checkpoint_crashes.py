@@ -33,6 +33,7 @@ import pytest
 DRIVER = textwrap.dedent(r'''
     import hashlib, json, os, pathlib, shutil, signal, sys
     import torch, distlib as dl
+    from distlib.checkpoint import is_checkpoint
 
     root = pathlib.Path(sys.argv[1])
     ENV = dl.Env()
@@ -102,7 +103,8 @@ DRIVER = textwrap.dedent(r'''
         except Exception as exc:
             return {"error": f"{type(exc).__name__}: {exc}"}
         return {"step": values["step"], "weight": model.weight.tolist(),
-                "bias": model.bias.tolist(), "moments": len(optimizer.state)}
+                "bias": model.bias.tolist(), "moments": len(optimizer.state),
+                "found": is_checkpoint(folder)}
 
     def signature(scenario):
         """What a load and a later save can depend on: every file's place and bytes (DCP's
@@ -174,7 +176,8 @@ def test_two_kills_in_a_row_at_every_step_boundary_keep_the_last_checkpoint(
         expected = 3 if c else 2 if b else 1
         after = r["after"]
         if after.get("step") != expected or after.get("weight") != [[float(expected)] * 3] * 2 \
-                or after.get("bias") != [-float(expected)] * 2 or after.get("moments") != 2:
+                or after.get("bias") != [-float(expected)] * 2 or after.get("moments") != 2 \
+                or after.get("found") is not True:  # is_checkpoint agrees: resume, not afresh
             bad.append((r["k"], r["j"], expected, after))
     assert not bad, f"{len(bad)} of {len(results)} kill pairs lost the last checkpoint: {bad[:5]}"
     for r in results:  # an uninterrupted save afterwards cleans up everything
