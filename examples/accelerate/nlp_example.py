@@ -74,8 +74,8 @@ def training_function(config: dict[str, float], args: argparse.Namespace) -> dic
             references.append(refs)
         metric = accuracy_f1(torch.cat(predictions), torch.cat(references))
         metrics.append(metric)
-        if env.is_main:                                                  # accelerator.print
-            print(f"epoch {epoch}:", {k: round(v, 4) for k, v in metric.items()}, flush=True)
+        dl.main_print(env, f"epoch {epoch}:",                            # dl  accelerator.print
+                      {k: round(v, 4) for k, v in metric.items()}, flush=True)
     result = {"losses": losses, "metrics": metrics, "seconds": time.perf_counter() - start,
               "threads": torch.get_num_threads(), "world_size": env.world_size}
     if args.output and env.is_main:
