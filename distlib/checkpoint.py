@@ -234,7 +234,8 @@ def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathli
 
     Raises:
         CheckpointError: an object cannot be saved (its type, or an optimizer whose model is
-            not passed); the disk cannot hold the new copy (checked before writing from the
+            not passed); ``path`` is a file, or a folder holding files but no checkpoint
+            (a save replaces the folder whole); the disk cannot hold the new copy (checked before writing from the
             tensors' sizes) or filled up while writing (the partial folder is then removed):
             the message names the folder and the bytes needed and free. Every rank raises
             when any rank's part failed.
@@ -258,6 +259,7 @@ def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathli
     initialize(env)
     call = "save_state()"
     path = pathlib.Path(os.path.abspath(path))
+    _refuse_foreign(path)
     kinds = _classify(objects, call)
     staging = path.parent / f".{path.name}.partial"
     state, small = _collect(objects, kinds, env, call)
@@ -284,6 +286,22 @@ def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathli
 
     _all_or_none(env, finish, staging, path, needed)
     return path
+
+
+def _refuse_foreign(path: pathlib.Path) -> None:
+    """A save replaces ``path`` whole: refuse a file, or a folder that holds something else."""
+    if path.is_dir() and not folders.is_complete(path):
+        held = sorted(p.name for p in path.iterdir())
+        if held:
+            msg = (f"save_state(): path must be a checkpoint folder, an empty folder or a new "
+                   f"path, but got {str(path)!r}, which holds other files ({held[:5]}"
+                   f"{' ...' if len(held) > 5 else ''}). A save replaces the folder as a whole: "
+                   "pick a folder of its own, e.g. os.path.join(output_dir, 'checkpoint').")
+            raise CheckpointError(msg)
+    elif path.exists() and not path.is_dir():
+        msg = (f"save_state(): path must be a folder or a new path, but got {str(path)!r}, "
+               "which is a file. Pick another name for the checkpoint folder.")
+        raise CheckpointError(msg)
 
 
 def _prepare_staging(staging: pathlib.Path, path: pathlib.Path, needed: int) -> str | None:

@@ -201,3 +201,30 @@ def test_two_kills_in_a_row_at_every_step_boundary_keep_the_last_checkpoint(
         r"os\.rename \S+/ckpt -> \S+/\.ckpt\.old", r["ops"][0][-1]) and not any(r["committed"])]
     assert moved, "no first save was killed between the two renames of its swap"
     print(f"{len(results)} kill pairs ({states} distinct folder states) in {seconds:.1f} s")
+
+
+def test_a_save_never_replaces_what_is_not_a_checkpoint(tmp_path: pathlib.Path) -> None:
+    """A save swaps the whole folder, so a folder of other files (an Accelerate-style output
+    dir) or a file at the path is refused, named, and left as it was."""
+    import torch
+
+    import distlib as dl
+    from distlib.errors import CheckpointError
+
+    env = dl.Env()
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    (outputs / "train.log").write_text("epoch 1\n")
+    with pytest.raises(CheckpointError, match=r"outputs', which holds other files "
+                       r"\(\['train\.log'\]\)\. A save replaces the folder as a whole"):
+        dl.save_state(outputs, env, model=torch.nn.Linear(2, 2), step=1)
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match=r"notes\.txt', which is a file"):
+        dl.save_state(tmp_path / "notes.txt", env, model=torch.nn.Linear(2, 2), step=1)
+    assert (outputs / "train.log").read_text() == "epoch 1\n"
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "outputs"]
+    (tmp_path / "empty").mkdir()  # an empty folder, or a checkpoint, is replaced as before
+    for _ in range(2):
+        dl.save_state(tmp_path / "empty", env, model=torch.nn.Linear(2, 2), step=1)
+    assert dl.load_state(tmp_path / "empty", env) == {"step": 1}
