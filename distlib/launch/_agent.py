@@ -155,12 +155,15 @@ class _Watch:
             self._diagnose(attempt, group)
 
     def _diagnose(self, attempt: int, group: Any) -> None:
+        failed = any(code != 0 for (a, _), code in self.exits.items() if a == attempt)
+        if not failed and self.plan.stall_timeout_s is None:
+            return  # nothing to look at: no rank ended badly, no stall watcher runs
         folders = self.folders(attempt)
         ranks = {int(w.global_rank): (int(w.id or 0), folders.get(int(w.local_rank), ""))
                  for w in group.workers}
         stalls = [_read(os.path.join(f, "stall.json")) for _, f in ranks.values() if f]
         stalls = [s for s in stalls if s]
-        errors = self.records(attempt, "error.json")
+        errors = self.records(attempt, "error.json") if failed or stalls else {}
         timeouts = [r for r, info in errors.items() if info.get("distlib_timeout")
                     and (attempt, r) in self.exits]
         if not stalls and not timeouts:
