@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,15 +138,31 @@ _STRATEGY_OPTION = {
 }
 
 
-def default_config_path(environ: Mapping[str, str]) -> str:
+def default_config_path(environ: Mapping[str, str], *, writing: bool = False) -> str:
     """``$DISTLIB_CONFIG_FILE``, else ``${XDG_CACHE_HOME:-~/.cache}/distlib/default_config.yaml``.
+
+    A ``DISTLIB_CONFIG_FILE`` that names no file is an error (a typo there would otherwise
+    launch with none of its settings), unless ``writing`` (``distlib config`` creates it).
+    The cache path is returned whether or not a file is there.
+
+    Raises:
+        ConfigError: ``DISTLIB_CONFIG_FILE`` names no file and ``writing`` is False.
 
     Example:
         >>> default_config_path({"XDG_CACHE_HOME": "/c"})
         '/c/distlib/default_config.yaml'
+
+    Effects: looks at the file system when ``DISTLIB_CONFIG_FILE`` is set.
     """
     if environ.get("DISTLIB_CONFIG_FILE"):
-        return environ["DISTLIB_CONFIG_FILE"]
+        path = environ["DISTLIB_CONFIG_FILE"]
+        if not writing and not os.path.isfile(path):
+            why = "a folder" if os.path.isdir(path) else "no file"
+            msg = (f"config file: DISTLIB_CONFIG_FILE must name an existing file, but got "
+                   f"DISTLIB_CONFIG_FILE={path!r}, which is {why}. Fix the path, write the file "
+                   "with `distlib config`, or unset the variable.")
+            raise ConfigError(msg)
+        return path
     home = environ.get("HOME") or os.path.expanduser("~")
     cache = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     return os.path.join(cache, "distlib", "default_config.yaml")
@@ -255,7 +271,8 @@ def read_config(path: str) -> ConfigFile:
     """Read a distlib or Accelerate YAML config file, keeping a note for every key.
 
     Raises:
-        ConfigError: the file is missing or not YAML; or, all listed at once, every unknown
+        ConfigError: the file is missing, not UTF-8, not YAML, or holds a key twice (at any
+            level; YAML would keep the last silently); or, all listed at once, every unknown
             key, every key distlib cannot honour and every bad value, each named as written.
 
     Effects: reads the file.
@@ -295,7 +312,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     """Read a distlib or Accelerate YAML config file into validated distlib settings.
 
     Raises:
-        ConfigError: the file is missing, not YAML, or has wrong keys, types or values.
+        ConfigError: the file is missing, not UTF-8, not YAML, holds a key twice, or has
+            wrong keys, types or values.
 
     Effects: reads the file.
     """
@@ -306,12 +324,22 @@ def _load_yaml(path: str, where: str) -> dict[str, Any] | None:
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+        with open(path, "rb") as handle:
+            raw = handle.read()
     except OSError as error:
         msg = (f"{where}: the file must be readable, but got {error.strerror}. Write one with "
                "`distlib config` or pass --config-file.")
         raise ConfigError(msg) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        msg = (f"{where}: the file must be UTF-8 text, but got byte "
+               f"0x{raw[error.start]:02x} at offset {error.start} (line {line}). Save it as "
+               "UTF-8 (an editor's 'encoding' setting, or `iconv -t utf-8`).")
+        raise ConfigError(msg) from None
+    try:
+        data = yaml.load(text, Loader=_unique_keys_loader(where))  # a SafeLoader subclass
     except yaml.YAMLError as error:
         msg = f"{where}: the file must be YAML, but got a parse error: {error}"
         raise ConfigError(msg) from None
@@ -320,6 +348,31 @@ def _load_yaml(path: str, where: str) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise _bad(where, "<top level>", data, "be a mapping of key: value")
     return data
+
+
+def _unique_keys_loader(where: str) -> type:
+    """A `yaml.SafeLoader` that refuses a key written twice in one mapping (at any depth)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults` may override keys, as YAML intends
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if not isinstance(key, Hashable):
+                    break  # yaml's own error names an unhashable key
+                if key in lines:
+                    msg = (f"{where}: each key must appear once in a mapping, but got "
+                           f"{key!r} twice (lines {lines[key]} and {line}); YAML would keep "
+                           "the last silently. Delete the one you do not mean.")
+                    raise ConfigError(msg)
+                lines[key] = line
+            return dict(super().construct_mapping(node, deep=deep))
+
+    return UniqueKeys
 
 
 def _looks_like_accelerate(data: Mapping[str, Any]) -> bool:

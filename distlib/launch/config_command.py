@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     """Write the config file and say where."""
     from distlib.env import probe_hardware
 
-    path = args.config_file or default_config_path(os.environ)
+    path = args.config_file or default_config_path(os.environ, writing=True)
     num_gpus = probe_hardware().num_gpus
     if args.action == "default":
         values = default_config(num_gpus)
