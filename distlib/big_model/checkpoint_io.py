@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from distlib.big_model.device_map import DeviceMap
+from distlib.big_model.device_map import DeviceMap, check_devices_exist, visible_devices
 from distlib.big_model.sizes import TensorInfo, dtype_name, keep_in_fp32_of
 from distlib.errors import CheckpointError
 
@@ -485,6 +485,7 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
 
     Raises:
         CheckpointError: the files are missing, corrupt, unsafe or do not match the model.
+        DeviceMapError: ``device_map`` names a GPU (or MPS) this machine does not have.
 
     Effects: reads the files; moves tensors to devices; may write ``offload_folder``; sets the
     model's parameters and buffers and its ``distlib_offload`` attribute.
@@ -515,6 +516,8 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
                "Is this the checkpoint of another model or another config?")
         raise CheckpointError(msg)
     dmap = None if device_map is None else DeviceMap.of(device_map)
+    if dmap is not None:
+        check_devices_exist(dmap, *visible_devices(), source="load_checkpoint()")
     _stream_into(model, reader, expected, groups, dmap, _resolve_dtype(dtype),
                  keep_in_fp32_of(model, keep_in_fp32_modules), offload_folder, progress, copy)
     return model

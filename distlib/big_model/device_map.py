@@ -20,8 +20,9 @@ from typing import Any
 from distlib.big_model.sizes import Layout, coerce_layout, keep_in_fp32_of, module_sizes, parse_size
 from distlib.errors import DeviceMapError
 
-__all__ = ["MODES", "Device", "DeviceMap", "balanced_budgets", "hardware_budgets",
-           "infer_device_map", "normalize_budgets", "normalize_device", "plan_layout"]
+__all__ = ["MODES", "Device", "DeviceMap", "balanced_budgets", "check_devices_exist",
+           "hardware_budgets", "infer_device_map", "normalize_budgets", "normalize_device",
+           "plan_layout", "visible_devices"]
 
 Device = int | str
 MODES = ("sequential", "auto", "balanced", "balanced_low_0")
@@ -124,6 +125,44 @@ class DeviceMap:
             probe = probe.rpartition(".")[0]
 
 
+def check_devices_exist(device_map: DeviceMap, num_gpus: int, mps: bool = False, *,
+                        source: str) -> None:
+    """Refuse a map that sends weights to a GPU (or MPS) the machine does not have.
+
+    Args:
+        device_map: the map about to be applied.
+        num_gpus: how many GPUs this process sees (`visible_devices`, or made up in tests).
+        mps: whether Apple's MPS device exists.
+        source: the call, quoted first in the error.
+
+    Raises:
+        DeviceMapError: naming the entry, its device and the GPUs there are.
+
+    Examples:
+        >>> check_devices_exist(DeviceMap.of({"a": 1, "b": "cpu"}), 2, source="dispatch()")
+        >>> check_devices_exist(DeviceMap.of({"a": "cuda:7"}), 2, source="dispatch()")
+        Traceback (most recent call last):
+        ...
+        distlib.errors.DeviceMapError: dispatch(): device_map must name devices this machine has, but got 'cuda:7' for 'a', and it has 2 GPUs (cuda:0 to cuda:1). ...
+    """
+    gpus = num_gpus
+    wrong = [(name, d) for name, d in device_map.entries
+             if (isinstance(d, int) and d >= gpus) or (d == "mps" and not mps)]
+    if not wrong:
+        return
+    name, device = wrong[0]
+    shown = f"cuda:{device}" if isinstance(device, int) else device
+    more = f" (and {len(wrong) - 1} more entries)" if len(wrong) > 1 else ""
+    has = ("no GPU" if gpus == 0 else "1 GPU (cuda:0)" if gpus == 1
+           else f"{gpus} GPUs (cuda:0 to cuda:{gpus - 1})") + ("" if mps or device != "mps"
+                                                              else " and no MPS")
+    msg = (f"{source}: device_map must name devices this machine has, but got {shown!r} for "
+           f"{name!r}{more}, and it has {has}. Map those entries to an existing GPU, 'cpu' or "
+           "'disk', or plan the map here with infer_device_map(model) (max_memory=None asks "
+           "this machine); GPUs hidden by CUDA_VISIBLE_DEVICES do not count.")
+    raise DeviceMapError(msg)
+
+
 def normalize_budgets(max_memory: Mapping[Any, Any], *, source: str) -> dict[Device, int]:
     """Return ``{device: bytes}`` ordered GPUs, mps, cpu, disk; strings parsed.
 
@@ -136,6 +175,17 @@ def normalize_budgets(max_memory: Mapping[Any, Any], *, source: str) -> dict[Dev
         device = normalize_device(key, source=f"{source}: max_memory")
         budgets[device] = parse_size(value, source=f"{source}: max_memory[{key!r}]")
     return {d: budgets[d] for d in sorted(budgets, key=_order)}
+
+
+def visible_devices() -> tuple[int, bool]:
+    """Return (the number of GPUs this process sees, whether MPS exists).
+
+    Effects: imports torch; ``device_count`` does not initialise CUDA where NVML answers.
+    """
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.device_count(), bool(mps is not None and mps.is_available())
 
 
 def hardware_budgets() -> dict[Device, int]:

@@ -26,7 +26,13 @@ from distlib.big_model.checkpoint_io import (
     read_offload_index,
     write_offload_index,
 )
-from distlib.big_model.device_map import Device, DeviceMap, infer_device_map
+from distlib.big_model.device_map import (
+    Device,
+    DeviceMap,
+    check_devices_exist,
+    infer_device_map,
+    visible_devices,
+)
 from distlib.errors import DeviceMapError
 
 __all__ = ["dispatch", "load_checkpoint_and_dispatch"]
@@ -381,8 +387,8 @@ def dispatch(model: Any, device_map: DeviceMap | Mapping[str, Any],
         ``model``, modified in place.
 
     Raises:
-        DeviceMapError: the map leaves parameters without a device, or a disk weight has no
-            source.
+        DeviceMapError: the map leaves parameters without a device, names a GPU (or MPS)
+            this machine does not have, or a disk weight has no source.
         CheckpointError: ``offload_folder``'s ``index.json`` is not JSON, or an entry names a
             file, dtype or byte range no weight can have (it is never unpickled).
 
@@ -399,6 +405,7 @@ def dispatch(model: Any, device_map: DeviceMap | Mapping[str, Any],
 
     dmap = DeviceMap.of(device_map)
     _check_covered(model, dmap)
+    check_devices_exist(dmap, *visible_devices(), source="dispatch()")
     for handle in getattr(model, _HANDLES, ()):
         handle.remove()
     gpus = [d for d in dmap.devices if d not in ("cpu", "disk")]
@@ -464,7 +471,8 @@ def load_checkpoint_and_dispatch(
         ``model``, loaded and dispatched (``model.hf_device_map`` holds the map).
 
     Raises:
-        DeviceMapError: the model cannot be planned or dispatched as asked.
+        DeviceMapError: the model cannot be planned or dispatched as asked (a map or a
+            ``max_memory`` naming a GPU this machine does not have included).
         CheckpointError: the checkpoint is unreadable, unsafe or does not match.
 
     Effects: as `load_checkpoint` then `dispatch`; prints a progress bar to stderr.
@@ -487,6 +495,9 @@ def load_checkpoint_and_dispatch(
     if isinstance(device_map, str):
         device_map = infer_device_map(model, max_memory, no_split_module_classes, dtype,
                                       mode=device_map, keep_in_fp32_modules=keep_in_fp32_modules)
+    if device_map is not None:  # before reading a byte: the planner's map too (explicit budgets)
+        check_devices_exist(DeviceMap.of(device_map), *visible_devices(),
+                            source="load_checkpoint_and_dispatch()")
     from distlib.big_model.checkpoint_io import checkpoint_tensors
 
     total = len(checkpoint_tensors(checkpoint))

@@ -8,6 +8,7 @@ dtype, counting tied parameters once. Nothing here allocates tensors or asks the
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,30 +30,53 @@ __all__ = [
 
 _UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([+-]?(?:[0-9]*\.?[0-9]+|inf|infinity|nan))\s*([KMGT]I?B|B)?\s*$",
+                   re.IGNORECASE)
 _BITS = {"bool": 8, "float8_e4m3fn": 8, "float8_e5m2": 8, "float8_e4m3fnuz": 8,
          "float8_e5m2fnuz": 8, "float8_e8m0fnu": 8, "uint8": 8, "int8": 8}
 _INTEGER_PREFIXES = ("int", "uint", "bool")
 
 
+_MAX_BYTES = 2**63  # torch counts bytes in int64; no machine has 8 EiB of memory
+_SIZE_RULE = ("be a memory size: a whole number of bytes in [0, 2**63) or a string such as "
+              "'10GiB', '10GB' or '500MB'")
+
+
 def parse_size(size: int | float | str, *, source: str = "parse_size()") -> int:
     """Return a memory size in bytes from an int or a string like ``"10GiB"``, ``"500MB"``.
 
-    ``GiB``/``MiB``/``KiB`` are powers of 1024, ``GB``/``MB``/``KB`` powers of 1000.
+    ``GiB``/``MiB``/``KiB`` are powers of 1024, ``GB``/``MB``/``KB`` powers of 1000. There is
+    no "unlimited": infinite, NaN, negative and absurd sizes (2**63 bytes and up) are refused.
+
+    Raises:
+        DeviceMapError: naming ``source``, the value and the fix.
 
     Examples:
         >>> parse_size("10GiB"), parse_size("500MB"), parse_size(123)
         (10737418240, 500000000, 123)
     """
+    found: float | None = None
     if isinstance(size, bool):
         pass
-    elif isinstance(size, (int, float)) and size >= 0:
-        return int(size)
+    elif isinstance(size, (int, float)):
+        found = size
     elif isinstance(size, str) and (match := _SIZE.match(size)):
-        unit = (match.group(2) or "B").upper()
-        return int(float(match.group(1)) * _UNITS[unit])
-    msg = (f"{source}: a memory size must be a non-negative int of bytes or a string such as "
-           f"'10GiB', '10GB' or '500MB', but got {size!r}.")
+        number, unit = match.group(1), _UNITS[(match.group(2) or "B").upper()]
+        found = int(number) * unit if number.lstrip("+-").isdigit() else float(number) * unit
+    if found is not None and 0 <= found < _MAX_BYTES:  # False for NaN
+        return int(found)
+    if found is not None and found == math.inf:
+        fix = ("There is no unlimited size: give a real one (in max_memory, a 'disk' left "
+               "unnamed is unlimited, and max_memory=None asks the hardware).")
+    elif found is not None and found >= _MAX_BYTES:
+        fix = "No machine has that much memory: check the number and its unit."
+    elif found is not None and found < 0:
+        fix = "A budget cannot be negative; use 0 to keep everything off that device."
+    else:
+        fix = ("Write bytes as a number, or a number and a unit: B, KB, MB, GB, TB, KiB, MiB, "
+               "GiB, TiB.")
+    name = f"{source}: the size" if source.endswith("()") else source
+    msg = f"{name} must {_SIZE_RULE}, but got {size!r}. {fix}"
     raise DeviceMapError(msg)
 
 
