@@ -357,22 +357,28 @@ def launch(target: Callable[..., Any] | str, *args: Any, num_processes: int | No
             arguments), or command-line arguments for a script or module.
         num_processes: the total number of ranks across machines (default: visible GPUs,
             else 1).
-        timeout_s: stop the whole job and raise after this many seconds (default: no limit).
+        timeout_s: stop the whole job and raise after this many seconds (default: no limit);
+            the message says where each rank was (its Python stack, asked before stopping).
         environ: the environment the ranks start from (default ``os.environ``; never written).
         **options: the other `LaunchPlan` fields: ``nproc_per_node``, ``num_machines``
             (``2`` or ``"1:4"``), ``machine_rank``, ``main_address``, ``main_port`` (0 picks
             a free one), ``rdzv_backend`` (``"static"``, ``"c10d"``), ``max_restarts``,
             ``monitor_interval_s``, ``cpu``, ``gpu_ids``, ``precision``, ``strategy``,
-            ``strategy_options``, ``debug``, ``collective_timeout_s``, ``run_id``,
-            ``start_method`` (``"auto"``: fork ranks from the agent when no GPU is used).
+            ``strategy_options``, ``debug``, ``collective_timeout_s`` (the rendezvous and
+            each collective; default `DEFAULT_TIMEOUT_S`, 1800 s), ``stall_timeout_s`` (stop
+            with a report of where each rank is when one waits that long in a collective),
+            ``run_id``, ``start_method`` (``"auto"``: fork ranks from the agent when no GPU
+            is used).
 
     Returns:
         A `LaunchResult`; for a callable, ``result[rank]`` is what that rank returned.
 
     Raises:
         ConfigError: the options contradict each other.
-        LaunchError: a rank failed (the message holds its traceback), the job was stopped,
-            or it ran past ``timeout_s``.
+        LaunchError: a rank failed (the message holds its traceback, or the signal that
+            killed it), the job was stopped, it hung (a stall or a collective timeout: where
+            each rank was), or it ran past ``timeout_s``; with restarts, one line per failed
+            attempt comes first. A busy ``main_port`` is refused before anything starts.
 
     Example:
         >>> import operator
