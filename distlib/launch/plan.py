@@ -80,8 +80,10 @@ class LaunchPlan:
                 isinstance(self.stall_timeout_s, bool)
                 or not isinstance(self.stall_timeout_s, int | float)
                 or not 0 < self.stall_timeout_s < float("inf")):
-            _fail("stall_timeout_s", self.stall_timeout_s, "be a number of seconds > 0 "
-                  "(None: no stall detection)")
+            msg = (f"LaunchPlan(): stall_timeout_s must be a number of seconds > 0 (None: no "
+                   f"stall detection), but got {self.stall_timeout_s!r}. Pass --stall-timeout "
+                   "S (stall_timeout_s=S) with a finite S > 0, or leave it unset.")
+            raise ConfigError(msg)
         if self.main_port > 65535:
             _fail("main_port", self.main_port, "be in 0..65535 (0 picks a free port)")
         if self.machine_rank >= self.max_machines:

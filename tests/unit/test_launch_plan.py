@@ -204,7 +204,8 @@ def test_one_timeout_default_for_rendezvous_and_collectives() -> None:
 @pytest.mark.parametrize("value", [0, -1.5, float("inf"), float("nan"), True, "3"])
 def test_stall_timeout_must_be_positive_seconds(value: object) -> None:
     with pytest.raises(ConfigError, match=r"stall_timeout_s must be a number of seconds > 0 "
-                                          r"\(None: no stall detection\), but got"):
+                                          r"\(None: no stall detection\), but got .*\. Pass "
+                                          r"--stall-timeout S"):
         LaunchPlan(stall_timeout_s=value)  # type: ignore[arg-type]
     plan = LaunchPlan(nproc_per_node=2, stall_timeout_s=2.5)
     assert child_environ({}, plan)["DISTLIB_STALL_TIMEOUT"] == "2.5"
