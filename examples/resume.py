@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import distlib as dl
+from distlib.checkpoint import is_checkpoint
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
         data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1)), env)
 
     step, out = 0, Path(args.out)
-    if (out / "distlib_state.json").exists():
+    if is_checkpoint(out):  # also finds the last save when a crash hit between its renames
         step = dl.load_state(out, env, model=model, optimizer=optimizer, loader=loader)["step"]
         if env.is_main:
             print(f"attempt {env.restart_count}: resumed from step {step}", flush=True)
