@@ -29,26 +29,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from launch_time import _bin, _port  # this folder is the script's sys.path[0]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PORT_SCRIPT = os.path.join(ROOT, "examples", "accelerate", "nlp_example.py")
 PEERS = os.path.join(ROOT, "benchmarks", "peers")
-
-
-def _bin(name: str) -> str:
-    return os.path.join(os.path.dirname(sys.executable), name)
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _commands(distlib_path: str | None) -> dict[str, tuple[list[str], dict[str, str]]]:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup, set_seed
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples", "accelerate"))
-from mrpc_like import accuracy_f1, collate_fn, make_split, tiny_bert
+from mrpc_like import accuracy_f1, add_arguments, collate_fn, make_split, tiny_bert
 
 MAX_GPU_BATCH_SIZE = 16
 EVAL_BATCH_SIZE = 32
@@ -77,11 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Simple example of training script.")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16", "fp8"], default=None)
     parser.add_argument("--cpu", action="store_true")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-size", type=int, default=1024)
-    parser.add_argument("--eval-size", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--output", default=None)
+    add_arguments(parser)
     args = parser.parse_args()
     training_function({"lr": 1e-3, "num_epochs": args.epochs, "seed": 42, "batch_size": 16}, args)
 

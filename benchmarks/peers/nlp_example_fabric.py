@@ -17,16 +17,12 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples", "accelerate"))
-from mrpc_like import accuracy_f1, collate_fn, make_split, tiny_bert
+from mrpc_like import accuracy_f1, add_arguments, collate_fn, make_split, tiny_bert
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Simple example of training script.")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-size", type=int, default=1024)
-    parser.add_argument("--eval-size", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--output", default=None)
+    add_arguments(parser)
     args = parser.parse_args()
     fabric = Fabric()  # `fabric run` started the processes and passes devices and strategy
     fabric.seed_everything(42)

@@ -8,6 +8,7 @@ example is a sentence pair ``[CLS] a [SEP] b [SEP]`` of varying length whose lab
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import torch
@@ -63,3 +64,12 @@ def accuracy_f1(predictions: torch.Tensor, references: torch.Tensor) -> dict[str
     accuracy = float((predictions == references).float().mean())
     f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
     return {"accuracy": accuracy, "f1": f1, "count": int(references.numel())}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The size and output options every spelling of the example shares."""
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-size", type=int, default=1024)
+    parser.add_argument("--eval-size", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--output", default=None, help="write losses and metrics here (JSON)")

@@ -17,7 +17,7 @@ import json
 import time
 
 import torch
-from mrpc_like import accuracy_f1, collate_fn, make_split, tiny_bert
+from mrpc_like import accuracy_f1, add_arguments, collate_fn, make_split, tiny_bert
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
@@ -89,11 +89,7 @@ def main() -> None:
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16", "fp8"], default=None,
                         help="Whether to use mixed precision (default: the launcher's).")
     parser.add_argument("--cpu", action="store_true", help="If passed, will train on the CPU.")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-size", type=int, default=1024)
-    parser.add_argument("--eval-size", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--output", default=None, help="write losses and metrics here (JSON)")
+    add_arguments(parser)
     args = parser.parse_args()
     config = {"lr": 1e-3, "num_epochs": args.epochs, "seed": 42, "batch_size": 16}
     training_function(config, args)
