@@ -70,7 +70,8 @@ def test_state_saved_under_xla_loads_under_plain_cpu_and_back(tmp_path: pathlib.
                          loader=cpu_loader) == {"step": 2}
     same(cpu_model, model, cpu_opt, opt)
     assert cpu_sched.get_last_lr() == sched.get_last_lr()  # type: ignore[attr-defined]
-    assert len(cpu_loader) == 6 - 2  # resumes after the two batches the XLA run used
+    # the epoch, and the batches left after the two the XLA run used
+    assert (len(cpu_loader), cpu_loader.remaining) == (6, 6 - 2)
 
     # ... and back: the plain CPU run goes on one step, saves, and XLA resumes from that
     cpu_batches = iter(cpu_loader)
