@@ -59,9 +59,11 @@ def _commands(distlib_path: str | None) -> dict[str, tuple[list[str], dict[str, 
                                                PEERS, "nlp_example_fabric.py")], {}),
         "python (1 process, distlib script)": ([sys.executable, PORT_SCRIPT, "--cpu"], {}),
     }
-    if distlib_path:
+    if distlib_path:  # its own copy of the script where it has one (an older API)
+        theirs = os.path.join(distlib_path, "examples", "accelerate", "nlp_example.py")
         rows[f"distlib launch from {distlib_path}"] = (
-            [*distlib, PORT_SCRIPT], {"PYTHONPATH": os.path.abspath(distlib_path)})
+            [*distlib, theirs if os.path.exists(theirs) else PORT_SCRIPT],
+            {"PYTHONPATH": os.path.abspath(distlib_path)})
     if not os.path.exists(_bin("fabric")):
         del rows["fabric run (Lightning Fabric)"]
     try:
