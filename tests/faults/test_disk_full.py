@@ -33,14 +33,9 @@ import pytest
 
 MIB = 1 << 20
 
-CHILD = textwrap.dedent(r'''
-    import json, os, pathlib, sys, time
-    import torch, distlib as dl
-    from distlib.errors import CheckpointError
-
-    disk = pathlib.Path(sys.argv[1])
-    ENV = dl.Env()
-    fill = {"suffix": None, "busy": False, "leave": 0}
+# Both scripts below get this: another writer filling the disk of the folder `disk`.
+FILL_NOW = textwrap.dedent(r'''
+    import os
 
     def fill_now(leave):
         """Another writer fills the disk, but for ``leave`` bytes."""
@@ -52,6 +47,17 @@ CHILD = textwrap.dedent(r'''
             pass
         size = (disk / "filler").stat().st_size
         os.truncate(disk / "filler", max(size - leave, 0))
+''')
+
+CHILD = textwrap.dedent(r'''
+    import json, os, pathlib, sys, time
+    import torch, distlib as dl
+    from distlib.errors import CheckpointError
+
+    disk = pathlib.Path(sys.argv[1])
+    ENV = dl.Env()
+    fill = {"suffix": None, "busy": False, "leave": 0}
+
 
     def fill_disk(event, args):
         """Fill the disk when the save opens a file ending in fill['suffix']."""
@@ -173,7 +179,7 @@ def _needed(width: int) -> int:
 
 def test_a_full_disk_is_a_named_error_and_keeps_the_last_checkpoint(
         tmp_path: pathlib.Path) -> None:
-    done = run_on_tmpfs(tmp_path, 4 * MIB, [sys.executable, "-c", CHILD, str(tmp_path / "disk")],
+    done = run_on_tmpfs(tmp_path, 4 * MIB, [sys.executable, "-c", FILL_NOW + CHILD, str(tmp_path / "disk")],
                         timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
@@ -225,12 +231,7 @@ RANKS = textwrap.dedent(r'''
         """Another writer fills the disk when this rank opens a file ending in fill['suffix']."""
         if event == "open" and fill["suffix"] and str(args[0]).endswith(fill["suffix"]):
             fill["suffix"] = None
-            try:
-                with open(disk / "filler", "ab", buffering=0) as handle:
-                    while True:
-                        handle.write(b"\0" * 4096)
-            except OSError:
-                pass
+            fill_now(0)
 
     sys.addaudithook(fill_disk)
 
@@ -281,7 +282,7 @@ RANKS = textwrap.dedent(r'''
 @pytest.mark.multiprocess
 def test_a_full_disk_on_one_rank_fails_the_save_on_every_rank(tmp_path: pathlib.Path) -> None:
     script = tmp_path / "ranks.py"
-    script.write_text(RANKS)
+    script.write_text(FILL_NOW + RANKS)
     command = [sys.executable, "-m", "distlib", "launch", "--cpu", "--num-processes", "2",
                str(script), str(tmp_path / "disk"), str(tmp_path)]
     done = run_on_tmpfs(tmp_path, 2 * MIB, command, timeout=240)

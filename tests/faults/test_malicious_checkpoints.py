@@ -82,13 +82,19 @@ def _fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
     return _trained(seed=1)
 
 
-def test_a_payload_in_dcp_metadata_does_not_run(tmp_path: pathlib.Path) -> None:
+def _plant_in_metadata(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A real checkpoint whose DCP .metadata carries a payload that would create ``marker``."""
     folder = tmp_path / "ckpt"
     _save(folder)
     marker = tmp_path / "pwned"
     metadata = _metadata(folder)
     metadata.planner_data = {"x": Plant(marker)}
     (folder / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
+    return folder, marker
+
+
+def test_a_payload_in_dcp_metadata_does_not_run(tmp_path: pathlib.Path) -> None:
+    folder, marker = _plant_in_metadata(tmp_path)
 
     model, optimizer, _ = _fresh()
     with pytest.raises(CheckpointError) as info:
@@ -105,12 +111,7 @@ def test_a_payload_in_dcp_metadata_does_not_run(tmp_path: pathlib.Path) -> None:
 
 
 def test_merge_weights_does_not_run_a_payload_in_metadata(tmp_path: pathlib.Path) -> None:
-    folder = tmp_path / "ckpt"
-    _save(folder)
-    marker = tmp_path / "pwned"
-    metadata = _metadata(folder)
-    metadata.planner_data = {"x": Plant(marker)}
-    (folder / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
+    folder, marker = _plant_in_metadata(tmp_path)
     with pytest.raises(CheckpointError, match=r"\.metadata must hold only .* builtins\.exec"):
         merge_weights(folder, tmp_path / "out")
     assert not marker.exists()
