@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before the leak check
-import torch.distributed as dist
 
 import distlib as dl
 from distlib.errors import ConfigError
@@ -283,16 +282,6 @@ def test_without_free_memory_the_wrapped_model_waits_for_the_gc(no_automatic_gc:
     assert refs[0]() is not None
     gc.collect()
     assert refs[0]() is None
-
-
-@pytest.fixture
-def group() -> Iterator[None]:
-    """A one-rank gloo group, as DDP, FSDP2 and DeepSpeed need one."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])  # ZeRO-3: tests/multiprocess/test_port_*

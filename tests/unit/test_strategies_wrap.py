@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
 
 import pytest
 import torch
 import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before the leak check
-import torch.distributed as dist
 
 import distlib as dl
 from distlib.errors import ConfigError, PrecisionError, StrategyError
@@ -57,16 +55,6 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     values = dl.unwrap(model).state_dict()
     full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in values.items()}
     return {k: v.detach().float().clone() for k, v in full.items()}
-
-
-@pytest.fixture
-def group() -> Iterator[None]:
-    """A one-rank gloo group, as FSDP2 and DeepSpeed need one."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_wrap_returns_what_was_passed() -> None:
