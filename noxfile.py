@@ -41,7 +41,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over the package, tests, examples and benchmarks."""
     session.run(*PIP, "ruff>=0.6")
-    paths = [p for p in ("distlib", "tests", "examples", "benchmarks", "noxfile.py")
+    paths = [p for p in ("distlib", "tests", "examples", "benchmarks", "noxfile.py", "conftest.py")
              if os.path.exists(p)]
     session.run("ruff", "check", *paths)
 

@@ -6,6 +6,7 @@ module on first use (PEP 562), so the launcher's ``--help`` and the import stay 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import TYPE_CHECKING, Any
 
@@ -88,9 +89,13 @@ def __getattr__(name: str) -> Any:
         msg = f"module 'distlib' has no attribute {name!r}"
         raise AttributeError(msg)
     value = getattr(importlib.import_module(module), name)
+    # The public path is the one users see in reprs, help() and tracebacks' "distlib.Env".
+    # Pickle resolves it here too (this __getattr__); the defining module stays in _EXPORTS.
+    with contextlib.suppress(AttributeError, TypeError):
+        value.__module__ = "distlib"
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return [*__all__, "__version__"]
