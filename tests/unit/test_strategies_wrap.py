@@ -13,6 +13,7 @@ from distlib.errors import ConfigError, PrecisionError, StrategyError
 from distlib.strategies import fsdp as fsdp_module
 from distlib.strategies.deepspeed import plan_config
 from distlib.strategies.fsdp import plan_units
+from distlib.testing import fake_env
 from tests.models import net, train, weights
 
 
@@ -200,7 +201,7 @@ def test_fsdp_state_dicts_sharded_and_full(group: None) -> None:
 
 
 def test_deepspeed_plan_config_fills_and_checks() -> None:
-    env = dl.Env(precision="bf16", rank=0, world_size=4, local_world_size=4)
+    env = fake_env(0, 4, precision="bf16")
     cfg = plan_config(dl.DeepSpeed(zero_stage=3, gradient_accumulation_steps=2,
                                    offload_optimizer="cpu", offload_param="cpu",
                                    config={"train_micro_batch_size_per_gpu": 8,
