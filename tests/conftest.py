@@ -1,4 +1,5 @@
-"""Fixtures every test gets: fail a test that leaks variables, threads or a process group."""
+"""Fixtures every test gets (fail a test that leaks variables, threads or a process group), and
+``transformers`` for the tests that need it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -58,3 +60,18 @@ def no_leaks() -> Iterator[None]:
         problems.append("left a torch.distributed process group initialised")
     if problems:
         pytest.fail("; ".join(problems))
+
+
+@pytest.fixture(scope="session")
+def transformers() -> Any:
+    """The transformers module, or skip the test that asks for it (it is an optional test dep).
+
+    Only the tests that build transformers' models ask for it (directly, through a fixture of
+    theirs, or with ``@pytest.mark.usefixtures("transformers")``), so the rest of their file
+    runs without it. Its model code is imported here, once, before any test's leak check: the
+    first import of a model sets ``TORCHINDUCTOR_CACHE_DIR``.
+    """
+    module = pytest.importorskip("transformers")
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM  # noqa: F401  (see above)
+
+    return module

@@ -27,6 +27,7 @@ from distlib.big_model.checkpoint_io import load_checkpoint
 from distlib.big_model.dispatch import dispatch
 from distlib.errors import CheckpointError
 from distlib.export import merge_weights
+from tests.models import net
 
 ENV = dl.Env()
 
@@ -42,8 +43,7 @@ class Plant:
 
 
 def _trained(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model = net(3, 4, 2, seed=seed, hidden="linear")
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
     model(torch.ones(2, 3)).sum().backward()

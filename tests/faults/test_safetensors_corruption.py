@@ -32,12 +32,13 @@ from distlib.big_model.checkpoint_io import (
 )
 from distlib.big_model.dispatch import load_checkpoint_and_dispatch
 from distlib.errors import CheckpointError
+from tests.models import net
 
 X = torch.linspace(-1, 1, 6).reshape(2, 3)
 
 
 def _net() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    return net(3, 4, 2, seed=None, hidden="linear")  # weights from the RNG's state as it is
 
 
 def _empty() -> torch.nn.Module:

@@ -2,13 +2,15 @@
 
 Two launches cover every strategy: the first trains straight and saves half-way, the second
 (a new job, fresh processes) loads and finishes. Weights, optimizer state and the batches each
-rank saw must be identical, bitwise. The first launch also exports an FSDP2 GPT-2 to
-safetensors, which the parent loads with transformers and with distlib's loader.
+rank saw must be identical, bitwise. Where transformers is installed, the first launch also
+exports an FSDP2 GPT-2 to safetensors, which the parent loads with transformers and with
+distlib's loader (without transformers only that test is skipped).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import pathlib
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch._dynamo
 
 import distlib as dl
 from distlib.testing import spawn
+from tests.models import net, train_steps, weights
 
 pytestmark = pytest.mark.multiprocess
 
@@ -31,8 +34,7 @@ STRATEGIES = {
 
 
 def _net(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2))
+    return net(6, 12, 2, seed=seed, hidden="tanh")
 
 
 def _setup(name: str, env: Any, seed: int) -> tuple[Any, Any, Any]:
@@ -49,45 +51,21 @@ def _setup(name: str, env: Any, seed: int) -> tuple[Any, Any, Any]:
     return model, optimizer, dl.shard(loader, env)
 
 
-def _steps(model: Any, optimizer: Any, loader: Any, steps: int) -> list[float]:
-    seen = []
-    for x, y in loader:
-        loss = torch.nn.functional.mse_loss(model(x), y) + 1e-3 * torch.randn(()).item()
-        dl.backward(loss, model)
-        optimizer.step()
-        optimizer.zero_grad()
-        seen.append(float(x[0, 0]))
-        if len(seen) == steps:
-            break
-    return seen
-
-
-def _weights(model: Any) -> dict[str, torch.Tensor]:
-    inner = dl.unwrap(model)
-    params = list(inner.parameters())
-    if hasattr(params[0], "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
-            return {k: v.detach().clone() for k, v in inner.state_dict().items()}
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-            for k, v in inner.state_dict().items()}
-
-
-def _first_job(env: Any, folder: str) -> dict[str, Any]:
+def _first_job(env: Any, folder: str, export: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in STRATEGIES:
         torch.manual_seed(100 + env.rank)
         model, optimizer, loader = _setup(name, env, seed=0)
-        seen = _steps(model, optimizer, loader, 2 * N)
-        out[f"{name}/straight"] = (_weights(model), seen)
+        seen = train_steps(model, optimizer, loader, 2 * N, noise_on="loss")
+        out[f"{name}/straight"] = (weights(model), seen)
         torch.manual_seed(100 + env.rank)
         model, optimizer, loader = _setup(name, env, seed=0)
-        seen = _steps(model, optimizer, loader, N)
+        seen = train_steps(model, optimizer, loader, N, noise_on="loss")
         dl.save_state(pathlib.Path(folder) / name, env, model=model, optimizer=optimizer,
                       loader=loader, step=N)
         out[f"{name}/first-half"] = seen
-    out["export"] = _export_fsdp_gpt2(env, folder)
+    if export:
+        out["export"] = _export_fsdp_gpt2(env, folder)
     return out
 
 
@@ -98,8 +76,8 @@ def _second_job(env: Any, folder: str) -> dict[str, Any]:
         model, optimizer, loader = _setup(name, env, seed=42)  # other weights until loaded
         values = dl.load_state(pathlib.Path(folder) / name, env, model=model,
                                optimizer=optimizer, loader=loader)
-        seen = _steps(model, optimizer, loader, N)
-        out[name] = (_weights(model), seen, values)
+        seen = train_steps(model, optimizer, loader, N, noise_on="loss")
+        out[name] = (weights(model), seen, values)
     return out
 
 
@@ -119,23 +97,43 @@ def _export_fsdp_gpt2(env: Any, folder: str) -> str:
     return str(export_weights(model, pathlib.Path(folder) / "gpt2", env, max_shard_size=10_000))
 
 
-def test_resume_is_exact_for_every_strategy(tmp_path: pathlib.Path) -> None:
-    first = spawn(_first_job, str(tmp_path), world_size=2, timeout_s=600)
-    second = spawn(_second_job, str(tmp_path), world_size=2, timeout_s=600)
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    """The two jobs: train straight and save half-way (and export, with transformers); resume."""
+    folder = str(tmp_path_factory.mktemp("resume"))
+    first = spawn(_first_job, folder, _importable("transformers"), world_size=2, timeout_s=600)
+    second = spawn(_second_job, folder, world_size=2, timeout_s=600)
+    return first, second
+
+
+def test_resume_is_exact_for_every_strategy(jobs: tuple[Any, Any]) -> None:
+    first, second = jobs
     for rank in range(2):
         for name in STRATEGIES:
-            weights, seen = first[rank][f"{name}/straight"]
+            straight, seen = first[rank][f"{name}/straight"]
             resumed, seen_after, values = second[rank][name]
             assert values == {"step": N}
             assert first[rank][f"{name}/first-half"] + seen_after == seen, (rank, name)
-            assert weights.keys() == resumed.keys()
-            for key in weights:
-                assert torch.equal(weights[key], resumed[key]), (rank, name, key)
+            assert straight.keys() == resumed.keys()
+            for key in straight:
+                assert torch.equal(straight[key], resumed[key]), (rank, name, key)
     # the two ranks saw different batches (the loader really was sharded)
     assert first[0]["fsdp/straight"][1] != first[1]["fsdp/straight"][1]
 
+
+@pytest.mark.usefixtures("transformers")
+def test_fsdp2_export_loads_with_transformers_and_distlib(jobs: tuple[Any, Any]) -> None:
     from transformers import GPT2LMHeadModel
 
+    first, _ = jobs
     export = pathlib.Path(first[0]["export"])
     assert (export / "model.safetensors.index.json").exists()
     torch.manual_seed(5)

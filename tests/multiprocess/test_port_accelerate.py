@@ -70,19 +70,9 @@ def _full_loss(module: Any, data: list[dict[str, torch.Tensor]]) -> float:
         return float(module(**{k: v.to(module.device) for k, v in batch.items()}).loss)
 
 
-def _full_weights(module: Any) -> dict[str, torch.Tensor]:
-    params = list(module.parameters())
-    if hasattr(params[0], "ds_id"):  # ZeRO-3: gather the partitions
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
-            return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().clone()
-            for k, v in module.state_dict().items()}
-
-
 def _train_distlib(env: Any, mode: str, strategy: Any = None) -> tuple[Any, dict[str, Any]]:
     import distlib as dl
+    from tests.models import weights
 
     data, model, optimizer, loader, scheduler = _parts()
     model, optimizer, scheduler = dl.wrap(model, strategy, env=env, optimizer=optimizer,
@@ -98,9 +88,9 @@ def _train_distlib(env: Any, mode: str, strategy: Any = None) -> tuple[Any, dict
             optimizer.zero_grad()
             lrs.append(scheduler.get_last_lr()[0])
     inner = dl.unwrap(model)
-    weights = _full_weights(inner)
+    full = weights(inner)
     return model, {"lrs": lrs, "loss": _full_loss(inner, data) if not strategy else None,
-                   "weights_sum": sum(float(v.double().sum()) for v in weights.values())}
+                   "weights_sum": sum(float(v.double().sum()) for v in full.values())}
 
 
 def _deepspeed_fp16_overflow(env: Any) -> list[tuple[bool, float]]:
@@ -135,13 +125,14 @@ def _run_distlib(out: pathlib.Path) -> dict[str, Any]:
     from distlib.export import save_model
     from distlib.memory import free_memory
     from distlib.runtime import process_group
+    from tests.models import weights
 
     result: dict[str, Any] = {}
     with process_group(dl.detect()) as env:
         for mode in ("once", "accelerate"):
             _, result[mode] = _train_distlib(env, mode)
         model, result["zero3"] = _train_distlib(env, "accelerate", dl.DeepSpeed(zero_stage=3))
-        reference = _full_weights(dl.unwrap(model))
+        reference = weights(dl.unwrap(model))
         save_model(model, out / "zero3-model", env)
         if env.is_main:
             safetensors.torch.save_file(reference, out / "zero3-reference.safetensors")
@@ -151,7 +142,7 @@ def _run_distlib(out: pathlib.Path) -> dict[str, Any]:
         result["zero3_freed"] = module() is None  # also off ZeRO-3's global forward stack
         result["zero2_fp16"] = _deepspeed_fp16_overflow(env)
         model = dl.wrap(_model(), dl.FSDP(), env=env)
-        reference = _full_weights(dl.unwrap(model))  # DTensor.full_tensor, not export's path
+        reference = weights(dl.unwrap(model))  # DTensor.full_tensor, not export's path
         save_model(model, out / "fsdp-model", env, max_shard_size="5KB")
         if env.is_main:
             safetensors.torch.save_file(reference, out / "fsdp-reference.safetensors")
@@ -190,11 +181,15 @@ def _linear(step: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def runs(tmp_path_factory: pytest.TempPathFactory, transformers: Any) -> dict[str, Any]:
+    """Both launches (skipped without transformers: every rank builds a BERT)."""
     from distlib.testing import free_port
 
     out = tmp_path_factory.mktemp("port")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(out / "hf"), HF_HUB_OFFLINE="1")
+    # the ranks run this file as a script, from `out`: the repository root holds tests.models
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
     commands = {
         "distlib": [sys.executable, "-m", "distlib", "launch", "--cpu", "--num-processes", "2"],
         # `accelerate launch --cpu` starts one process (several need mpirun); --multi_gpu is

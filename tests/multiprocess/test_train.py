@@ -16,24 +16,15 @@ import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before th
 
 import distlib as dl
 from distlib.testing import spawn
+from tests.models import net, train, weights
 
 pytestmark = pytest.mark.multiprocess
 
 ROWS, GLOBAL_BATCH = 32, 8
 
 
-class Block(torch.nn.Module):
-    def __init__(self, width_in: int, width_out: int) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(width_in, width_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(x))
-
-
 def _net(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(Block(8, 16), Block(16, 16), torch.nn.Linear(16, 2))
+    return net(8, 16, 16, 2, seed=seed)
 
 
 def _batches(rank: int, world_size: int, batch: int = GLOBAL_BATCH) -> list[Any]:
@@ -45,22 +36,9 @@ def _batches(rank: int, world_size: int, batch: int = GLOBAL_BATCH) -> list[Any]
             for i in range(0, ROWS, batch)]
 
 
-def _weights(model: Any) -> dict[str, torch.Tensor]:
-    inner = dl.unwrap(model)
-    params = list(inner.parameters())
-    if hasattr(params[0], "ds_id"):  # DeepSpeed ZeRO-3: gather the partitions first
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
-            return {k: v.detach().float().clone() for k, v in inner.state_dict().items()}
-    values = inner.state_dict()
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().clone()
-            for k, v in values.items()}
-
-
-def _train(strategy: Any, env: Any, *, precision: str = "no", steps: int = 1,
-           seeds: tuple[int, ...] = (0,), overflow: bool = False,
-           batch: int = GLOBAL_BATCH, machines: int = 1) -> dict[str, Any]:
+def _run(strategy: Any, env: Any, *, precision: str = "no", steps: int = 1,
+         seeds: tuple[int, ...] = (0,), overflow: bool = False,
+         batch: int = GLOBAL_BATCH, machines: int = 1) -> dict[str, Any]:
     """Train one model per seed, each wrapped on its own, in one loop."""
     env = dataclasses.replace(env, precision=precision)
     if machines > 1:  # pretend each rank is its own machine (HSDP's replicate axis)
@@ -71,21 +49,14 @@ def _train(strategy: Any, env: Any, *, precision: str = "no", steps: int = 1,
         model = _net(seed)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         pairs.append(dl.wrap(model, strategy, env=env, optimizer=opt))
-    for (x, y), micro in dl.accumulate(_batches(env.rank, env.world_size, batch), steps=steps):
-        for model, opt in pairs:
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            if overflow and micro.step == 0 and env.rank == 0:
-                loss = loss * 1e30  # inf gradients in fp16 on rank 0 only: every rank skips
-            dl.backward(loss, model, micro)
-            if micro.sync:
-                dl.clip_grad_norm(model, 1.0)
-                opt.step()
-                opt.zero_grad()
-    return {"weights": [_weights(m) for m, _ in pairs],
+    # overflow: inf gradients in fp16 on rank 0 only, so every rank must skip the step
+    train(pairs, _batches(env.rank, env.world_size, batch), steps=steps, clip=1.0,
+          overflow=overflow and env.rank == 0)
+    return {"weights": [weights(m) for m, _ in pairs],
             "skipped": [getattr(o, "skipped_steps", None) for _, o in pairs]}
 
 
-# name -> (strategy, options of _train)
+# name -> (strategy, options of _run)
 SCENARIOS: dict[str, tuple[Any, dict[str, Any]]] = {
     "ddp": (dl.DDP(), {}),
     "ddp-acc2-two-models": (dl.DDP(), {"steps": 2, "seeds": (0, 1)}),
@@ -129,7 +100,7 @@ def _count_ddp_syncs(env: Any) -> int:
 
 
 def _all_scenarios(env: Any) -> dict[str, Any]:
-    out = {name: _train(strategy, env, **options) for name, (strategy, options) in
+    out = {name: _run(strategy, env, **options) for name, (strategy, options) in
            SCENARIOS.items()}
     out["ddp-syncs"] = _count_ddp_syncs(env)
     return out
@@ -142,7 +113,7 @@ def ranks() -> Any:
 
 def _reference(options: dict[str, Any]) -> dict[str, Any]:
     options = {k: v for k, v in options.items() if k != "machines"}
-    return _train(dl.Single(), dl.Env(), **options)
+    return _run(dl.Single(), dl.Env(), **options)
 
 
 def _close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float) -> None:

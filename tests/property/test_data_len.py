@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 import distlib as dl
 from distlib.data import skip_first_batches
-from distlib.env import Env
+from distlib.testing import fake_env
 from tests.generators import world_and_rank
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -30,7 +30,7 @@ def test_len_remaining_and_skip_agree_with_a_fresh_pass(
         world_rank: tuple[int, int], n: int, per_rank: int, drop_last: bool, even: bool,
         split: bool, start: int) -> None:
     world, rank = world_rank
-    env = Env(rank=rank, world_size=world, local_rank=rank, local_world_size=world)
+    env = fake_env(rank, world)
     batch = per_rank * world if split else per_rank
     options = {"split_batches": split, "even_batches": even}
     fresh = [b.tolist() for b in dl.shard(_loader(n, batch, drop_last), env, **options)]

@@ -6,12 +6,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import distlib as dl
-from distlib.env import Env
+from distlib.testing import fake_env
 from tests.generators import PLAN_SETTINGS, world_and_rank
 
 
 def _chunk(items: list[int], world: int, rank: int, pad: bool) -> list[int]:
-    env = Env(rank=rank, world_size=world, local_rank=rank, local_world_size=world)
+    env = fake_env(rank, world)
     with dl.split_between_processes(items, env, apply_padding=pad) as mine:
         return list(mine)
 

@@ -19,30 +19,35 @@ from distlib.big_model.sizes import layout_of, module_sizes, parse_size
 from distlib.errors import DeviceMapError
 from distlib.launch.cli import main as cli_main
 
-transformers = pytest.importorskip("transformers")
-# import the model code now: its first import sets TORCHINDUCTOR_CACHE_DIR, which the
-# leak-checking fixture would otherwise blame on the first test
-from transformers import GPT2LMHeadModel, LlamaForCausalLM  # noqa: E402, F401
+# Tests that build transformers' models are skipped without it (the conftest fixture); the
+# rest of the file needs no transformers.
+needs_transformers = pytest.mark.usefixtures("transformers")
 
 
 def _gpt2_config() -> Any:
+    import transformers
+
     return transformers.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
 
 
 def _llama_config(layers: int = 4, **extra: Any) -> Any:
+    import transformers
+
     return transformers.LlamaConfig(num_hidden_layers=layers, hidden_size=32, intermediate_size=64,
                                     num_attention_heads=2, num_key_value_heads=1,
                                     vocab_size=100, **extra)
 
 
 def _empty(config: Any) -> Any:
+    import transformers
+
     with init_empty_weights():
         return transformers.AutoModelForCausalLM.from_config(config)
 
 
 # --- empty init -------------------------------------------------------------------------------
 
-def test_empty_init_puts_parameters_on_meta_and_keeps_buffers_real() -> None:
+def test_empty_init_puts_parameters_on_meta_and_keeps_buffers_real(transformers: Any) -> None:
     model = _empty(_llama_config(tie_word_embeddings=True))
     assert all(p.is_meta for p in model.parameters())
     inv_freq = model.model.rotary_emb.inv_freq
@@ -84,6 +89,7 @@ def test_parse_size_refuses_garbage(bad: Any) -> None:
         parse_size(bad)
 
 
+@needs_transformers
 def test_module_sizes_count_tied_once_and_shrink_to_the_dtype() -> None:
     model = _empty(_gpt2_config())
     layout = layout_of(model)
@@ -98,6 +104,7 @@ def test_module_sizes_count_tied_once_and_shrink_to_the_dtype() -> None:
 
 # --- the planner ------------------------------------------------------------------------------
 
+@needs_transformers
 def test_maps_equal_accelerates_on_gpt2_and_llama() -> None:
     accelerate = pytest.importorskip("accelerate.utils")
     rng = random.Random(0)
@@ -129,6 +136,7 @@ def test_maps_equal_accelerates_on_gpt2_and_llama() -> None:
     assert cases == 75
 
 
+@needs_transformers
 def test_explicit_budgets_never_ask_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden() -> None:
         raise AssertionError("asked the hardware")
@@ -140,6 +148,7 @@ def test_explicit_budgets_never_ask_the_hardware(monkeypatch: pytest.MonkeyPatch
     assert plan.as_dict()["model.embed_tokens"] == 0
 
 
+@needs_transformers
 def test_no_cpu_budget_warns_that_the_rest_goes_to_disk() -> None:
     model = _empty(_llama_config())
     with pytest.warns(UserWarning, match="names no 'cpu'"):
@@ -154,6 +163,7 @@ def test_hardware_budgets_when_max_memory_is_none() -> None:
     assert plan.as_dict() == {"": "cpu"} if not torch.cuda.is_available() else plan.devices
 
 
+@needs_transformers
 def test_impossible_budget_without_disk_says_what_is_needed() -> None:
     model = _empty(_llama_config())
     with pytest.raises(DeviceMapError, match=r"model of \d+ bytes.*fits on no device"):
@@ -185,6 +195,7 @@ def test_device_map_value() -> None:
         DeviceMap.of({"a": "tpu"})
 
 
+@needs_transformers
 def test_balanced_spreads_over_gpus_and_low_0_spares_gpu_0() -> None:
     model = _empty(_llama_config(8))
     budget = {0: "1GB", 1: "1GB", "cpu": "1GB"}

@@ -16,16 +16,15 @@ from distlib.big_model.checkpoint_io import OFFLOAD_ATTR, checkpoint_files, load
 from distlib.big_model.device_map import DeviceMap, infer_device_map
 from distlib.big_model.dispatch import dispatch, load_checkpoint_and_dispatch
 from distlib.big_model.empty import init_empty_weights
-from distlib.env import Env
 from distlib.errors import CheckpointError, DeviceMapError
-
-transformers = pytest.importorskip("transformers")
-from transformers import GPT2LMHeadModel, LlamaForCausalLM  # noqa: E402, F401  (see test_big_model)
+from distlib.testing import fake_env
 
 VOCAB = 101
 
 
 def _config(kind: str, **extra: Any) -> Any:
+    import transformers
+
     if kind == "gpt2":
         return transformers.GPT2Config(**{"n_layer": 3, "n_embd": 32, "n_head": 2,
                                           "vocab_size": VOCAB, "n_positions": 64, **extra})
@@ -47,8 +46,12 @@ def _save_bin_sharded(model: Any, folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Reference models with random weights, saved as sharded safetensors and as .bin."""
+def saved(transformers: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Reference models with random weights, saved as sharded safetensors and as .bin.
+
+    The tests that use them need transformers (they are skipped without it); the rest of the
+    file does not.
+    """
     out: dict[str, Any] = {}
     for kind, extra in (("gpt2", {}), ("llama", {}), ("llama_tied", {"tie_word_embeddings": True})):
         torch.manual_seed(0)
@@ -66,6 +69,8 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _empty(config: Any) -> Any:
+    import transformers
+
     with init_empty_weights():
         return transformers.AutoModelForCausalLM.from_config(config).eval()
 
@@ -111,7 +116,7 @@ def test_cpu_disk_dispatch_matches_the_plain_model(saved: dict[str, Any], kind: 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_dtype_conversion_matches_a_converted_plain_model(saved: dict[str, Any], kind: str,
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path, transformers: Any) -> None:
     case = saved[kind]
     reference = transformers.AutoModelForCausalLM.from_config(case["config"]).eval()
     reference.load_state_dict(case["model"].state_dict())
@@ -209,7 +214,7 @@ def test_progress_bar_on_main_rank_only(saved: dict[str, Any],
                                         capsys: pytest.CaptureFixture[str]) -> None:
     case = saved["gpt2"]
     for rank, shown in ((1, False), (0, True)):
-        env = Env(rank=rank, world_size=2, local_rank=rank, local_world_size=2)
+        env = fake_env(rank, 2)
         load_checkpoint_and_dispatch(_empty(case["config"]), case["safe"], {"": "cpu"}, env=env)
         assert ("loading weights" in capsys.readouterr().err) is shown
 

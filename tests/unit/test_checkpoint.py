@@ -20,29 +20,13 @@ import distlib as dl
 from distlib.checkpoint import MANIFEST
 from distlib.errors import CheckpointError
 from distlib.export import export_weights, merge_weights
+from tests.models import net, train_steps
 
 ENV = dl.Env()
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-
-
-def _train(model, optimizer, scheduler, loader, steps: int) -> list[float]:
-    """A few steps; returns the first input value of each batch seen."""
-    seen = []
-    for x, y in loader:
-        noise = torch.randn(1).item() * 1e-3  # consumes the RNG, so a resume must restore it
-        loss = torch.nn.functional.mse_loss(model(x) + noise, y)
-        dl.backward(loss, model)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        seen.append(float(x[0, 0]))
-        if len(seen) == steps:  # stop after a trained batch, as a job saving mid-epoch does
-            break
-    return seen
+    return net(4, 8, 2, seed=seed, hidden="relu")
 
 
 def _setup(precision: str = "no"):
@@ -64,13 +48,14 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path: pathlib.Path, precision: st
     random.seed(0)
     torch.manual_seed(0)
     straight = _setup(precision)
-    seen_straight = _train(*straight, steps=10)
+    model, optimizer, scheduler, loader = straight
+    seen_straight = train_steps(model, optimizer, loader, 10, scheduler=scheduler)
 
     random.seed(0)
     torch.manual_seed(0)
     first = _setup(precision)
-    seen = _train(*first, steps=5)
     model, optimizer, scheduler, loader = first
+    seen = train_steps(model, optimizer, loader, 5, scheduler=scheduler)
     dl.save_state(tmp_path / "ckpt", ENV, model=model, optimizer=optimizer, scheduler=scheduler,
                   loader=loader, step=5)
     torch.manual_seed(123)  # disturb the RNG: load_state must restore it
@@ -79,7 +64,7 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path: pathlib.Path, precision: st
     values = dl.load_state(tmp_path / "ckpt", ENV, model=model2, optimizer=optimizer2,
                            scheduler=scheduler2, loader=loader2)
     assert values == {"step": 5}
-    seen += _train(*resumed, steps=5)
+    seen += train_steps(model2, optimizer2, loader2, 5, scheduler=scheduler2)
 
     assert seen == seen_straight  # exactly the batches the uninterrupted run saw
     for a, b in zip(straight[0].parameters(), model2.parameters(), strict=True):
@@ -274,6 +259,7 @@ def test_merge_weights_command(tmp_path: pathlib.Path, capsys: pytest.CaptureFix
     assert not (tmp_path / "o2").exists()
 
 
+@pytest.mark.usefixtures("transformers")
 def test_export_loads_with_transformers_from_pretrained(tmp_path: pathlib.Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 

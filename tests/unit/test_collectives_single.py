@@ -11,10 +11,7 @@ import distlib as dl
 from distlib.env import Env
 from distlib.errors import CollectiveError, ShardingError
 from distlib.log import get_logger
-
-
-def _env(rank: int, world: int) -> Env:
-    return Env(rank=rank, world_size=world, local_rank=rank, local_world_size=world)
+from distlib.testing import fake_env
 
 
 def test_single_process_collectives_are_identities() -> None:
@@ -41,12 +38,12 @@ def test_split_between_processes_covers_in_order(n: int, world: int) -> None:
     items = [f"p{i}" for i in range(n)]
     chunks, padded, tensors = [], [], []
     for rank in range(world):
-        with dl.split_between_processes(items, _env(rank, world)) as mine:
+        with dl.split_between_processes(items, fake_env(rank, world)) as mine:
             chunks.append(mine)
-        with dl.split_between_processes(items, _env(rank, world), apply_padding=True) as mine:
+        with dl.split_between_processes(items, fake_env(rank, world), apply_padding=True) as mine:
             padded.append(mine)
         data = {"t": torch.arange(n), "s": tuple(items)}
-        with dl.split_between_processes(data, _env(rank, world), apply_padding=True) as mine:
+        with dl.split_between_processes(data, fake_env(rank, world), apply_padding=True) as mine:
             tensors.append(mine)
     assert [x for c in chunks for x in c] == items
     sizes = [len(c) for c in chunks]
@@ -58,15 +55,15 @@ def test_split_between_processes_covers_in_order(n: int, world: int) -> None:
         assert [t["t"].tolist() for t in tensors] == [[int(s[1:]) for s in p] for p in padded]
         assert [list(t["s"]) for t in tensors] == padded
     with pytest.raises(ShardingError, match="same length"), dl.split_between_processes(
-            {"a": [1], "b": [1, 2]}, _env(0, 2)):
+            {"a": [1], "b": [1, 2]}, fake_env(0, 2)):
         pass
 
 
 def test_logger_speaks_on_the_main_rank_only(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="distlib.test_log")
-    get_logger("distlib.test_log", _env(1, 2)).info("hidden")
-    get_logger("distlib.test_log", _env(1, 2)).info("everyone", main_process_only=False)
-    get_logger("distlib.test_log", _env(0, 2)).info("main")
+    get_logger("distlib.test_log", fake_env(1, 2)).info("hidden")
+    get_logger("distlib.test_log", fake_env(1, 2)).info("everyone", main_process_only=False)
+    get_logger("distlib.test_log", fake_env(0, 2)).info("main")
     assert [r.getMessage() for r in caplog.records] == ["[rank 1] everyone", "[rank 0] main"]
 
 
@@ -153,7 +150,7 @@ def test_check_must_be_a_bool_or_none(call: str) -> None:
             else (torch.ones(1),))
     with pytest.raises(CollectiveError, match=r"check must be True, False or None \(the Env's "
                        r"check_collectives\), but got 'no'"):
-        fn(*args, _env(0, 2), check="no")
+        fn(*args, fake_env(0, 2), check="no")
 
 
 def test_env_check_collectives_defaults_on_and_reads_its_variable() -> None:

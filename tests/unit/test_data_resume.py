@@ -16,7 +16,6 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     Dataset,
-    IterableDataset,
     RandomSampler,
     Sampler,
 )
@@ -25,12 +24,10 @@ import distlib as dl
 from distlib.data import skip_first_batches
 from distlib.env import Env
 from distlib.errors import ShardingError
+from distlib.testing import fake_env
+from tests.models import Stream
 
 ONE = Env()
-
-
-def _env(rank: int, world: int) -> Env:
-    return Env(rank=rank, world_size=world, local_rank=rank, local_world_size=world)
 
 
 def _flat(loader: Any) -> list[int]:
@@ -45,19 +42,6 @@ def _one_draw_after(state: torch.Tensor) -> torch.Tensor:
     after = torch.get_rng_state()
     torch.set_rng_state(saved)
     return after
-
-
-class Stream(IterableDataset[int]):
-    def __init__(self, n: int, sized: bool = True) -> None:
-        self.n, self.sized = n, sized
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(range(self.n))
-
-    def __len__(self) -> int:
-        if not self.sized:
-            raise TypeError("no length")
-        return self.n
 
 
 class Noisy(Dataset[int]):
@@ -201,7 +185,7 @@ def test_len_is_the_epoch_and_remaining_what_the_pass_has_left() -> None:
     assert _flat(loader) == [8, 9] and loader.position == (4, 4, True)
     loader.load_state_dict({"epoch": 0, "start_batch": 7})  # past the end: nothing left
     assert (len(loader), loader.remaining, _flat(loader)) == (5, 0, [])
-    stream = dl.shard(DataLoader(Stream(30), batch_size=4), _env(1, 2), start_batch=1)
+    stream = dl.shard(DataLoader(Stream(30), batch_size=4), fake_env(1, 2), start_batch=1)
     assert (len(stream), stream.remaining) == (4, 3)
     unsized = dl.shard(DataLoader(Stream(5, sized=False), batch_size=2), ONE)
     with pytest.raises(ShardingError, match="must have a length"):
@@ -248,7 +232,7 @@ def test_accumulate_closes_the_last_window_of_a_resumed_pass() -> None:
 def test_skip_first_batches_skips_the_next_pass_only_and_shares_the_position() -> None:
     make = lambda: DataLoader(list(range(20)), batch_size=2, shuffle=True)  # noqa: E731
     torch.manual_seed(3)
-    loader = dl.shard(make(), _env(0, 1))
+    loader = dl.shard(make(), fake_env(0, 1))
     epoch0 = _flat(loader)
     view = skip_first_batches(loader, 6)
     assert isinstance(view, dl.data.ShardedLoader) and view is not loader
@@ -256,7 +240,7 @@ def test_skip_first_batches_skips_the_next_pass_only_and_shares_the_position() -
     state = torch.get_rng_state()
     epoch1_rest = _flat(view)
     assert torch.equal(state, torch.get_rng_state())
-    reference = dl.shard(make(), _env(0, 1))
+    reference = dl.shard(make(), fake_env(0, 1))
     reference.load_state_dict({"epoch": 1, "start_batch": 0, "seed": loader.state_dict()["seed"]})
     epoch1 = _flat(reference)
     assert epoch1_rest == epoch1[12:] and epoch1 != epoch0
@@ -279,7 +263,7 @@ def test_skip_first_batches_mid_pass_state_and_unread_samples() -> None:
             return i
 
     data = Counting()
-    view = dl.shard(DataLoader(data, batch_size=2), _env(1, 2)).skip_first_batches(2)
+    view = dl.shard(DataLoader(data, batch_size=2), fake_env(1, 2)).skip_first_batches(2)
     it = iter(view)
     assert next(it).tolist() == [10, 11]
     assert view.state_dict() == {"epoch": 0, "start_batch": 3}  # a save here resumes after it

@@ -11,12 +11,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 
 import distlib as dl
 from distlib._shard_plan import keep_index
-from distlib.env import Env
 from distlib.errors import CollectiveError, ShardingError
-
-
-def _env(rank: int, world: int, **kw: object) -> Env:
-    return Env(rank=rank, world_size=world, local_rank=rank, local_world_size=world, **kw)
+from distlib.testing import fake_env
+from tests.models import Stream
 
 
 class Counting(Dataset[int]):
@@ -34,23 +31,10 @@ class Counting(Dataset[int]):
         return i
 
 
-class Stream(IterableDataset[int]):
-    def __init__(self, n: int, sized: bool = True) -> None:
-        self.n, self.sized = n, sized
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(range(self.n))
-
-    def __len__(self) -> int:
-        if not self.sized:
-            raise TypeError("no length")
-        return self.n
-
-
 def _passes(make: Any, world: int, **kw: Any) -> list[list[list[int]]]:
     out = []
     for rank in range(world):
-        loader = dl.shard(make(), _env(rank, world), **kw)
+        loader = dl.shard(make(), fake_env(rank, world), **kw)
         batches = [b.tolist() for b in loader]
         assert len(loader) == len(batches)
         out.append(batches)
@@ -61,7 +45,7 @@ def _dedup(make: Any, world: int, **kw: Any) -> list[int]:
     """What gather_metrics returns over a whole pass, computed rank by rank."""
     blocks, layout = [], []
     for rank in range(world):
-        loader = dl.shard(make(), _env(rank, world), **kw)
+        loader = dl.shard(make(), fake_env(rank, world), **kw)
         blocks.append([i for b in loader for i in b.tolist()])
         whole, steps = loader.metrics_layout()
         assert whole
@@ -115,7 +99,7 @@ def test_shuffle_with_generator_is_disjoint_and_reshuffles_per_epoch() -> None:
         return DataLoader(list(range(20)), batch_size=3, shuffle=True,
                           generator=torch.Generator().manual_seed(7))
 
-    loaders = [dl.shard(make(), _env(r, 2)) for r in range(2)]
+    loaders = [dl.shard(make(), fake_env(r, 2)) for r in range(2)]
     epochs = []
     for epoch in range(2):
         for loader in loaders:
@@ -128,15 +112,15 @@ def test_shuffle_with_generator_is_disjoint_and_reshuffles_per_epoch() -> None:
         epochs.append(gathered)
     assert epochs[0] != epochs[1]
     # Same epoch, fresh loaders: the same order (nothing depends on hidden state).
-    again = dl.shard(make(), _env(0, 2))
+    again = dl.shard(make(), fake_env(0, 2))
     again.set_epoch(1)
     assert [i for b in again for i in b.tolist()] == epochs[1][:len(epochs[1]) // 2]
 
 
 def test_start_batch_resumes_without_reading_skipped_samples() -> None:
-    full = [b.tolist() for b in dl.shard(DataLoader(list(range(20)), batch_size=2), _env(1, 2))]
+    full = [b.tolist() for b in dl.shard(DataLoader(list(range(20)), batch_size=2), fake_env(1, 2))]
     data = Counting(20)
-    loader = dl.shard(DataLoader(data, batch_size=2), _env(1, 2), start_batch=3)
+    loader = dl.shard(DataLoader(data, batch_size=2), fake_env(1, 2), start_batch=3)
     assert (len(loader), loader.remaining) == (len(full), len(full) - 3)
     assert [b.tolist() for b in loader] == full[3:]
     assert sorted(data.read) == sorted(i for b in full[3:] for i in b)
@@ -146,12 +130,12 @@ def test_start_batch_resumes_without_reading_skipped_samples() -> None:
 
 
 def test_state_dict_round_trip() -> None:
-    loader = dl.shard(DataLoader(list(range(12)), batch_size=2), _env(0, 2))
+    loader = dl.shard(DataLoader(list(range(12)), batch_size=2), fake_env(0, 2))
     it = iter(loader)
     next(it), next(it)
     state = loader.state_dict()
     assert state == {"epoch": 0, "start_batch": 2}
-    resumed = dl.shard(DataLoader(list(range(12)), batch_size=2), _env(0, 2))
+    resumed = dl.shard(DataLoader(list(range(12)), batch_size=2), fake_env(0, 2))
     resumed.load_state_dict(state)
     assert [b.tolist() for b in resumed] == [b.tolist() for b in it]
 
@@ -168,7 +152,7 @@ def test_iterable_dataset_dedups_to_exactly_the_dataset(world: int, split: bool)
 
 def test_iterable_start_batch_and_len() -> None:
     full = _passes(lambda: DataLoader(Stream(30), batch_size=4), 2)
-    loader = dl.shard(DataLoader(Stream(30), batch_size=4), _env(1, 2), start_batch=2)
+    loader = dl.shard(DataLoader(Stream(30), batch_size=4), fake_env(1, 2), start_batch=2)
     assert (len(loader), loader.remaining) == (len(full[1]), len(full[1]) - 2)
     assert [b.tolist() for b in loader] == full[1][2:]
     assert [b.tolist() for b in loader] == full[1]
@@ -185,7 +169,7 @@ def test_workers_keep_batches_and_layout() -> None:
         # A generator: without one the first pass agrees on a worker seed (a collective).
         src = DataLoader(list(range(23)), batch_size=3, num_workers=2, worker_init_fn=init,
                          persistent_workers=True, generator=torch.Generator().manual_seed(0))
-        loader = dl.shard(src, _env(rank, 2))
+        loader = dl.shard(src, fake_env(rank, 2))
         seen.append([b.tolist() for b in loader])
         assert loader._inner_loader(0).worker_init_fn is init
         workers = loader._inner_loader(0)._iterator
@@ -231,7 +215,7 @@ def test_batch_sampler_as_sampler_and_no_auto_batching() -> None:
     assert _passes(lambda: DataLoader(torch.arange(6), sampler=sampler, batch_size=None), 3) == [
         [[0, 1]], [[2, 3]], [[4, 5]]]
     singles = [[int(x) for x in dl.shard(DataLoader(list(range(5)), batch_size=None),
-                                         _env(r, 2))] for r in range(2)]
+                                         fake_env(r, 2))] for r in range(2)]
     assert singles == [[0, 2, 4], [1, 3, 0]]
 
 
@@ -243,16 +227,16 @@ def test_device_placement_and_structure() -> None:
         return {"pair": Pair(t, t * 2), "ids": [t], "name": "batch"}
 
     src = DataLoader(list(range(4)), batch_size=2, collate_fn=collate)
-    (first, _) = list(dl.shard(src, _env(0, 1, device="meta")))
+    (first, _) = list(dl.shard(src, fake_env(0, 1, device="meta")))
     assert first["pair"].x.device.type == "meta" and isinstance(first["pair"], Pair)
     assert first["ids"][0].device.type == "meta" and first["name"] == "batch"
-    kept = list(dl.shard(src, _env(0, 1, device="meta"), device_placement=False))
+    kept = list(dl.shard(src, fake_env(0, 1, device="meta"), device_placement=False))
     assert kept[0]["pair"].y.tolist() == [0, 2]
 
 
 def test_bad_input_is_a_clear_error() -> None:
     with pytest.raises(ShardingError, match="multiple of world_size"):
-        dl.shard(DataLoader(list(range(8)), batch_size=3), _env(0, 2), split_batches=True)
+        dl.shard(DataLoader(list(range(8)), batch_size=3), fake_env(0, 2), split_batches=True)
 
     class Zero:
         batch_size = 0
@@ -261,17 +245,17 @@ def test_bad_input_is_a_clear_error() -> None:
             return iter([])
 
     with pytest.raises(ShardingError, match="batch_size must be >= 1"):
-        dl.shard(DataLoader(list(range(8)), batch_sampler=Zero()), _env(0, 2))
-    unsized = dl.shard(DataLoader(Stream(5, sized=False), batch_size=2), _env(0, 2))
+        dl.shard(DataLoader(list(range(8)), batch_sampler=Zero()), fake_env(0, 2))
+    unsized = dl.shard(DataLoader(Stream(5, sized=False), batch_size=2), fake_env(0, 2))
     with pytest.raises(ShardingError, match="must have a length"):
         len(unsized)
     assert [b.tolist() for b in list(unsized)] == [[0, 1], [4, 0]]  # len() is a TypeError too
     with pytest.raises(ShardingError, match="batch_size"):
-        dl.shard(DataLoader(Stream(5), batch_size=None), _env(0, 2))
+        dl.shard(DataLoader(Stream(5), batch_size=None), fake_env(0, 2))
 
 
 def test_gather_metrics_single_process() -> None:
-    env = _env(0, 1)
+    env = fake_env(0, 1)
     loader = dl.shard(DataLoader(list(range(5)), batch_size=2), env)
     with pytest.raises(CollectiveError, match="has not started"):
         dl.gather_metrics(torch.zeros(2), env, loader)
@@ -295,14 +279,14 @@ def test_resumed_shuffled_epoch_has_the_same_order() -> None:
     def make() -> DataLoader[int]:
         return DataLoader(list(range(20)), batch_size=2, shuffle=True)  # no generator
 
-    first = dl.shard(make(), _env(0, 1))
+    first = dl.shard(make(), fake_env(0, 1))
     first.set_epoch(2)
     it = iter(first)
     seen = [next(it).tolist() for _ in range(3)]
     state = first.state_dict()
     rest = [b.tolist() for b in it]
     assert state["start_batch"] == 3 and "seed" in state
-    resumed = dl.shard(make(), _env(0, 1))
+    resumed = dl.shard(make(), fake_env(0, 1))
     resumed.load_state_dict(state)
     assert [b.tolist() for b in resumed] == rest
     assert sorted(i for b in seen + rest for i in b) == list(range(20))

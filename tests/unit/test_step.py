@@ -11,6 +11,8 @@ import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before th
 import distlib as dl
 from distlib.errors import StrategyError
 from distlib.step import MicroStep, plan_window
+from distlib.testing import fake_env
+from tests.models import net, train
 
 
 class _NoLen:
@@ -54,31 +56,25 @@ def test_accumulate_rejects_bad_steps() -> None:
 
 
 def _mlp() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    return net(4, 8, 2, hidden="tanh")
 
 
-def _train(precision: str, steps: int, batch: int, clip: float | None = None) -> list[torch.Tensor]:
+def _run(precision: str, steps: int, batch: int, clip: float | None = None) -> list[torch.Tensor]:
+    """Train `_mlp` on 24 rows in batches of ``batch`` (SGD); return its parameters."""
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model, opt = dl.wrap(model, dl.Env(precision=precision), optimizer=opt)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(24, 4, generator=g), torch.randn(24, 2, generator=g)
     loader = [(x[i:i + batch], y[i:i + batch]) for i in range(0, 24, batch)]
-    for (xb, yb), micro in dl.accumulate(loader, steps=steps):
-        dl.backward(torch.nn.functional.mse_loss(model(xb), yb), model, micro)
-        if micro.sync:
-            if clip is not None:
-                dl.clip_grad_norm(model, clip)
-            opt.step()
-            opt.zero_grad()
+    train([(model, opt)], loader, steps=steps, clip=clip)
     return [p.detach().clone() for p in dl.unwrap(model).parameters()]
 
 
 @pytest.mark.parametrize("precision", ["no", "fp16"])
 def test_two_half_batches_equal_one_full_batch(precision: str) -> None:
-    full = _train(precision, steps=1, batch=8)
-    halves = _train(precision, steps=2, batch=4)
+    full = _run(precision, steps=1, batch=8)
+    halves = _run(precision, steps=2, batch=4)
     tol = 1e-6 if precision == "no" else 5e-5  # fp16 rounds the two forwards differently
     for a, b in zip(full, halves, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=tol)
@@ -86,7 +82,7 @@ def test_two_half_batches_equal_one_full_batch(precision: str) -> None:
 
 def test_partial_last_window_is_averaged() -> None:
     # 24 rows: batches of 8 -> 3 batches; steps=2 -> windows of 2 and 1 batches.
-    got = _train("no", steps=2, batch=8)
+    got = _run("no", steps=2, batch=8)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(1)
@@ -100,8 +96,8 @@ def test_partial_last_window_is_averaged() -> None:
 
 
 def test_fp16_with_scaler_matches_fp32_closely_and_clip_unscales_first() -> None:
-    a = _train("no", steps=2, batch=4, clip=0.05)
-    b = _train("fp16", steps=2, batch=4, clip=0.05)
+    a = _run("no", steps=2, batch=4, clip=0.05)
+    b = _run("fp16", steps=2, batch=4, clip=0.05)
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=0.02, atol=2e-3)
 
@@ -122,7 +118,7 @@ def test_backward_on_a_plain_module_divides_by_window() -> None:
 
 
 def test_seed_is_reproducible_and_rank_specific() -> None:
-    env = dl.Env(rank=2, world_size=4, local_rank=2, local_world_size=4)
+    env = fake_env(2, 4)
     assert dl.seed(7, env) == 7
     first = (random.random(), torch.rand(1).item())
     dl.seed(7, env)

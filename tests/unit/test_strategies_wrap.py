@@ -13,20 +13,12 @@ from distlib.errors import ConfigError, PrecisionError, StrategyError
 from distlib.strategies import fsdp as fsdp_module
 from distlib.strategies.deepspeed import plan_config
 from distlib.strategies.fsdp import plan_units
-
-
-class Block(torch.nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(x))
+from distlib.testing import fake_env
+from tests.models import net, train, weights
 
 
 def _net() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(Block(8), Block(8), torch.nn.Linear(8, 2))
+    return net(8, 8, 8, 2)
 
 
 def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -35,26 +27,15 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
 
 
-def _train(strategy: object, precision: str = "no", steps: int = 2) -> torch.nn.Module:
+def _run(strategy: object, precision: str = "no", steps: int = 2) -> torch.nn.Module:
+    """Wrap this file's net with ``strategy`` and train it on `_data` (SGD, StepLR, clip 0.5)."""
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     model, opt, sched = dl.wrap(model, strategy, env=dl.Env(precision=precision),
                                 optimizer=opt, scheduler=sched)
-    for (x, y), micro in dl.accumulate(_data(), steps=steps):
-        dl.backward(torch.nn.functional.mse_loss(model(x), y), model, micro)
-        if micro.sync:
-            dl.clip_grad_norm(model, 0.5)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+    train([(model, opt, sched)], _data(), steps=steps, clip=0.5)
     return model
-
-
-def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    values = dl.unwrap(model).state_dict()
-    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in values.items()}
-    return {k: v.detach().float().clone() for k, v in full.items()}
 
 
 def test_wrap_returns_what_was_passed() -> None:
@@ -160,8 +141,8 @@ def test_ddp_bf16_comm_hook_needs_nccl(group: None) -> None:
 
 
 def test_ddp_in_a_one_rank_group_wraps_and_trains_like_single(group: None) -> None:
-    reference = _weights(_train(dl.Single()))
-    got = _weights(_train(dl.DDP(find_unused_parameters=True, comm_hook="fp16")))
+    reference = weights(_run(dl.Single()))
+    got = weights(_run(dl.DDP(find_unused_parameters=True, comm_hook="fp16")))
     for key in reference:
         torch.testing.assert_close(got[key], reference[key], rtol=1e-2, atol=1e-3)
 
@@ -182,11 +163,11 @@ def test_fsdp_needs_a_group() -> None:
 
 
 def test_fsdp_matches_single_and_rebinds_optimizer(group: None) -> None:
-    reference = _weights(_train(dl.Single()))
+    reference = weights(_run(dl.Single()))
     for strategy in (dl.FSDP(wrap_classes=("Block",)),
                      dl.FSDP(min_num_params=70, reshard_after_forward=False,
                              activation_checkpointing=True, state_dict_type="full")):
-        got = _weights(_train(strategy))
+        got = weights(_run(strategy))
         assert got.keys() == reference.keys()
         for key in reference:
             torch.testing.assert_close(got[key], reference[key], rtol=1e-5, atol=1e-6)
@@ -194,8 +175,8 @@ def test_fsdp_matches_single_and_rebinds_optimizer(group: None) -> None:
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_fsdp_mixed_precision_close_to_fp32(group: None, precision: str) -> None:
-    reference = _weights(_train(dl.Single()))
-    got = _weights(_train(dl.FSDP(wrap_classes=("Block",)), precision))
+    reference = weights(_run(dl.Single()))
+    got = weights(_run(dl.FSDP(wrap_classes=("Block",)), precision))
     for key in reference:
         torch.testing.assert_close(got[key], reference[key], rtol=0.05, atol=0.02)
 
@@ -220,7 +201,7 @@ def test_fsdp_state_dicts_sharded_and_full(group: None) -> None:
 
 
 def test_deepspeed_plan_config_fills_and_checks() -> None:
-    env = dl.Env(precision="bf16", rank=0, world_size=4, local_world_size=4)
+    env = fake_env(0, 4, precision="bf16")
     cfg = plan_config(dl.DeepSpeed(zero_stage=3, gradient_accumulation_steps=2,
                                    offload_optimizer="cpu", offload_param="cpu",
                                    config={"train_micro_batch_size_per_gpu": 8,
@@ -264,12 +245,9 @@ def test_deepspeed_zero_stages_match_single(group: None, monkeypatch: pytest.Mon
     monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher sets; DeepSpeed reads it
     # deepspeed's import runs os.environ.setdefault(...) on this; monkeypatch undoes it after.
     monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    import deepspeed
 
-    reference = _weights(_train(dl.Single()))
+    reference = weights(_run(dl.Single()))
     for stage in (0, 2, 3):
-        model = _train(dl.DeepSpeed(zero_stage=stage))
-        with deepspeed.zero.GatheredParameters(list(model.module.parameters())):
-            got = _weights(model)
+        got = weights(_run(dl.DeepSpeed(zero_stage=stage)))  # gathers ZeRO-3's partitions
         for key in reference:
             torch.testing.assert_close(got[key], reference[key], rtol=1e-5, atol=1e-6)
