@@ -292,7 +292,8 @@ def _save_parts(staging: pathlib.Path, env: Env, objects: Mapping[str, Any],
         "strategy": env.strategy.name,
         "kinds": dict(kinds),
         "values": {n: o for n, o in objects.items() if kinds[n] == "value"},
-        "models": {n: {"tensors": folders.describe_tensors(state[n]), "tied": _tied_names(objects[n])}
+        "models": {n: {"tensors": folders.describe_tensors(state[n]),
+                       "tied": _tied_names(objects[n])}
                    for n in objects if kinds[n] == "model"},
         "objects": sorted(small),
     }
