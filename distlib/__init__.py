@@ -36,8 +36,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("gather", "gather_object", "gather_metrics", "pad_across_processes", "reduce",
                      "broadcast", "broadcast_object", "barrier", "main_process_first"),
                     "distlib.collectives"),
-    "save_state": "distlib.checkpoint", "load_state": "distlib.checkpoint",
-    "save_model": "distlib.export",
+    "save_state": "distlib.checkpoint.state", "load_state": "distlib.checkpoint.state",
+    "save_model": "distlib.checkpoint.export",
     # porting conveniences
     "main_print": "distlib.log", "free_memory": "distlib.memory",
 }
@@ -54,7 +54,8 @@ if TYPE_CHECKING:
         load_checkpoint,
         load_checkpoint_and_dispatch,
     )
-    from distlib.checkpoint import load_state, save_state
+    from distlib.checkpoint.export import save_model
+    from distlib.checkpoint.state import load_state, save_state
     from distlib.collectives import (
         barrier,
         broadcast,
@@ -68,7 +69,6 @@ if TYPE_CHECKING:
     )
     from distlib.data import ShardPlan, shard, skip_first_batches, split_between_processes
     from distlib.env import Env, detect
-    from distlib.export import save_model
     from distlib.launch.launcher import LaunchResult, launch  # the package is callable
     from distlib.log import main_print
     from distlib.memory import free_memory

@@ -15,6 +15,7 @@ Anything refused is a `CheckpointError` naming the file, what was found and the 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import io
 import os
 import pathlib
@@ -24,7 +25,11 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, NoReturn
 
-from torch.distributed.checkpoint.filesystem import FileSystemReader
+import torch
+from torch.distributed.checkpoint import state_dict_loader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 
 from distlib.errors import CheckpointError
 
@@ -69,8 +74,6 @@ class _Refused(pickle.UnpicklingError):
 def _is_dtype(module: str, name: str) -> bool:
     if module != "torch":
         return False
-    import torch
-
     return isinstance(getattr(torch, name, None), torch.dtype)
 
 
@@ -94,8 +97,6 @@ class _RestrictedUnpickler(_PURE):  # type: ignore[misc]
 
     @staticmethod
     def _resolve(module: str, name: str) -> Any:
-        import importlib
-
         return getattr(importlib.import_module(module), name)
 
     def find_class(self, module: str, name: str) -> Any:
@@ -203,8 +204,6 @@ def _refused_name(exc: BaseException) -> str:
 
 def _unsafe_globals(source: str | os.PathLike[str] | io.BytesIO, exc: BaseException) -> str:
     """The globals outside weights_only's allow-list, as torch lists them (without running)."""
-    import torch
-
     try:
         if isinstance(source, io.BytesIO):
             source.seek(0)
@@ -232,8 +231,6 @@ def load_torch_file(source: str | os.PathLike[str] | io.BytesIO, *, file: str, c
         CheckpointError: the file holds other objects than weights_only admits (the message
             names the global), or it is damaged.
     """
-    import torch
-
     try:
         return torch.load(source, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
@@ -270,8 +267,6 @@ def check_torch_globals(file: str | os.PathLike[str], allowed: Iterable[str], *,
     Raises:
         CheckpointError: the file names another global, or cannot be scanned.
     """
-    import torch
-
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(file)
     except Exception as exc:
@@ -291,9 +286,6 @@ def check_torch_globals(file: str | os.PathLike[str], allowed: Iterable[str], *,
 
 def _check_metadata(metadata: Any, file: str, call: str) -> None:
     """The shapes DCP relies on; a stored file path must stay inside the folder."""
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
-
     def refuse(rule: str, got: str) -> NoReturn:
         msg = (f"{call}: {file} must be torch.distributed.checkpoint metadata whose {rule}, "
                f"but got {got}. {_REFUSED_FIX}")
@@ -344,8 +336,6 @@ class _SafeBytes:
         return getattr(self._planner, name)
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        import torch
-
         info = self._reader.storage_data[read_item.storage_index]
         file = os.path.join(os.fspath(self._reader.path), info.relative_path)
         entry = f"{file} (entry {read_item.dest_index.fqn!r})"
@@ -380,8 +370,6 @@ class SafeFileSystemReader(FileSystemReader):
             raise
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
         rank = kwargs.get("rank")
         name = ".metadata" if rank is None else f"__{rank}.metadata"
         metadata = self.guarded(lambda: read_dcp_metadata(
@@ -450,9 +438,6 @@ def read_dcp(state: dict[str, Any], folder: str | os.PathLike[str], *, no_dist: 
 
     Effects: reads the folder; fills ``state`` in place (collective unless ``no_dist``).
     """
-    from torch.distributed.checkpoint import state_dict_loader
-    from torch.distributed.checkpoint.api import CheckpointException
-
     reader = SafeFileSystemReader(folder, call=call)
     try:
         with warnings.catch_warnings():  # DCP's notice that it runs in one process: as asked

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("distlib.launch.launch_command", "run a script or module in N ranks (any setup)"),
     "config": ("distlib.launch.config_command", "write the launch config (questions or defaults)"),
     "test": ("distlib.launch.selftest", "launch a self-test under the config and report it"),
-    "merge-weights": ("distlib.export", "turn a save_state checkpoint into safetensors weights"),
+    "merge-weights": ("distlib.cli.merge_weights", "turn a save_state checkpoint into safetensors weights"),
 }
 
 

@@ -105,7 +105,7 @@ CHILD = textwrap.dedent(r'''
 
     def classify_torch_error():
         """torch.save to a path on the full disk (its C++ writer), as save_state classifies it."""
-        from distlib._checkpoint_folder import describe_failure
+        from distlib.checkpoint._folder import describe_failure
         target = disk / "probe" / "x.pt"
         target.parent.mkdir()
         fill_now(0)

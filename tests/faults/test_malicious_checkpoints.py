@@ -25,8 +25,8 @@ import distlib as dl
 from distlib._safe_unpickle import load_restricted, read_dcp, read_dcp_metadata
 from distlib.big_model.checkpoint_io import load_checkpoint
 from distlib.big_model.dispatch import dispatch
+from distlib.checkpoint import merge_weights
 from distlib.errors import CheckpointError
-from distlib.export import merge_weights
 from tests.models import net
 
 ENV = dl.Env()

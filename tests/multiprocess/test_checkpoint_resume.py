@@ -90,7 +90,7 @@ def _gpt2_config() -> Any:
 def _export_fsdp_gpt2(env: Any, folder: str) -> str:
     from transformers import GPT2LMHeadModel
 
-    from distlib.export import export_weights
+    from distlib.checkpoint import export_weights
 
     torch.manual_seed(5)
     model = dl.wrap(GPT2LMHeadModel(_gpt2_config()), dl.FSDP(), env=env)

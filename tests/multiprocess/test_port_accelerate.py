@@ -122,7 +122,7 @@ def _run_distlib(out: pathlib.Path) -> dict[str, Any]:
     import safetensors.torch
 
     import distlib as dl
-    from distlib.export import save_model
+    from distlib.checkpoint import save_model
     from distlib.memory import free_memory
     from distlib.runtime import process_group
     from tests.models import weights

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import distlib as dl
-from distlib.checkpoint import MANIFEST
+from distlib.checkpoint import export_weights, merge_weights
+from distlib.checkpoint._folder import MANIFEST
 from distlib.errors import CheckpointError
-from distlib.export import export_weights, merge_weights
 from tests.models import net, train_steps
 
 ENV = dl.Env()
@@ -261,6 +261,7 @@ def test_merge_weights_command(tmp_path: pathlib.Path, capsys: pytest.CaptureFix
 
 @pytest.mark.usefixtures("transformers")
 def test_export_loads_with_transformers_from_pretrained(tmp_path: pathlib.Path) -> None:
+    pytest.importorskip("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=32)
@@ -290,3 +291,15 @@ def test_saving_right_after_a_resume_keeps_the_position(tmp_path: pathlib.Path) 
     again = dl.shard(torch.utils.data.DataLoader(data, batch_size=2), ENV)
     dl.load_state(tmp_path / "b", ENV, loader=again)
     assert [float(x[0]) for (x,) in again] == [6.0, 8.0, 10.0, 12.0, 14.0]
+
+
+@pytest.mark.parametrize("first, second", [
+    ("distlib.checkpoint.export", "distlib.checkpoint.state"),
+    ("distlib.checkpoint.state", "distlib.checkpoint.export"),
+])
+def test_state_and_export_import_in_either_order(first: str, second: str) -> None:
+    # A fresh interpreter each time: an import circle between the two fails in one order.
+    code = f"import importlib; importlib.import_module({first!r}); importlib.import_module({second!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONWARNINGS": "error"})
+    assert done.returncode == 0, done.stderr

@@ -18,8 +18,8 @@ import torch
 import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before the leak check
 
 import distlib as dl
+from distlib.checkpoint.export import parse_shard_size, save_model
 from distlib.errors import ConfigError
-from distlib.export import parse_shard_size, save_model
 from distlib.log import main_print
 from distlib.memory import free_memory
 from distlib.precision import autocast

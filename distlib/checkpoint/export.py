@@ -5,12 +5,13 @@ folder the user owns. The export is what `distlib.load_checkpoint` and transform
 ``from_pretrained`` read:
 ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` shards with a
 ``model.safetensors.index.json``. Tied weights are written once (safetensors refuses tensors
-that share memory); loaders tie them again. ``distlib merge-weights`` is the offline form.
+that share memory); loaders tie them again. `merge_weights` (``distlib merge-weights``) is
+the offline form. The checkpoint folder it reads is `distlib.checkpoint._folder`'s format;
+gathering a wrapped model's full weights is asked of `distlib.checkpoint._wrapped`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -19,11 +20,21 @@ import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
+from distlib._safe_unpickle import read_dcp
+from distlib.big_model.sizes import parse_size
+from distlib.checkpoint import _folder as folders
+from distlib.checkpoint._wrapped import _full_state, _tied_names
+from distlib.collectives import barrier
 from distlib.env import Env
 from distlib.errors import CheckpointError, ConfigError
+from distlib.runtime import initialize
+from distlib.strategies.base import unwrap
 
-__all__ = ["add_arguments", "export_weights", "merge_weights", "parse_shard_size", "run",
-           "save_model", "write_safetensors"]
+__all__ = ["export_weights", "merge_weights", "parse_shard_size", "save_model",
+           "write_safetensors"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -58,11 +69,6 @@ def write_safetensors(state: Mapping[str, Any], out: str | os.PathLike[str], *,
 
     Effects: writes ``.<name>.partial`` beside ``out`` and renames it to ``out``.
     """
-    from safetensors.torch import save_file
-
-    from distlib.big_model.sizes import parse_size
-    from distlib.checkpoint import _swap_into_place
-
     drop = {name for group in tied for name in list(group)[1:]}
     tensors = {}
     for key, value in state.items():
@@ -87,30 +93,8 @@ def write_safetensors(state: Mapping[str, Any], out: str | os.PathLike[str], *,
         index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": {k: f for f, keys in zip(names, shards, strict=True) for k in keys}}
         (staging / INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
-    _swap_into_place(staging, out)
+    folders.swap_into_place(staging, out)
     return out
-
-
-def _full_state(model: Any, env: Env) -> dict[str, Any]:
-    """The whole model's tensors on the CPU of rank 0 (other ranks: empty)."""
-    from distlib.strategies._handle import handle_of
-    from distlib.strategies.base import unwrap
-
-    handle = handle_of(model)
-    module = unwrap(model)
-    if handle is not None and handle.engine is not None:
-        import deepspeed
-
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
-                                               enabled=handle.engine.zero_optimization_stage() == 3):
-            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-        return state if env.is_main else {}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(module, options=options)
-    return state if env.is_main else {}
 
 
 def export_weights(model: Any, out: str | os.PathLike[str], env: Env, *,
@@ -122,17 +106,13 @@ def export_weights(model: Any, out: str | os.PathLike[str], env: Env, *,
 
     Examples:
         >>> import torch, tempfile, os, distlib as dl
-        >>> from distlib.export import export_weights
+        >>> from distlib.checkpoint import export_weights
         >>> out = export_weights(torch.nn.Linear(2, 2), os.path.join(tempfile.mkdtemp(), "w"), dl.Env())
         >>> sorted(os.listdir(out))
         ['model.safetensors']
 
     Effects: joins the process group; rank 0 writes ``out`` atomically.
     """
-    from distlib.checkpoint import _tied_names
-    from distlib.collectives import barrier
-    from distlib.runtime import initialize
-
     initialize(env)
     state = _full_state(model, env)
     if env.is_main:
@@ -231,9 +211,6 @@ def save_model(model: Any, folder: str | os.PathLike[str], env: Env, *,
     Effects: joins the process group; gathers the weights; rank 0 writes the files (each
     shard complete before it is moved in, the index last); a barrier ends the call.
     """
-    from distlib.collectives import barrier
-    from distlib.strategies.base import unwrap
-
     if safe_serialization is not True:
         msg = (f"save_model(): safe_serialization must be True (distlib writes safetensors "
                f"only), but got {safe_serialization!r}. Drop the argument: transformers and "
@@ -266,13 +243,8 @@ def merge_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str
     Raises:
         CheckpointError: the folder is not a checkpoint, or holds no model ``name``.
     """
-    import torch
-
-    from distlib._safe_unpickle import read_dcp
-    from distlib.checkpoint import _quiet_single_process, _read_manifest, _resolve
-
-    folder = _resolve(checkpoint)
-    manifest = _read_manifest(folder)
+    folder = folders.resolve(checkpoint)
+    manifest = folders.read_manifest(folder)
     models = manifest["models"]
     if name not in models:
         msg = (f"merge_weights(): name must be a model saved in {folder}, but got {name!r}; "
@@ -280,29 +252,7 @@ def merge_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str
         raise CheckpointError(msg)
     tensors = {key: torch.empty(shape, dtype=getattr(torch, dt))
                for key, (shape, dt) in models[name]["tensors"].items()}
-    with _quiet_single_process():
+    with folders.quiet_single_process():
         read_dcp({name: tensors}, folder / "dcp", no_dist=True, call="merge_weights()")
     return write_safetensors(tensors, out, tied=models[name]["tied"],
                              max_shard_size=max_shard_size, dtype=dtype)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``distlib merge-weights``."""
-    parser.add_argument("checkpoint", help="a folder written by save_state")
-    parser.add_argument("out", help="the folder to write the safetensors export to")
-    parser.add_argument("--name", default="model", help="which saved model (default: model)")
-    parser.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                        help="convert floating weights")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``distlib merge-weights CHECKPOINT OUT``."""
-    import torch
-
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    out = merge_weights(args.checkpoint, args.out, name=args.name,
-                        max_shard_size=args.max_shard_size, dtype=dtypes.get(args.dtype or ""))
-    files = sorted(os.listdir(out))
-    print(f"wrote {len(files)} file(s) to {out}: {', '.join(files)}")
-    return 0

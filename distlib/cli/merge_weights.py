@@ -1,0 +1,36 @@
+"""``distlib merge-weights CHECKPOINT OUT``: a `save_state` checkpoint's model as safetensors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from distlib.checkpoint.export import merge_weights
+
+__all__ = ["add_arguments", "run"]
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``distlib merge-weights`` to ``parser``."""
+    parser.add_argument("checkpoint", help="a folder written by save_state")
+    parser.add_argument("out", help="the folder to write the safetensors export to")
+    parser.add_argument("--name", default="model", help="which saved model (default: model)")
+    parser.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+    parser.add_argument("--dtype", default=None, choices=list(_DTYPES),
+                        help="convert floating weights")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Merge the checkpoint's shards into ``args.out`` and print the files written.
+
+    Effects: writes ``args.out`` (atomically); prints one line.
+    """
+    out = merge_weights(args.checkpoint, args.out, name=args.name,
+                        max_shard_size=args.max_shard_size, dtype=_DTYPES.get(args.dtype or ""))
+    files = sorted(os.listdir(out))
+    print(f"wrote {len(files)} file(s) to {out}: {', '.join(files)}")
+    return 0
