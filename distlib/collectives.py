@@ -11,6 +11,10 @@ shape and dtype — in one small exchange (one 8-byte fingerprint per rank), and
 values, uninitialised memory or hanging. Turn it off for a hot loop with ``check=False`` on
 the call, for an Env with ``dataclasses.replace(env, check_collectives=False)``, or for a job
 with ``DISTLIB_CHECK_COLLECTIVES=0``; ``env.debug`` keeps it on whatever those say.
+
+The building blocks `distlib.metrics.gather_metrics` gathers with (`join_and_check`,
+`tensor_leaves`, `refill`, `gather_tensor`, `gather_packed`, `pad_dim`,
+`refuse_objects_on_xla`) are named without an underscore for it; they are not public API.
 """
 
 from __future__ import annotations
@@ -25,13 +29,12 @@ import torch
 import torch.distributed as dist
 
 from distlib import _xla, runtime
-from distlib._shard_plan import keep_index
 from distlib._tree import fold, is_namedtuple, is_tensor, leaves, map_tree, walk
 from distlib.env import Env
 from distlib.errors import CollectiveError
 
-__all__ = ["barrier", "broadcast", "broadcast_object", "gather", "gather_metrics",
-           "gather_object", "main_process_first", "pad_across_processes", "reduce"]
+__all__ = ["barrier", "broadcast", "broadcast_object", "gather", "gather_object",
+           "main_process_first", "pad_across_processes", "reduce"]
 
 _OPS = ("sum", "mean", "max", "min")
 
@@ -67,8 +70,8 @@ def _map(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:
     return map_tree(fn, x, other=_not_a_tensor)
 
 
-def _start(env: Env, call: str, x: Any, *, free_dim: int | None = None,
-           rows: bool = False, check: bool | None = None) -> None:
+def join_and_check(env: Env, call: str, x: Any, *, free_dim: int | None = None,
+                   rows: bool = False, check: bool | None = None) -> None:
     """Join the group; unless opted out, check that every rank passes the same kind of value."""
     checking = _checking(env, check)  # a bad ``check`` is refused before joining anything
     runtime.initialize(env)
@@ -127,7 +130,7 @@ def _check_agree(env: Env, call: str, sig: str) -> None:
     text = f"{call} of {sig}" if sig else call
     device = torch.device(env.device) if env.backend == "nccl" else torch.device("cpu")
     mine = torch.tensor([_fingerprint(text)], dtype=torch.int64, device=device)
-    prints = _gather_tensor(mine, env).tolist()
+    prints = gather_tensor(mine, env).tolist()
     if len(set(prints)) == 1:
         return
     every: list[Any] = [None] * env.world_size
@@ -148,7 +151,8 @@ def _disagreement(every: Sequence[str]) -> str:
             "shorter last batch? a branch taken on one rank only?).")
 
 
-def _no_objects_on_xla(env: Env, call: str) -> None:
+def refuse_objects_on_xla(env: Env, call: str) -> None:
+    """Raise `CollectiveError` on an XLA Env: Python objects need a torch.distributed group."""
     if env.backend == "xla":
         msg = (f"{call}: Python objects must travel between processes of a torch.distributed "
                f"group, but got an XLA Env with {env.world_size} replicas. Exchange tensors "
@@ -157,7 +161,8 @@ def _no_objects_on_xla(env: Env, call: str) -> None:
 
 
 # -- tensors ---------------------------------------------------------------------------------
-def _gather_tensor(t: torch.Tensor, env: Env) -> torch.Tensor:
+def gather_tensor(t: torch.Tensor, env: Env) -> torch.Tensor:
+    """Every rank's ``t`` along dim 0, rank 0 first (a 0-dim tensor is one row)."""
     t = (t[None] if t.dim() == 0 else t).contiguous()
     if env.backend == "xla":
         return _xla.all_gather(t)
@@ -203,9 +208,9 @@ def gather(x: Any, env: Env, *, check: bool | None = None) -> Any:
     if env.world_size == 1:
         tensor_leaves(x)
         return x
-    _start(env, "gather()", x, check=check)
+    join_and_check(env, "gather()", x, check=check)
     tensors = [t[None] if t.dim() == 0 else t for t in tensor_leaves(x)]
-    return refill(x, _gather_packed(tensors, env))
+    return refill(x, gather_packed(tensors, env))
 
 
 def gather_object(obj: Any, env: Env, *, check: bool | None = None) -> list[Any]:
@@ -221,8 +226,8 @@ def gather_object(obj: Any, env: Env, *, check: bool | None = None) -> list[Any]
     """
     if env.world_size == 1:
         return list(obj) if isinstance(obj, (list, tuple)) else [obj]
-    _start(env, "gather_object()", None, check=check)
-    _no_objects_on_xla(env, "gather_object()")
+    join_and_check(env, "gather_object()", None, check=check)
+    refuse_objects_on_xla(env, "gather_object()")
     every: list[Any] = [None] * env.world_size
     dist.all_gather_object(every, obj)
     if all(isinstance(o, (list, tuple)) for o in every):
@@ -250,7 +255,7 @@ def reduce(x: Any, env: Env, op: str = "mean", *, check: bool | None = None) -> 
         raise CollectiveError(msg)
     if env.world_size == 1:
         return _map(lambda t: t / 1 if op == "mean" and not t.is_floating_point() else t, x)
-    _start(env, f"reduce(op={op!r})", x, check=check)
+    join_and_check(env, f"reduce(op={op!r})", x, check=check)
     if env.backend == "xla":
         return _map(lambda t: _xla.all_reduce(t, op), x)
     red = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
@@ -280,7 +285,7 @@ def broadcast(x: Any, env: Env, src: int = 0, *, check: bool | None = None) -> A
     if env.world_size == 1:
         tensor_leaves(x)
         return x
-    _start(env, f"broadcast(src={src!r})", x, check=check)
+    join_and_check(env, f"broadcast(src={src!r})", x, check=check)
     if env.backend == "xla":
         return _map(lambda t: _xla.broadcast(t.clone(), src), x)
 
@@ -305,8 +310,8 @@ def broadcast_object(obj: Any, env: Env, src: int = 0, *, check: bool | None = N
     """
     if env.world_size == 1:
         return obj
-    _start(env, f"broadcast_object(src={src!r})", None, check=check)
-    _no_objects_on_xla(env, "broadcast_object()")
+    join_and_check(env, f"broadcast_object(src={src!r})", None, check=check)
+    refuse_objects_on_xla(env, "broadcast_object()")
     box = [obj if env.rank == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -337,16 +342,18 @@ def pad_across_processes(x: Any, env: Env, dim: int = 0, pad_index: int = 0,
     if env.world_size == 1:
         tensor_leaves(x)
         return x
-    _start(env, f"pad_across_processes(dim={dim!r})", x, free_dim=dim, check=check)
+    join_and_check(env, f"pad_across_processes(dim={dim!r})", x, free_dim=dim, check=check)
     tensors = tensor_leaves(x)
     sizes = torch.tensor([t.shape[dim] if -t.dim() <= dim < t.dim() else 0 for t in tensors],
                          dtype=torch.int64)
-    largest = _gather_tensor(sizes, env).view(env.world_size, -1).amax(dim=0).tolist()
-    return refill(x, [_pad(t, dim, size, pad_index, pad_first)
+    largest = gather_tensor(sizes, env).view(env.world_size, -1).amax(dim=0).tolist()
+    return refill(x, [pad_dim(t, dim, size, pad_index, pad_first)
                       for t, size in zip(tensors, largest, strict=True)])
 
 
-def _pad(t: torch.Tensor, dim: int, size: int, pad_index: Any, pad_first: bool) -> torch.Tensor:
+def pad_dim(t: torch.Tensor, dim: int, size: int, pad_index: Any,
+            pad_first: bool) -> torch.Tensor:
+    """``t`` grown to ``size`` along ``dim`` with ``pad_index`` (as it is if it has no ``dim``)."""
     if not -t.dim() <= dim < t.dim() or t.shape[dim] == size:
         return t
     shape = list(t.shape)
@@ -400,129 +407,12 @@ def main_process_first(env: Env, local: bool = False) -> Iterator[None]:
         barrier(env)
 
 
-# -- evaluation -------------------------------------------------------------------------------
-def gather_metrics(x: Any, env: Env, loader: Any, *, check: bool | None = None) -> Any:
-    """Gather predictions of every rank and drop the rows that padding duplicated.
-
-    Call it inside the loop over a loader from `distlib.shard` with this step's outputs, or
-    after the loop with everything the pass produced on this rank (required with
-    ``even_batches=False``, where ranks run out of batches at different steps). Over a whole
-    pass the rows are exactly the dataset's, in dataset order for a sequential sampler. Rows
-    are dim 0 of tensors (uneven sizes are fine) or the items of lists of plain objects.
-
-    Args:
-        x: a tensor, a list of plain objects, or lists / tuples / dicts of those.
-        env: this process's Env.
-        loader: the `ShardedLoader` that produced the batches.
-        check: compare the ranks' structures, dtypes and row shapes first (as in `gather`;
-            dim 0 may differ).
-
-    Returns:
-        The same structure holding every rank's real rows.
-
-    Raises:
-        CollectiveError: ``loader`` is not a sharded loader, ``x`` does not have this rank's
-            rows, a per-batch call with ``even_batches=False``, or the ranks' structures,
-            dtypes or row shapes disagree (the message names the rank).
-
-    Examples:
-        >>> import torch, distlib as dl
-        >>> loader = dl.shard(torch.utils.data.DataLoader(list(range(5)), batch_size=2), Env())
-        >>> [gather_metrics(b * 10, Env(), loader).tolist() for b in loader]
-        [[0, 10], [20, 30], [40]]
-
-    Effects: joins the process group on first need; the agreement check; one all-gather per
-    tensor and one object all-gather for the plain rows.
-    """
-    whole, steps = _layout(loader, env)
-    checked = False
-    if whole and not loader.even_batches and env.world_size > 1:
-        _start(env, "gather_metrics()", x, free_dim=0, rows=True, check=check)
-        checked = True
-        steps = _longest_layout(steps, env)
-    found = tensor_leaves(x, rows=True)
-    mine = sum(s.rows[env.rank] for s in steps)
-    for leaf in found:
-        if (leaf.shape[0] if isinstance(leaf, torch.Tensor) and leaf.dim() else
-                len(leaf) if not isinstance(leaf, torch.Tensor) else -1) != mine:
-            shape = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else len(leaf)
-            msg = (f"gather_metrics(): every tensor's dim 0 (or list's length) must be this "
-                   f"rank's {'pass' if whole else 'batch'} rows ({mine}), but got {shape}. "
-                   "Pass per-sample outputs; use gather() or reduce() for per-batch values.")
-            raise CollectiveError(msg)
-    if env.world_size == 1:
-        return x
-    if not checked:
-        _start(env, "gather_metrics()", x, free_dim=0, rows=True, check=check)
-    stride = max(sum(s.rows[r] for s in steps) for r in range(env.world_size))
-    # One step with equal rows everywhere (every per-batch call with even batches): the real
-    # rows are the first `real` of the gather, a slice. Otherwise pick them out by index.
-    keep: int | list[int] = (steps[0].real if len(steps) == 1 and min(steps[0].rows) == stride
-                             else keep_index(steps, stride))
-    if isinstance(x, torch.Tensor) and isinstance(keep, int):  # the common case, kept lean
-        full = _gather_tensor(_pad(x, 0, stride, 0, False), env)
-        return full if keep == len(full) else full[:keep]
-    return refill(x, _gather_rows(found, env, stride, keep), rows=True)
-
-
-def _layout(loader: Any, env: Env) -> tuple[bool, list[Any]]:
-    if not callable(getattr(loader, "metrics_layout", None)):
-        msg = (f"gather_metrics(): loader must be the loader distlib.shard() returned, but got "
-               f"{type(loader).__name__}. Write loader = dl.shard(loader, env) first.")
-        raise CollectiveError(msg)
-    whole, steps = loader.metrics_layout()
-    if not whole and not steps:
-        msg = ("gather_metrics(): the loader must have yielded a batch, but got a loader that "
-               "has not started. Call it inside `for batch in loader:` or after the loop.")
-        raise CollectiveError(msg)
-    if not whole and not loader.even_batches:
-        msg = ("gather_metrics(): with even_batches=False it must be called once after the "
-               "pass, but got a call in the middle of the pass (ranks run out of batches at "
-               "different steps, so a per-batch gather would hang). Collect this rank's "
-               "outputs and call gather_metrics(all_outputs, env, loader) after the loop.")
-        raise CollectiveError(msg)
-    return whole, steps
-
-
-def _longest_layout(steps: list[Any], env: Env) -> list[Any]:
-    """Every rank's layout is a prefix of the pass's; a rank that ran out early lacks the end."""
-    _no_objects_on_xla(env, "gather_metrics() with even_batches=False")
-    every: list[Any] = [None] * env.world_size
-    dist.all_gather_object(every, steps)
-    return max(every, key=len)
-
-
-def _gather_rows(leaves: Sequence[Any], env: Env, stride: int,
-                 keep: int | list[int]) -> list[Any]:
-    """Gather the leaves padded to ``stride`` rows; keep the first ``keep`` or those indexed."""
-    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    gathered = iter(_gather_packed([_pad(t, 0, stride, 0, False) for t in tensors], env))
-    objects = [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)]
-    every: list[Any] = [None] * env.world_size
-    if objects:
-        _no_objects_on_xla(env, "gather_metrics() of Python objects")
-        dist.all_gather_object(every, objects)
-    out: list[Any] = []
-    which = 0
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            full = next(gathered)
-            out.append((full if keep == len(full) else full[:keep]) if isinstance(keep, int) else
-                       full.index_select(0, torch.tensor(keep, device=full.device)))
-            continue
-        flat = [row for rank in every
-                for row in list(rank[which]) + [None] * (stride - len(rank[which]))]
-        out.append(type(leaf)(flat[:keep] if isinstance(keep, int) else (flat[i] for i in keep)))
-        which += 1
-    return out
-
-
-def _gather_packed(tensors: list[torch.Tensor], env: Env) -> list[torch.Tensor]:
+def gather_packed(tensors: list[torch.Tensor], env: Env) -> list[torch.Tensor]:
     """All-gather many tensors in one collective: their bytes, packed per device."""
     if len(tensors) <= 1 or len({t.device for t in tensors}) > 1:
-        return [_gather_tensor(t, env) for t in tensors]
+        return [gather_tensor(t, env) for t in tensors]
     flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-    parts = _gather_tensor(torch.cat(flat), env).view(env.world_size, -1)
+    parts = gather_tensor(torch.cat(flat), env).view(env.world_size, -1)
     out, at = [], 0
     for t, raw in zip(tensors, flat, strict=True):
         mine = parts[:, at:at + raw.numel()].contiguous().view(t.dtype)
