@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from distlib.big_model.checkpoint_io import (
+from distlib.big_model.files import (
     OFFLOAD_ATTR,
     OffloadSource,
     _offload,
@@ -498,7 +498,7 @@ def load_checkpoint_and_dispatch(
     if device_map is not None:  # before reading a byte: the planner's map too (explicit budgets)
         check_devices_exist(DeviceMap.of(device_map), *visible_devices(),
                             source="load_checkpoint_and_dispatch()")
-    from distlib.big_model.checkpoint_io import checkpoint_tensors
+    from distlib.big_model.files import checkpoint_tensors
 
     total = len(checkpoint_tensors(checkpoint))
     show = not quiet and (env is None or getattr(env, "is_main", True))
