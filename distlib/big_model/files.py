@@ -1,11 +1,11 @@
-"""Reading checkpoints without loading them whole: safetensors, ``.bin``/``.pt``, sharded.
+"""Checkpoint files: safetensors headers, ``.bin``/``.pt`` state dicts, index files, memory maps.
 
-Safetensors files are memory-mapped and parsed from their header; each tensor is read as a
-view of the map and copied once, to where it goes. ``.bin``/``.pt`` files are opened with
-``torch.load(weights_only=True, mmap=True)``: tensors only, never arbitrary objects.
-`load_checkpoint` streams tensor by tensor, so peak memory stays near what stays resident
-plus one tensor; weights planned for ``"disk"`` are left in the checkpoint's own files (or
-written once to ``offload_folder``) and recorded as `OffloadSource` values.
+Safetensors headers are validated as strictly as safetensors does before a byte of weights is
+read; each tensor is then a view of a private memory map of its file (`CheckpointReader`).
+``.bin``/``.pt`` files are opened with ``torch.load(weights_only=True, mmap=True)``: tensors
+only, never arbitrary objects. Index files must name shard files inside their folder. Where a
+tensor's bytes are is an `OffloadSource`; `distlib.big_model.loading` streams checkpoints with
+these readers and `distlib.big_model.offload` keeps disk weights in such files.
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ import pickle
 import struct
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from distlib.big_model.device_map import DeviceMap, check_devices_exist, visible_devices
-from distlib.big_model.sizes import TensorInfo, dtype_name, keep_in_fp32_of
+from distlib._safe_unpickle import _unsafe_globals
+from distlib.big_model.sizes import TensorInfo, dtype_name
 from distlib.errors import CheckpointError
 
-__all__ = ["OFFLOAD_ATTR", "OffloadSource", "checkpoint_files", "checkpoint_tensors",
-           "drop_pages", "load_checkpoint", "open_source", "read_safetensors_header"]
+__all__ = ["DTYPE_ITEMSIZE", "FLOATING_DTYPES", "CheckpointReader", "OffloadSource",
+           "checkpoint_files", "checkpoint_tensors", "drop_pages", "is_count", "map_file",
+           "numel", "read_safetensors_header", "view_of"]
 
-OFFLOAD_ATTR = "distlib_offload"  # model attribute: {tensor name: OffloadSource}
 _SAFE_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                 "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
                 "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
@@ -40,7 +40,10 @@ _TORCH_EXT = (".bin", ".pt", ".pth")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OffloadSource:
-    """Where a disk-offloaded tensor lives: a safetensors file and the bytes inside it."""
+    """Where a tensor's bytes are: a safetensors file and the byte range inside it.
+
+    A checkpoint's own tensors, and the disk-offloaded weights `dispatch` reads.
+    """
 
     file: str
     offset: int
@@ -53,8 +56,8 @@ _MAX_HEADER = 100_000_000  # safetensors' own limit
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
              "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
-_FLOATING = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
-_TORCH_ITEMSIZE = {_SAFE_DTYPES[code]: size for code, size in _ITEMSIZE.items()}
+FLOATING_DTYPES = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+DTYPE_ITEMSIZE = {_SAFE_DTYPES[code]: size for code, size in _ITEMSIZE.items()}
 
 
 def _corrupt(path: str, rule: str, got: str) -> CheckpointError:
@@ -76,7 +79,8 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN/Infinity; serde does not
 
 
-def _is_count(value: Any) -> bool:
+def is_count(value: Any) -> bool:
+    """A non-negative int (not a bool): a dimension, an offset or a byte count."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -105,13 +109,13 @@ def _check_entry(path: str, name: str, meta: Any) -> tuple[str, tuple[int, ...],
     if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
         raise _corrupt(path, f"tensor {name!r} has a dtype distlib reads (one of "
                        f"{', '.join(_ITEMSIZE)})", repr(dtype))
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
         raise _corrupt(path, f"tensor {name!r} has a shape of non-negative ints", repr(shape))
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))):
         raise _corrupt(path, f"tensor {name!r} has data_offsets [begin, end] of non-negative "
                        "ints", repr(offsets))
     begin, end = offsets
-    nbytes = _numel(shape) * _ITEMSIZE[dtype]
+    nbytes = numel(shape) * _ITEMSIZE[dtype]
     if end - begin != nbytes:
         raise _corrupt(path, f"tensor {name!r} spans shape x itemsize bytes ({shape} x "
                        f"{_ITEMSIZE[dtype]} for {dtype} = {nbytes})",
@@ -251,8 +255,6 @@ def _load_torch(path: str) -> Mapping[str, Any]:
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        from distlib._safe_unpickle import _unsafe_globals
-
         msg = (f"load_checkpoint(): {path} must hold only tensors (it is opened with "
                f"weights_only=True), but it asks for {_unsafe_globals(path, exc)}. "
                "distlib never unpickles arbitrary objects; re-save the weights as "
@@ -270,8 +272,9 @@ def _load_torch(path: str) -> Mapping[str, Any]:
     return data
 
 
-class _Reader:
-    """The open files of one checkpoint; yields ``(name, tensor view, source)`` per tensor."""
+class CheckpointReader:
+    """The files of one checkpoint, headers read and checked; `stream` yields ``(name, tensor
+    view, source)`` per tensor, each a view of the file's memory map (safetensors)."""
 
     def __init__(self, files: Sequence[str]) -> None:
         self.files = files
@@ -292,7 +295,7 @@ class _Reader:
         out: dict[str, TensorInfo] = {}
         for header in self.headers.values():
             for name, src in header.items():
-                out[name] = TensorInfo(name=name, numel=_numel(src.shape), dtype=src.dtype,
+                out[name] = TensorInfo(name=name, numel=numel(src.shape), dtype=src.dtype,
                                        shape=src.shape)
         for data in self.torch.values():
             for name, tensor in data.items():
@@ -303,9 +306,9 @@ class _Reader:
     def stream(self) -> Iterator[tuple[str, Any, OffloadSource | None]]:
         for file in self.files:
             if file in self.headers:
-                self.maps[file] = _map(file)
+                self.maps[file] = map_file(file)
                 for name, src in sorted(self.headers[file].items(), key=lambda i: i[1].offset):
-                    yield name, _view(self.maps[file], src), src
+                    yield name, view_of(self.maps[file], src), src
                 self.maps.pop(file)
             else:
                 for name, tensor in self.torch[file].items():
@@ -329,325 +332,35 @@ def drop_pages(mapped: mmap.mmap | None, src: OffloadSource) -> None:
         mapped.madvise(advice, start, stop - start)
 
 
-def _numel(shape: Sequence[int]) -> int:
+def numel(shape: Sequence[int]) -> int:
+    """The number of elements of a tensor of ``shape``."""
     count = 1
     for dim in shape:
         count *= dim
     return count
 
 
-def _map(path: str) -> mmap.mmap | None:
+def map_file(path: str) -> mmap.mmap | None:
+    """A private (copy-on-write) memory map of the whole file; None for an empty file."""
     if os.path.getsize(path) == 0:
         return None
     with open(path, "rb") as handle:
         return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
-def _view(mapped: mmap.mmap | None, src: OffloadSource) -> Any:
+def view_of(mapped: mmap.mmap | None, src: OffloadSource) -> Any:
+    """The tensor ``src`` describes, viewing the map's bytes (not copied)."""
     import torch
 
     dtype = getattr(torch, src.dtype)
     if mapped is None or src.nbytes == 0:
         return torch.empty(src.shape, dtype=dtype)
-    return torch.frombuffer(mapped, dtype=dtype, count=_numel(src.shape),
+    return torch.frombuffer(mapped, dtype=dtype, count=numel(src.shape),
                             offset=src.offset).view(src.shape)
-
-
-def open_source(src: OffloadSource, cache: dict[str, Any]) -> Any:
-    """Return a tensor viewing ``src`` through a memory map (``cache`` keeps maps per file)."""
-    if src.file not in cache:
-        cache[src.file] = _map(src.file)
-    return _view(cache[src.file], src)
 
 
 def checkpoint_tensors(checkpoint: str | os.PathLike[str]) -> dict[str, TensorInfo]:
     """Return name -> `TensorInfo` for every tensor, reading headers only (no weights)."""
-    return _Reader(checkpoint_files(checkpoint)).infos()
+    return CheckpointReader(checkpoint_files(checkpoint)).infos()
 
 
-def _model_tensors(model: Any) -> tuple[dict[str, Any], set[str]]:
-    """All parameter names (tied ones under every name) and persistent buffers; meta buffers."""
-    expected = dict(model.named_parameters(remove_duplicate=False))
-    empty: set[str] = set()
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        skip: set[str] = getattr(module, "_non_persistent_buffers_set", set())
-        for name, buffer in module._buffers.items():
-            if buffer is None:
-                continue
-            full = f"{prefix}.{name}" if prefix else name
-            if name not in skip:
-                expected[full] = buffer
-            elif buffer.is_meta:
-                empty.add(full)
-    return expected, empty
-
-
-def _mismatch_report(model: Any, expected: Mapping[str, Any], infos: Mapping[str, TensorInfo],
-                     groups: Mapping[str, tuple[str, ...]], strict: bool) -> str:
-    missing = [n for n in expected if n not in infos and not any(g in infos for g in groups.get(n, ()))
-               and (strict or expected[n].is_meta)]
-    unexpected = [n for n in infos if n not in expected] if strict else []
-    shapes = [f"{n}: checkpoint {list(infos[n].shape)} vs model {list(expected[n].shape)}"
-              for n in infos if n in expected and tuple(expected[n].shape) != infos[n].shape]
-    # a floating weight cannot take integers (they would replace it unconverted)
-    kinds = [f"{n}: checkpoint {infos[n].dtype} vs model {dtype_name(expected[n].dtype)}"
-             for n in infos if n in expected and expected[n].is_floating_point()
-             and infos[n].dtype not in _FLOATING]
-    lines = []
-    for title, names in (("missing from the checkpoint", missing),
-                         ("in the checkpoint but not in the model", unexpected),
-                         ("with different shapes", shapes),
-                         ("stored as integers where the model holds floats", kinds)):
-        if names:
-            shown = [f"{n} {list(expected[n].shape)}" if n in expected and ":" not in n else n
-                     for n in names[:20]]
-            more = f" (and {len(names) - 20} more)" if len(names) > 20 else ""
-            lines.append(f"  {len(names)} {title}: {', '.join(shown)}{more}")
-    return "\n".join(lines)
-
-
-def _target_dtype(name: str, current: Any, source: Any, dtype: Any, keep: Sequence[str]) -> Any:
-    import torch
-
-    if not source.is_floating_point:
-        return source
-    if dtype is not None:
-        parts = name.split(".")
-        if any(k in parts or name.startswith(k + ".") for k in keep):
-            return torch.float32
-        return dtype
-    return current if current.is_floating_point else source
-
-
-def _resolve_dtype(dtype: Any) -> Any:
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    return getattr(torch, dtype_name(dtype))
-
-
-def _place(model: Any, names: Sequence[str], value: Any) -> None:
-    """Put ``value`` under each of ``names`` (one Parameter shared by all tied names)."""
-    import torch
-
-    shared = None
-    for name in names:
-        owner, _, leaf = name.rpartition(".")
-        module = model.get_submodule(owner)
-        if leaf in module._parameters:
-            old = module._parameters[leaf]
-            if shared is None:
-                shared = torch.nn.Parameter(value, requires_grad=old.requires_grad)
-            module._parameters[leaf] = shared
-        else:
-            module._buffers[leaf] = value
-
-
-def _torch_device(device: Any) -> str:
-    return f"cuda:{device}" if isinstance(device, int) else str(device)
-
-
-def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
-                    device_map: DeviceMap | Mapping[str, Any] | None = None, dtype: Any = None,
-                    offload_folder: str | os.PathLike[str] | None = None, *,
-                    keep_in_fp32_modules: Sequence[str] | None = None, strict: bool = True,
-                    progress: Callable[[int], Any] | None = None, copy: bool = False) -> Any:
-    """Load ``checkpoint`` into ``model`` tensor by tensor, each straight to its device.
-
-    Names, shapes and file integrity are checked from the headers before any weight is read.
-    CPU weights from safetensors in their stored dtype are not copied: they stay views of a
-    private (copy-on-write) memory map of the file, so the checkpoint must not be rewritten
-    in place while the model lives (``copy=True`` copies them). Other weights are copied
-    once, to their device and dtype, and their pages of the map are dropped right after.
-    Tied parameters (stored once in safetensors) get one shared tensor. Weights mapped to
-    ``"disk"`` stay on the meta device; where they live is recorded in the model's
-    ``distlib_offload`` attribute for `dispatch` (the checkpoint's own safetensors bytes when
-    the dtype matches, else a copy written once to ``offload_folder``).
-
-    Args:
-        model: the module to fill (usually built under `init_empty_weights`).
-        checkpoint: a ``.safetensors``/``.bin``/``.pt`` file, an index ``.json`` or a folder.
-        device_map: where each tensor goes (``None``: where it is now, meta -> cpu).
-        dtype: the dtype floating weights are converted to; modules in
-            ``keep_in_fp32_modules`` (default: the model's ``_keep_in_fp32_modules``) stay
-            float32. ``None`` keeps the dtype of the model's own tensors.
-        offload_folder: where converted disk-offloaded weights are written.
-        keep_in_fp32_modules: module names kept in float32 when ``dtype`` is given.
-        strict: also refuse unexpected keys and missing keys of non-meta tensors.
-        progress: called with 1 after each tensor (a progress bar's ``update``).
-        copy: copy CPU weights into private memory even when they could stay backed by
-            the checkpoint's safetensors pages (copy-on-write memory maps, as
-            ``safetensors.torch.load_file`` and ``torch.load(mmap=True)`` give).
-
-    Returns:
-        ``model``, modified in place.
-
-    Raises:
-        CheckpointError: the files are missing, corrupt, unsafe or do not match the model.
-        DeviceMapError: ``device_map`` names a GPU (or MPS) this machine does not have.
-
-    Effects: reads the files; moves tensors to devices; may write ``offload_folder``; sets the
-    model's parameters and buffers and its ``distlib_offload`` attribute.
-
-    Examples:
-        >>> import os, tempfile, torch
-        >>> from safetensors.torch import save_file
-        >>> folder = tempfile.mkdtemp()
-        >>> save_file({"weight": torch.ones(2, 2), "bias": torch.zeros(2)},
-        ...           os.path.join(folder, "model.safetensors"))
-        >>> with torch.device("meta"):
-        ...     layer = torch.nn.Linear(2, 2)
-        >>> load_checkpoint(layer, folder).weight.sum().item()
-        4.0
-    """
-    files = checkpoint_files(checkpoint)
-    reader = _Reader(files)
-    infos = reader.infos()
-    expected, empty = _model_tensors(model)
-    groups = {n: g for g in _tied(model) for n in g}
-    report = _mismatch_report(model, expected, infos, groups, strict)
-    if report or empty:
-        extra = (f"\n  {len(empty)} non-persistent buffers on the meta device that no "
-                 f"checkpoint holds: {sorted(empty)[:10]} (build the model with "
-                 "init_empty_weights(include_buffers=False))") if empty else ""
-        msg = (f"load_checkpoint(): the checkpoint must match the model "
-               f"{type(model).__name__}, but {', '.join(files)[:300]} does not:\n{report}{extra}\n"
-               "Is this the checkpoint of another model or another config?")
-        raise CheckpointError(msg)
-    dmap = None if device_map is None else DeviceMap.of(device_map)
-    if dmap is not None:
-        check_devices_exist(dmap, *visible_devices(), source="load_checkpoint()")
-    _stream_into(model, reader, expected, groups, dmap, _resolve_dtype(dtype),
-                 keep_in_fp32_of(model, keep_in_fp32_modules), offload_folder, progress, copy)
-    return model
-
-
-def _tied(model: Any) -> tuple[tuple[str, ...], ...]:
-    from distlib.big_model.sizes import tied_groups
-
-    return tied_groups(model)
-
-
-def _offload(name: str, view: Any, src: OffloadSource | None, target: Any,
-             folder: str | os.PathLike[str] | None) -> OffloadSource:
-    """Keep a disk weight where it is when it can be read as is; else write it once."""
-    if src is not None and src.dtype == dtype_name(target):
-        return src
-    if folder is None:
-        why = "needs a dtype conversion" if src is not None else "comes from a .bin/.pt file"
-        msg = (f"load_checkpoint(): offload_folder must be given when a weight mapped to 'disk' "
-               f"{why}, but got None for {name!r}. Pass offload_folder='offload' (any "
-               "writable folder), or load safetensors in their stored dtype.")
-        raise CheckpointError(msg)
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(os.fspath(folder), f"{name}.safetensors")
-    save_file({name: view.to(dtype=target).contiguous()}, path)
-    return read_safetensors_header(path)[name]
-
-
-def write_offload_index(folder: str | os.PathLike[str], sources: Mapping[str, OffloadSource]) -> None:
-    """Write ``index.json`` in ``folder``: where each disk-offloaded tensor lives.
-
-    Effects: creates ``folder`` and writes the file.
-    """
-    os.makedirs(folder, exist_ok=True)
-    body = {n: {"file": s.file, "offset": s.offset, "nbytes": s.nbytes, "dtype": s.dtype,
-                "shape": list(s.shape)} for n, s in sources.items()}
-    with open(os.path.join(folder, "index.json"), "w", encoding="utf-8") as handle:
-        json.dump(body, handle)
-
-
-def read_offload_index(folder: str | os.PathLike[str]) -> dict[str, OffloadSource]:
-    """Read what `write_offload_index` wrote (empty when there is none), checking every entry.
-
-    Raises:
-        CheckpointError: the index is not JSON, or an entry's dtype, shape or byte range is
-            not one a weight can have in the file it names.
-    """
-    path = os.path.join(folder, "index.json")
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            body = json.load(handle)
-    except (OSError, ValueError) as exc:
-        msg = (f"dispatch(): {path} must be a JSON offload index written by load_checkpoint, "
-               f"but reading it failed ({type(exc).__name__}: {str(exc)[:200]}). Delete the "
-               "offload folder and load the checkpoint again.")
-        raise CheckpointError(msg) from None
-    if not isinstance(body, dict):
-        msg = (f"dispatch(): {path} must be a JSON object of tensor name -> source, but got a "
-               f"{type(body).__name__}. Delete the offload folder and load the checkpoint again.")
-        raise CheckpointError(msg)
-    return {name: _offload_entry(path, name, entry) for name, entry in body.items()}
-
-
-def _offload_entry(path: str, name: str, entry: Any) -> OffloadSource:
-    """One offload index entry as an `OffloadSource`, or the reason it cannot be one."""
-    keys = {"file", "offset", "nbytes", "dtype", "shape"}
-    problem = ""
-    if not isinstance(entry, dict) or set(entry) != keys:
-        problem = f"has the keys {sorted(entry) if isinstance(entry, dict) else entry!r:.80}"
-    elif not isinstance(entry["file"], str) or not os.path.isfile(entry["file"]):
-        problem = f"names a file that does not exist ({entry['file']!r:.200})"
-    elif entry["dtype"] not in _TORCH_ITEMSIZE:
-        problem = f"has the dtype {entry['dtype']!r:.40}"
-    elif not (isinstance(entry["shape"], list) and all(_is_count(d) for d in entry["shape"])
-              and _is_count(entry["offset"]) and _is_count(entry["nbytes"])):
-        problem = f"has the shape/offset/nbytes {entry['shape']!r:.60}/{entry['offset']!r}/" \
-                  f"{entry['nbytes']!r}"
-    elif entry["nbytes"] != _numel(entry["shape"]) * _TORCH_ITEMSIZE[entry["dtype"]]:
-        problem = f"spans {entry['nbytes']} bytes for shape {entry['shape']} of {entry['dtype']}"
-    elif entry["offset"] + entry["nbytes"] > os.path.getsize(entry["file"]):
-        problem = f"ends past the end of {entry['file']}"
-    if problem:
-        msg = (f"dispatch(): {path} must describe each offloaded weight by an existing file, a "
-               f"known dtype and a byte range matching its shape, but {name!r} {problem}. "
-               "Delete the offload folder and load the checkpoint again.")
-        raise CheckpointError(msg)
-    return OffloadSource(file=entry["file"], offset=entry["offset"], nbytes=entry["nbytes"],
-                         dtype=entry["dtype"], shape=tuple(entry["shape"]))
-
-
-def _stream_into(model: Any, reader: _Reader, expected: Mapping[str, Any],
-                 groups: Mapping[str, tuple[str, ...]], dmap: DeviceMap | None, dtype: Any,
-                 keep: Sequence[str], folder: str | os.PathLike[str] | None,
-                 progress: Callable[[int], Any] | None, copy: bool) -> None:
-    import torch
-
-    offloaded: dict[str, OffloadSource] = dict(getattr(model, OFFLOAD_ATTR, None) or {})
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    for name, view, src in reader.stream():
-        if name in expected:
-            names = groups.get(name, (name,))
-            current = expected[name]
-            target = _target_dtype(name, current.dtype, view.dtype, dtype, keep)
-            device = dmap.device_of(name) if dmap is not None else None
-            if device == "disk" and name in params:
-                source = _offload(name, view, src, target, folder)
-                if src is not None and source is not src:
-                    reader.release(src)
-                offloaded.update(dict.fromkeys(names, source))
-                _place(model, names, torch.empty(view.shape, dtype=target, device="meta"))
-            else:
-                if device is None or device == "disk":
-                    where = "cpu" if current.is_meta else current.device
-                else:
-                    where = _torch_device(device)
-                if src is not None and not copy and str(where) == "cpu" and view.dtype == target:
-                    value = view  # backed by the file's pages (copy-on-write), not copied
-                else:
-                    value = view.to(device=where, dtype=target, copy=True)
-                    if src is not None:
-                        reader.release(src)
-                _place(model, names, value)
-                for alias in names:
-                    offloaded.pop(alias, None)
-        if progress is not None:
-            progress(1)
-    object.__setattr__(model, OFFLOAD_ATTR, offloaded)
-    if folder is not None and offloaded:
-        write_offload_index(folder, offloaded)
