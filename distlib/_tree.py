@@ -40,8 +40,11 @@ def is_namedtuple(x: object) -> bool:
 
 def _children(x: object) -> Iterable[Any] | None:
     """The children of a container, in order; None for anything that is not one."""
-    if isinstance(x, Mapping):
-        return x.values()
+    kind = type(x)
+    if kind is list or kind is tuple:  # the common cases first: the walk is on hot paths
+        return x  # type: ignore[return-value]
+    if kind is dict or isinstance(x, Mapping):
+        return x.values()  # type: ignore[attr-defined,no-any-return]
     if isinstance(x, (list, tuple)):
         return x
     return None
@@ -112,12 +115,21 @@ def leaves(x: Any, *, is_leaf: Callable[[Any], bool] = is_tensor,
         >>> leaves({"a": [torch.ones(1), 3], "b": (torch.zeros(2),)})
         [tensor([1.]), tensor([0., 0.])]
     """
-    out = []
-    for value in walk(x, is_leaf=is_leaf):
+    out: list[Any] = []
+
+    def collect(value: Any) -> None:
         if is_leaf(value):
             out.append(value)
-        elif other is not None:
-            other(value)
+            return
+        children = _children(value)
+        if children is None:
+            if other is not None:
+                other(value)
+            return
+        for child in children:
+            collect(child)
+
+    collect(x)
     return out
 
 
@@ -140,12 +152,17 @@ def fold(leaf: Callable[[Any], T], node: Callable[[Any, list[T]], T], x: Any, *,
         ...      {"a": torch.ones(2, 3), "b": [torch.ones(4)]})
         10
     """
-    if is_leaf(x):
-        return leaf(x)
-    children = _children(x)
-    if children is None:
-        return leaf(x) if other is None else other(x)
-    return node(x, [fold(leaf, node, c, is_leaf=is_leaf, other=other) for c in children])
+    on_other = leaf if other is None else other
+
+    def go(value: Any) -> T:
+        if is_leaf(value):
+            return leaf(value)
+        children = _children(value)
+        if children is None:
+            return on_other(value)
+        return node(value, [go(c) for c in children])
+
+    return go(x)
 
 
 def map_tree(fn: Callable[[Any], Any], x: Any, *,
@@ -167,9 +184,12 @@ def map_tree(fn: Callable[[Any], Any], x: Any, *,
         >>> map_tree(lambda t: t * 2, Batch(torch.ones(1), [torch.ones(1), "id"]))
         Batch(x=tensor([2.]), y=[tensor([2.]), 'id'])
     """
-    if is_leaf(x):
-        return fn(x)
-    children = _children(x)
-    if children is None:
-        return x if other is None else other(x)
-    return rebuild(x, [map_tree(fn, c, is_leaf=is_leaf, other=other) for c in children])
+    def go(value: Any) -> Any:
+        if is_leaf(value):
+            return fn(value)
+        children = _children(value)
+        if children is None:
+            return value if other is None else other(value)
+        return rebuild(value, [go(c) for c in children])
+
+    return go(x)
