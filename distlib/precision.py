@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distlib._tree import map_tree
 from distlib.errors import PrecisionError
+
+if TYPE_CHECKING:  # env imports this module's Precision value (see the layering note)
+    from distlib.env import Env
 
 __all__ = [
     "AutocastForward",
@@ -141,7 +144,7 @@ def check_supported(precision: object, device: str) -> Precision:
 
 
 @contextlib.contextmanager
-def autocast(env: Any) -> Iterator[None]:
+def autocast(env: Env) -> Iterator[None]:
     """Run the body in the autocast that a model wrapped under ``env`` uses for its forward.
 
     For code outside the model — a loss computed on the outputs, a second head, an

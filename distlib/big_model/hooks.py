@@ -1,6 +1,6 @@
 """The forward hooks that run a dispatched model across its devices and the disk.
 
-`distlib.big_model.dispatch` places the tensors and fills a `HookState`; `attach_hooks`
+`distlib.big_model.placement` places the tensors and fills a `HookState`; `attach_hooks`
 then gives each entry of the device map a forward pre-hook (``register_forward_pre_hook``) that
 moves the inputs to the entry's execution device and brings offloaded weights there just in
 time, and a forward hook that sends them home afterwards; ``forward`` itself is never

@@ -23,8 +23,8 @@ from torch.distributed.checkpoint import FileSystemReader, state_dict_loader
 
 import distlib as dl
 from distlib._safe_unpickle import load_restricted, read_dcp, read_dcp_metadata
-from distlib.big_model.dispatch import dispatch
 from distlib.big_model.loading import load_checkpoint
+from distlib.big_model.placement import dispatch
 from distlib.errors import CheckpointError
 from distlib.export import merge_weights
 

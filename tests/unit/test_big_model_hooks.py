@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from distlib.big_model import hooks
-from distlib.big_model.dispatch import dispatch
+from distlib.big_model.placement import dispatch
 
 
 class Batch(NamedTuple):

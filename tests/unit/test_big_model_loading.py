@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from distlib.big_model.device_map import DeviceMap, infer_device_map
-from distlib.big_model.dispatch import dispatch, load_checkpoint_and_dispatch
 from distlib.big_model.empty import init_empty_weights
 from distlib.big_model.files import checkpoint_files
 from distlib.big_model.loading import load_checkpoint
 from distlib.big_model.offload import OFFLOAD_ATTR
+from distlib.big_model.placement import dispatch, load_checkpoint_and_dispatch
 from distlib.env import Env
 from distlib.errors import CheckpointError, DeviceMapError
 

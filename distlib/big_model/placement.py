@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distlib.big_model.device_map import (
     DeviceMap,
@@ -27,6 +27,9 @@ from distlib.big_model.offload import (
     write_offload_index,
 )
 from distlib.errors import DeviceMapError
+
+if TYPE_CHECKING:
+    from distlib.env import Env
 
 __all__ = ["dispatch", "load_checkpoint_and_dispatch"]
 
@@ -171,7 +174,7 @@ def load_checkpoint_and_dispatch(
         no_split_module_classes: Sequence[str] | None = None,
         offload_folder: str | os.PathLike[str] | None = None, dtype: Any = None, *,
         offload_buffers: bool = False, keep_in_fp32_modules: Sequence[str] | None = None,
-        strict: bool = True, env: Any = None, quiet: bool = False) -> Any:
+        strict: bool = True, env: Env | None = None, quiet: bool = False) -> Any:
     """Plan (when asked), load ``checkpoint`` into ``model`` and `dispatch` it, in one call.
 
     Args:
