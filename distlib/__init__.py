@@ -33,9 +33,10 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("init_empty_weights", "init_on_device", "infer_device_map", "DeviceMap",
                      "load_checkpoint", "dispatch", "load_checkpoint_and_dispatch"),
                     "distlib.big_model"),
-    **dict.fromkeys(("gather", "gather_object", "gather_metrics", "pad_across_processes", "reduce",
+    **dict.fromkeys(("gather", "gather_object", "pad_across_processes", "reduce",
                      "broadcast", "broadcast_object", "barrier", "main_process_first"),
                     "distlib.collectives"),
+    "gather_metrics": "distlib.metrics",
     "save_state": "distlib.checkpoint.state", "load_state": "distlib.checkpoint.state",
     "save_model": "distlib.checkpoint.export",
     # porting conveniences
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
         broadcast,
         broadcast_object,
         gather,
-        gather_metrics,
         gather_object,
         main_process_first,
         pad_across_processes,
@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from distlib.launch.launcher import LaunchResult, launch  # the package is callable
     from distlib.log import main_print
     from distlib.memory import free_memory
+    from distlib.metrics import gather_metrics
     from distlib.precision import Precision, autocast
     from distlib.step import MicroStep, accumulate, backward, clip_grad_norm, seed
     from distlib.strategies._handle import AccelerateScheduler

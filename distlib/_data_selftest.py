@@ -22,8 +22,9 @@ def check_sharded_loader(env: Env) -> str:
     """
     from torch.utils.data import DataLoader, IterableDataset
 
-    from distlib.collectives import gather_metrics, gather_object
+    from distlib.collectives import gather_object
     from distlib.data import shard
+    from distlib.metrics import gather_metrics
 
     class Stream(IterableDataset):  # type: ignore[type-arg]
         def __init__(self, n: int) -> None:

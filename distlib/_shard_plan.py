@@ -1,7 +1,7 @@
 """Which samples each rank reads in each step, and which gathered rows are padding (pure).
 
 Everything here is index arithmetic over plain values; `distlib.data` is the thin shell that
-applies it to a torch ``DataLoader`` and `distlib.collectives.gather_metrics` uses the dedup
+applies it to a torch ``DataLoader`` and `distlib.metrics.gather_metrics` uses the dedup
 helper. The rules (the same batches Accelerate's ``prepare`` gives):
 
 * A *step* is one batch on every rank. Its *global batch* holds ``G`` samples: the loader's

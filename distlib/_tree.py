@@ -5,21 +5,32 @@ output the same way: containers are rebuilt with their own type (a namedtuple st
 namedtuple, an ``OrderedDict`` or a ``defaultdict`` keeps its class and factory, a
 ``BatchEncoding`` stays one), leaves chosen by ``is_leaf`` are replaced, anything else is
 kept as it is.
+
+Importing this module imports no torch (the torch-free `distlib.precision` and
+`distlib.big_model` use it): a value can only be a tensor once torch has been imported.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 
-import torch
+__all__ = ["fold", "is_namedtuple", "is_tensor", "leaves", "map_tree", "rebuild", "walk"]
 
-__all__ = ["is_namedtuple", "is_tensor", "leaves", "map_tree", "rebuild", "walk"]
+T = TypeVar("T")
 
 
 def is_tensor(x: object) -> bool:
-    """The default leaf: a ``torch.Tensor``."""
-    return isinstance(x, torch.Tensor)
+    """The default leaf: a ``torch.Tensor``.
+
+    Examples:
+        >>> import torch
+        >>> is_tensor(torch.ones(1)), is_tensor([1.0])
+        (True, False)
+    """
+    torch = sys.modules.get("torch")  # not imported yet: nothing can be a tensor
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def is_namedtuple(x: object) -> bool:
@@ -29,8 +40,11 @@ def is_namedtuple(x: object) -> bool:
 
 def _children(x: object) -> Iterable[Any] | None:
     """The children of a container, in order; None for anything that is not one."""
-    if isinstance(x, Mapping):
-        return x.values()
+    kind = type(x)
+    if kind is list or kind is tuple:  # the common cases first: the walk is on hot paths
+        return x  # type: ignore[return-value]
+    if kind is dict or isinstance(x, Mapping):
+        return x.values()  # type: ignore[attr-defined,no-any-return]
     if isinstance(x, (list, tuple)):
         return x
     return None
@@ -40,13 +54,13 @@ def _rebuild_mapping(x: Mapping[Any, Any], values: Iterable[Any]) -> Mapping[Any
     pairs = dict(zip(x.keys(), values, strict=True))
     if isinstance(x, MutableMapping) and callable(getattr(x, "copy", None)):
         try:
-            out = x.copy()  # keeps the class, a defaultdict's factory, a BatchEncoding's extras
-        except Exception:
+            out = x.copy()  # type: ignore[attr-defined]  # keeps the class, a defaultdict's
+        except Exception:   # factory, a BatchEncoding's extras
             out = None
-        if isinstance(out, MutableMapping):
+        if type(out) is type(x):  # a dict subclass's copy() is a plain dict: built below
             for key, value in pairs.items():
                 out[key] = value
-            return out
+            return out  # type: ignore[no-any-return]
     try:
         return type(x)(pairs)  # type: ignore[call-arg]
     except Exception:
@@ -86,14 +100,69 @@ def walk(x: Any, *, is_leaf: Callable[[Any], bool] = is_tensor) -> Iterator[Any]
         yield from walk(child, is_leaf=is_leaf)
 
 
-def leaves(x: Any, *, is_leaf: Callable[[Any], bool] = is_tensor) -> list[Any]:
+def leaves(x: Any, *, is_leaf: Callable[[Any], bool] = is_tensor,
+           other: Callable[[Any], Any] | None = None) -> list[Any]:
     """The leaves of ``x`` in order (values that are neither leaves nor containers are skipped).
 
+    Args:
+        x: a leaf, or lists, tuples, namedtuples and mappings nesting leaves.
+        is_leaf: what counts as a leaf.
+        other: called on every value that is neither a leaf nor a container (its result is
+            dropped); raise from it to refuse such values.
+
     Examples:
+        >>> import torch
         >>> leaves({"a": [torch.ones(1), 3], "b": (torch.zeros(2),)})
         [tensor([1.]), tensor([0., 0.])]
     """
-    return [v for v in walk(x, is_leaf=is_leaf) if is_leaf(v)]
+    out: list[Any] = []
+
+    def collect(value: Any) -> None:
+        if is_leaf(value):
+            out.append(value)
+            return
+        children = _children(value)
+        if children is None:
+            if other is not None:
+                other(value)
+            return
+        for child in children:
+            collect(child)
+
+    collect(x)
+    return out
+
+
+def fold(leaf: Callable[[Any], T], node: Callable[[Any, list[T]], T], x: Any, *,
+         is_leaf: Callable[[Any], bool] = is_tensor,
+         other: Callable[[Any], T] | None = None) -> T:
+    """Reduce ``x`` bottom-up: ``leaf`` on each leaf, ``node`` on each container.
+
+    Args:
+        leaf: called on each leaf.
+        node: called on each container with the results of its children, in order.
+        x: a leaf, or lists, tuples, namedtuples and mappings nesting leaves.
+        is_leaf: what counts as a leaf.
+        other: called on every value that is neither a leaf nor a container (default:
+            ``leaf``); raise from it to refuse such values.
+
+    Examples:
+        >>> import torch
+        >>> fold(lambda t: t.numel(), lambda c, sizes: sum(sizes),
+        ...      {"a": torch.ones(2, 3), "b": [torch.ones(4)]})
+        10
+    """
+    on_other = leaf if other is None else other
+
+    def go(value: Any) -> T:
+        if is_leaf(value):
+            return leaf(value)
+        children = _children(value)
+        if children is None:
+            return on_other(value)
+        return node(value, [go(c) for c in children])
+
+    return go(x)
 
 
 def map_tree(fn: Callable[[Any], Any], x: Any, *,
@@ -102,21 +171,25 @@ def map_tree(fn: Callable[[Any], Any], x: Any, *,
     """Apply ``fn`` to every leaf of ``x``, rebuilding each container with its own type.
 
     Args:
-        fn: called on each leaf (by default each tensor).
+        fn: called on each leaf (by default each tensor), depth first, in order.
         x: a leaf, or lists, tuples, namedtuples and mappings nesting leaves.
         is_leaf: what counts as a leaf.
         other: called on every value that is neither a leaf nor a container (default: kept);
             raise from it to refuse such values.
 
     Examples:
+        >>> import torch
         >>> from collections import namedtuple
         >>> Batch = namedtuple("Batch", "x y")
         >>> map_tree(lambda t: t * 2, Batch(torch.ones(1), [torch.ones(1), "id"]))
         Batch(x=tensor([2.]), y=[tensor([2.]), 'id'])
     """
-    if is_leaf(x):
-        return fn(x)
-    children = _children(x)
-    if children is None:
-        return x if other is None else other(x)
-    return rebuild(x, [map_tree(fn, c, is_leaf=is_leaf, other=other) for c in children])
+    def go(value: Any) -> Any:
+        if is_leaf(value):
+            return fn(value)
+        children = _children(value)
+        if children is None:
+            return value if other is None else other(value)
+        return rebuild(value, [go(c) for c in children])
+
+    return go(x)

@@ -11,6 +11,10 @@ shape and dtype — in one small exchange (one 8-byte fingerprint per rank), and
 values, uninitialised memory or hanging. Turn it off for a hot loop with ``check=False`` on
 the call, for an Env with ``dataclasses.replace(env, check_collectives=False)``, or for a job
 with ``DISTLIB_CHECK_COLLECTIVES=0``; ``env.debug`` keeps it on whatever those say.
+
+The building blocks `distlib.metrics.gather_metrics` gathers with (`join_and_check`,
+`tensor_leaves`, `refill`, `gather_tensor`, `gather_packed`, `pad_dim`,
+`refuse_objects_on_xla`) are named without an underscore for it; they are not public API.
 """
 
 from __future__ import annotations
@@ -18,64 +22,56 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from distlib import runtime
-from distlib._shard_plan import keep_index
+from distlib import _xla, runtime
+from distlib._tree import fold, is_namedtuple, is_tensor, leaves, map_tree, walk
 from distlib.env import Env
 from distlib.errors import CollectiveError
 
-__all__ = ["barrier", "broadcast", "broadcast_object", "gather", "gather_metrics",
-           "gather_object", "main_process_first", "pad_across_processes", "reduce"]
+__all__ = ["barrier", "broadcast", "broadcast_object", "gather", "gather_object",
+           "main_process_first", "pad_across_processes", "reduce"]
 
 _OPS = ("sum", "mean", "max", "min")
 
 
-# -- nested structures -------------------------------------------------------------------
-def _is_rows(x: Any) -> bool:
-    """A list/tuple that holds no tensor anywhere: plain Python rows (gathered as objects)."""
-    return isinstance(x, (list, tuple)) and not _has_tensor(x)
-
-
-def _has_tensor(x: Any) -> bool:
-    if isinstance(x, torch.Tensor):
-        return True
-    if isinstance(x, Mapping):
-        return any(_has_tensor(v) for v in x.values())
-    return isinstance(x, (list, tuple)) and any(_has_tensor(v) for v in x)
-
-
-def _leaves(x: Any, rows: bool = False) -> list[Any]:
-    if isinstance(x, torch.Tensor) or (rows and _is_rows(x)):
-        return [x]
-    if isinstance(x, Mapping):
-        return [leaf for v in x.values() for leaf in _leaves(v, rows)]
-    if isinstance(x, (list, tuple)):
-        return [leaf for v in x for leaf in _leaves(v, rows)]
+# -- nested structures (walked by distlib._tree) ------------------------------------------
+def _not_a_tensor(x: Any) -> Any:
     msg = (f"collectives: every leaf must be a tensor (inside lists, tuples and dicts), but got "
            f"{type(x).__name__}. Use gather_object / broadcast_object for Python objects.")
     raise CollectiveError(msg)
 
 
-def _rebuild(x: Any, new: Iterator[Any], rows: bool = False) -> Any:
-    if isinstance(x, torch.Tensor) or (rows and _is_rows(x)):
-        return next(new)
-    if isinstance(x, Mapping):
-        return type(x)({k: _rebuild(v, new, rows) for k, v in x.items()})  # type: ignore[call-arg]
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        return type(x)(*(_rebuild(v, new, rows) for v in x))
-    return type(x)(_rebuild(v, new, rows) for v in x)
+def is_rows(x: Any) -> bool:
+    """A list/tuple that holds no tensor anywhere: plain Python rows (gathered as objects)."""
+    return isinstance(x, (list, tuple)) and not any(is_tensor(v) for v in walk(x))
+
+
+def _is_row_leaf(x: Any) -> bool:
+    return is_tensor(x) or is_rows(x)
+
+
+def tensor_leaves(x: Any, *, rows: bool = False) -> list[Any]:
+    """The tensors of ``x`` in order (and its rows, with ``rows``); any other leaf is an error."""
+    return leaves(x, is_leaf=_is_row_leaf if rows else is_tensor, other=_not_a_tensor)
+
+
+def refill(x: Any, values: Iterable[Any], *, rows: bool = False) -> Any:
+    """``x`` rebuilt with ``values`` in place of its leaves (as `tensor_leaves` lists them)."""
+    new = iter(values)
+    return map_tree(lambda _: next(new), x, is_leaf=_is_row_leaf if rows else is_tensor)
 
 
 def _map(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:
-    return _rebuild(x, iter([fn(t) for t in _leaves(x)]))
+    return map_tree(fn, x, other=_not_a_tensor)
 
 
-def _start(env: Env, call: str, x: Any, *, free_dim: int | None = None,
-           rows: bool = False, check: bool | None = None) -> None:
+def join_and_check(env: Env, call: str, x: Any, *, free_dim: int | None = None,
+                   rows: bool = False, check: bool | None = None) -> None:
     """Join the group; unless opted out, check that every rank passes the same kind of value."""
     checking = _checking(env, check)  # a bad ``check`` is refused before joining anything
     runtime.initialize(env)
@@ -96,24 +92,29 @@ def _signature(x: Any, free_dim: int | None, rows: bool) -> str:
     """What a rank passes, as text: structure, shapes (``*`` for the free dim) and dtypes."""
     if x is None:
         return ""
-    if isinstance(x, torch.Tensor):
-        shape: list[Any] = list(x.shape)
-        if free_dim is not None and -x.dim() <= free_dim < x.dim():
+
+    def leaf(t: Any) -> str:
+        if not is_tensor(t):
+            return "rows"
+        shape: list[Any] = list(t.shape)
+        if free_dim is not None and -t.dim() <= free_dim < t.dim():
             shape[free_dim] = "*"
-        return f"{str(x.dtype).removeprefix('torch.')}[{', '.join(map(str, shape))}]"
-    if rows and _is_rows(x):
-        return "rows"
-    if isinstance(x, Mapping):
-        return "{" + ", ".join(f"{k!r}: {_signature(v, free_dim, rows)}"
-                               for k, v in x.items()) + "}"
-    if isinstance(x, (list, tuple)):
-        inner = ", ".join(_signature(v, free_dim, rows) for v in x)
-        if isinstance(x, tuple):
-            name = type(x).__name__ if hasattr(x, "_fields") else ""
-            return f"{name}({inner}{',' if len(x) == 1 and not name else ''})"
+        return f"{str(t.dtype).removeprefix('torch.')}[{', '.join(map(str, shape))}]"
+
+    def node(container: Any, parts: list[str]) -> str:
+        if isinstance(container, Mapping):
+            return "{" + ", ".join(f"{k!r}: {part}" for k, part in
+                                   zip(container.keys(), parts, strict=True)) + "}"
+        inner = ", ".join(parts)
+        if isinstance(container, tuple):
+            name = type(container).__name__ if is_namedtuple(container) else ""
+            return f"{name}({inner}{',' if len(container) == 1 and not name else ''})"
         return f"[{inner}]"
-    _leaves(x)  # raises the "every leaf must be a tensor" error
-    return type(x).__name__
+
+    def other(value: Any) -> str:
+        return "" if value is None else _not_a_tensor(value)  # type: ignore[no-any-return]
+
+    return fold(leaf, node, x, is_leaf=_is_row_leaf if rows else is_tensor, other=other)
 
 
 def _fingerprint(text: str) -> int:
@@ -124,14 +125,12 @@ def _fingerprint(text: str) -> int:
 
 def _check_agree(env: Env, call: str, sig: str) -> None:
     """One all-gather of a fingerprint per rank; on a mismatch, say who passed what."""
-    import torch.distributed as dist
-
     if env.backend == "xla":
         return  # XLA replicas cannot exchange the Python objects that name the difference
     text = f"{call} of {sig}" if sig else call
     device = torch.device(env.device) if env.backend == "nccl" else torch.device("cpu")
     mine = torch.tensor([_fingerprint(text)], dtype=torch.int64, device=device)
-    prints = _gather_tensor(mine, env).tolist()
+    prints = gather_tensor(mine, env).tolist()
     if len(set(prints)) == 1:
         return
     every: list[Any] = [None] * env.world_size
@@ -152,7 +151,8 @@ def _disagreement(every: Sequence[str]) -> str:
             "shorter last batch? a branch taken on one rank only?).")
 
 
-def _no_objects_on_xla(env: Env, call: str) -> None:
+def refuse_objects_on_xla(env: Env, call: str) -> None:
+    """Raise `CollectiveError` on an XLA Env: Python objects need a torch.distributed group."""
     if env.backend == "xla":
         msg = (f"{call}: Python objects must travel between processes of a torch.distributed "
                f"group, but got an XLA Env with {env.world_size} replicas. Exchange tensors "
@@ -161,13 +161,10 @@ def _no_objects_on_xla(env: Env, call: str) -> None:
 
 
 # -- tensors ---------------------------------------------------------------------------------
-def _gather_tensor(t: torch.Tensor, env: Env) -> torch.Tensor:
-    import torch.distributed as dist
-
+def gather_tensor(t: torch.Tensor, env: Env) -> torch.Tensor:
+    """Every rank's ``t`` along dim 0, rank 0 first (a 0-dim tensor is one row)."""
     t = (t[None] if t.dim() == 0 else t).contiguous()
     if env.backend == "xla":
-        from distlib import _xla
-
         return _xla.all_gather(t)
     out = t.new_empty((env.world_size * t.shape[0], *t.shape[1:]))
     # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns).
@@ -209,11 +206,11 @@ def gather(x: Any, env: Env, *, check: bool | None = None) -> Any:
     device when they live on several.
     """
     if env.world_size == 1:
-        _leaves(x)
+        tensor_leaves(x)
         return x
-    _start(env, "gather()", x, check=check)
-    leaves = [t[None] if t.dim() == 0 else t for t in _leaves(x)]
-    return _rebuild(x, iter(_gather_packed(leaves, env)))
+    join_and_check(env, "gather()", x, check=check)
+    tensors = [t[None] if t.dim() == 0 else t for t in tensor_leaves(x)]
+    return refill(x, gather_packed(tensors, env))
 
 
 def gather_object(obj: Any, env: Env, *, check: bool | None = None) -> list[Any]:
@@ -229,10 +226,8 @@ def gather_object(obj: Any, env: Env, *, check: bool | None = None) -> list[Any]
     """
     if env.world_size == 1:
         return list(obj) if isinstance(obj, (list, tuple)) else [obj]
-    import torch.distributed as dist
-
-    _start(env, "gather_object()", None, check=check)
-    _no_objects_on_xla(env, "gather_object()")
+    join_and_check(env, "gather_object()", None, check=check)
+    refuse_objects_on_xla(env, "gather_object()")
     every: list[Any] = [None] * env.world_size
     dist.all_gather_object(every, obj)
     if all(isinstance(o, (list, tuple)) for o in every):
@@ -260,12 +255,8 @@ def reduce(x: Any, env: Env, op: str = "mean", *, check: bool | None = None) -> 
         raise CollectiveError(msg)
     if env.world_size == 1:
         return _map(lambda t: t / 1 if op == "mean" and not t.is_floating_point() else t, x)
-    import torch.distributed as dist
-
-    _start(env, f"reduce(op={op!r})", x, check=check)
+    join_and_check(env, f"reduce(op={op!r})", x, check=check)
     if env.backend == "xla":
-        from distlib import _xla
-
         return _map(lambda t: _xla.all_reduce(t, op), x)
     red = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
            "min": dist.ReduceOp.MIN}[op]
@@ -292,14 +283,10 @@ def broadcast(x: Any, env: Env, src: int = 0, *, check: bool | None = None) -> A
     tensor.
     """
     if env.world_size == 1:
-        _leaves(x)
+        tensor_leaves(x)
         return x
-    import torch.distributed as dist
-
-    _start(env, f"broadcast(src={src!r})", x, check=check)
+    join_and_check(env, f"broadcast(src={src!r})", x, check=check)
     if env.backend == "xla":
-        from distlib import _xla
-
         return _map(lambda t: _xla.broadcast(t.clone(), src), x)
 
     def one(t: torch.Tensor) -> torch.Tensor:
@@ -323,10 +310,8 @@ def broadcast_object(obj: Any, env: Env, src: int = 0, *, check: bool | None = N
     """
     if env.world_size == 1:
         return obj
-    import torch.distributed as dist
-
-    _start(env, f"broadcast_object(src={src!r})", None, check=check)
-    _no_objects_on_xla(env, "broadcast_object()")
+    join_and_check(env, f"broadcast_object(src={src!r})", None, check=check)
+    refuse_objects_on_xla(env, "broadcast_object()")
     box = [obj if env.rank == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -355,18 +340,20 @@ def pad_across_processes(x: Any, env: Env, dim: int = 0, pad_index: int = 0,
     the sizes.
     """
     if env.world_size == 1:
-        _leaves(x)
+        tensor_leaves(x)
         return x
-    _start(env, f"pad_across_processes(dim={dim!r})", x, free_dim=dim, check=check)
-    leaves = _leaves(x)
-    sizes = torch.tensor([t.shape[dim] if -t.dim() <= dim < t.dim() else 0 for t in leaves],
+    join_and_check(env, f"pad_across_processes(dim={dim!r})", x, free_dim=dim, check=check)
+    tensors = tensor_leaves(x)
+    sizes = torch.tensor([t.shape[dim] if -t.dim() <= dim < t.dim() else 0 for t in tensors],
                          dtype=torch.int64)
-    largest = _gather_tensor(sizes, env).view(env.world_size, -1).amax(dim=0).tolist()
-    return _rebuild(x, iter([_pad(t, dim, size, pad_index, pad_first)
-                             for t, size in zip(leaves, largest, strict=True)]))
+    largest = gather_tensor(sizes, env).view(env.world_size, -1).amax(dim=0).tolist()
+    return refill(x, [pad_dim(t, dim, size, pad_index, pad_first)
+                      for t, size in zip(tensors, largest, strict=True)])
 
 
-def _pad(t: torch.Tensor, dim: int, size: int, pad_index: Any, pad_first: bool) -> torch.Tensor:
+def pad_dim(t: torch.Tensor, dim: int, size: int, pad_index: Any,
+            pad_first: bool) -> torch.Tensor:
+    """``t`` grown to ``size`` along ``dim`` with ``pad_index`` (as it is if it has no ``dim``)."""
     if not -t.dim() <= dim < t.dim() or t.shape[dim] == size:
         return t
     shape = list(t.shape)
@@ -390,13 +377,9 @@ def barrier(env: Env, *, check: bool | None = None) -> None:
     ``torch.distributed.barrier``.
     """
     if env.world_size > 1:
-        import torch.distributed as dist
-
         checking = _checking(env, check)
         runtime.initialize(env)
         if env.backend == "xla":
-            from distlib import _xla
-
             _xla.barrier("distlib.barrier")
             return
         if checking:
@@ -424,133 +407,12 @@ def main_process_first(env: Env, local: bool = False) -> Iterator[None]:
         barrier(env)
 
 
-# -- evaluation -------------------------------------------------------------------------------
-def gather_metrics(x: Any, env: Env, loader: Any, *, check: bool | None = None) -> Any:
-    """Gather predictions of every rank and drop the rows that padding duplicated.
-
-    Call it inside the loop over a loader from `distlib.shard` with this step's outputs, or
-    after the loop with everything the pass produced on this rank (required with
-    ``even_batches=False``, where ranks run out of batches at different steps). Over a whole
-    pass the rows are exactly the dataset's, in dataset order for a sequential sampler. Rows
-    are dim 0 of tensors (uneven sizes are fine) or the items of lists of plain objects.
-
-    Args:
-        x: a tensor, a list of plain objects, or lists / tuples / dicts of those.
-        env: this process's Env.
-        loader: the `ShardedLoader` that produced the batches.
-        check: compare the ranks' structures, dtypes and row shapes first (as in `gather`;
-            dim 0 may differ).
-
-    Returns:
-        The same structure holding every rank's real rows.
-
-    Raises:
-        CollectiveError: ``loader`` is not a sharded loader, ``x`` does not have this rank's
-            rows, a per-batch call with ``even_batches=False``, or the ranks' structures,
-            dtypes or row shapes disagree (the message names the rank).
-
-    Examples:
-        >>> import torch, distlib as dl
-        >>> loader = dl.shard(torch.utils.data.DataLoader(list(range(5)), batch_size=2), Env())
-        >>> [gather_metrics(b * 10, Env(), loader).tolist() for b in loader]
-        [[0, 10], [20, 30], [40]]
-
-    Effects: joins the process group on first need; the agreement check; one all-gather per
-    tensor and one object all-gather for the plain rows.
-    """
-    whole, steps = _layout(loader, env)
-    checked = False
-    if whole and not loader.even_batches and env.world_size > 1:
-        _start(env, "gather_metrics()", x, free_dim=0, rows=True, check=check)
-        checked = True
-        steps = _longest_layout(steps, env)
-    leaves = _leaves(x, rows=True)
-    mine = sum(s.rows[env.rank] for s in steps)
-    for leaf in leaves:
-        if (leaf.shape[0] if isinstance(leaf, torch.Tensor) and leaf.dim() else
-                len(leaf) if not isinstance(leaf, torch.Tensor) else -1) != mine:
-            shape = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else len(leaf)
-            msg = (f"gather_metrics(): every tensor's dim 0 (or list's length) must be this "
-                   f"rank's {'pass' if whole else 'batch'} rows ({mine}), but got {shape}. "
-                   "Pass per-sample outputs; use gather() or reduce() for per-batch values.")
-            raise CollectiveError(msg)
-    if env.world_size == 1:
-        return x
-    if not checked:
-        _start(env, "gather_metrics()", x, free_dim=0, rows=True, check=check)
-    stride = max(sum(s.rows[r] for s in steps) for r in range(env.world_size))
-    # One step with equal rows everywhere (every per-batch call with even batches): the real
-    # rows are the first `real` of the gather, a slice. Otherwise pick them out by index.
-    keep: int | list[int] = (steps[0].real if len(steps) == 1 and min(steps[0].rows) == stride
-                             else keep_index(steps, stride))
-    if isinstance(x, torch.Tensor) and isinstance(keep, int):  # the common case, kept lean
-        full = _gather_tensor(_pad(x, 0, stride, 0, False), env)
-        return full if keep == len(full) else full[:keep]
-    return _rebuild(x, iter(_gather_rows(leaves, env, stride, keep)), rows=True)
-
-
-def _layout(loader: Any, env: Env) -> tuple[bool, list[Any]]:
-    if not callable(getattr(loader, "metrics_layout", None)):
-        msg = (f"gather_metrics(): loader must be the loader distlib.shard() returned, but got "
-               f"{type(loader).__name__}. Write loader = dl.shard(loader, env) first.")
-        raise CollectiveError(msg)
-    whole, steps = loader.metrics_layout()
-    if not whole and not steps:
-        msg = ("gather_metrics(): the loader must have yielded a batch, but got a loader that "
-               "has not started. Call it inside `for batch in loader:` or after the loop.")
-        raise CollectiveError(msg)
-    if not whole and not loader.even_batches:
-        msg = ("gather_metrics(): with even_batches=False it must be called once after the "
-               "pass, but got a call in the middle of the pass (ranks run out of batches at "
-               "different steps, so a per-batch gather would hang). Collect this rank's "
-               "outputs and call gather_metrics(all_outputs, env, loader) after the loop.")
-        raise CollectiveError(msg)
-    return whole, steps
-
-
-def _longest_layout(steps: list[Any], env: Env) -> list[Any]:
-    """Every rank's layout is a prefix of the pass's; a rank that ran out early lacks the end."""
-    import torch.distributed as dist
-
-    _no_objects_on_xla(env, "gather_metrics() with even_batches=False")
-    every: list[Any] = [None] * env.world_size
-    dist.all_gather_object(every, steps)
-    return max(every, key=len)
-
-
-def _gather_rows(leaves: Sequence[Any], env: Env, stride: int,
-                 keep: int | list[int]) -> list[Any]:
-    """Gather the leaves padded to ``stride`` rows; keep the first ``keep`` or those indexed."""
-    import torch.distributed as dist
-
-    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    gathered = iter(_gather_packed([_pad(t, 0, stride, 0, False) for t in tensors], env))
-    objects = [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)]
-    every: list[Any] = [None] * env.world_size
-    if objects:
-        _no_objects_on_xla(env, "gather_metrics() of Python objects")
-        dist.all_gather_object(every, objects)
-    out: list[Any] = []
-    which = 0
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            full = next(gathered)
-            out.append((full if keep == len(full) else full[:keep]) if isinstance(keep, int) else
-                       full.index_select(0, torch.tensor(keep, device=full.device)))
-            continue
-        flat = [row for rank in every
-                for row in list(rank[which]) + [None] * (stride - len(rank[which]))]
-        out.append(type(leaf)(flat[:keep] if isinstance(keep, int) else (flat[i] for i in keep)))
-        which += 1
-    return out
-
-
-def _gather_packed(tensors: list[torch.Tensor], env: Env) -> list[torch.Tensor]:
+def gather_packed(tensors: list[torch.Tensor], env: Env) -> list[torch.Tensor]:
     """All-gather many tensors in one collective: their bytes, packed per device."""
     if len(tensors) <= 1 or len({t.device for t in tensors}) > 1:
-        return [_gather_tensor(t, env) for t in tensors]
+        return [gather_tensor(t, env) for t in tensors]
     flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-    parts = _gather_tensor(torch.cat(flat), env).view(env.world_size, -1)
+    parts = gather_tensor(torch.cat(flat), env).view(env.world_size, -1)
     out, at = [], 0
     for t, raw in zip(tensors, flat, strict=True):
         mine = parts[:, at:at + raw.numel()].contiguous().view(t.dtype)

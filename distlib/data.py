@@ -29,7 +29,10 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from distlib import _xla
 from distlib._shard_plan import ShardPlan, StepInfo, count_batches
+from distlib._tree import map_tree
+from distlib.collectives import broadcast
 from distlib.env import Env
 from distlib.errors import ShardingError
 
@@ -368,8 +371,6 @@ class ShardedLoader:
     def _xla_batches(self, inner: Any) -> Generator[Any, None, None]:
         """This pass's batches through torch_xla's parallel device loader (split over the SPMD
         mesh under ``XLA(spmd=True)``); its ``next()`` also cuts the lazy graph."""
-        from distlib import _xla
-
         infos = self._at.infos
 
         def untagged() -> Iterator[Any]:
@@ -462,8 +463,6 @@ class ShardedLoader:
         seed = int(torch.empty((), dtype=torch.int64).random_().item())
         if not self.env.is_distributed:
             return seed
-        from distlib.collectives import broadcast
-
         # A tensor, not a pickled object: works on every backend (XLA replicas too).
         mine = torch.tensor([seed], dtype=torch.int64, device=self.env.device)
         return int(broadcast(mine, self.env).item())
@@ -480,8 +479,6 @@ def _is_spmd(env: Env) -> bool:
 
 def _check_spmd_batch(env: Env, batch_size: int | None) -> None:
     """Under XLA SPMD every batch is split along dim 0 over all devices of the mesh."""
-    from distlib import _xla
-
     devices = _xla.num_devices()
     if batch_size is None or batch_size % devices:  # None: batches of varying sizes
         msg = (f"shard(): under XLA(spmd=True) the batch size must be a multiple of the "
@@ -545,19 +542,18 @@ class _TaggedCollate:
         return self.collate_fn([s for s, _ in samples]), samples[0][1]
 
 
+def _is_movable(x: Any) -> bool:
+    """A tensor, or an object that moves itself (``.to``, as transformers' BatchEncoding)."""
+    return callable(getattr(x, "to", None)) and not isinstance(x, (str, bytes))
+
+
 def _move(batch: Any, device: Any, non_blocking: bool) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if callable(getattr(batch, "to", None)) and not isinstance(batch, (str, bytes)):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        moved = {k: _move(v, device, non_blocking) for k, v in batch.items()}
-        return type(batch)(moved)  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_move(v, device, non_blocking) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_move(v, device, non_blocking) for v in batch)
-    return batch
+    def move(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.to(device, non_blocking=non_blocking)
+        return x.to(device)
+
+    return map_tree(move, batch, is_leaf=_is_movable)
 
 
 @contextlib.contextmanager

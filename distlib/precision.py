@@ -7,11 +7,15 @@ them cheaply; the functions that act on tensors import torch when called.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from distlib._tree import map_tree
 from distlib.errors import PrecisionError
+
+if TYPE_CHECKING:  # env imports this module's Precision value (see the layering note)
+    from distlib.env import Env
 
 __all__ = [
     "AutocastForward",
@@ -140,7 +144,7 @@ def check_supported(precision: object, device: str) -> Precision:
 
 
 @contextlib.contextmanager
-def autocast(env: Any) -> Iterator[None]:
+def autocast(env: Env) -> Iterator[None]:
     """Run the body in the autocast that a model wrapped under ``env`` uses for its forward.
 
     For code outside the model — a loss computed on the outputs, a second head, an
@@ -216,6 +220,9 @@ def make_scaler(precision: object, device: str) -> Any:
 def to_float32(value: Any) -> Any:
     """Return ``value`` with every fp16/bf16 tensor in it cast to fp32 (nested containers too).
 
+    Containers keep their type (a namedtuple, an ``OrderedDict``, a transformers
+    ``ModelOutput``); anything that is not a tensor is returned as it is.
+
     Examples:
         >>> import torch
         >>> to_float32({"y": [torch.ones(1, dtype=torch.bfloat16)]})["y"][0].dtype
@@ -223,18 +230,8 @@ def to_float32(value: Any) -> Any:
     """
     import torch
 
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
-    if isinstance(value, Mapping):
-        out = value.copy() if hasattr(value, "copy") else dict(value)
-        for key in list(out.keys()):
-            out[key] = to_float32(value[key])
-        return out
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(to_float32(v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_float32(v) for v in value)
-    return value
+    half = (torch.float16, torch.bfloat16)
+    return map_tree(lambda t: t.float() if t.dtype in half else t, value)
 
 
 class AutocastForward:
@@ -280,12 +277,5 @@ class AutocastForward:
 
 
 def _cast_floats(value: Any, dtype: Any) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, Mapping):
-        return {k: _cast_floats(v, dtype) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cast_floats(v, dtype) for v in value)
-    return value
+    """``value`` with every floating tensor in it cast to ``dtype`` (containers keep their type)."""
+    return map_tree(lambda t: t.to(dtype) if t.is_floating_point() else t, value)

@@ -65,8 +65,8 @@ def plan_checkpoint(checkpoint: str, max_memory: dict[str, Any] | None = None, d
                     no_split: list[str] | None = None, model_config: str | None = None,
                     mode: str = "sequential") -> Any:
     """Return the `DeviceMap` for a checkpoint, reading headers (or a config) only."""
-    from distlib.big_model.checkpoint_io import checkpoint_tensors
     from distlib.big_model.device_map import infer_device_map
+    from distlib.big_model.files import checkpoint_tensors
     from distlib.big_model.sizes import layout_from_tensors
 
     if model_config is not None:

@@ -23,8 +23,8 @@ from torch.distributed.checkpoint import FileSystemReader, state_dict_loader
 
 import distlib as dl
 from distlib._safe_unpickle import load_restricted, read_dcp, read_dcp_metadata
-from distlib.big_model.checkpoint_io import load_checkpoint
-from distlib.big_model.dispatch import dispatch
+from distlib.big_model.loading import load_checkpoint
+from distlib.big_model.placement import dispatch
 from distlib.checkpoint import merge_weights
 from distlib.errors import CheckpointError
 from tests.models import net

@@ -23,14 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from distlib.big_model.checkpoint_io import (
-    OFFLOAD_ATTR,
-    checkpoint_files,
-    load_checkpoint,
-    open_source,
-    read_safetensors_header,
-)
-from distlib.big_model.dispatch import load_checkpoint_and_dispatch
+from distlib.big_model.files import checkpoint_files, read_safetensors_header
+from distlib.big_model.loading import load_checkpoint
+from distlib.big_model.offload import OFFLOAD_ATTR, open_source
+from distlib.big_model.placement import load_checkpoint_and_dispatch
 from distlib.errors import CheckpointError
 from tests.models import net
 
@@ -248,7 +244,7 @@ def test_a_tensor_in_two_shards_is_refused(tmp_path: pathlib.Path) -> None:
 
 
 def test_a_tampered_offload_index_is_refused(tmp_path: pathlib.Path) -> None:
-    from distlib.big_model.dispatch import dispatch
+    from distlib.big_model.placement import dispatch
 
     path = tmp_path / "model.safetensors"
     path.write_bytes(ORIGINAL)

@@ -103,6 +103,8 @@ def test_sharded_loaders_and_gather_metrics_in_two_ranks() -> None:
 
 
 def _collective_scenarios(env: Any) -> dict[str, Any]:
+    import collections
+
     import torch
 
     import distlib as dl
@@ -129,6 +131,20 @@ def _collective_scenarios(env: Any) -> dict[str, Any]:
         order.append(("body", r))
     dl.barrier(env)
     out["order"] = dl.gather_object(order, env)
+    Pair = collections.namedtuple("Pair", "t rows")
+    tree = collections.OrderedDict(z=Pair(torch.tensor([float(r)]), [f"r{r}"]), a=torch.ones(1))
+    kinds = {}
+    for name, fn in (("gather", dl.gather), ("reduce", dl.reduce),
+                     ("pad", dl.pad_across_processes)):
+        got = fn(collections.OrderedDict(z=Pair(tree["z"].t, [tree["a"]]), a=tree["a"]), env)
+        kinds[name] = (type(got).__name__, list(got), type(got["z"]).__name__,
+                       got["z"].t.tolist())
+    loader = dl.shard(torch.utils.data.DataLoader(list(range(3)), batch_size=1), env)
+    seen = [dl.gather_metrics(collections.OrderedDict(z=Pair(b, [f"s{int(b)}"])), env, loader)
+            for b in loader]
+    kinds["gather_metrics"] = [(type(g).__name__, type(g["z"]).__name__, g["z"].t.tolist(),
+                                g["z"].rows) for g in seen]
+    out["kinds"] = kinds
     try:
         dl.gather(torch.zeros(r + 1), env)
     except CollectiveError as exc:
@@ -158,3 +174,9 @@ def test_collectives_match_single_process_math() -> None:
         assert got["split"] == [0, 1, 2, 3, 4, 4]
         assert got["order"] == [("body", 0), ("body", 1)]
         assert "rank 1 passed" in got["mismatch"] and "gather()" in got["mismatch"]
+        assert got["kinds"] == {  # containers keep their type through every collective
+            "gather": ("OrderedDict", ["z", "a"], "Pair", [0.0, 1.0]),
+            "reduce": ("OrderedDict", ["z", "a"], "Pair", [0.5]),
+            "pad": ("OrderedDict", ["z", "a"], "Pair", [float(rank)]),
+            "gather_metrics": [("OrderedDict", "Pair", [0, 1], ["s0", "s1"]),
+                               ("OrderedDict", "Pair", [2], ["s2"])]}

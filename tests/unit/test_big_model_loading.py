@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import torch
 
-from distlib.big_model.checkpoint_io import OFFLOAD_ATTR, checkpoint_files, load_checkpoint
 from distlib.big_model.device_map import DeviceMap, infer_device_map
-from distlib.big_model.dispatch import dispatch, load_checkpoint_and_dispatch
 from distlib.big_model.empty import init_empty_weights
+from distlib.big_model.files import checkpoint_files
+from distlib.big_model.loading import load_checkpoint
+from distlib.big_model.offload import OFFLOAD_ATTR
+from distlib.big_model.placement import dispatch, load_checkpoint_and_dispatch
 from distlib.errors import CheckpointError, DeviceMapError
 from distlib.testing import fake_env
 
@@ -161,7 +163,7 @@ def test_auto_map_with_cpu_budget_and_tied_planning(saved: dict[str, Any]) -> No
 def test_prefetch_reads_ahead_the_next_offloaded_module(saved: dict[str, Any],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    dispatch_module = importlib.import_module("distlib.big_model.dispatch")
+    dispatch_module = importlib.import_module("distlib.big_model.hooks")
     original = dispatch_module._read_ahead
 
     def spy(runtime: Any, key: str) -> None:

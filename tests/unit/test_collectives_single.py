@@ -165,3 +165,30 @@ def test_env_check_collectives_defaults_on_and_reads_its_variable() -> None:
         detect({"DISTLIB_CHECK_COLLECTIVES": "sometimes"}, hardware=Hardware())
     with pytest.raises(EnvError, match="check_collectives must be True or False"):
         Env(check_collectives="no")  # type: ignore[arg-type]
+
+
+def test_collectives_keep_namedtuples_and_ordered_dicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results are rebuilt with the input's own containers (two faked XLA replicas)."""
+    from collections import OrderedDict, namedtuple
+
+    from distlib import _xla, runtime
+
+    Pair = namedtuple("Pair", "a b")
+    monkeypatch.setattr(runtime, "initialize", lambda env, **kw: None)
+    monkeypatch.setattr(_xla, "all_gather", lambda t, dim=0: torch.cat([t, t]))
+    monkeypatch.setattr(_xla, "all_reduce", lambda t, op="sum": t * 2)
+    monkeypatch.setattr(_xla, "broadcast", lambda t, src=0: t)
+    env = Env(rank=0, world_size=2, local_rank=0, local_world_size=2, backend="xla",
+              device="xla:0")
+    x = OrderedDict([("z", Pair(torch.ones(1), [torch.zeros(2)])), ("a", torch.ones(1))])
+    for fn in (dl.gather, dl.reduce, dl.broadcast, dl.pad_across_processes):
+        out = fn(x, env)
+        assert type(out) is OrderedDict and list(out) == ["z", "a"], fn
+        assert isinstance(out["z"], Pair) and isinstance(out["z"].b, list), fn
+    assert dl.gather(x, env)["z"].b[0].tolist() == [0.0] * 4
+    assert dl.reduce(Pair(torch.ones(1), torch.ones(1)), Env(), op="sum")._fields == ("a", "b")
+    loader = dl.shard(torch.utils.data.DataLoader(list(range(3)), batch_size=2), env,
+                      device_placement=False)
+    got = [dl.gather_metrics(OrderedDict(p=Pair(b, [b * 10])), env, loader) for b in loader]
+    assert type(got[0]) is OrderedDict and isinstance(got[0]["p"], Pair)
+    assert got[0]["p"].a.tolist() == [0, 1, 0] and got[0]["p"].b[0].tolist() == [0, 10, 0]

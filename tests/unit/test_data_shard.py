@@ -234,6 +234,33 @@ def test_device_placement_and_structure() -> None:
     assert kept[0]["pair"].y.tolist() == [0, 2]
 
 
+class _Moves:
+    """An object that moves itself, as transformers' BatchEncoding: a leaf, moved by ``.to``."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+
+    def to(self, device: object) -> _Moves:
+        return _Moves(str(device))
+
+
+def test_device_placement_keeps_ordered_dicts_and_moves_objects_with_to() -> None:
+    from collections import OrderedDict
+
+    Pair = namedtuple("Pair", "x y")
+
+    def collate(items: list[int]) -> object:
+        t = torch.tensor(items)
+        return OrderedDict([("z", Pair(t, [t])), ("enc", _Moves()), ("a", (t, "s"))])
+
+    src = DataLoader(list(range(2)), batch_size=2, collate_fn=collate)
+    (batch,) = list(dl.shard(src, _env(0, 1, device="meta")))
+    assert type(batch) is OrderedDict and list(batch) == ["z", "enc", "a"]
+    assert isinstance(batch["z"], Pair) and batch["z"].y[0].device.type == "meta"
+    assert batch["enc"].device == "meta" and batch["a"][0].device.type == "meta"
+    assert batch["a"][1] == "s"
+
+
 def test_bad_input_is_a_clear_error() -> None:
     with pytest.raises(ShardingError, match="multiple of world_size"):
         dl.shard(DataLoader(list(range(8)), batch_size=3), fake_env(0, 2), split_batches=True)

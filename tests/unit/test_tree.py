@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from distlib._tree import is_namedtuple, leaves, map_tree, rebuild
+from distlib._tree import fold, is_namedtuple, is_tensor, leaves, map_tree, rebuild
 
 
 class Batch(NamedTuple):
@@ -39,6 +39,46 @@ def test_leaves_in_order_and_other_can_refuse() -> None:
 
     with pytest.raises(TypeError, match="leaf 7"):
         map_tree(lambda t: t, tree, other=refuse)
+
+
+def test_leaves_other_sees_every_non_container_value() -> None:
+    seen: list[object] = []
+    tree = {"a": [torch.ones(1), 7, None], "b": ("s",)}
+    assert len(leaves(tree, other=seen.append)) == 1 and seen == [7, None, "s"]
+    with pytest.raises(TypeError, match="not a tensor: 7"):
+        leaves(tree, other=lambda v: (_ for _ in ()).throw(TypeError(f"not a tensor: {v}")))
+
+
+def test_fold_reduces_bottom_up_with_each_container_in_hand() -> None:
+    def show(x: object, parts: list[str]) -> str:
+        name = type(x).__name__
+        return f"{name}({', '.join(parts)})"
+
+    tree = collections.OrderedDict(p=Batch(torch.zeros(2), [3]), q=[torch.ones(1)])
+    got = fold(lambda v: f"t{list(v.shape)}" if is_tensor(v) else repr(v), show, tree)
+    assert got == "OrderedDict(Batch(t[2], list(3)), list(t[1]))"
+    assert fold(len, show, "text") == 4  # a lone non-container goes to `leaf`
+    assert fold(str, show, ["ab", torch.ones(1)], other=lambda v: "-") == "list(-, tensor([1.]))"
+
+
+class _Record(dict):  # type: ignore[type-arg]
+    """A dict subclass: its copy() is a plain dict, so it is rebuilt from its class."""
+
+
+def test_a_dict_subclass_keeps_its_class() -> None:
+    out = map_tree(lambda t: t * 2, _Record(a=torch.ones(1)))
+    assert type(out) is _Record and out["a"].item() == 2.0
+
+
+def test_importing_the_walker_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, distlib._tree as t; print('torch' in sys.modules, t.is_tensor(1.0), "
+            "t.map_tree(str, [1, (2,)]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.strip()
+    assert out == "False False [1, (2,)]"
 
 
 def test_rebuild_and_is_namedtuple() -> None:
