@@ -55,16 +55,16 @@ def _classify(objects: Mapping[str, Any], call: str) -> dict[str, str]:
     """name -> "engine" | "model" | "optimizer" | "stateful" | "value"."""
     import torch
 
-    from distlib.strategies._handle import EngineOptimizer, handle_of
+    from distlib.training.wrapped import owner_of, wrapped_of
 
     kinds: dict[str, str] = {}
     for name, obj in objects.items():
-        handle = handle_of(obj)
-        if handle is not None and handle.engine is not None:
+        wrapped, owner = wrapped_of(obj), owner_of(obj)
+        if wrapped is not None and wrapped.saves_itself:
             kinds[name] = "engine"
         elif isinstance(obj, torch.nn.Module):
             kinds[name] = "model"
-        elif isinstance(obj, EngineOptimizer):
+        elif owner is not None and owner.saves_itself:
             kinds[name] = "engine-optimizer"
         elif isinstance(obj, torch.optim.Optimizer):
             kinds[name] = "optimizer"
@@ -87,7 +87,7 @@ def _inner_optimizer(optimizer: Any) -> Any:
 
 def _owner(optimizer: Any, models: Mapping[str, Any], name: str, call: str) -> Any:
     """The model (unwrapped) whose parameters ``optimizer`` updates."""
-    from distlib.strategies.base import unwrap
+    from distlib.training.wrapping import unwrap
 
     wanted = {id(p) for group in _inner_optimizer(optimizer).param_groups
               for p in group["params"]}
@@ -104,7 +104,7 @@ def _owner(optimizer: Any, models: Mapping[str, Any], name: str, call: str) -> A
 def _pairs(objects: Mapping[str, Any], kinds: Mapping[str, str],
            call: str) -> dict[str, tuple[Any, list[tuple[str, Any]]]]:
     """model name -> (unwrapped module, [(optimizer name, torch optimizer), ...])."""
-    from distlib.strategies.base import unwrap
+    from distlib.training.wrapping import unwrap
 
     models = {n: o for n, o in objects.items() if kinds[n] == "model"}
     pairs: dict[str, tuple[Any, list[tuple[str, Any]]]] = {
@@ -138,13 +138,13 @@ def _dcp_state(objects: Mapping[str, Any], kinds: Mapping[str, str], call: str) 
 
 def _scalers(objects: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, Any]:
     """The GradScaler of each fp16 model, saved as '<model>.scaler'."""
-    from distlib.strategies._handle import handle_of
+    from distlib.training.wrapped import wrapped_of
 
     out = {}
     for name, obj in objects.items():
-        handle = handle_of(obj)
-        if kinds[name] == "model" and handle is not None and handle.scaler is not None:
-            out[f"{name}.scaler"] = handle.scaler
+        wrapped = wrapped_of(obj)
+        if kinds[name] == "model" and wrapped is not None and wrapped.scaler is not None:
+            out[f"{name}.scaler"] = wrapped.scaler
     return out
 
 
@@ -185,7 +185,7 @@ def _shapes(state: Mapping[str, Any]) -> dict[str, list[Any]]:
 
 
 def _tied_names(model: Any) -> list[list[str]]:
-    from distlib.strategies.base import unwrap
+    from distlib.training.wrapping import unwrap
 
     groups: dict[int, list[str]] = {}
     for name, param in unwrap(model).named_parameters(remove_duplicate=False):
@@ -374,7 +374,7 @@ def _save_parts(staging: pathlib.Path, env: Env, objects: Mapping[str, Any],
     import torch
     from torch.distributed.checkpoint import state_dict_saver
 
-    from distlib.strategies._handle import handle_of
+    from distlib.training.wrapped import wrapped_of
 
     if state:
         with _quiet_single_process():
@@ -382,8 +382,8 @@ def _save_parts(staging: pathlib.Path, env: Env, objects: Mapping[str, Any],
                                   no_dist=not env.is_distributed)
     for name, obj in objects.items():
         if kinds[name] == "engine":
-            handle_of(obj).engine.save_checkpoint(  # type: ignore[union-attr]
-                str(staging / "deepspeed" / name), tag="state")
+            wrapped_of(obj).save_checkpoint(  # type: ignore[union-attr]
+                staging / "deepspeed" / name)
     if env.is_main and small:
         with open(staging / "objects.pt", "wb") as handle:
             torch.save(dict(small), handle)
@@ -673,7 +673,7 @@ def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
     Effects: joins the process group; loads state into the objects in place.
     """
     from distlib.runtime import initialize
-    from distlib.strategies._handle import handle_of
+    from distlib.training.wrapped import wrapped_of
 
     initialize(env)
     folder = _resolve(path)
@@ -684,9 +684,8 @@ def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
     for name, obj in objects.items():
         if kinds[name] == "engine":
             _check_engine_files(folder / "deepspeed" / name)
-            loaded, _ = handle_of(obj).engine.load_checkpoint(  # type: ignore[union-attr]
-                str(folder / "deepspeed" / name), tag="state")
-            if loaded is None:
+            if not wrapped_of(obj).load_checkpoint(  # type: ignore[union-attr]
+                    folder / "deepspeed" / name):
                 msg = (f"load_state(): DeepSpeed engine {name!r} must load from "
                        f"{folder / 'deepspeed' / name}, but DeepSpeed found no checkpoint there.")
                 raise CheckpointError(msg)
@@ -708,7 +707,7 @@ def check_save_load(env: Env) -> str:
     import torch
 
     from distlib.collectives import broadcast_object
-    from distlib.strategies.base import wrap
+    from distlib.training.wrapping import wrap
 
     def build(seed: int) -> tuple[Any, Any]:
         torch.manual_seed(seed)
@@ -724,7 +723,7 @@ def check_save_load(env: Env) -> str:
 
     model, optimizer = build(0)
     loss = model(torch.ones(4, 8, device=env.torch_device)).float().pow(2).mean()
-    from distlib.step import backward
+    from distlib.training.step import backward
 
     backward(loss, model)
     optimizer.step()

@@ -93,24 +93,14 @@ def write_safetensors(state: Mapping[str, Any], out: str | os.PathLike[str], *,
 
 def _full_state(model: Any, env: Env) -> dict[str, Any]:
     """The whole model's tensors on the CPU of rank 0 (other ranks: empty)."""
-    from distlib.strategies._handle import handle_of
-    from distlib.strategies.base import unwrap
+    from distlib.training.single import full_state_of
+    from distlib.training.wrapped import wrapped_of
+    from distlib.training.wrapping import unwrap
 
-    handle = handle_of(model)
-    module = unwrap(model)
-    if handle is not None and handle.engine is not None:
-        import deepspeed
-
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
-                                               enabled=handle.engine.zero_optimization_stage() == 3):
-            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-        return state if env.is_main else {}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(module, options=options)
-    return state if env.is_main else {}
+    wrapped = wrapped_of(model)
+    if wrapped is not None:
+        return wrapped.full_state()
+    return full_state_of(unwrap(model), env)
 
 
 def export_weights(model: Any, out: str | os.PathLike[str], env: Env, *,
@@ -232,7 +222,7 @@ def save_model(model: Any, folder: str | os.PathLike[str], env: Env, *,
     shard complete before it is moved in, the index last); a barrier ends the call.
     """
     from distlib.collectives import barrier
-    from distlib.strategies.base import unwrap
+    from distlib.training.wrapping import unwrap
 
     if safe_serialization is not True:
         msg = (f"save_model(): safe_serialization must be True (distlib writes safetensors "
