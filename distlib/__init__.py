@@ -22,11 +22,12 @@ _EXPORTS: dict[str, str] = {
     "FSDP": "distlib.strategies.fsdp",
     "DeepSpeed": "distlib.strategies.deepspeed",
     "XLA": "distlib.strategies.xla",
-    "wrap": "distlib.strategies.base", "unwrap": "distlib.strategies.base",
-    "AccelerateScheduler": "distlib.strategies._handle",
+    "wrap": "distlib.training.wrapping", "unwrap": "distlib.training.wrapping",
+    "AccelerateScheduler": "distlib.training.scheduler",
     "autocast": "distlib.precision",
-    "MicroStep": "distlib.step", "accumulate": "distlib.step", "backward": "distlib.step",
-    "clip_grad_norm": "distlib.step", "seed": "distlib.step",
+    "MicroStep": "distlib.training.accumulation", "accumulate": "distlib.training.accumulation",
+    "backward": "distlib.training.step",
+    "clip_grad_norm": "distlib.training.step", "seed": "distlib.training.step",
     "launch": "distlib.launch", "LaunchResult": "distlib.launch.launcher",
     "shard": "distlib.data", "split_between_processes": "distlib.data",
     "ShardPlan": "distlib.data", "skip_first_batches": "distlib.data",
@@ -74,14 +75,15 @@ if TYPE_CHECKING:
     from distlib.memory import free_memory
     from distlib.metrics import gather_metrics
     from distlib.precision import Precision, autocast
-    from distlib.step import MicroStep, accumulate, backward, clip_grad_norm, seed
-    from distlib.strategies._handle import AccelerateScheduler
-    from distlib.strategies.base import unwrap, wrap
     from distlib.strategies.ddp import DDP
     from distlib.strategies.deepspeed import DeepSpeed
     from distlib.strategies.fsdp import FSDP
     from distlib.strategies.single import Single
     from distlib.strategies.xla import XLA
+    from distlib.training.accumulation import MicroStep, accumulate
+    from distlib.training.scheduler import AccelerateScheduler
+    from distlib.training.step import backward, clip_grad_norm, seed
+    from distlib.training.wrapping import unwrap, wrap
 
 
 def __getattr__(name: str) -> Any:

@@ -1,10 +1,9 @@
 """The strategy seam: all that checkpoints and exports ask of a wrapped model, in one place.
 
 `save_state`, `load_state` and the safetensors export never look at how a model was wrapped;
-they call the functions below. Each is named after the member of the ``Wrapped`` protocol it
-stands for, and today reads the `Handle` that ``wrap`` attaches
-(`distlib.strategies._handle`); once every strategy's wrapped object implements the protocol,
-each body becomes one call on it. Nothing else in `distlib.checkpoint` is strategy-specific.
+they call the functions below, each one call on the model's `Wrapped`
+(`distlib.training.wrapped`), which every strategy's applier implements. Nothing else in
+`distlib.checkpoint` is strategy-specific.
 """
 
 from __future__ import annotations
@@ -13,32 +12,33 @@ import pathlib
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from distlib import _xla
 from distlib._safe_unpickle import DEEPSPEED_GLOBALS, check_torch_globals
 from distlib.env import Env
-from distlib.strategies._handle import EngineOptimizer, handle_of
-from distlib.strategies.base import unwrap
+from distlib.training.single import full_state_of
+from distlib.training.wrapped import owner_of, wrapped_of
+from distlib.training.wrapping import unwrap
 
 # The strategy seam
 
 
 def _saves_itself(obj: Any) -> bool:
     """Whether ``obj`` checkpoints itself (a DeepSpeed engine) instead of through DCP."""
-    handle = handle_of(obj)
-    return handle is not None and handle.engine is not None
+    wrapped = wrapped_of(obj)
+    return wrapped is not None and wrapped.saves_itself
 
 
 def _is_saved_with_model(optimizer: Any) -> bool:
     """Whether ``optimizer``'s state is saved by its model's own checkpointing (DeepSpeed)."""
-    return isinstance(optimizer, EngineOptimizer)
+    owner = owner_of(optimizer)
+    return owner is not None and owner.saves_itself
 
 
 def _scaler_of(obj: Any) -> torch.amp.GradScaler | None:
     """The GradScaler of an fp16 model, saved beside it; None for any other object."""
-    handle = handle_of(obj)
-    return None if handle is None else handle.scaler
+    wrapped = wrapped_of(obj)
+    return None if wrapped is None else wrapped.scaler  # type: ignore[no-any-return]
 
 
 def _save_itself(obj: Any, folder: pathlib.Path) -> None:
@@ -46,7 +46,7 @@ def _save_itself(obj: Any, folder: pathlib.Path) -> None:
 
     Effects: the engine writes its files under ``folder`` (every rank its part).
     """
-    handle_of(obj).engine.save_checkpoint(str(folder), tag="state")  # type: ignore[union-attr]
+    wrapped_of(obj).save_checkpoint(folder)  # type: ignore[union-attr]
 
 
 def _check_own_files(folder: pathlib.Path) -> None:
@@ -65,9 +65,7 @@ def _load_itself(obj: Any, folder: pathlib.Path) -> bool:
 
     Effects: loads the engine's weights and optimizer state in place.
     """
-    loaded, _ = handle_of(obj).engine.load_checkpoint(  # type: ignore[union-attr]
-        str(folder), tag="state")
-    return loaded is not None
+    return wrapped_of(obj).load_checkpoint(folder)  # type: ignore[union-attr]
 
 
 def _inner_optimizer(optimizer: Any) -> Any:
@@ -76,20 +74,11 @@ def _inner_optimizer(optimizer: Any) -> Any:
 
 
 def _full_state(model: Any, env: Env) -> dict[str, Any]:
-    """The whole model's tensors on the CPU of rank 0 (other ranks: empty)."""
-    handle = handle_of(model)
-    module = unwrap(model)
-    if handle is not None and handle.engine is not None:
-        import deepspeed  # optional backend: only a DeepSpeed-wrapped model gets here
-
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
-                                               enabled=handle.engine.zero_optimization_stage() == 3):
-            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-        return state if env.is_main else {}
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(module, options=options)
-    return state if env.is_main else {}
+    """The whole model's tensors on the CPU of rank 0 (other ranks: empty); every rank calls it."""
+    wrapped = wrapped_of(model)
+    if wrapped is not None:
+        return wrapped.full_state()
+    return full_state_of(unwrap(model), env)
 
 
 def _on_cpu(state: dict[str, Any], env: Env) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from distlib.collectives import barrier
 from distlib.env import Env
 from distlib.errors import CheckpointError, ConfigError
 from distlib.runtime import initialize
-from distlib.strategies.base import unwrap
+from distlib.training.wrapping import unwrap
 
 __all__ = ["export_weights", "merge_weights", "parse_shard_size", "save_model",
            "write_safetensors"]

@@ -60,7 +60,7 @@ from distlib.data import ShardedLoader
 from distlib.env import Env
 from distlib.errors import CheckpointError
 from distlib.runtime import initialize, is_initialized
-from distlib.strategies.base import unwrap
+from distlib.training.wrapping import unwrap
 
 __all__ = ["load_state", "save_state"]
 

@@ -26,7 +26,6 @@ CHECKS: tuple[str, ...] = (
     "distlib.launch.selftest:check_all_gather",
     "distlib.launch.selftest:check_broadcast",
     "distlib._data_selftest:check_sharded_loader",
-    "distlib.step:check_training",
 )
 
 

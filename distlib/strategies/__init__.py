@@ -1,4 +1,4 @@
-"""Strategy values (frozen, torch-free) and, beside each, the function that applies it."""
+"""Strategy values: frozen, hashable, torch-free (their appliers live in ``distlib.training``)."""
 
 from distlib.strategies.base import STRATEGY_NAMES, Strategy, parse_strategy, strategy_options
 from distlib.strategies.ddp import DDP

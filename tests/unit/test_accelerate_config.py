@@ -24,9 +24,11 @@ from distlib.errors import ConfigError, StrategyError
 from distlib.launch import _accelerate_config as accelerate
 from distlib.launch.cli import main
 from distlib.launch.config import read_config, read_config_data, resolve, to_plan, validate
-from distlib.strategies.deepspeed import DeepSpeed, plan_config
-from distlib.strategies.fsdp import FSDP, plan_units
+from distlib.strategies.deepspeed import DeepSpeed
+from distlib.strategies.fsdp import FSDP
 from distlib.testing import fake_env
+from distlib.training.deepspeed import plan_config
+from distlib.training.fsdp import plan_units
 
 DATA = Path(__file__).parent.parent / "data" / "accelerate"
 LOCAL = {"machine_rank": 0, "num_machines": "1", "rdzv_backend": "static", "cpu": False}

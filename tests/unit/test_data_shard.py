@@ -254,7 +254,7 @@ def test_device_placement_keeps_ordered_dicts_and_moves_objects_with_to() -> Non
         return OrderedDict([("z", Pair(t, [t])), ("enc", _Moves()), ("a", (t, "s"))])
 
     src = DataLoader(list(range(2)), batch_size=2, collate_fn=collate)
-    (batch,) = list(dl.shard(src, _env(0, 1, device="meta")))
+    (batch,) = list(dl.shard(src, fake_env(0, 1, device="meta")))
     assert type(batch) is OrderedDict and list(batch) == ["z", "enc", "a"]
     assert isinstance(batch["z"], Pair) and batch["z"].y[0].device.type == "meta"
     assert batch["enc"].device == "meta" and batch["a"][0].device.type == "meta"

@@ -23,8 +23,9 @@ from distlib.errors import ConfigError
 from distlib.log import main_print
 from distlib.memory import free_memory
 from distlib.precision import autocast
-from distlib.strategies._handle import AccelerateScheduler, handle_of
 from distlib.testing import fake_env
+from distlib.training.scheduler import AccelerateScheduler
+from distlib.training.wrapped import wrapped_of
 
 # ---------------------------------------------------------------- scheduler stepping
 
@@ -171,7 +172,7 @@ def test_scheduler_steps_errors_teach() -> None:
     with pytest.raises(ConfigError, match=r"split_batches must be a bool, but got 'yes'"):
         dl.wrap(model, dl.Env(), optimizer=opt, scheduler=sched, scheduler_steps="accelerate",
                 split_batches="yes")  # type: ignore[arg-type]
-    assert handle_of(model) is None  # refused before anything was applied
+    assert wrapped_of(model) is None  # refused before anything was applied
     with pytest.raises(ValueError, match=r"steps_per_call must be an int >= 1, but got 0"):
         AccelerateScheduler(sched, opt, steps_per_call=0)
 
@@ -262,7 +263,7 @@ def _wrapped_fp16() -> tuple[Any, Any, Any, list[weakref.ref[Any]]]:
     dl.backward(model(torch.ones(1, 2)).sum(), model)
     opt.step()
     sched.step()
-    handle = handle_of(model)
+    handle = wrapped_of(model)
     assert handle is not None
     refs = [weakref.ref(x) for x in (model, opt, opt.optimizer, handle.scaler, sched)]
     return model, opt, sched, refs
@@ -306,7 +307,7 @@ def test_free_memory_returns_a_plain_module() -> None:
     inner = torch.nn.Linear(2, 2)
     model = dl.wrap(inner, dl.Env(precision="bf16"))
     assert free_memory(model) == [None]
-    assert handle_of(inner) is None and "forward" not in vars(inner)
+    assert wrapped_of(inner) is None and "forward" not in vars(inner)
     assert inner(torch.ones(1, 2)).dtype == torch.float32  # no autocast wrapper left
 
 

@@ -10,8 +10,8 @@ import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before th
 
 import distlib as dl
 from distlib.errors import StrategyError
-from distlib.step import MicroStep, plan_window
 from distlib.testing import fake_env
+from distlib.training.accumulation import MicroStep, plan_window
 from tests.models import net, train
 
 

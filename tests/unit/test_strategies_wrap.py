@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 import pytest
 import torch
@@ -10,10 +11,10 @@ import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before th
 
 import distlib as dl
 from distlib.errors import ConfigError, PrecisionError, StrategyError
-from distlib.strategies import fsdp as fsdp_module
-from distlib.strategies.deepspeed import plan_config
-from distlib.strategies.fsdp import plan_units
 from distlib.testing import fake_env
+from distlib.training import fsdp as fsdp_module
+from distlib.training.deepspeed import plan_config
+from distlib.training.fsdp import plan_units
 from tests.models import net, train, weights
 
 
@@ -61,9 +62,12 @@ def test_wrap_errors_teach() -> None:
 
 
 def test_strategy_without_apply_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from distlib.strategies import xla
+    from types import MappingProxyType
 
-    monkeypatch.delattr(xla, "apply", raising=False)
+    from distlib.training import wrapping as wrap_module
+
+    monkeypatch.setattr(wrap_module, "_APPLIERS", MappingProxyType(
+        {k: v for k, v in wrap_module._APPLIERS.items() if k is not dl.XLA}))
     with pytest.raises(StrategyError, match="'xla' must have an apply function"):
         dl.wrap(torch.nn.Linear(2, 2), dl.XLA(), env=dl.Env())
 
@@ -251,3 +255,19 @@ def test_deepspeed_zero_stages_match_single(group: None, monkeypatch: pytest.Mon
         got = weights(_run(dl.DeepSpeed(zero_stage=stage)))  # gathers ZeRO-3's partitions
         for key in reference:
             torch.testing.assert_close(got[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("build", "kind", "message"), [
+    (lambda: dl.DDP(comm_hook="int8"), ConfigError, r"DDP: comm_hook must be one of 'none', "
+     r"'fp16', 'bf16', 'powersgd', but got 'int8'\. Pick one of those"),
+    (lambda: dl.DDP(bucket_cap_mb=-1), ConfigError, r"DDP: bucket_cap_mb must be >= 0"),
+    (lambda: dl.FSDP(wrap_classes=("auto", "Block")), ConfigError, "'auto' alone"),
+    (lambda: dl.FSDP(sync_module_states="yes"), TypeError, "sync_module_states must be bool"),
+    (lambda: dl.DeepSpeed(zero_stage=5), ConfigError, "zero_stage must be one of 0, 1, 2, 3"),
+    (lambda: dl.DeepSpeed(offload_param_nvme_path="/x"), ConfigError, "must come with"),
+    (lambda: dl.XLA(spmd=1), TypeError, "spmd must be bool"),
+])
+def test_strategy_values_raise_distlib_errors(build: Any, kind: type, message: str) -> None:
+    with pytest.raises(kind, match=message) as info:
+        build()
+    assert isinstance(info.value, ConfigError)  # a distlib error, whatever builtin it also is

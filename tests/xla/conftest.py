@@ -26,7 +26,7 @@ if HAVE_XLA:
     import torch_xla.runtime
 
     # Start the runtime before any test runs a CPU backward: torch's autograd engine sizes its
-    # device queues at its first backward, and XLA needs its queue (see _xla.check_autograd).
+    # device queues at its first backward, and XLA needs its queue (see distlib.training.xla.check_autograd).
     torch_xla.device()
 
 

@@ -10,7 +10,8 @@ import torch
 import distlib as dl
 from distlib import _xla
 from distlib.errors import CollectiveError, PrecisionError, StrategyError
-from distlib.strategies.xla import XLA, apply
+from distlib.strategies.xla import XLA
+from distlib.training.xla import XLAOptimizer, apply
 
 ENV = dl.Env(device="xla", backend="xla", strategy="xla")
 
@@ -81,7 +82,7 @@ def test_optimizer_step_equals_plain_cpu() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     model, xopt, xsched = dl.wrap(model, XLA(), env=ENV, optimizer=opt, scheduler=sched)
-    assert isinstance(xopt, _xla.XLAOptimizer) and xopt.optimizer is opt and xsched is sched
+    assert isinstance(xopt, XLAOptimizer) and xopt.optimizer is opt and xsched is sched
     losses = train(model, xopt, xsched, _xla.device())
 
     assert losses == pytest.approx(cpu_losses, rel=1e-5)

@@ -1,0 +1,213 @@
+"""The `FSDP` applier: FSDP2 (``torch.distributed.fsdp.fully_shard``), units first, then the root."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed._composable.checkpoint_activation import checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from distlib.env import Env
+from distlib.errors import StrategyError
+from distlib.precision import compute_dtype
+from distlib.runtime import initialize, is_initialized
+from distlib.strategies.fsdp import AUTO, FSDP
+from distlib.training.accumulation import MicroStep
+from distlib.training.single import SingleWrapped, place_with_precision
+from distlib.training.wrapped import wrapped_of
+
+__all__ = ["FSDPWrapped", "apply", "plan_units", "state_dict"]
+
+
+class FSDPWrapped(SingleWrapped):
+    """A model sharded by FSDP2 (the module is its own root): gradients sync on ``micro.sync``."""
+
+    def backward(self, loss: torch.Tensor, micro: MicroStep | None) -> None:
+        """Backward with FSDP2's reduce-scatter on sync steps only."""
+        scaled = self.scale(loss)
+        self.module.set_requires_gradient_sync(micro is None or micro.sync)  # type: ignore[operator]
+        scaled.backward()  # type: ignore[no-untyped-call]
+
+
+def plan_units(model: torch.nn.Module, strategy: FSDP) -> list[str]:
+    """Names of the submodules that become their own FSDP unit, innermost first.
+
+    A module is a unit when its class name is in ``wrap_classes`` (``"auto"``: in the model's
+    ``_no_split_modules``; an empty list there wraps only the root); with no classes given and
+    ``min_num_params > 0``, when the parameters it holds outside smaller units reach
+    ``min_num_params``. The root is never listed (it is always sharded last).
+
+    Raises:
+        StrategyError: ``wrap_classes`` names a class the model does not contain, or is
+            ``"auto"`` for a model without ``_no_split_modules``.
+
+    Examples:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+        >>> plan_units(net, FSDP(min_num_params=50))
+        ['0']
+        >>> net._no_split_modules = ["Linear"]
+        >>> plan_units(net, FSDP(wrap_classes="auto"))
+        ['1', '0']
+    """
+    modules = dict(model.named_modules())
+    classes = _wrap_classes(model, strategy)
+    if strategy.wrap_classes:
+        present = {type(m).__name__ for m in modules.values()}
+        missing = sorted(set(classes) - present)
+        if missing:
+            msg = (f"wrap(): FSDP wrap_classes must name module classes in the model, but got "
+                   f"{missing}, and the model has {sorted(present)}. Check the class names.")
+            raise StrategyError(msg)
+        return [name for name, m in reversed(modules.items())
+                if name and type(m).__name__ in classes]
+    if strategy.min_num_params <= 0:
+        return []
+    units: list[str] = []
+    counted: set[int] = set()
+    for name, module in reversed(modules.items()):  # children before parents
+        if not name:
+            continue
+        own = [p for p in module.parameters() if id(p) not in counted]
+        if sum(p.numel() for p in own) >= strategy.min_num_params:
+            units.append(name)
+            counted.update(id(p) for p in own)
+    return units
+
+
+def _wrap_classes(model: torch.nn.Module, strategy: FSDP) -> tuple[str, ...]:
+    """The class names that become units: ``wrap_classes``, or the model's own list."""
+    if strategy.wrap_classes != (AUTO,):
+        return strategy.wrap_classes
+    listed = getattr(model, "_no_split_modules", None)
+    if listed is None:
+        msg = (f"wrap(): FSDP wrap_classes='auto' must find the model's `_no_split_modules` "
+               f"(transformers models carry it), but got a {type(model).__name__} without it. "
+               "Name the classes, e.g. FSDP(wrap_classes=['Block']) or "
+               "--fsdp-wrap-classes Block.")
+        raise StrategyError(msg)
+    return tuple(str(name) for name in listed)
+
+
+def _mesh(strategy: FSDP, env: Env) -> Any:
+    device_type = env.torch_device.type
+    if not strategy.hybrid_shard:
+        return init_device_mesh(device_type, (env.world_size,))
+    if env.num_nodes < 1 or env.world_size % env.num_nodes:
+        msg = (f"wrap(): FSDP hybrid_shard must have a machine count that divides the world "
+               f"size, but got num_nodes={env.num_nodes}, world_size={env.world_size}. Start "
+               "the same number of ranks on every machine.")
+        raise StrategyError(msg)
+    return init_device_mesh(device_type, (env.num_nodes, env.world_size // env.num_nodes),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def _policies(strategy: FSDP, env: Env, *, root: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"reshard_after_forward": strategy.reshard_after_forward}
+    dtype = compute_dtype(env.precision)
+    if dtype is not None:
+        # Only the root returns fp32: inner units hand the compute dtype to the next layer.
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=dtype, reduce_dtype=torch.float32,
+            output_dtype=torch.float32 if root else None)
+    if strategy.cpu_offload:
+        # Pinned host memory needs an accelerator; a CPU job offloads to where it already is.
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=env.torch_device.type != "cpu")
+    return kwargs
+
+
+def _rebind(optimizer: Any, before: dict[int, str], model: Any) -> None:
+    """Point the optimizer's param groups at the sharded parameters of the same names."""
+    if optimizer is None:
+        return
+    after = dict(model.named_parameters(remove_duplicate=False))
+    for group in optimizer.param_groups:
+        names = [before.get(id(p)) for p in group["params"]]
+        if None in names:
+            msg = ("wrap(): the optimizer must only hold the model's parameters, but got a "
+                   "parameter the model does not have. Build the optimizer from "
+                   "model.parameters().")
+            raise StrategyError(msg)
+        group["params"] = [after[n] for n in names]  # type: ignore[index]
+
+
+def _broadcast_from_rank0(model: Any) -> None:
+    """Give every rank rank 0's parameters and buffers (Accelerate's sync_module_states)."""
+    with torch.no_grad():
+        seen: set[int] = set()
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                dist.broadcast(tensor.data, src=0)
+
+
+def _chain_forward_prefetch(units: list[Any]) -> None:
+    """Each unit, in registration (forward) order, prefetches the next one's all-gather."""
+    for unit, following in itertools.pairwise(units):
+        unit.set_modules_to_forward_prefetch([following])
+
+
+def apply(model: torch.nn.Module, strategy: FSDP, env: Env, *, optimizer: Any = None,
+          scheduler: Any = None) -> tuple[Any, Any, Any]:
+    """Shard the model with FSDP2 (``fully_shard``), units first, then the root.
+
+    Returns:
+        ``(model, optimizer, scheduler)``: the same module object, now an ``FSDPModule``
+        whose parameters are DTensors; the passed optimizer, rebound to them (stepped through
+        a ``GradScaler`` under fp16).
+
+    Raises:
+        StrategyError: no process group, an optimizer that already has state, unknown
+            ``wrap_classes``.
+
+    Effects: joins the process group; with ``sync_module_states`` overwrites every rank's
+    parameters and buffers with rank 0's; shards ``model`` in place (its parameters are
+    replaced); rewrites ``optimizer.param_groups``.
+    """
+    initialize(env)
+    if not is_initialized():
+        msg = ("wrap(): FSDP must run in a joined process group, but got a one-process Env "
+               "and no group. Start the script with `distlib launch` (or use Single/DDP).")
+        raise StrategyError(msg)
+    if optimizer is not None and len(optimizer.state) > 0:
+        msg = ("wrap(): the optimizer must have no state yet under FSDP (its parameters are "
+               f"replaced), but got state for {len(optimizer.state)} parameter(s). Wrap before "
+               "the first optimizer step.")
+        raise StrategyError(msg)
+    before = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    scaler = place_with_precision(model, env, autocast=False)
+    if strategy.sync_module_states:
+        _broadcast_from_rank0(model)
+    mesh = _mesh(strategy, env)
+    modules = dict(model.named_modules())
+    units = plan_units(model, strategy)
+    for name in units:
+        if strategy.activation_checkpointing:
+            checkpoint(modules[name])
+        fully_shard(modules[name], mesh=mesh,  # type: ignore[call-overload]
+                    **_policies(strategy, env, root=False))
+    fully_shard(model, mesh=mesh, **_policies(strategy, env, root=True))
+    if strategy.forward_prefetch:
+        _chain_forward_prefetch([modules[name] for name in reversed(units)])
+    _rebind(optimizer, before, model)
+    wrapped = FSDPWrapped(strategy=strategy, env=env, module=model, scaler=scaler)
+    return wrapped.attach(optimizer, scheduler)
+
+
+def state_dict(model: Any) -> dict[str, Any]:
+    """The model's state dict as the strategy's ``state_dict_type`` says.
+
+    ``"full"``: whole tensors, gathered on every rank and moved to the CPU; ``"sharded"``:
+    each rank's DTensor shards (for ``torch.distributed.checkpoint``).
+
+    Effects: ``"full"`` runs all-gathers across the ranks.
+    """
+    wrapped = wrapped_of(model)
+    full = wrapped is not None and getattr(wrapped.strategy, "state_dict_type", "") == "full"
+    options = StateDictOptions(full_state_dict=full, cpu_offload=full)
+    return get_model_state_dict(model, options=options)

@@ -1,0 +1,151 @@
+"""The training step's verbs: `backward`, `clip_grad_norm` and `seed`.
+
+Each verb does what every strategy shares (dividing by the accumulation window) and hands the
+rest to the model's `Wrapped` (its scaler, its DDP or FSDP2 sync, its DeepSpeed engine), so the
+same loop runs under every strategy and precision::
+
+    for batch, micro in dl.accumulate(loader, steps=4):
+        loss = loss_fn(model(batch["x"]), batch["y"])
+        dl.backward(loss, model, micro)
+        if micro.sync:
+            dl.clip_grad_norm(model, 1.0)
+            optimizer.step(); optimizer.zero_grad()
+
+A plain module (not wrapped) gets plain behaviour.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from distlib.env import Env
+from distlib.strategies._validate import OptionTypeError
+from distlib.training.accumulation import MicroStep
+from distlib.training.wrapped import wrapped_of
+
+__all__ = ["backward", "clip_grad_norm", "clip_module", "seed"]
+
+
+def backward(loss: Any, model: Any, micro: MicroStep | None = None) -> None:
+    """Back-propagate ``loss`` the way the model's strategy and precision need.
+
+    Divides the loss by the accumulation window's size, scales it for fp16, and lets the
+    strategy skip the gradient sync except on ``micro.sync`` (DDP ``no_sync``, FSDP2
+    ``set_requires_gradient_sync``, DeepSpeed's accumulation boundary).
+
+    Args:
+        loss: a scalar tensor.
+        model: the model returned by ``wrap`` (a plain module works too: plain backward).
+        micro: the `MicroStep` from `accumulate`; None means a window of one batch.
+
+    Raises:
+        StrategyError: fp16 and a model wrapped without its optimizer.
+
+    Examples:
+        >>> import torch, distlib as dl
+        >>> model = dl.wrap(torch.nn.Linear(2, 1), dl.Env())
+        >>> dl.backward(model(torch.ones(1, 2)).sum(), model)
+        >>> model.weight.grad
+        tensor([[1., 1.]])
+
+    Effects: accumulates into the parameters' ``.grad``; collectives across the ranks on
+    sync steps.
+    """
+    if micro is not None and micro.size > 1:
+        loss = loss / micro.size
+    wrapped = wrapped_of(model)
+    if wrapped is None:
+        loss.backward()
+        return
+    wrapped.backward(loss, micro)
+
+
+def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0) -> Any:
+    """Clip the gradients of a wrapped model to a total norm of ``max_norm``.
+
+    Under fp16 the gradients are unscaled first (once per step). FSDP2's DTensor gradients
+    are clipped by their global norm. DeepSpeed clips inside its own step: this sets the
+    engine's clipping to ``max_norm`` and returns None.
+
+    Args:
+        model: the model returned by ``wrap`` (or a plain module).
+        max_norm: the largest total gradient norm allowed.
+        norm_type: the p of the p-norm.
+
+    Returns:
+        The total norm before clipping (a tensor), or None under DeepSpeed.
+
+    Raises:
+        StrategyError: fp16 and a model wrapped without its optimizer.
+
+    Examples:
+        >>> import torch, distlib as dl
+        >>> model = dl.wrap(torch.nn.Linear(2, 1, bias=False), dl.Env())
+        >>> dl.backward(model(torch.full((1, 2), 3.0)).sum(), model)
+        >>> dl.clip_grad_norm(model, 1.0)
+        tensor(4.2426)
+
+    Effects: scales the parameters' gradients in place.
+    """
+    wrapped = wrapped_of(model)
+    if wrapped is None:
+        return clip_module(model, max_norm, norm_type)
+    return wrapped.clip_grad_norm(max_norm, norm_type)
+
+
+def clip_module(module: torch.nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """Clip a module's gradients by their total norm (a DTensor norm is made whole first).
+
+    Returns:
+        The total norm before clipping.
+
+    Effects: scales the parameters' gradients in place.
+    """
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(
+        [p for p in module.parameters() if p.grad is not None], max_norm, total)
+    return total
+
+
+def seed(seed: int, env: Env, device_specific: bool = False) -> int:
+    """Seed Python's, NumPy's (if installed) and torch's generators on this rank.
+
+    Args:
+        seed: the base seed.
+        env: this process's Env.
+        device_specific: add ``env.rank`` so each rank draws different numbers (dropout,
+            augmentation); otherwise every rank gets the same seed.
+
+    Returns:
+        The seed used on this rank.
+
+    Raises:
+        ConfigError: ``seed`` is not an int (also a ``TypeError``).
+
+    Examples:
+        >>> import distlib as dl
+        >>> dl.seed(42, dl.Env(rank=3, world_size=4), device_specific=True)
+        45
+
+    Effects: reseeds the process-wide generators of ``random``, ``numpy`` and ``torch``
+    (all CUDA devices too).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        msg = f"seed(): seed must be an int, but got {seed!r}. Pass e.g. dl.seed(42, env)."
+        raise OptionTypeError(msg)
+    value = seed + env.rank if device_specific else seed
+    random.seed(value)
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+    return value
