@@ -316,7 +316,7 @@ def _from_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     if unknown:
         msg = (f"detect(): config keys must be among 'strategy', 'strategy_options', "
                f"'precision', 'cpu', but got {unknown}. Parse config files with "
-               "distlib.launch.config first; detect() takes the resulting values.")
+               "distlib.launcher.config first; detect() takes the resulting values.")
         raise ConfigError(msg)
     out: dict[str, Any] = {}
     if "strategy" in config:

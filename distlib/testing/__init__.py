@@ -2,7 +2,7 @@
 
 ``fake_env`` builds the `Env` of any rank without launching anything (loop over ranks in one
 process to check per-rank logic). ``spawn`` runs a function in real gloo ranks on this
-machine through `distlib.launch.launch` and returns each rank's value to the caller, which
+machine through `distlib.launch` and returns each rank's value to the caller, which
 compares them with a single-process computation.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distlib.env import Env
-from distlib.launch.launcher import LaunchResult, free_port, launch
+from distlib.launcher.launcher import LaunchResult, free_port, launch
 
 __all__ = ["fake_env", "free_port", "run_in_group", "spawn"]
 

@@ -21,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distlib.errors import ConfigError, StrategyError
-from distlib.launch import _accelerate_config as accelerate
-from distlib.launch.cli import main
-from distlib.launch.config import read_config, read_config_data, resolve, to_plan, validate
+from distlib.launcher import _accelerate_config as accelerate
+from distlib.cli import main
+from distlib.launcher.config import read_config, read_config_data, resolve, to_plan, validate
 from distlib.strategies.deepspeed import DeepSpeed, plan_config
 from distlib.strategies.fsdp import FSDP, plan_units
 from distlib.testing import fake_env

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from distlib.errors import ConfigError
-from distlib.launch.cli import main
-from distlib.launch.config import read_config_file, resolve, to_plan, validate
-from distlib.launch.config_command import ask, default_config, write_config
+from distlib.cli import main
+from distlib.launcher.config import read_config_file, resolve, to_plan, validate
+from distlib.cli.config import ask, default_config, write_config
 
 ACCELERATE_BASE = {"compute_environment": "LOCAL_MACHINE", "debug": False,
                    "machine_rank": 0, "main_training_function": "main", "num_machines": 1,
@@ -218,7 +218,7 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys) -> None:
 
 
 def test_help_is_torch_free_and_lists_the_commands() -> None:
-    code = ("import sys\nfrom distlib.launch.cli import main\n"
+    code = ("import sys\nfrom distlib.cli import main\n"
             "for argv in (['--help'], ['launch', '--help'], ['test', '--help'],"
             " ['config', '--help']):\n"
             "    try: main(argv)\n    except SystemExit: pass\n"

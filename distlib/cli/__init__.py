@@ -15,12 +15,12 @@ __all__ = ["main"]
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "env": ("distlib.launch.env_report", "print versions, devices, the detected Env and config"),
-    "plan": ("distlib.big_model.plan_cli", "plan a device map from a checkpoint's headers"),
-    "launch": ("distlib.launch.launch_command", "run a script or module in N ranks (any setup)"),
-    "config": ("distlib.launch.config_command", "write the launch config (questions or defaults)"),
-    "test": ("distlib.launch.selftest", "launch a self-test under the config and report it"),
-    "merge-weights": ("distlib.export", "turn a save_state checkpoint into safetensors weights"),
+    "env": ("distlib.cli.env", "print versions, devices, the detected Env and config"),
+    "plan": ("distlib.cli.plan", "plan a device map from a checkpoint's headers"),
+    "launch": ("distlib.cli.launch", "run a script or module in N ranks (any setup)"),
+    "config": ("distlib.cli.config", "write the launch config (questions or defaults)"),
+    "test": ("distlib.cli.test", "launch a self-test under the config and report it"),
+    "merge-weights": ("distlib.cli.merge_weights", "turn a save_state checkpoint into safetensors weights"),
 }
 
 
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "launch" and not {"-h", "--help", "--dry-run"} & set(rest):
         import os
 
-        from distlib.launch._start import start_agent
+        from distlib.launcher._start import start_agent
 
         # Start torch's agent before anything else: it imports torch meanwhile.
         launch_agent = start_agent(os.environ)

@@ -19,8 +19,8 @@ from typing import Any
 
 from distlib._slurm import expand_nodelist
 from distlib.errors import ConfigError
-from distlib.launch._accelerate_config import KeyNote, problems_message, translate_all
-from distlib.launch.plan import DEFAULT_TIMEOUT_S, LaunchPlan, plan_launch
+from distlib.launcher._accelerate_config import KeyNote, problems_message, translate_all
+from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan, plan_launch
 
 __all__ = ["SETTINGS", "ConfigFile", "KeyNote", "Setting", "default_config_path",
            "from_accelerate", "read_config", "read_config_data", "read_config_file", "resolve", "to_plan",
@@ -382,8 +382,8 @@ def _looks_like_accelerate(data: Mapping[str, Any]) -> bool:
 
 
 def from_accelerate(data: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
-    """Translate an Accelerate config mapping (see `distlib.launch._accelerate_config`)."""
-    from distlib.launch._accelerate_config import from_accelerate as translate
+    """Translate an Accelerate config mapping (see `distlib.launcher._accelerate_config`)."""
+    from distlib.launcher._accelerate_config import from_accelerate as translate
 
     return translate(data, where)
 

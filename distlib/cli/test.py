@@ -22,9 +22,9 @@ __all__ = ["CHECKS", "add_arguments", "check_all_gather", "check_all_reduce",
            "check_broadcast", "format_report", "run", "run_checks"]
 
 CHECKS: tuple[str, ...] = (
-    "distlib.launch.selftest:check_all_reduce",
-    "distlib.launch.selftest:check_all_gather",
-    "distlib.launch.selftest:check_broadcast",
+    "distlib.cli.test:check_all_reduce",
+    "distlib.cli.test:check_all_gather",
+    "distlib.cli.test:check_broadcast",
     "distlib._data_selftest:check_sharded_loader",
     "distlib.step:check_training",
     "distlib.checkpoint:check_save_load",
@@ -133,7 +133,7 @@ def format_report(reports: Mapping[int, Mapping[str, Any]]) -> tuple[str, bool]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add this command's options (the launch settings, plus --check)."""
-    from distlib.launch.launch_command import add_setting_arguments
+    from distlib.cli.launch import add_setting_arguments
 
     add_setting_arguments(parser)
     parser.add_argument("--check", action="append", default=[], metavar="MODULE:FUNCTION",
@@ -146,9 +146,9 @@ def run(args: argparse.Namespace) -> int:
     import functools
 
     from distlib.errors import LaunchError
-    from distlib.launch.config import to_plan
-    from distlib.launch.launch_command import resolve_from_args
-    from distlib.launch.launcher import launch_plan
+    from distlib.launcher.config import to_plan
+    from distlib.cli.launch import resolve_from_args
+    from distlib.launcher.launcher import launch_plan
 
     resolved, path = resolve_from_args(args, os.environ)
     plan = to_plan(resolved)

@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 
-from distlib.launch.plan import LaunchPlan
+from distlib.launcher.plan import LaunchPlan
 
 __all__ = ["DISTLIB_VARIABLES", "child_environ", "rank_threads"]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
 from distlib.errors import ConfigError
-from distlib.launch.config import SETTINGS, default_config_path, read_config_file, validate
+from distlib.launcher.config import SETTINGS, default_config_path, read_config_file, validate
 
 __all__ = ["add_arguments", "ask", "default_config", "run", "write_config"]
 

@@ -30,7 +30,7 @@ def _version(module: str) -> str:
 def _config_path(explicit: str | None) -> str:
     if explicit:
         return explicit
-    from distlib.launch.config import default_config_path
+    from distlib.launcher.config import default_config_path
 
     return default_config_path(os.environ)
 

@@ -1,7 +1,7 @@
 """`LaunchPlan`: what a launch starts, as one validated value (pure, torch-free).
 
-Both `distlib.launch.launch()` and ``distlib launch`` build a plan first; the agent process
-(`distlib.launch._agent`) turns it into torch's elastic ``LaunchConfig``. Counts follow the
+Both `distlib.launch()` and ``distlib launch`` build a plan first; the agent process
+(`distlib.launcher._agent`) turns it into torch's elastic ``LaunchConfig``. Counts follow the
 documented convention: ``num_processes`` is the total across all machines, ``nproc_per_node``
 the count on each machine, and a total that the machine count does not divide is an error.
 """

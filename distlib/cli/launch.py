@@ -1,6 +1,6 @@
 """``distlib launch``: run a script, a module or a program in N ranks from flags and config.
 
-Resolution is pure (`distlib.launch.config`); this module only parses, prints and waits.
+Resolution is pure (`distlib.launcher.config`); this module only parses, prints and waits.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from distlib.errors import ConfigError
-from distlib.launch.config import (
+from distlib.launcher.config import (
     SETTINGS,
     THREADS_DEFAULT,
     ConfigFile,
@@ -26,7 +26,7 @@ from distlib.launch.config import (
     to_plan,
     validate,
 )
-from distlib.launch.plan import DEFAULT_TIMEOUT_S, LaunchPlan
+from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan
 
 __all__ = ["add_arguments", "add_setting_arguments", "dry_run_text", "resolve_config",
            "resolve_from_args", "run"]
@@ -94,7 +94,7 @@ def _threads_text(plan: LaunchPlan, environ: Mapping[str, str]) -> tuple[str, st
     if environ.get("OMP_NUM_THREADS"):
         return environ["OMP_NUM_THREADS"], "environment (OMP_NUM_THREADS)"
     if plan.cpu and plan.nproc_per_node:
-        from distlib.launch._environ import rank_threads
+        from distlib.launcher._environ import rank_threads
 
         cores = os.cpu_count() or 1
         if hasattr(os, "sched_getaffinity"):
@@ -146,7 +146,7 @@ def _command(args: argparse.Namespace) -> list[str]:
         msg = (f"distlib launch: the script must exist, but got {args.script!r} (no such file "
                f"from {os.getcwd()!r}). Pass -m for a module or --no-python for a program.")
         raise ConfigError(msg)
-    return [sys.executable, "-u", "-m", "distlib.launch._bootstrap", kind, args.script,
+    return [sys.executable, "-u", "-m", "distlib.launcher._bootstrap", kind, args.script,
             *args.script_args]
 
 
@@ -164,8 +164,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, agent: Any) -> int:
-    from distlib.launch._environ import child_environ
-    from distlib.launch.launcher import check_port, free_port, root_cause_message, run_plan
+    from distlib.launcher._environ import child_environ
+    from distlib.launcher.launcher import check_port, free_port, root_cause_message, run_plan
 
     resolved, config = resolve_config(args, os.environ)
     plan = to_plan(resolved)
