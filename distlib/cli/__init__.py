@@ -1,7 +1,8 @@
 """The ``distlib`` command: a thin argparse front over the library.
 
-Each subcommand lives in its own module, imported only when that subcommand runs, so
-``distlib --help`` answers without importing torch.
+Each subcommand lives in its own module of this package (``distlib.cli.launch``, ...), with
+``add_arguments(parser)`` and ``run(args) -> int``, imported only when that subcommand runs,
+so ``distlib --help`` answers without importing torch.
 """
 
 from __future__ import annotations
@@ -24,35 +25,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def _top_parser() -> argparse.ArgumentParser:
     lines = "\n".join(f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="distlib",
         description="Configure, test and launch PyTorch jobs on any hardware.",
         epilog=f"commands:\n{lines}\n\nRun 'distlib COMMAND --help' for a command's options.",
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from distlib import __version__
 
     parser.add_argument("--version", action="version", version=f"distlib {__version__}")
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
     return parser
-
-
-def _accept_underscores(parser: argparse.ArgumentParser) -> None:
-    """Let every ``--foo-bar`` option also be spelled ``--foo_bar`` (hidden from --help).
-
-    argparse has no public alias hook; its table of option strings is the documented-in-code
-    place where every spelling of an option is looked up.
-    """
-    table = parser._option_string_actions
-    for spelling, action in list(table.items()):
-        if spelling.startswith("--") and "-" in spelling[2:]:
-            table.setdefault("--" + spelling[2:].replace("-", "_"), action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "launch" and not {"-h", "--help", "--dry-run"} & set(rest):
         import os
 
-        from distlib.launcher._start import start_agent
+        from distlib.launcher._start import start_agent  # torch-free; the agent imports torch
 
         # Start torch's agent before anything else: it imports torch meanwhile.
         launch_agent = start_agent(os.environ)
@@ -83,10 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(command: str, text: str, rest: list[str], module_name: str,
          agent: object = None) -> int:
+    from distlib.cli._args import Formatter
+
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"distlib {command}", description=text)
+    parser = argparse.ArgumentParser(prog=f"distlib {command}", description=text,
+                                     formatter_class=Formatter)
     module.add_arguments(parser)
-    _accept_underscores(parser)
     args = parser.parse_args(rest)
     if agent is not None:
         args.agent = agent

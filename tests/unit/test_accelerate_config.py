@@ -20,9 +20,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distlib.cli import main
 from distlib.errors import ConfigError, StrategyError
 from distlib.launcher import _accelerate_config as accelerate
-from distlib.cli import main
 from distlib.launcher.config import read_config, read_config_data, resolve, to_plan, validate
 from distlib.strategies.deepspeed import DeepSpeed, plan_config
 from distlib.strategies.fsdp import FSDP, plan_units

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distlib.errors import ConfigError
 from distlib.cli import main
-from distlib.launcher.config import read_config_file, resolve, to_plan, validate
 from distlib.cli.config import ask, default_config, write_config
+from distlib.errors import ConfigError
+from distlib.launcher.config import read_config_file, resolve, to_plan, validate
 
 ACCELERATE_BASE = {"compute_environment": "LOCAL_MACHINE", "debug": False,
                    "machine_rank": 0, "main_training_function": "main", "num_machines": 1,

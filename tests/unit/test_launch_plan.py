@@ -172,11 +172,11 @@ def test_one_timeout_default_for_rendezvous_and_collectives() -> None:
     import argparse
     from pathlib import Path
 
-    from distlib.env import Env
     from distlib.cli import launch as launch_command
+    from distlib.env import Env
     from distlib.launcher._agent import _launch_config
-    from distlib.launcher.config import SETTINGS
     from distlib.launcher.plan import DEFAULT_TIMEOUT_S
+    from distlib.launcher.settings import SETTINGS
 
     assert f"(default {DEFAULT_TIMEOUT_S})" in SETTINGS["timeout"].help
     assert Env.__dataclass_fields__["timeout_s"].default == DEFAULT_TIMEOUT_S
