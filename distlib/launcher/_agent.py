@@ -21,6 +21,13 @@ from typing import Any
 
 from distlib.launcher._bootstrap import die_with_parent, fork_entry
 from distlib.launcher._environ import rank_threads
+from distlib.launcher._hang import (
+    collect_stacks,
+    describe,
+    format_stack,
+    frames_of_stack,
+    hang_lines,
+)
 from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan
 
 __all__ = ["main"]
@@ -168,14 +175,6 @@ class _Watch:
                     and (attempt, r) in self.exits]
         if not stalls and not timeouts:
             return
-        from distlib.launcher._hang import (
-            collect_stacks,
-            describe,
-            format_stack,
-            frames_of_stack,
-            hang_lines,
-        )
-
         live = {r: v for r, v in ranks.items() if (attempt, r) not in self.exits and v[1]}
         stacks = collect_stacks(live)
         info: dict[int, dict[str, Any]] = {}

@@ -21,6 +21,7 @@ from distlib._slurm import slurm_rendezvous
 from distlib.env import FALSE_WORDS, TRUE_WORDS, parse_bool
 from distlib.errors import ConfigError
 from distlib.launcher._accelerate_config import KeyNote, problems_message, translate_all
+from distlib.launcher._accelerate_config import from_accelerate as translate
 from distlib.launcher.plan import LaunchPlan, plan_launch
 from distlib.launcher.settings import SETTINGS, TABLE, Setting
 
@@ -274,8 +275,6 @@ def _looks_like_accelerate(data: Mapping[str, Any]) -> bool:
 
 def from_accelerate(data: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
     """Translate an Accelerate config mapping (see `distlib.launcher._accelerate_config`)."""
-    from distlib.launcher._accelerate_config import from_accelerate as translate
-
     return translate(data, where)
 
 

@@ -28,6 +28,14 @@ from typing import Any
 
 from distlib.errors import LaunchError
 from distlib.launcher._environ import child_environ
+from distlib.launcher._hang import (
+    collect_stacks,
+    describe,
+    format_stack,
+    frames_of_stack,
+    hang_lines,
+)
+from distlib.launcher._payload import dumps, loads
 from distlib.launcher._start import Agent, start_agent
 from distlib.launcher.plan import LaunchPlan, plan_launch
 
@@ -253,14 +261,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def _collect_hang(log_dir: str, timeout_s: float | None) -> dict[str, Any]:
     """Where each rank of the latest attempt is, asked before the job is stopped."""
-    from distlib.launcher._hang import (
-        collect_stacks,
-        describe,
-        format_stack,
-        frames_of_stack,
-        hang_lines,
-    )
-
     starts: dict[int, tuple[int, tuple[int, str]]] = {}
     for path in glob.glob(os.path.join(log_dir, "*", "attempt_*", "*", "start.json")):
         with contextlib.suppress(OSError, ValueError, KeyError):
@@ -329,8 +329,6 @@ def _command(target: Any, args: Sequence[Any], work_dir: str) -> tuple[list[str]
     """The worker command line, and whether the target returns values."""
     boot = [sys.executable, "-u", "-m", "distlib.launcher._bootstrap"]
     if callable(target):
-        from distlib.launcher._payload import dumps
-
         payload = os.path.join(work_dir, "payload.pkl")
         with open(payload, "wb") as handle:
             handle.write(dumps((target, tuple(args))))
@@ -417,8 +415,6 @@ def launch_plan(plan: LaunchPlan, target: Callable[..., Any] | str, *args: Any,
                                                  outcome=outcome))
         values: dict[int, Any] = {}
         if returns:
-            from distlib.launcher._payload import loads
-
             results = os.path.join(work_dir, "returns")
             for name in os.listdir(results):
                 if name.endswith(".pkl"):
