@@ -12,6 +12,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from distlib.cli._args import Formatter, spellings
+from distlib.errors import DistlibError
+
 __all__ = ["main"]
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
@@ -52,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.parse_args([command])
         return 2
     module_name, text = COMMANDS[command]
-    if command == "launch" and not {"-h", "--help", "--dry-run"} & set(rest):
+    if command == "launch" and not {"-h", "--help", *spellings("--dry-run")} & set(rest):
         import os
 
         from distlib.launcher._start import start_agent  # torch-free; the agent imports torch
@@ -68,8 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(command: str, text: str, rest: list[str], module_name: str,
          agent: object = None) -> int:
-    from distlib.cli._args import Formatter
-
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"distlib {command}", description=text,
                                      formatter_class=Formatter)
@@ -77,8 +78,6 @@ def _run(command: str, text: str, rest: list[str], module_name: str,
     args = parser.parse_args(rest)
     if agent is not None:
         args.agent = agent
-    from distlib.errors import DistlibError
-
     try:
         return int(module.run(args))
     except DistlibError as error:
