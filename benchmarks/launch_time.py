@@ -78,7 +78,7 @@ def bench_help(repeats: int) -> None:
     for _ in range(repeats):
         for name, cmd in commands.items():
             rows[name].append(_time(cmd, env))
-    probe = ("import sys\nfrom distlib.launch.cli import main\nfor a in (['--help'],"
+    probe = ("import sys\nfrom distlib.cli import main\nfor a in (['--help'],"
              " ['launch', '--help']):\n    try: main(a)\n    except SystemExit: pass\n"
              "sys.stderr.write(str('torch' in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

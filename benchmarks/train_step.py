@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    from distlib.launch import launch
+    from distlib.launcher.launcher import launch
 
     result = launch(_bench, args.steps, args.rounds, num_processes=2, cpu=True, timeout_s=1800)
     rates = result[0]

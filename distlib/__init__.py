@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "Env": "distlib.env",
+    "Env": "distlib.env", "Backend": "distlib.env", "Launcher": "distlib.env",
     "detect": "distlib.env",
     "Precision": "distlib.precision",
     "Single": "distlib.strategies.single",
@@ -28,12 +28,14 @@ _EXPORTS: dict[str, str] = {
     "MicroStep": "distlib.training.accumulation", "accumulate": "distlib.training.accumulation",
     "backward": "distlib.training.step",
     "clip_grad_norm": "distlib.training.step", "seed": "distlib.training.step",
-    "launch": "distlib.launch", "LaunchResult": "distlib.launch.launcher",
+    "launch": "distlib.launcher.launcher", "LaunchResult": "distlib.launcher.launcher",
     "shard": "distlib.data", "split_between_processes": "distlib.data",
     "ShardPlan": "distlib.data", "skip_first_batches": "distlib.data",
-    **dict.fromkeys(("init_empty_weights", "init_on_device", "infer_device_map", "DeviceMap",
-                     "load_checkpoint", "dispatch", "load_checkpoint_and_dispatch"),
-                    "distlib.big_model"),
+    "init_empty_weights": "distlib.big_model.empty", "init_on_device": "distlib.big_model.empty",
+    "infer_device_map": "distlib.big_model.device_map", "DeviceMap": "distlib.big_model.device_map",
+    "load_checkpoint": "distlib.big_model.loading",
+    "dispatch": "distlib.big_model.placement",
+    "load_checkpoint_and_dispatch": "distlib.big_model.placement",
     **dict.fromkeys(("gather", "gather_object", "pad_across_processes", "reduce",
                      "broadcast", "broadcast_object", "barrier", "main_process_first"),
                     "distlib.collectives"),
@@ -46,44 +48,55 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from distlib.big_model import (
-        DeviceMap,
-        dispatch,
-        infer_device_map,
-        init_empty_weights,
-        init_on_device,
-        load_checkpoint,
-        load_checkpoint_and_dispatch,
+if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (mypy --strict)
+    from distlib.big_model.device_map import DeviceMap as DeviceMap
+    from distlib.big_model.device_map import infer_device_map as infer_device_map
+    from distlib.big_model.empty import init_empty_weights as init_empty_weights
+    from distlib.big_model.empty import init_on_device as init_on_device
+    from distlib.big_model.loading import load_checkpoint as load_checkpoint
+    from distlib.big_model.placement import dispatch as dispatch
+    from distlib.big_model.placement import (
+        load_checkpoint_and_dispatch as load_checkpoint_and_dispatch,
     )
-    from distlib.checkpoint.export import save_model
-    from distlib.checkpoint.state import load_state, save_state
-    from distlib.collectives import (
-        barrier,
-        broadcast,
-        broadcast_object,
-        gather,
-        gather_object,
-        main_process_first,
-        pad_across_processes,
-        reduce,
-    )
-    from distlib.data import ShardPlan, shard, skip_first_batches, split_between_processes
-    from distlib.env import Env, detect
-    from distlib.launch.launcher import LaunchResult, launch  # the package is callable
-    from distlib.log import main_print
-    from distlib.memory import free_memory
-    from distlib.metrics import gather_metrics
-    from distlib.precision import Precision, autocast
-    from distlib.strategies.ddp import DDP
-    from distlib.strategies.deepspeed import DeepSpeed
-    from distlib.strategies.fsdp import FSDP
-    from distlib.strategies.single import Single
-    from distlib.strategies.xla import XLA
-    from distlib.training.accumulation import MicroStep, accumulate
-    from distlib.training.scheduler import AccelerateScheduler
-    from distlib.training.step import backward, clip_grad_norm, seed
-    from distlib.training.wrapping import unwrap, wrap
+    from distlib.checkpoint.export import save_model as save_model
+    from distlib.checkpoint.state import load_state as load_state
+    from distlib.checkpoint.state import save_state as save_state
+    from distlib.collectives import barrier as barrier
+    from distlib.collectives import broadcast as broadcast
+    from distlib.collectives import broadcast_object as broadcast_object
+    from distlib.collectives import gather as gather
+    from distlib.collectives import gather_object as gather_object
+    from distlib.collectives import main_process_first as main_process_first
+    from distlib.collectives import pad_across_processes as pad_across_processes
+    from distlib.collectives import reduce as reduce
+    from distlib.data import ShardPlan as ShardPlan
+    from distlib.data import shard as shard
+    from distlib.data import skip_first_batches as skip_first_batches
+    from distlib.data import split_between_processes as split_between_processes
+    from distlib.env import Backend as Backend
+    from distlib.env import Env as Env
+    from distlib.env import Launcher as Launcher
+    from distlib.env import detect as detect
+    from distlib.launcher.launcher import LaunchResult as LaunchResult
+    from distlib.launcher.launcher import launch as launch
+    from distlib.log import main_print as main_print
+    from distlib.memory import free_memory as free_memory
+    from distlib.metrics import gather_metrics as gather_metrics
+    from distlib.precision import Precision as Precision
+    from distlib.precision import autocast as autocast
+    from distlib.strategies.ddp import DDP as DDP
+    from distlib.strategies.deepspeed import DeepSpeed as DeepSpeed
+    from distlib.strategies.fsdp import FSDP as FSDP
+    from distlib.strategies.single import Single as Single
+    from distlib.strategies.xla import XLA as XLA
+    from distlib.training.accumulation import MicroStep as MicroStep
+    from distlib.training.accumulation import accumulate as accumulate
+    from distlib.training.scheduler import AccelerateScheduler as AccelerateScheduler
+    from distlib.training.step import backward as backward
+    from distlib.training.step import clip_grad_norm as clip_grad_norm
+    from distlib.training.step import seed as seed
+    from distlib.training.wrapping import unwrap as unwrap
+    from distlib.training.wrapping import wrap as wrap
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,5 @@
 """``python -m distlib``: the same entry point as the ``distlib`` command."""
 
-from distlib.launch.cli import main
+from distlib.cli import main
 
 raise SystemExit(main())

@@ -1,12 +1,27 @@
-"""Pure parsers for SLURM's compressed notations (node lists and tasks per node)."""
+"""SLURM, read purely: node lists, tasks per node, and the rendezvous rule.
+
+The rendezvous rule is the one place that says where a job under SLURM alone meets: the main
+address is the first host of the expanded node list, the port is derived from the job id.
+`detect()` (each rank) and the launcher (``distlib launch`` inside an allocation) both use it.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from distlib.errors import EnvError
 
-__all__ = ["expand_nodelist", "expand_tasks_per_node"]
+__all__ = ["NODELIST_VARIABLES", "SlurmRendezvous", "expand_nodelist", "expand_tasks_per_node",
+           "slurm_rendezvous"]
+
+# The variables that hold the node list and the job id, newest spelling first.
+NODELIST_VARIABLES = ("SLURM_JOB_NODELIST", "SLURM_NODELIST")
+JOB_ID_VARIABLES = ("SLURM_JOB_ID", "SLURM_JOBID")
+# The port is derived from the job id, so every node of one job agrees on it without talking,
+# and two jobs sharing a node rarely collide: 15000 + job id mod 50000 (15000..64999).
+_PORT_BASE, _PORT_SPAN = 15000, 50000
 
 _TASKS_ITEM = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
 
@@ -112,3 +127,45 @@ def expand_tasks_per_node(text: str, *, source: str = "SLURM_TASKS_PER_NODE") ->
         count, repeat = int(match.group(1)), int(match.group(2) or 1)
         counts.extend([count] * repeat)
     return counts
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlurmRendezvous:
+    """Where a job under SLURM alone meets, and the variables each part came from.
+
+    ``address`` is None without a node list; ``port`` is None without a numeric job id.
+    """
+
+    address: str | None = None
+    address_variable: str = ""
+    port: int | None = None
+    port_variable: str = ""
+
+
+def slurm_rendezvous(environ: Mapping[str, str]) -> SlurmRendezvous:
+    """Apply SLURM's rendezvous rule to ``environ`` (pure).
+
+    The main address is the first host of the expanded node list (``SLURM_JOB_NODELIST``, else
+    ``SLURM_NODELIST``); the port is ``15000 + job id % 50000`` (``SLURM_JOB_ID``, else
+    ``SLURM_JOBID``). A non-numeric job id gives no port.
+
+    Raises:
+        EnvError: the node list is set but is not a valid host list.
+
+    Examples:
+        >>> slurm_rendezvous({"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"})
+        SlurmRendezvous(address='gpu07', address_variable='SLURM_JOB_NODELIST', port=19242, port_variable='SLURM_JOB_ID')
+        >>> slurm_rendezvous({}).address is None
+        True
+    """
+    out = SlurmRendezvous()
+    nodelist = next((v for v in NODELIST_VARIABLES if v in environ), None)
+    if nodelist is not None:
+        out = SlurmRendezvous(address=expand_nodelist(environ[nodelist], source=nodelist)[0],
+                              address_variable=nodelist)
+    job = next((v for v in JOB_ID_VARIABLES if environ.get(v)), None)
+    if job is not None and environ[job].strip().isdigit():
+        port = _PORT_BASE + int(environ[job]) % _PORT_SPAN
+        out = SlurmRendezvous(address=out.address, address_variable=out.address_variable,
+                              port=port, port_variable=job)
+    return out

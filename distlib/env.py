@@ -16,20 +16,97 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
-from distlib._slurm import expand_nodelist, expand_tasks_per_node
+from distlib._slurm import expand_tasks_per_node, slurm_rendezvous
 from distlib.errors import ConfigError, EnvError
 from distlib.precision import Precision, parse_precision
 from distlib.strategies.base import Strategy, parse_strategy
 from distlib.strategies.single import Single
 from distlib.strategies.xla import XLA
 
-__all__ = ["BACKENDS", "Env", "Hardware", "detect", "probe_hardware"]
+__all__ = ["BACKENDS", "DEFAULT_TIMEOUT_S", "FALSE_WORDS", "TRUE_WORDS", "Backend", "Env",
+           "Hardware", "Launcher", "detect", "parse_bool", "probe_hardware"]
 
-BACKENDS = ("gloo", "nccl", "mpi", "xla")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
+
+class Backend(str, Enum):
+    """The ``torch.distributed`` backend of a job; plain strings are accepted and compare equal.
+
+    Examples:
+        >>> Backend("nccl") is Backend.NCCL, Backend.GLOO == "gloo", str(Backend.XLA)
+        (True, True, 'xla')
+    """
+
+    GLOO = "gloo"
+    NCCL = "nccl"
+    MPI = "mpi"
+    XLA = "xla"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"Backend.{self.name}"
+
+
+class Launcher(str, Enum):
+    """Which launcher's variables `detect()` read (``none``: a plain ``python`` process).
+
+    Examples:
+        >>> Launcher("torchrun") is Launcher.TORCHRUN, Launcher.NONE == "none"
+        (True, True)
+    """
+
+    NONE = "none"
+    DISTLIB = "distlib"
+    TORCHRUN = "torchrun"
+    OPENMPI = "openmpi"
+    INTELMPI = "intelmpi"
+    MVAPICH = "mvapich"
+    SLURM = "slurm"
+    XMP = "xmp"  # a replica started by torch_xla's xmp.spawn
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"Launcher.{self.name}"
+
+
+BACKENDS = tuple(b.value for b in Backend)
+# How long the rendezvous and each collective may wait unless the launcher's `timeout`
+# setting (DISTLIB_TIMEOUT in the ranks) says otherwise.
+DEFAULT_TIMEOUT_S = 1800
+
+# The one vocabulary of true/false settings: variables, config files, flags and answers.
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def parse_bool(value: object) -> bool | None:
+    """Read a true/false setting: a bool, or one of `TRUE_WORDS` / `FALSE_WORDS` (any case).
+
+    Every boolean distlib reads (``DISTLIB_*`` variables, config files in either format, the
+    answers of ``distlib config``) goes through this one function; each caller names the input
+    in its own error when this returns None.
+
+    Returns:
+        True or False, or None when ``value`` is neither a bool nor an accepted spelling.
+
+    Examples:
+        >>> parse_bool("ON"), parse_bool(" no "), parse_bool(True), parse_bool("maybe")
+        (True, False, True, None)
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    return None
 
 # What each launcher calls the fields (None: the launcher does not set it).
 _TORCHRUN = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK",
@@ -116,14 +193,14 @@ class Env:
     num_nodes: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    backend: str = "gloo"
+    backend: Backend = Backend.GLOO
     device: str = "cpu"
     precision: Precision = Precision.NO
     strategy: Strategy = field(default_factory=Single)
-    launcher: str = "none"
+    launcher: Launcher = Launcher.NONE
     agent_store: bool = False
     restart_count: int = 0
-    timeout_s: float = 1800.0
+    timeout_s: float = float(DEFAULT_TIMEOUT_S)
     debug: bool = False
     check_collectives: bool = True
 
@@ -140,6 +217,13 @@ class Env:
             msg = (f"Env(): backend must be one of {', '.join(map(repr, BACKENDS))}, but got "
                    f"{self.backend!r}. Use 'nccl' on NVIDIA GPUs, 'gloo' on CPUs.")
             raise EnvError(msg)
+        object.__setattr__(self, "backend", Backend(self.backend))
+        if self.launcher not in tuple(Launcher):
+            msg = (f"Env(): launcher must be one of {', '.join(repr(x.value) for x in Launcher)}, "
+                   f"but got {self.launcher!r}. detect() sets it; leave it out when building "
+                   "an Env by hand.")
+            raise EnvError(msg)
+        object.__setattr__(self, "launcher", Launcher(self.launcher))
         if not _is_device(self.device):
             msg = (f"Env(): device must look like 'cpu', 'cuda:0', 'mps' or 'xla:0', but got "
                    f"{self.device!r}.")
@@ -229,25 +313,27 @@ def _read_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raw = environ.get(name)
     if raw is None:
         return default
-    if raw.strip().lower() in _TRUE:
-        return True
-    if raw.strip().lower() in _FALSE:
-        return False
-    msg = (f"detect(): {name} must be one of {', '.join(map(repr, _TRUE + _FALSE[:-1]))}, "
-           f"but got {name}={raw!r}. Set it to 1 or 0.")
-    raise EnvError(msg)
+    value = parse_bool(raw) if raw.strip() else False  # set but empty: off
+    if value is None:
+        msg = (f"detect(): {name} must be one of "
+               f"{', '.join(map(repr, TRUE_WORDS + FALSE_WORDS))}, but got {name}={raw!r}. "
+               "Set it to 1 or 0.")
+        raise EnvError(msg)
+    return value
 
 
-def _which_launcher(environ: Mapping[str, str]) -> tuple[str, Mapping[str, str | None]]:
+def _which_launcher(environ: Mapping[str, str]) -> tuple[Launcher, Mapping[str, str | None]]:
     """The innermost launcher whose variables are present."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
-        return ("distlib" if environ.get("DISTLIB_LAUNCHED") == "1" else "torchrun"), _TORCHRUN
-    for name, table in (("openmpi", _OPENMPI), ("intelmpi", _INTELMPI), ("mvapich", _MVAPICH)):
+        launched = environ.get("DISTLIB_LAUNCHED") == "1"
+        return (Launcher.DISTLIB if launched else Launcher.TORCHRUN), _TORCHRUN
+    for name, table in ((Launcher.OPENMPI, _OPENMPI), (Launcher.INTELMPI, _INTELMPI),
+                        (Launcher.MVAPICH, _MVAPICH)):
         if table["rank"] in environ and table["world_size"] in environ:
             return name, table
     if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
-        return "slurm", _SLURM
-    return "none", {}
+        return Launcher.SLURM, _SLURM
+    return Launcher.NONE, {}
 
 
 def _read_ranks(environ: Mapping[str, str], table: Mapping[str, str | None]
@@ -285,27 +371,26 @@ def _slurm_extras(environ: Mapping[str, str], values: dict[str, int],
         counts = expand_tasks_per_node(per_node, source=var)
         values["local_world_size"] = counts[min(values["node_rank"], len(counts) - 1)]
         derived["local_world_size"] = f"{var}={per_node!r}"
-    nodelist_var = next((v for v in ("SLURM_JOB_NODELIST", "SLURM_NODELIST") if v in environ), None)
-    if nodelist_var:
-        extras["master_addr"] = expand_nodelist(environ[nodelist_var], source=nodelist_var)[0]
-    job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
-    if job_id and job_id.strip().isdigit():
-        extras["master_port"] = 15000 + int(job_id) % 50000
+    meet = slurm_rendezvous(environ)
+    if meet.address is not None:
+        extras["master_addr"] = meet.address
+    if meet.port is not None:
+        extras["master_port"] = meet.port
     return extras
 
 
 def _device_for(environ: Mapping[str, str], hardware: Hardware, local_rank: int,
-                cpu: bool) -> tuple[str, str]:
+                cpu: bool) -> tuple[str, Backend]:
     """(device, backend) for this rank."""
     if cpu:
-        return "cpu", "gloo"
+        return "cpu", Backend.GLOO
     if environ.get("PJRT_DEVICE") and hardware.xla:
-        return "xla", "xla"
+        return "xla", Backend.XLA
     if hardware.num_gpus > 0:
-        return f"cuda:{local_rank % hardware.num_gpus}", "nccl"
+        return f"cuda:{local_rank % hardware.num_gpus}", Backend.NCCL
     if hardware.mps:
-        return "mps", "gloo"
-    return "cpu", "gloo"
+        return "mps", Backend.GLOO
+    return "cpu", Backend.GLOO
 
 
 def _from_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -316,7 +401,7 @@ def _from_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     if unknown:
         msg = (f"detect(): config keys must be among 'strategy', 'strategy_options', "
                f"'precision', 'cpu', but got {unknown}. Parse config files with "
-               "distlib.launch.config first; detect() takes the resulting values.")
+               "distlib.launcher.config first; detect() takes the resulting values.")
         raise ConfigError(msg)
     out: dict[str, Any] = {}
     if "strategy" in config:
@@ -387,49 +472,72 @@ def detect(
         ...               "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"},
         ...              hardware=Hardware(num_gpus=2))
         >>> env.rank, env.device, env.backend, env.strategy
-        (1, 'cuda:1', 'nccl', DDP(...))
+        (1, 'cuda:1', Backend.NCCL, DDP(...))
     """
     environ = os.environ if environ is None else environ
     launcher, table = _which_launcher(environ)
-    ranks, derived = _read_ranks(environ, table)
-    values: dict[str, Any] = ranks
-    extras = _slurm_extras(environ, values, derived) if launcher == "slurm" else {}
-    labels = {f: (table.get(f) or f) for f in _TORCHRUN} | {"master_port": "MASTER_PORT"}
-    extras = _read_address(environ, values, labels, derived, extras)
-    port = extras.get("master_port", 29500)
+    values, extras = _read_place(environ, launcher, table)
     from_config = _from_config(config)
     # Only True forces: False means "not forced" (Accelerate's cpu=False), so a launcher's
     # --cpu (DISTLIB_CPU) or a config file's cpu still holds.
     use_cpu = cpu is True or _read_bool(environ, "DISTLIB_CPU", from_config.get("cpu", False))
-    # An xmp.spawn replica: no launcher variables, PJRT_LOCAL_PROCESS_COUNT set by xmp.spawn.
-    in_xmp = (launcher == "none" and bool(environ.get("PJRT_DEVICE"))
-              and "PJRT_LOCAL_PROCESS_COUNT" in environ and not use_cpu)
-    hw = (hardware if hardware is not None or use_cpu
-          else probe_hardware(xla_replica=in_xmp))
+    in_xmp = _is_xmp_replica(environ, launcher, use_cpu)
+    hw = hardware if hardware is not None or use_cpu else probe_hardware(xla_replica=in_xmp)
     if in_xmp and hw is not None and hw.xla_replica is not None:
-        values = dict(zip(_XLA_FIELDS, hw.xla_replica, strict=True))
-        launcher = "xmp"
-        _check_ranks("detect()", values | {"master_port": port},
-                     {f: f"torch_xla's {f}" for f in values} | {"master_port": "MASTER_PORT"},
-                     repr)
+        values, launcher = _xmp_ranks(hw.xla_replica, extras.get("master_port", 29500))
     device, backend = _device_for(environ, hw or Hardware(), values["local_rank"], use_cpu)
-    chosen_strategy = (strategy if strategy is not None
-                       else _strategy_from_environ(environ) or from_config.get("strategy"))
-    if chosen_strategy is None:
-        if backend == "xla":
-            chosen_strategy = XLA(spmd=_read_bool(environ, "XLA_USE_SPMD", False))
-        else:
-            chosen_strategy = "ddp" if values["world_size"] > 1 else "single"
-    chosen_precision = (precision if precision is not None
-                        else environ.get("DISTLIB_PRECISION") or from_config.get("precision"))
     return Env(
         **values, **extras, **_read_policies(environ), backend=backend, device=device,
         launcher=launcher,
-        precision=parse_precision(chosen_precision, source="detect(): DISTLIB_PRECISION"
-                                  if precision is None and "DISTLIB_PRECISION" in environ
-                                  else "precision"),
-        strategy=parse_strategy(chosen_strategy, source="strategy"),
+        precision=_choose_precision(environ, precision, from_config),
+        strategy=_choose_strategy(environ, strategy, from_config, backend, values["world_size"]),
     )
+
+
+def _read_place(environ: Mapping[str, str], launcher: Launcher,
+                table: Mapping[str, str | None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rank fields, and the main address and port, checked together."""
+    values, derived = _read_ranks(environ, table)
+    implied = (_slurm_extras(environ, values, derived) if launcher == Launcher.SLURM else {})
+    labels = {f: (table.get(f) or f) for f in _TORCHRUN} | {"master_port": "MASTER_PORT"}
+    return dict(values), _read_address(environ, values, labels, derived, implied)
+
+
+def _is_xmp_replica(environ: Mapping[str, str], launcher: Launcher, use_cpu: bool) -> bool:
+    """An ``xmp.spawn`` replica: no launcher variables, PJRT_LOCAL_PROCESS_COUNT set by it."""
+    return (launcher == Launcher.NONE and bool(environ.get("PJRT_DEVICE"))
+            and "PJRT_LOCAL_PROCESS_COUNT" in environ and not use_cpu)
+
+
+def _xmp_ranks(replica: tuple[int, ...], port: int) -> tuple[dict[str, Any], Launcher]:
+    """The rank fields torch_xla's runtime reported for this replica, checked."""
+    values: dict[str, Any] = dict(zip(_XLA_FIELDS, replica, strict=True))
+    _check_ranks("detect()", values | {"master_port": port},
+                 {f: f"torch_xla's {f}" for f in values} | {"master_port": "MASTER_PORT"}, repr)
+    return values, Launcher.XMP
+
+
+def _choose_strategy(environ: Mapping[str, str], explicit: Strategy | str | None,
+                     from_config: Mapping[str, Any], backend: Backend,
+                     world_size: int) -> Strategy:
+    """Explicit > DISTLIB_STRATEGY > config > XLA device > DDP for several ranks > Single."""
+    chosen = (explicit if explicit is not None
+              else _strategy_from_environ(environ) or from_config.get("strategy"))
+    if chosen is None and backend == Backend.XLA:
+        chosen = XLA(spmd=_read_bool(environ, "XLA_USE_SPMD", False))
+    elif chosen is None:
+        chosen = "ddp" if world_size > 1 else "single"
+    return parse_strategy(chosen, source="strategy")
+
+
+def _choose_precision(environ: Mapping[str, str], explicit: Precision | str | None,
+                      from_config: Mapping[str, Any]) -> Precision:
+    """Explicit > DISTLIB_PRECISION > config > "no"."""
+    if explicit is not None:
+        return parse_precision(explicit, source="precision")
+    if environ.get("DISTLIB_PRECISION"):
+        return parse_precision(environ["DISTLIB_PRECISION"], source="detect(): DISTLIB_PRECISION")
+    return parse_precision(from_config.get("precision"), source="precision")
 
 
 def _read_address(environ: Mapping[str, str], values: Mapping[str, int],
@@ -472,7 +580,7 @@ def _read_policies(environ: Mapping[str, str]) -> dict[str, Any]:
                    f"TORCHELASTIC_RESTART_COUNT={environ['TORCHELASTIC_RESTART_COUNT']!r}. "
                    "It is set by torch's elastic agent; unset it outside a launched job.")
             raise EnvError(msg)
-    timeout = 1800.0
+    timeout = float(DEFAULT_TIMEOUT_S)
     if environ.get("DISTLIB_TIMEOUT", "").strip():
         raw = environ["DISTLIB_TIMEOUT"]
         try:

@@ -10,6 +10,7 @@ import logging
 from collections.abc import MutableMapping
 from typing import Any
 
+from distlib.collectives import barrier
 from distlib.env import Env
 
 __all__ = ["RankLogger", "get_logger", "main_print"]
@@ -41,8 +42,6 @@ class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         Effects: ``in_order`` on a multi-rank Env runs one barrier per rank.
         """
         if in_order and self.env.is_distributed:
-            from distlib.collectives import barrier
-
             for rank in range(self.env.world_size):
                 if rank == self.env.rank:
                     self._emit(level, msg, args, kwargs)

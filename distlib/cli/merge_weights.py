@@ -8,6 +8,7 @@ import os
 import torch
 
 from distlib.checkpoint.export import merge_weights
+from distlib.cli._args import spellings
 
 __all__ = ["add_arguments", "run"]
 
@@ -19,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a folder written by save_state")
     parser.add_argument("out", help="the folder to write the safetensors export to")
     parser.add_argument("--name", default="model", help="which saved model (default: model)")
-    parser.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+    parser.add_argument(*spellings("--max-shard-size"), default="5GB", help="e.g. 5GB, 500MB")
     parser.add_argument("--dtype", default=None, choices=list(_DTYPES),
                         help="convert floating weights")
 

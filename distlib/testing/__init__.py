@@ -2,7 +2,7 @@
 
 ``fake_env`` builds the `Env` of any rank without launching anything (loop over ranks in one
 process to check per-rank logic). ``spawn`` runs a function in real gloo ranks on this
-machine through `distlib.launch.launch` and returns each rank's value to the caller, which
+machine through `distlib.launch` and returns each rank's value to the caller, which
 compares them with a single-process computation.
 """
 
@@ -12,8 +12,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from distlib.env import Env
-from distlib.launch.launcher import LaunchResult, free_port, launch
+from distlib.env import Env, detect
+from distlib.launcher.launcher import LaunchResult, free_port, launch
+from distlib.runtime import process_group
 
 __all__ = ["fake_env", "free_port", "run_in_group", "spawn"]
 
@@ -43,9 +44,6 @@ def run_in_group(fn: Callable[..., Any], *args: Any) -> Any:
 
     Effects: joins the default process group for the call and always leaves it.
     """
-    from distlib.env import detect
-    from distlib.runtime import process_group
-
     with process_group(detect()) as env:
         return fn(env, *args)
 

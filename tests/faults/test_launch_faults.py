@@ -215,7 +215,7 @@ def test_a_timeout_in_the_scripts_own_code_is_an_ordinary_failure(work: Path) ->
 
 def test_launch_timeout_s_reports_where_each_rank_is(work: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from distlib.launch.launcher import launch
+    from distlib.launcher.launcher import launch
 
     out = work / "api"
     out.mkdir()
@@ -244,12 +244,12 @@ def test_a_busy_main_port_is_named(work: Path) -> None:
         assert "Traceback" not in err
 
         # The same port taken between the check and the agent's bind: the agent names it too.
-        from distlib.launch._environ import child_environ
-        from distlib.launch.launcher import run_plan
-        from distlib.launch.plan import LaunchPlan
+        from distlib.launcher._environ import child_environ
+        from distlib.launcher.launcher import run_plan
+        from distlib.launcher.plan import LaunchPlan
 
         plan = LaunchPlan(nproc_per_node=2, cpu=True, main_port=port)
-        command = [sys.executable, "-u", "-m", "distlib.launch._bootstrap", "script",
+        command = [sys.executable, "-u", "-m", "distlib.launcher._bootstrap", "script",
                    str(work / "faults.py"), "kill"]
         outcome = run_plan(plan, command, environ=child_environ(os.environ, plan),
                            work_dir=str(work), timeout_s=LIMIT)

@@ -24,7 +24,7 @@ import distlib as dl
 from distlib.big_model.device_map import DeviceMap, check_devices_exist
 from distlib.big_model.sizes import parse_size
 from distlib.errors import ConfigError, DeviceMapError
-from distlib.launch.config import default_config_path, read_config_file
+from distlib.launcher.config import default_config_path, read_config_file
 
 
 def _launch(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

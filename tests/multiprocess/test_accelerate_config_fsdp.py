@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import distlib as dl
-from distlib.launch.config import read_config_file, resolve, to_plan
+from distlib.launcher.config import read_config_file, resolve, to_plan
 from distlib.testing import spawn
 
 pytestmark = pytest.mark.multiprocess

@@ -1,4 +1,4 @@
-"""`distlib.launch.launch` and `distlib.testing.spawn` with real gloo ranks on 127.0.0.1."""
+"""`distlib.launch` and `distlib.testing.spawn` with real gloo ranks on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-import distlib.launch as launch_package
 from distlib.errors import LaunchError
-from distlib.launch.launcher import LaunchResult
+from distlib.launcher.launcher import LaunchResult
+from distlib.launcher.launcher import launch as launch_function
 from distlib.testing import spawn
 
 pytestmark = pytest.mark.multiprocess
@@ -41,7 +41,7 @@ def report(offset: int) -> dict:
 
 def test_callable_returns_per_rank_values_and_children_see_the_plan() -> None:
     before = dict(os.environ)
-    result = launch_package(report, 10, num_processes=2, cpu=True, timeout_s=TIMEOUT, precision="bf16",
+    result = launch_function(report, 10, num_processes=2, cpu=True, timeout_s=TIMEOUT, precision="bf16",
                     strategy="ddp", strategy_options={"static_graph": True},
                     collective_timeout_s=77, debug=True)
     assert dict(os.environ) == before
@@ -90,17 +90,17 @@ def test_spawn_ships_local_functions_and_partials_by_value() -> None:
     assert list(result) == [(r * scale + 1) ** 2 for r in range(2)]
 
 
-def test_the_launch_package_is_torch_free_until_called() -> None:
+def test_the_launcher_is_torch_free_until_called() -> None:
     import subprocess
     import sys
 
-    code = "import sys, distlib.launch, distlib.launch.cli; print('torch' in sys.modules)"
+    code = "import sys, distlib.launcher.launcher, distlib.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "False"
     import distlib
 
-    assert distlib.launch is launch_package and callable(launch_package)
+    assert distlib.launch is launch_function and callable(launch_function)
     assert "num_processes" in str(__import__("inspect").signature(distlib.launch))
 
 

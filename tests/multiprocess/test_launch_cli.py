@@ -201,14 +201,19 @@ CHECKS = textwrap.dedent("""
 """)
 
 
+def _python_path(*first: Path) -> str:
+    """``first``, then the PYTHONPATH this test runs with (the checkout under test)."""
+    return os.pathsep.join([*map(str, first), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def test_distlib_test_passes_and_fails_when_a_check_breaks(work: Path) -> None:
     (work / "extra_checks.py").write_text(CHECKS)
-    extra = {"PYTHONPATH": str(work)}
+    extra = {"PYTHONPATH": _python_path(work)}
     done = _cli(["test", "--cpu", "--num-processes", "2", "--check", "extra_checks:fine"],
                 work, **extra)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    from distlib.launch.selftest import CHECKS as BUILT_IN
+    from distlib.cli._checks import CHECKS as BUILT_IN
 
     assert lines[-1] == f"distlib test: PASSED (2 ranks, {len(BUILT_IN) + 1} checks each)"
     assert any(line.split()[:3] == ["1", "2", "1"] for line in lines)
@@ -218,6 +223,43 @@ def test_distlib_test_passes_and_fails_when_a_check_breaks(work: Path) -> None:
     assert done.returncode == 1
     assert done.stdout.splitlines()[-1].startswith("distlib test: FAILED")
     assert "checksum mismatch on rank 1" in done.stdout
+
+
+# Every Python process of the test loads this (it is first on PYTHONPATH): the public
+# gather_metrics drops its last row, as a broken deduplication would.
+BROKEN_GATHER_METRICS = textwrap.dedent("""
+    import importlib
+    import distlib
+
+    def gather_metrics(x, env, loader):
+        module = importlib.import_module(distlib._EXPORTS["gather_metrics"])
+        return module.gather_metrics(x, env, loader)[:-1]
+
+    distlib.gather_metrics = gather_metrics
+""")
+
+
+def test_distlib_test_fails_on_a_broken_check_under_python_optimize(work: Path) -> None:
+    """``python -O`` with PYTHONOPTIMIZE (which the ranks inherit) strips every ``assert``:
+    the built-in checks must still fail, naming the check and what differed."""
+    broken = work / "broken"
+    broken.mkdir()
+    (broken / "sitecustomize.py").write_text(BROKEN_GATHER_METRICS)
+    env = dict(os.environ, PYTHONOPTIMIZE="1", PYTHONPATH=_python_path(broken))
+    command = [sys.executable, "-O", "-m", "distlib", "test", "--cpu", "--num-processes", "2"]
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == "distlib test: FAILED (2 failed checks)"
+    for rank in (0, 1):
+        assert (f"rank {rank} distlib.cli._checks:check_sharded_loader: ShardingError: "
+                "distlib test sharded_loader: the map dataset gathered by gather_metrics must "
+                "be 0..12 in order") in done.stdout
+    healthy = dict(env, PYTHONPATH=_python_path())
+    done = subprocess.run(command, cwd=work, env=healthy, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1].startswith("distlib test: PASSED (2 ranks")
 
 
 def test_no_python_runs_a_program_per_rank(work: Path) -> None:

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from distlib.env import Hardware, detect
 from distlib.errors import ConfigError
-from distlib.launch._environ import DISTLIB_VARIABLES, child_environ
-from distlib.launch.config import SETTINGS, resolve, validate
-from distlib.launch.plan import LaunchPlan, plan_launch
+from distlib.launcher._environ import DISTLIB_VARIABLES, child_environ
+from distlib.launcher.config import resolve, validate
+from distlib.launcher.plan import LaunchPlan, plan_launch
+from distlib.launcher.settings import SETTINGS
 from tests.generators import world_and_rank
 
 names = st.text(st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZ_"), min_size=1, max_size=12)

@@ -20,10 +20,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distlib.cli import main
 from distlib.errors import ConfigError, StrategyError
-from distlib.launch import _accelerate_config as accelerate
-from distlib.launch.cli import main
-from distlib.launch.config import read_config, read_config_data, resolve, to_plan, validate
+from distlib.launcher import _accelerate_config as accelerate
+from distlib.launcher.config import read_config, read_config_data, resolve, to_plan, validate
 from distlib.strategies.deepspeed import DeepSpeed
 from distlib.strategies.fsdp import FSDP
 from distlib.testing import fake_env

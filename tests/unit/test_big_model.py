@@ -14,10 +14,10 @@ import torch
 from distlib.big_model import device_map as device_map_module
 from distlib.big_model.device_map import DeviceMap, infer_device_map, normalize_budgets
 from distlib.big_model.empty import init_empty_weights, init_on_device
-from distlib.big_model.plan_cli import parse_max_memory
 from distlib.big_model.sizes import layout_of, module_sizes, parse_size
+from distlib.cli import main as cli_main
+from distlib.cli.plan import parse_max_memory
 from distlib.errors import DeviceMapError
-from distlib.launch.cli import main as cli_main
 
 # Tests that build transformers' models are skipped without it (the conftest fixture); the
 # rest of the file needs no transformers.

@@ -251,7 +251,7 @@ def test_merge_weights_command(tmp_path: pathlib.Path, capsys: pytest.CaptureFix
     from safetensors.torch import load_file
 
     assert load_file(tmp_path / "out" / "model.safetensors")["embed.weight"].dtype == torch.bfloat16
-    from distlib.launch.cli import main
+    from distlib.cli import main
 
     code = main(["merge-weights", str(tmp_path / "ckpt"), str(tmp_path / "o2"), "--name", "teacher"])
     assert code == 2

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from distlib.launch.cli import main
-from distlib.launch.env_report import environment_report
+from distlib.cli import main
+from distlib.cli.env import environment_report
 
 
 def test_help_does_not_import_torch() -> None:
-    code = ("import sys\nfrom distlib.launch.cli import main\n"
+    code = ("import sys\nfrom distlib.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

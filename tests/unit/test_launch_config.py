@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distlib.cli import main
+from distlib.cli.config import ask, default_config, write_config
 from distlib.errors import ConfigError
-from distlib.launch.cli import main
-from distlib.launch.config import read_config_file, resolve, to_plan, validate
-from distlib.launch.config_command import ask, default_config, write_config
+from distlib.launcher.config import read_config_file, resolve, to_plan, validate
 
 ACCELERATE_BASE = {"compute_environment": "LOCAL_MACHINE", "debug": False,
                    "machine_rank": 0, "main_training_function": "main", "num_machines": 1,
@@ -218,7 +218,7 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys) -> None:
 
 
 def test_help_is_torch_free_and_lists_the_commands() -> None:
-    code = ("import sys\nfrom distlib.launch.cli import main\n"
+    code = ("import sys\nfrom distlib.cli import main\n"
             "for argv in (['--help'], ['launch', '--help'], ['test', '--help'],"
             " ['config', '--help']):\n"
             "    try: main(argv)\n    except SystemExit: pass\n"
@@ -229,3 +229,159 @@ def test_help_is_torch_free_and_lists_the_commands() -> None:
     for word in ("launch", "config", "test", "--num-processes", "--fsdp-cpu-offload",
                  "--zero-stage", "--check", "--dry-run", "--no-python"):
         assert word in out
+    for hidden in ("--num_processes", "--fsdp_cpu_offload", "--no_cpu", "--dry_run"):
+        assert hidden not in out  # accepted (see below), but not listed
+
+
+def test_underscore_spellings_and_negative_switches_are_accepted() -> None:
+    import argparse
+
+    from distlib.cli import launch as launch_command
+
+    parser = argparse.ArgumentParser()
+    launch_command.add_arguments(parser)
+    args = parser.parse_args(["--num_processes", "2", "--no_cpu", "--fsdp_cpu_offload",
+                              "--no-debug", "--dry_run", "--num-cpu-threads-per-process", "3",
+                              "x.py"])
+    assert (args.num_processes, args.cpu, args.fsdp_cpu_offload, args.debug) == (2, False,
+                                                                                 True, False)
+    assert (args.dry_run, args.num_threads, args.strategy) == (True, 3, None)
+
+
+BOOL_WORDS = [(word, True) for word in ("1", "true", "yes", "on", "TRUE", "Yes", " On ")] + [
+    (word, False) for word in ("0", "false", "no", "off", "FALSE", "No", " OFF ")]
+
+
+def test_the_boolean_vocabulary_is_the_documented_one() -> None:
+    from distlib.env import FALSE_WORDS, TRUE_WORDS
+
+    assert TRUE_WORDS == ("1", "true", "yes", "on")
+    assert FALSE_WORDS == ("0", "false", "no", "off")
+    assert {word.strip().lower() for word, _ in BOOL_WORDS} == set(TRUE_WORDS + FALSE_WORDS)
+
+
+@pytest.mark.parametrize("word, value", BOOL_WORDS)
+def test_one_boolean_parser_for_detect_launch_and_config_files(
+        word: str, value: bool, tmp_path: Path, capsys, monkeypatch) -> None:
+    from distlib.env import Hardware, detect
+    from distlib.launcher.config import read_config_data
+
+    assert (detect({"DISTLIB_CPU": word}, hardware=Hardware(num_gpus=1)).device == "cpu") is value
+    monkeypatch.delenv("DISTLIB_CONFIG_FILE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no default config file
+    monkeypatch.setenv("DISTLIB_CPU", word)
+    script = tmp_path / "train.py"
+    script.write_text("")
+    assert main(["launch", "--dry-run", str(script)]) == 0, capsys.readouterr().err
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
+            if line.strip()}
+    assert rows["cpu"] == [str(value), "environment", "(DISTLIB_CPU)"]
+    assert read_config_file(_write(tmp_path, {"cpu": word, "debug": word})) == {
+        "cpu": value, "debug": value}
+    accelerate = read_config_data(ACCELERATE_BASE | {"distributed_type": "NO", "use_cpu": word})
+    assert accelerate.settings["cpu"] is value
+    answers = ask(io.StringIO(f"{word}\n\n\n\n\n"), io.StringIO(), num_gpus=1)
+    assert answers["cpu"] is value
+
+
+def _sample(setting) -> object:
+    """A valid value of ``setting`` that is not its default."""
+    given = {"num_machines": "2", "main_address": "10.0.0.7", "gpu_ids": "0,1",
+             "fsdp_wrap_classes": "Linear", "deepspeed_config_file": "ds.json",
+             "offload_optimizer_nvme_path": "/nvme/o", "offload_param_nvme_path": "/nvme/p",
+             "main_port": 29400, "machine_rank": 1}
+    if setting.name in given:
+        return given[setting.name]
+    if setting.choices:
+        return setting.choices[1]
+    return {bool: True, int: 3, float: 0.5}[setting.kind]
+
+
+def _context(setting) -> dict[str, object]:
+    """The other settings a sample needs to make a valid plan."""
+    if setting.name.endswith("_nvme_path"):  # a folder for NVMe offload needs NVMe offload
+        device = setting.name.removesuffix("_nvme_path") + "_device"
+        return {"strategy": "deepspeed", device: "nvme"}
+    if setting.group != "launch":
+        return {"strategy": setting.group}
+    return {"num_machines": "2"} if setting.name == "machine_rank" else {}
+
+
+def _plan_value(plan, setting) -> object:
+    if setting.strategy_option is not None:
+        return plan.strategy_options[setting.strategy_option[1]]
+    if setting.name == "num_processes":
+        return plan.nproc_per_node * plan.max_machines
+    if setting.name == "num_machines":
+        return str(plan.max_machines)
+    return getattr(plan, setting.plan_field)
+
+
+def _argv(values: dict[str, object], flag_of) -> list[str]:
+    argv: list[str] = []
+    for name, value in values.items():
+        flag = flag_of(SETTINGS[name])
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+from distlib.launcher.settings import SETTINGS, TABLE  # noqa: E402
+
+
+@pytest.mark.parametrize("setting", TABLE, ids=[s.name for s in TABLE])
+def test_each_setting_round_trips_from_flag_config_key_environment_and_question(
+        setting, tmp_path: Path) -> None:
+    import argparse
+
+    from distlib.cli import launch as launch_command
+    from distlib.cli.config import QUESTIONS
+    from distlib.launcher._environ import child_environ
+
+    value, context = _sample(setting), _context(setting)
+    assert setting.plan_field is not None or setting.strategy_option is not None or (
+        setting.name in ("num_processes", "num_machines"))
+    # flag -> plan, in every spelling (--a-b, --a_b, and the aliases)
+    spellings = [lambda s: s.flag, lambda s: s.flag.replace("-", "_").replace("__", "--")]
+    spellings += [lambda s, a=alias: a if s is setting else s.flag for alias in setting.aliases]
+    for flag_of in spellings:
+        parser = argparse.ArgumentParser()
+        launch_command.add_arguments(parser)
+        args = parser.parse_args([*_argv(context | {setting.name: value}, flag_of), "x.py"])
+        resolved, _ = launch_command.resolve_config(args, {"HOME": str(tmp_path)})
+        assert resolved[setting.name] == (value, "flag")
+        assert _plan_value(launch_command.to_plan(resolved), setting) == value
+    # config key -> plan
+    config = read_config_file(_write(tmp_path, context | {setting.name: value}))
+    assert _plan_value(to_plan(resolve({}, config, {})), setting) == value
+    # environment variable -> plan, and the plan -> the ranks' variable
+    if setting.environ is not None:
+        plan = to_plan(resolve({}, {}, {setting.environ: str(value)}))
+        assert _plan_value(plan, setting) == value
+        assert child_environ({}, plan)[setting.environ] in (str(value), "1")
+    # question -> config file
+    if setting.question is not None:
+        assert setting in QUESTIONS
+        wanted = context | {setting.name: value}
+        if setting.ask_when == "several machines":
+            wanted.setdefault("num_machines", "2")
+        if setting.ask_when == "gpus":
+            wanted["cpu"] = False
+
+        class Answers(io.StringIO):
+            """Answers each question by the setting it asks about (the rest: defaults)."""
+
+            def readline(self, size: int = -1) -> str:
+                asked = out.getvalue().rsplit("\n", 1)[-1]
+                for s in QUESTIONS:
+                    if asked.startswith(str(s.question)) and s.name in wanted:
+                        answer = wanted[s.name]
+                        return ("yes" if answer else "no") if isinstance(answer, bool) else (
+                            f"{answer}\n")
+                return "\n"
+
+        out = io.StringIO()
+        values = ask(Answers(), out, num_gpus=2)
+        path = str(tmp_path / "asked.yaml")
+        write_config(path, values, force=True)
+        assert read_config_file(path)[setting.name] == value
+        assert _plan_value(to_plan(resolve({}, read_config_file(path), {})), setting) == value

@@ -9,10 +9,10 @@ import os
 import pytest
 
 from distlib.errors import ConfigError
-from distlib.launch._environ import child_environ
-from distlib.launch._payload import dumps, loads
-from distlib.launch.launcher import Failure, LaunchResult, root_cause_message
-from distlib.launch.plan import LaunchPlan, parse_machines, plan_launch
+from distlib.launcher._environ import child_environ
+from distlib.launcher._payload import dumps, loads
+from distlib.launcher.launcher import Failure, LaunchResult, root_cause_message
+from distlib.launcher.plan import LaunchPlan, parse_machines, plan_launch
 from distlib.testing import fake_env, free_port
 
 
@@ -149,7 +149,7 @@ def test_launch_result_and_root_cause_text() -> None:
 ])
 def test_rank_threads(plan: LaunchPlan, environ: dict[str, str], nproc: int, gpus: bool,
                       cpus: int, expected: int | None) -> None:
-    from distlib.launch._environ import rank_threads
+    from distlib.launcher._environ import rank_threads
 
     assert rank_threads(plan, environ, nproc=nproc, gpu_ranks=gpus, num_cpus=cpus) == expected
 
@@ -172,11 +172,11 @@ def test_one_timeout_default_for_rendezvous_and_collectives() -> None:
     import argparse
     from pathlib import Path
 
+    from distlib.cli import launch as launch_command
     from distlib.env import Env
-    from distlib.launch import launch_command
-    from distlib.launch._agent import _launch_config
-    from distlib.launch.config import SETTINGS
-    from distlib.launch.plan import DEFAULT_TIMEOUT_S
+    from distlib.launcher._agent import _launch_config
+    from distlib.launcher.plan import DEFAULT_TIMEOUT_S
+    from distlib.launcher.settings import SETTINGS
 
     assert f"(default {DEFAULT_TIMEOUT_S})" in SETTINGS["timeout"].help
     assert Env.__dataclass_fields__["timeout_s"].default == DEFAULT_TIMEOUT_S
@@ -214,7 +214,7 @@ def test_stall_timeout_must_be_positive_seconds(value: object) -> None:
 
 
 def test_the_report_names_signals_finished_ranks_hangs_and_attempts() -> None:
-    from distlib.launch.launcher import Outcome
+    from distlib.launcher.launcher import Outcome
 
     killed = Failure(rank=1, exitcode=-9, signal=9)
     lost = Failure(rank=0, exitcode=1, traceback="Traceback...\nRuntimeError: Connection "
@@ -246,7 +246,7 @@ def test_the_report_names_signals_finished_ranks_hangs_and_attempts() -> None:
 
 
 def test_stacks_are_read_and_described() -> None:
-    from distlib.launch._hang import describe, frames_of_stack, hang_lines
+    from distlib.launcher._hang import describe, frames_of_stack, hang_lines
 
     dump = ("Thread 0x01 (most recent call first):\n"
             '  File "/usr/lib/python3.11/threading.py", line 320 in wait\n\n'
@@ -255,7 +255,7 @@ def test_stacks_are_read_and_described() -> None:
             '  File "/v/torch/distributed/c10d_logger.py", line 83 in wrapper\n'
             '  File "/v/distlib/collectives.py", line 40 in reduce\n'
             '  File "/w/train.py", line 50 in step\n'
-            '  File "/v/distlib/launch/_bootstrap.py", line 99 in main\n')
+            '  File "/v/distlib/launcher/_bootstrap.py", line 99 in main\n')
     frames = frames_of_stack(dump)
     assert frames[0][2] == "main" and frames[-1][2] == "all_reduce"
     assert describe(frames) == ("train.py:50 waiting in all_reduce", "all_reduce")

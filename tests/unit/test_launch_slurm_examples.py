@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distlib.launch.cli import main
+from distlib.cli import main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "slurm"
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from distlib.errors import ConfigError
-from distlib.launch._environ import child_environ
-from distlib.launch.plan import LaunchPlan
+from distlib.launcher._environ import child_environ
+from distlib.launcher.plan import LaunchPlan
 
 
 def xla(**options: object) -> dict[str, str]:

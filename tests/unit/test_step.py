@@ -137,6 +137,6 @@ def test_fp16_backward_needs_the_optimizer_in_wrap() -> None:
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_self_test_training_check_passes_in_one_process(precision: str) -> None:
-    from distlib.step import check_training
+    from distlib.cli._checks import check_training
 
     assert "4 steps match 1 process" in check_training(dl.Env(precision=precision))

@@ -19,7 +19,7 @@ import torch
 
 import distlib as dl
 from distlib.errors import ConfigError, LaunchError
-from distlib.launch import launch
+from distlib.launcher.launcher import launch
 
 TIMEOUT = 240
 
@@ -79,7 +79,7 @@ def test_layouts_the_cpu_client_cannot_run_are_refused_before_starting() -> None
     with pytest.raises(ConfigError, match=r"must be 1, but got 2.*SPMD"):
         launch(replica, strategy="xla", num_processes=2, timeout_s=TIMEOUT)
     with pytest.raises(ConfigError, match="not be 'xla' when `cpu` is true"):
-        from distlib.launch.config import resolve, to_plan
+        from distlib.launcher.config import resolve, to_plan
 
         to_plan(resolve({"strategy": "xla", "cpu": True}, {}, {}))
 

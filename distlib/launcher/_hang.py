@@ -55,9 +55,9 @@ def frames_of_stack(text: str) -> list[Frame]:
         ...         '  File "/x/threading.py", line 9 in run\\n\\n'
         ...         'Current thread 0x2 (most recent call first):\\n'
         ...         '  File "/t/train.py", line 4 in <module>\\n'
-        ...         '  File "/s/distlib/launch/_bootstrap.py", line 80 in main\\n')
+        ...         '  File "/s/distlib/launcher/_bootstrap.py", line 80 in main\\n')
         >>> frames_of_stack(dump)
-        [('/s/distlib/launch/_bootstrap.py', 80, 'main'), ('/t/train.py', 4, '<module>')]
+        [('/s/distlib/launcher/_bootstrap.py', 80, 'main'), ('/t/train.py', 4, '<module>')]
     """
     blocks: list[list[Frame]] = [[]]
     recent_first = "most recent call first" in text
@@ -83,7 +83,7 @@ def format_stack(frames: Sequence[Frame]) -> str:
     """A stack as a traceback prints it, from the first frame of the user's own code.
 
     Example:
-        >>> print(format_stack([("/s/distlib/launch/_bootstrap.py", 80, "main"),
+        >>> print(format_stack([("/s/distlib/launcher/_bootstrap.py", 80, "main"),
         ...                     ("/t/train.py", 4, "<module>")]))
           File "/t/train.py", line 4, in <module>
     """

@@ -1,6 +1,7 @@
 """``distlib launch``: run a script, a module or a program in N ranks from flags and config.
 
-Resolution is pure (`distlib.launch.config`); this module only parses, prints and waits.
+The flags are generated from the settings table (`distlib.launcher.settings.TABLE`);
+resolution is pure (`distlib.launcher.config`); this module only parses, prints and waits.
 """
 
 from __future__ import annotations
@@ -14,19 +15,13 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from distlib.cli._args import Switch, spellings
 from distlib.errors import ConfigError
-from distlib.launch.config import (
-    SETTINGS,
-    THREADS_DEFAULT,
-    ConfigFile,
-    default_config_path,
-    flag_name,
-    read_config,
-    resolve,
-    to_plan,
-    validate,
-)
-from distlib.launch.plan import DEFAULT_TIMEOUT_S, LaunchPlan
+from distlib.launcher._environ import child_environ, rank_threads
+from distlib.launcher.config import ConfigFile, resolve_sources, to_plan
+from distlib.launcher.launcher import check_port, free_port, root_cause_message, run_plan
+from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan
+from distlib.launcher.settings import SETTINGS, TABLE, THREADS_DEFAULT
 
 __all__ = ["add_arguments", "add_setting_arguments", "dry_run_text", "resolve_config",
            "resolve_from_args", "run"]
@@ -37,22 +32,22 @@ _GROUPS = {"launch": "processes and machines", "fsdp": "FSDP options (--strategy
 
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one option per launcher setting, plus ``--config-file`` (shared with ``test``)."""
-    parser.add_argument("--config-file", default=None, metavar="PATH",
+    parser.add_argument(*spellings("--config-file"), default=None, metavar="PATH",
                         help="YAML config (distlib's or Accelerate's); default: "
                              "$DISTLIB_CONFIG_FILE, else ~/.cache/distlib/default_config.yaml")
     groups = {key: parser.add_argument_group(title) for key, title in _GROUPS.items()}
-    for setting in SETTINGS.values():
+    for setting in TABLE:
         group = groups[setting.group]
         kwargs: dict[str, Any] = {"dest": setting.name, "default": None, "help": setting.help}
         if setting.kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = setting.kind
-            kwargs["metavar"] = setting.name.upper().split("_")[-1]
-            if setting.choices:
-                kwargs["choices"] = setting.choices
-                kwargs["metavar"] = "{" + ",".join(map(str, setting.choices)) + "}"
-        group.add_argument(flag_name(setting.name), *setting.aliases, **kwargs)
+            group.add_argument(*Switch.flags(setting.flag), action=Switch, **kwargs)
+            continue
+        kwargs["type"] = setting.kind
+        kwargs["metavar"] = setting.name.upper().split("_")[-1]
+        if setting.choices:
+            kwargs["choices"] = setting.choices
+            kwargs["metavar"] = "{" + ",".join(map(str, setting.choices)) + "}"
+        group.add_argument(*spellings(setting.flag, *setting.aliases), **kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,9 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting_arguments(parser)
     parser.add_argument("-m", "--module", action="store_true",
                         help="run the target as a module, like python -m")
-    parser.add_argument("--no-python", action="store_true",
+    parser.add_argument(*spellings("--no-python"), action="store_true",
                         help="run the target as a program, not through python")
-    parser.add_argument("--dry-run", action="store_true",
+    parser.add_argument(*spellings("--dry-run"), action="store_true",
                         help="print every resolved setting with its source, then exit")
     parser.add_argument("script", help="the script, module or program each rank runs")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
@@ -79,14 +74,8 @@ def resolve_from_args(args: argparse.Namespace, environ: Mapping[str, str]
 def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]
                    ) -> tuple[dict[str, tuple[Any, str]], ConfigFile | None]:
     """`resolve_from_args`, with the config file read (its notes) instead of its path."""
-    flags = validate({name: getattr(args, name) for name in SETTINGS
-                      if getattr(args, name) is not None}, "command line")
-    path = args.config_file
-    if path is None and os.path.exists(default_config_path(environ)):
-        path = default_config_path(environ)
-    config = read_config(path) if path else None
-    settings = config.settings if config else {}
-    return resolve(flags, settings, environ, config_source=f"config file {path}"), config
+    flags = {s.name: getattr(args, s.name) for s in TABLE if getattr(args, s.name) is not None}
+    return resolve_sources(flags, args.config_file, environ)
 
 
 def _threads_text(plan: LaunchPlan, environ: Mapping[str, str]) -> tuple[str, str]:
@@ -94,8 +83,6 @@ def _threads_text(plan: LaunchPlan, environ: Mapping[str, str]) -> tuple[str, st
     if environ.get("OMP_NUM_THREADS"):
         return environ["OMP_NUM_THREADS"], "environment (OMP_NUM_THREADS)"
     if plan.cpu and plan.nproc_per_node:
-        from distlib.launch._environ import rank_threads
-
         cores = os.cpu_count() or 1
         if hasattr(os, "sched_getaffinity"):
             cores = len(os.sched_getaffinity(0))
@@ -146,7 +133,7 @@ def _command(args: argparse.Namespace) -> list[str]:
         msg = (f"distlib launch: the script must exist, but got {args.script!r} (no such file "
                f"from {os.getcwd()!r}). Pass -m for a module or --no-python for a program.")
         raise ConfigError(msg)
-    return [sys.executable, "-u", "-m", "distlib.launch._bootstrap", kind, args.script,
+    return [sys.executable, "-u", "-m", "distlib.launcher._bootstrap", kind, args.script,
             *args.script_args]
 
 
@@ -164,9 +151,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, agent: Any) -> int:
-    from distlib.launch._environ import child_environ
-    from distlib.launch.launcher import check_port, free_port, root_cause_message, run_plan
-
     resolved, config = resolve_config(args, os.environ)
     plan = to_plan(resolved)
     command = _command(args)

@@ -1,6 +1,6 @@
 """The agent process: torch's elastic agent started for one machine's share of a launch.
 
-``python -m distlib.launch._agent SPEC.json`` reads a spec written by the launcher (the plan,
+``python -m distlib.launcher._agent SPEC.json`` reads a spec written by the launcher (the plan,
 the worker command, where to write the outcome), runs torch's ``elastic_launch`` — which
 starts, monitors, stops and restarts the ranks — and writes the outcome as JSON: either
 success, or each failed rank's exit code and traceback. Torch's agent writes ``os.environ``
@@ -19,9 +19,16 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from distlib.launch._bootstrap import die_with_parent, fork_entry
-from distlib.launch._environ import rank_threads
-from distlib.launch.plan import DEFAULT_TIMEOUT_S, LaunchPlan
+from distlib.launcher._bootstrap import die_with_parent, fork_entry
+from distlib.launcher._environ import rank_threads
+from distlib.launcher._hang import (
+    collect_stacks,
+    describe,
+    format_stack,
+    frames_of_stack,
+    hang_lines,
+)
+from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan
 
 __all__ = ["main"]
 
@@ -76,7 +83,7 @@ def _visible_gpus(plan: LaunchPlan) -> int:
 
 def _fork(plan: LaunchPlan, command: Sequence[str]) -> bool:
     """Fork Python ranks from this process when no GPU is in use (CUDA is not fork-safe)."""
-    if list(command[1:4]) != ["-u", "-m", "distlib.launch._bootstrap"]:
+    if list(command[1:4]) != ["-u", "-m", "distlib.launcher._bootstrap"]:
         return False  # --no-python programs are always started fresh
     if plan.start_method != "auto":
         return plan.start_method == "fork"
@@ -168,14 +175,6 @@ class _Watch:
                     and (attempt, r) in self.exits]
         if not stalls and not timeouts:
             return
-        from distlib.launch._hang import (
-            collect_stacks,
-            describe,
-            format_stack,
-            frames_of_stack,
-            hang_lines,
-        )
-
         live = {r: v for r, v in ranks.items() if (attempt, r) not in self.exits and v[1]}
         stacks = collect_stacks(live)
         info: dict[int, dict[str, Any]] = {}

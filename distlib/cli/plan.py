@@ -7,6 +7,11 @@ import json
 import warnings
 from typing import Any
 
+from distlib.big_model.device_map import infer_device_map
+from distlib.big_model.empty import init_empty_weights
+from distlib.big_model.files import checkpoint_tensors
+from distlib.big_model.sizes import layout_from_tensors
+from distlib.cli._args import spellings
 from distlib.errors import DeviceMapError
 
 __all__ = ["add_arguments", "parse_max_memory", "plan_checkpoint", "run"]
@@ -15,14 +20,14 @@ __all__ = ["add_arguments", "parse_max_memory", "plan_checkpoint", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add this command's options."""
     parser.add_argument("checkpoint", help="a .safetensors/.bin file, an index .json or a folder")
-    parser.add_argument("--max-memory", default=None,
+    parser.add_argument(*spellings("--max-memory"), default=None,
                         help="budgets such as 'cuda:0=20GiB,cuda:1=20GiB,cpu=30GiB' "
                              "(default: this machine's free memory)")
     parser.add_argument("--dtype", default=None, help="dtype the weights will be loaded in (bf16)")
-    parser.add_argument("--no-split", nargs="+", default=None, metavar="CLASS",
+    parser.add_argument(*spellings("--no-split"), nargs="+", default=None, metavar="CLASS",
                         help="classes to keep whole; without --model-config, name patterns "
                              "such as 'model.layers.*'")
-    parser.add_argument("--model-config", default=None,
+    parser.add_argument(*spellings("--model-config"), default=None,
                         help="a transformers config (file or folder) to build the empty model "
                              "for class names, no-split defaults and ties")
     parser.add_argument("--mode", default="sequential",
@@ -49,9 +54,7 @@ def parse_max_memory(text: str) -> dict[str, str]:
 
 
 def _empty_model(config_path: str) -> Any:
-    import transformers
-
-    from distlib.big_model.empty import init_empty_weights
+    import transformers  # optional: only with --model-config
 
     config = transformers.AutoConfig.from_pretrained(config_path)
     with init_empty_weights():
@@ -65,10 +68,6 @@ def plan_checkpoint(checkpoint: str, max_memory: dict[str, Any] | None = None, d
                     no_split: list[str] | None = None, model_config: str | None = None,
                     mode: str = "sequential") -> Any:
     """Return the `DeviceMap` for a checkpoint, reading headers (or a config) only."""
-    from distlib.big_model.device_map import infer_device_map
-    from distlib.big_model.files import checkpoint_tensors
-    from distlib.big_model.sizes import layout_from_tensors
-
     if model_config is not None:
         model: Any = _empty_model(model_config)
         if no_split is None:

@@ -52,7 +52,7 @@ def start_agent(environ: Mapping[str, str]) -> Agent:
     read_end, write_end = os.pipe()
     try:
         process = subprocess.Popen(
-            [sys.executable, "-u", "-m", "distlib.launch._agent", f"fd:{read_end}"],
+            [sys.executable, "-u", "-m", "distlib.launcher._agent", f"fd:{read_end}"],
             env=dict(environ), pass_fds=(read_end,), start_new_session=True)
     finally:
         os.close(read_end)

@@ -8,6 +8,11 @@ import os
 import platform
 import sys
 
+from distlib import __version__
+from distlib.cli._args import spellings
+from distlib.env import detect, probe_hardware
+from distlib.launcher.config import default_config_path
+
 __all__ = ["add_arguments", "environment_report", "run"]
 
 _OPTIONAL = ("deepspeed", "torch_xla", "transformers", "safetensors", "accelerate", "numpy")
@@ -16,7 +21,7 @@ _DISTRIBUTIONS = {"torch_xla": "torch-xla"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add this command's options."""
-    parser.add_argument("--config-file", default=None,
+    parser.add_argument(*spellings("--config-file"), default=None,
                         help="config file to report (default: $DISTLIB_CONFIG_FILE or the cache)")
 
 
@@ -30,8 +35,6 @@ def _version(module: str) -> str:
 def _config_path(explicit: str | None) -> str:
     if explicit:
         return explicit
-    from distlib.launch.config import default_config_path
-
     return default_config_path(os.environ)
 
 
@@ -41,9 +44,6 @@ def environment_report(config_file: str | None = None) -> str:
     Effects: imports torch to ask about devices; reads the config file if it exists.
     """
     import torch
-
-    from distlib import __version__
-    from distlib.env import detect, probe_hardware
 
     hardware = probe_hardware()
     lines = [

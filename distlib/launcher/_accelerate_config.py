@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from distlib.env import parse_bool
 from distlib.errors import ConfigError
 
 __all__ = ["KeyNote", "Translation", "from_accelerate", "problems_message", "translate",
@@ -69,12 +70,8 @@ def _show(value: Any) -> str:
 
 
 def _truth(value: Any) -> bool | None:
-    """A YAML boolean or Accelerate's 'true'/'false' strings; None for anything else."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    return None
+    """A YAML boolean or a true/false string (`distlib.env.parse_bool`); None for anything else."""
+    return parse_bool(value)
 
 
 class _Reader:

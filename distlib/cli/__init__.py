@@ -1,7 +1,8 @@
 """The ``distlib`` command: a thin argparse front over the library.
 
-Each subcommand lives in its own module, imported only when that subcommand runs, so
-``distlib --help`` answers without importing torch.
+Each subcommand lives in its own module of this package (``distlib.cli.launch``, ...), with
+``add_arguments(parser)`` and ``run(args) -> int``, imported only when that subcommand runs,
+so ``distlib --help`` answers without importing torch.
 """
 
 from __future__ import annotations
@@ -11,21 +12,20 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from distlib.cli._args import Formatter, spellings
+from distlib.errors import DistlibError
+
 __all__ = ["main"]
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "env": ("distlib.launch.env_report", "print versions, devices, the detected Env and config"),
-    "plan": ("distlib.big_model.plan_cli", "plan a device map from a checkpoint's headers"),
-    "launch": ("distlib.launch.launch_command", "run a script or module in N ranks (any setup)"),
-    "config": ("distlib.launch.config_command", "write the launch config (questions or defaults)"),
-    "test": ("distlib.launch.selftest", "launch a self-test under the config and report it"),
+    "env": ("distlib.cli.env", "print versions, devices, the detected Env and config"),
+    "plan": ("distlib.cli.plan", "plan a device map from a checkpoint's headers"),
+    "launch": ("distlib.cli.launch", "run a script or module in N ranks (any setup)"),
+    "config": ("distlib.cli.config", "write the launch config (questions or defaults)"),
+    "test": ("distlib.cli.test", "launch a self-test under the config and report it"),
     "merge-weights": ("distlib.cli.merge_weights", "turn a save_state checkpoint into safetensors weights"),
 }
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    pass
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -34,25 +34,13 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="distlib",
         description="Configure, test and launch PyTorch jobs on any hardware.",
         epilog=f"commands:\n{lines}\n\nRun 'distlib COMMAND --help' for a command's options.",
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from distlib import __version__
 
     parser.add_argument("--version", action="version", version=f"distlib {__version__}")
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
     return parser
-
-
-def _accept_underscores(parser: argparse.ArgumentParser) -> None:
-    """Let every ``--foo-bar`` option also be spelled ``--foo_bar`` (hidden from --help).
-
-    argparse has no public alias hook; its table of option strings is the documented-in-code
-    place where every spelling of an option is looked up.
-    """
-    table = parser._option_string_actions
-    for spelling, action in list(table.items()):
-        if spelling.startswith("--") and "-" in spelling[2:]:
-            table.setdefault("--" + spelling[2:].replace("-", "_"), action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,10 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.parse_args([command])
         return 2
     module_name, text = COMMANDS[command]
-    if command == "launch" and not {"-h", "--help", "--dry-run"} & set(rest):
+    if command == "launch" and not {"-h", "--help", *spellings("--dry-run")} & set(rest):
         import os
 
-        from distlib.launch._start import start_agent
+        from distlib.launcher._start import start_agent  # torch-free; the agent imports torch
 
         # Start torch's agent before anything else: it imports torch meanwhile.
         launch_agent = start_agent(os.environ)
@@ -84,14 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(command: str, text: str, rest: list[str], module_name: str,
          agent: object = None) -> int:
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"distlib {command}", description=text)
+    parser = argparse.ArgumentParser(prog=f"distlib {command}", description=text,
+                                     formatter_class=Formatter)
     module.add_arguments(parser)
-    _accept_underscores(parser)
     args = parser.parse_args(rest)
     if agent is not None:
         args.agent = agent
-    from distlib.errors import DistlibError
-
     try:
         return int(module.run(args))
     except DistlibError as error:

@@ -1,9 +1,9 @@
 """`launch()`: start N ranks of a callable, script or module on torch's elastic agent.
 
 The caller's process only plans, writes a spec and waits: torch's agent runs in a child
-process (`distlib.launch._agent`) because it writes ``os.environ`` and installs signal
+process (`distlib.launcher._agent`) because it writes ``os.environ`` and installs signal
 handlers; the caller's environment is left exactly as it was. Each rank starts in
-`distlib.launch._bootstrap`, which returns a callable's value and records tracebacks.
+`distlib.launcher._bootstrap`, which returns a callable's value and records tracebacks.
 """
 
 from __future__ import annotations
@@ -27,9 +27,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distlib.errors import LaunchError
-from distlib.launch._environ import child_environ
-from distlib.launch._start import Agent, start_agent
-from distlib.launch.plan import LaunchPlan, plan_launch
+from distlib.launcher._environ import child_environ
+from distlib.launcher._hang import (
+    collect_stacks,
+    describe,
+    format_stack,
+    frames_of_stack,
+    hang_lines,
+)
+from distlib.launcher._payload import dumps, loads
+from distlib.launcher._start import Agent, start_agent
+from distlib.launcher.plan import LaunchPlan, plan_launch
 
 __all__ = ["Failure", "LaunchResult", "Outcome", "check_port", "free_port", "launch",
            "launch_plan", "root_cause_message", "run_plan", "start_agent"]
@@ -253,14 +261,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def _collect_hang(log_dir: str, timeout_s: float | None) -> dict[str, Any]:
     """Where each rank of the latest attempt is, asked before the job is stopped."""
-    from distlib.launch._hang import (
-        collect_stacks,
-        describe,
-        format_stack,
-        frames_of_stack,
-        hang_lines,
-    )
-
     starts: dict[int, tuple[int, tuple[int, str]]] = {}
     for path in glob.glob(os.path.join(log_dir, "*", "attempt_*", "*", "start.json")):
         with contextlib.suppress(OSError, ValueError, KeyError):
@@ -327,10 +327,8 @@ def run_plan(plan: LaunchPlan, command: Sequence[str], *, environ: Mapping[str, 
 
 def _command(target: Any, args: Sequence[Any], work_dir: str) -> tuple[list[str], bool]:
     """The worker command line, and whether the target returns values."""
-    boot = [sys.executable, "-u", "-m", "distlib.launch._bootstrap"]
+    boot = [sys.executable, "-u", "-m", "distlib.launcher._bootstrap"]
     if callable(target):
-        from distlib.launch._payload import dumps
-
         payload = os.path.join(work_dir, "payload.pkl")
         with open(payload, "wb") as handle:
             handle.write(dumps((target, tuple(args))))
@@ -417,8 +415,6 @@ def launch_plan(plan: LaunchPlan, target: Callable[..., Any] | str, *args: Any,
                                                  outcome=outcome))
         values: dict[int, Any] = {}
         if returns:
-            from distlib.launch._payload import loads
-
             results = os.path.join(work_dir, "returns")
             for name in os.listdir(results):
                 if name.endswith(".pkl"):

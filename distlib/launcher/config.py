@@ -17,126 +17,17 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from distlib._slurm import expand_nodelist
+from distlib._slurm import slurm_rendezvous
+from distlib.env import FALSE_WORDS, TRUE_WORDS, parse_bool
 from distlib.errors import ConfigError
-from distlib.launch._accelerate_config import KeyNote, problems_message, translate_all
-from distlib.launch.plan import DEFAULT_TIMEOUT_S, LaunchPlan, plan_launch
+from distlib.launcher._accelerate_config import KeyNote, problems_message, translate_all
+from distlib.launcher._accelerate_config import from_accelerate as translate
+from distlib.launcher.plan import LaunchPlan, plan_launch
+from distlib.launcher.settings import SETTINGS, TABLE, Setting
 
-__all__ = ["SETTINGS", "ConfigFile", "KeyNote", "Setting", "default_config_path",
-           "from_accelerate", "read_config", "read_config_data", "read_config_file", "resolve", "to_plan",
+__all__ = ["ConfigFile", "KeyNote", "default_config_path", "from_accelerate", "read_config",
+           "read_config_data", "read_config_file", "resolve", "resolve_sources", "to_plan",
            "validate"]
-
-_BOOL = ("true", "false")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Setting:
-    """One launcher option: its type, default, valid choices and help text."""
-
-    name: str
-    kind: type
-    default: Any
-    help: str
-    choices: tuple[Any, ...] = ()
-    group: str = "launch"
-    minimum: int | None = None
-    aliases: tuple[str, ...] = ()
-
-
-def _s(name: str, kind: type, default: Any, text: str, choices: tuple[Any, ...] = (),
-       group: str = "launch", minimum: int | None = None,
-       aliases: tuple[str, ...] = ()) -> Setting:
-    return Setting(name=name, kind=kind, default=default, help=text, choices=choices,
-                   group=group, minimum=minimum, aliases=aliases)
-
-
-THREADS_DEFAULT = ("$OMP_NUM_THREADS, else the machine's cores shared among its CPU ranks; "
-                   "1 per GPU rank")
-
-
-SETTINGS: dict[str, Setting] = {s.name: s for s in (
-    _s("num_processes", int, None, "total number of ranks across all machines "
-       "(default: visible GPUs per machine, else 1)"),
-    _s("nproc_per_node", int, None, "ranks on each machine (alternative to --num-processes)"),
-    _s("num_machines", str, "1", "number of machines, or MIN:MAX for an elastic job"),
-    _s("machine_rank", int, 0, "rank of this machine (0 hosts the rendezvous)"),
-    _s("main_address", str, "127.0.0.1", "address of machine 0"),
-    _s("main_port", int, None, "rendezvous port on machine 0 (0: pick a free one; default "
-       "0 on one machine, 29500 on several)"),
-    _s("rdzv_backend", str, "static", "rendezvous backend", ("static", "c10d")),
-    _s("max_restarts", int, 0, "restart the whole group this many times after a failure"),
-    _s("monitor_interval", float, 0.1, "seconds between checks of the ranks' health"),
-    _s("cpu", bool, False, "run on CPUs even when GPUs are present"),
-    _s("gpu_ids", str, "all", "GPUs to use on this machine, e.g. 0,1 (default: all)"),
-    _s("precision", str, "no", "mixed precision", ("no", "fp16", "bf16", "fp8")),
-    _s("strategy", str, None, "how the model is distributed (default: ddp for several "
-       "ranks, else single)", ("single", "ddp", "fsdp", "deepspeed", "xla")),
-    _s("timeout", int, None, "seconds the rendezvous and each collective may wait (default "
-       f"{DEFAULT_TIMEOUT_S})", minimum=1),
-    _s("stall_timeout", float, None, "seconds a rank may wait in one collective before the "
-       "job is stopped with a report of where every rank is (default: off, only --timeout)"),
-    _s("start_method", str, "auto", "how Python ranks start: fork from the agent (fast, "
-       "CPU only), spawn fresh interpreters, or auto (fork when no GPU is used)",
-       ("auto", "fork", "spawn")),
-    _s("debug", bool, False, "verbose launcher logs; each failing rank's traceback"),
-    _s("num_threads", int, None, f"threads each rank's torch uses (default: {THREADS_DEFAULT})",
-       minimum=1, aliases=("--num-cpu-threads-per-process",)),
-    _s("fsdp_reshard_after_forward", bool, None, "free gathered parameters after forward",
-       group="fsdp"),
-    _s("fsdp_cpu_offload", bool, None, "keep parameters on the CPU", group="fsdp"),
-    _s("fsdp_wrap_classes", str, None, "comma-separated module classes that become FSDP "
-       "units, or auto: the classes in the model's _no_split_modules", group="fsdp"),
-    _s("fsdp_min_num_params", int, None, "wrap modules with at least this many parameters",
-       group="fsdp"),
-    _s("fsdp_activation_checkpointing", bool, None, "recompute activations in backward",
-       group="fsdp"),
-    _s("fsdp_state_dict_type", str, None, "checkpoint layout", ("sharded", "full"),
-       group="fsdp"),
-    _s("fsdp_hybrid_shard", bool, None, "HSDP: replicate across machines, shard within each",
-       group="fsdp"),
-    _s("fsdp_sync_module_states", bool, None, "broadcast rank 0's parameters and buffers "
-       "before sharding", group="fsdp"),
-    _s("fsdp_forward_prefetch", bool, None, "each FSDP unit prefetches the next unit's "
-       "all-gather in forward", group="fsdp"),
-    _s("deepspeed_config_file", str, None, "a DeepSpeed JSON config", group="deepspeed"),
-    _s("zero_stage", int, None, "ZeRO stage", (0, 1, 2, 3), group="deepspeed"),
-    _s("offload_optimizer_device", str, None, "where optimizer states live",
-       ("none", "cpu", "nvme"), group="deepspeed"),
-    _s("offload_param_device", str, None, "where parameters live", ("none", "cpu", "nvme"),
-       group="deepspeed"),
-    _s("gradient_accumulation_steps", int, None, "micro-steps per optimizer step",
-       group="deepspeed"),
-    _s("gradient_clipping", float, None, "clip gradients to this norm", group="deepspeed"),
-    _s("offload_optimizer_nvme_path", str, None, "folder for optimizer states offloaded to "
-       "NVMe", group="deepspeed"),
-    _s("offload_param_nvme_path", str, None, "folder for parameters offloaded to NVMe",
-       group="deepspeed"),
-    _s("zero3_save_16bit_model", bool, None, "under ZeRO-3, gather 16-bit weights when "
-       "DeepSpeed saves the model", group="deepspeed"),
-)}
-
-# Setting -> (strategy, its option name)
-_STRATEGY_OPTION = {
-    "fsdp_reshard_after_forward": ("fsdp", "reshard_after_forward"),
-    "fsdp_cpu_offload": ("fsdp", "cpu_offload"),
-    "fsdp_wrap_classes": ("fsdp", "wrap_classes"),
-    "fsdp_min_num_params": ("fsdp", "min_num_params"),
-    "fsdp_activation_checkpointing": ("fsdp", "activation_checkpointing"),
-    "fsdp_state_dict_type": ("fsdp", "state_dict_type"),
-    "fsdp_hybrid_shard": ("fsdp", "hybrid_shard"),
-    "fsdp_sync_module_states": ("fsdp", "sync_module_states"),
-    "fsdp_forward_prefetch": ("fsdp", "forward_prefetch"),
-    "deepspeed_config_file": ("deepspeed", "config"),
-    "zero_stage": ("deepspeed", "zero_stage"),
-    "offload_optimizer_device": ("deepspeed", "offload_optimizer"),
-    "offload_param_device": ("deepspeed", "offload_param"),
-    "gradient_accumulation_steps": ("deepspeed", "gradient_accumulation_steps"),
-    "gradient_clipping": ("deepspeed", "gradient_clipping"),
-    "offload_optimizer_nvme_path": ("deepspeed", "offload_optimizer_nvme_path"),
-    "offload_param_nvme_path": ("deepspeed", "offload_param_nvme_path"),
-    "zero3_save_16bit_model": ("deepspeed", "gather_16bit_weights_on_save"),
-}
-
 
 def default_config_path(environ: Mapping[str, str], *, writing: bool = False) -> str:
     """``$DISTLIB_CONFIG_FILE``, else ``${XDG_CACHE_HOME:-~/.cache}/distlib/default_config.yaml``.
@@ -183,10 +74,11 @@ def _convert(where: str, setting: Setting, value: Any, label: str | None = None)
         return None
     kind, key = setting.kind, label or setting.name
     if kind is bool:
-        if isinstance(value, str) and value.strip().lower() in (*_BOOL, "yes", "no", "1", "0"):
-            return value.strip().lower() in ("true", "yes", "1")
-        if not isinstance(value, bool):
-            raise _bad(where, key, value, "be true or false")
+        truth = parse_bool(value)
+        if truth is None:
+            raise _bad(where, key, value, "be true or false",
+                       "Write one of " + ", ".join(TRUE_WORDS + FALSE_WORDS) + ".")
+        return truth
     elif kind is int:
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)
@@ -382,32 +274,26 @@ def _looks_like_accelerate(data: Mapping[str, Any]) -> bool:
 
 
 def from_accelerate(data: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
-    """Translate an Accelerate config mapping (see `distlib.launch._accelerate_config`)."""
-    from distlib.launch._accelerate_config import from_accelerate as translate
-
+    """Translate an Accelerate config mapping (see `distlib.launcher._accelerate_config`)."""
     return translate(data, where)
 
 
 def _slurm(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
-    """Machine count, machine rank, main address and port that a SLURM allocation implies."""
+    """Machine count, machine rank, main address and port that a SLURM allocation implies
+    (the rendezvous rule is `distlib._slurm.slurm_rendezvous`, shared with `detect()`)."""
     if "SLURM_JOB_ID" not in environ or "SLURM_NNODES" not in environ:
         return {}
     out: dict[str, tuple[Any, str]] = {"num_machines": (environ["SLURM_NNODES"].strip(),
                                                         "environment (SLURM_NNODES)")}
     if "SLURM_NODEID" in environ:
         out["machine_rank"] = (int(environ["SLURM_NODEID"]), "environment (SLURM_NODEID)")
-    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-    if nodelist:
-        out["main_address"] = (expand_nodelist(nodelist)[0],
-                               "environment (first host of SLURM_JOB_NODELIST)")
-    job = environ["SLURM_JOB_ID"].strip()
-    if job.isdigit():
-        out["main_port"] = (15000 + int(job) % 50000, "environment (from SLURM_JOB_ID)")
+    meet = slurm_rendezvous(environ)
+    if meet.address is not None:
+        out["main_address"] = (meet.address,
+                               f"environment (first host of {meet.address_variable})")
+    if meet.port is not None:
+        out["main_port"] = (meet.port, f"environment (from {meet.port_variable})")
     return out
-
-
-_ENVIRONMENT = {"precision": "DISTLIB_PRECISION", "strategy": "DISTLIB_STRATEGY",
-                "cpu": "DISTLIB_CPU", "debug": "DISTLIB_DEBUG", "timeout": "DISTLIB_TIMEOUT"}
 
 
 def resolve(flags: Mapping[str, Any], config: Mapping[str, Any], environ: Mapping[str, str],
@@ -425,8 +311,8 @@ def resolve(flags: Mapping[str, Any], config: Mapping[str, Any], environ: Mappin
         >>> r["precision"], r["cpu"], r["max_restarts"]
         (('bf16', 'flag'), (True, 'config file'), (0, 'default'))
     """
-    env_values = {k: (environ[v], f"environment ({v})") for k, v in _ENVIRONMENT.items()
-                  if environ.get(v)}
+    env_values = {s.name: (environ[s.environ], f"environment ({s.environ})") for s in TABLE
+                  if s.environ and environ.get(s.environ)}
     slurm = _slurm(environ)
     out: dict[str, tuple[Any, str]] = {}
     for name, setting in SETTINGS.items():
@@ -444,11 +330,38 @@ def resolve(flags: Mapping[str, Any], config: Mapping[str, Any], environ: Mappin
     return out
 
 
+def resolve_sources(flags: Mapping[str, Any], config_file: str | None,
+                    environ: Mapping[str, str]) -> tuple[dict[str, tuple[Any, str]],
+                                                         ConfigFile | None]:
+    """Validate the flags given, read the config file (``config_file``, else the default
+    one when it exists) and `resolve` every setting; also return the file read.
+
+    Raises:
+        ConfigError: a bad flag value, or any problem of the config file.
+
+    Example:
+        >>> resolved, config = resolve_sources({"num_processes": "2"}, None, {"HOME": "/nowhere"})
+        >>> resolved["num_processes"], config is None
+        ((2, 'flag'), True)
+
+    Effects: reads the config file.
+    """
+    given = validate(flags, "command line")
+    path = config_file
+    if path is None and os.path.exists(default_config_path(environ)):
+        path = default_config_path(environ)
+    config = read_config(path) if path else None
+    settings = config.settings if config else {}
+    return resolve(given, settings, environ, config_source=f"config file {path}"), config
+
+
 def _strategy_options(values: Mapping[str, Any], strategy: str | None) -> dict[str, Any]:
     options: dict[str, Any] = {}
-    for key, (owner, option) in _STRATEGY_OPTION.items():
-        if values.get(key) is None:
+    for setting in TABLE:
+        key = setting.name
+        if setting.strategy_option is None or values.get(key) is None:
             continue
+        owner, option = setting.strategy_option
         if owner != strategy:
             raise _bad("launch settings", key, values[key], f"only be set with strategy "
                        f"{owner!r}", fix=f"The strategy is {strategy!r}; pass --strategy "
@@ -475,19 +388,7 @@ def to_plan(resolved: Mapping[str, tuple[Any, str]]) -> LaunchPlan:
                    fix="--cpu uses no GPU; drop one of the two.")
     multi = v["num_machines"] not in ("1", 1)
     port = v["main_port"] if v["main_port"] is not None else (29500 if multi else 0)
-    return plan_launch(
-        num_processes=v["num_processes"], nproc_per_node=v["nproc_per_node"],
-        num_machines=v["num_machines"], machine_rank=v["machine_rank"],
-        main_address=v["main_address"], main_port=port, rdzv_backend=v["rdzv_backend"],
-        max_restarts=v["max_restarts"], monitor_interval_s=v["monitor_interval"],
-        cpu=v["cpu"], gpu_ids=v["gpu_ids"], precision=v["precision"], strategy=strategy,
-        strategy_options=_strategy_options(v, strategy), debug=v["debug"],
-        collective_timeout_s=v["timeout"], stall_timeout_s=v["stall_timeout"],
-        start_method=v["start_method"],
-        num_threads=v["num_threads"])
-
-
-def flag_name(name: str) -> str:
-    """The command-line spelling of a setting (``num_processes`` -> ``--num-processes``)."""
-    return "--" + name.replace("_", "-")
-
+    fields = {s.plan_field: v[s.name] for s in TABLE if s.plan_field is not None}
+    return plan_launch(num_processes=v["num_processes"], num_machines=v["num_machines"],
+                       **fields | {"main_port": port},
+                       strategy_options=_strategy_options(v, strategy))

@@ -1,6 +1,6 @@
 """The first code every launched rank runs: run the target, record its traceback on failure.
 
-``python -m distlib.launch._bootstrap callable PAYLOAD RESULTS`` runs a pickled callable and
+``python -m distlib.launcher._bootstrap callable PAYLOAD RESULTS`` runs a pickled callable and
 stores its return value; ``script PATH ARGS...`` and ``module NAME ARGS...`` run a script or a
 module as ``__main__``, like ``python PATH`` / ``python -m NAME``. When the target raises, the
 traceback goes to the error file torch's elastic agent gave this rank, so the launcher can
@@ -20,6 +20,9 @@ import traceback
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
+
+from distlib.launcher._hang import describe, watch_rank, write_json
+from distlib.launcher._payload import dumps, loads
 
 __all__ = ["main"]
 
@@ -69,9 +72,7 @@ def is_timeout(exc: BaseException) -> bool:
 
 
 def _where(exc: BaseException) -> tuple[str, str]:
-    """Where the exception was raised, as `distlib.launch._hang.describe` words it."""
-    from distlib.launch._hang import describe
-
+    """Where the exception was raised, as `distlib.launcher._hang.describe` words it."""
     frames = [(f.filename, f.lineno or 0, f.name) for f in traceback.extract_tb(exc.__traceback__)]
     return describe(frames)
 
@@ -86,8 +87,6 @@ def _note(name: str, data: dict[str, Any]) -> None:
     """Leave a record (``start.json``, ``finished.json``) for the agent in the rank's folder."""
     folder = _rank_folder()
     if folder:
-        from distlib.launch._hang import write_json
-
         with contextlib.suppress(OSError):
             write_json(os.path.join(folder, name), data)
 
@@ -121,8 +120,6 @@ def _record(exc: BaseException, rank: str | None = None) -> None:
 
 
 def _run_callable(payload_path: str, results_dir: str, rank: str) -> None:
-    from distlib.launch._payload import dumps, loads
-
     with open(payload_path, "rb") as handle:
         target, args = loads(handle.read())
     value = target(*args)
@@ -206,8 +203,6 @@ def _watch(rank: str) -> Any:
     folder = _rank_folder()
     if not folder:
         return None
-    from distlib.launch._hang import watch_rank
-
     _note("start.json", {"rank": int(rank), "pid": os.getpid(),
                          "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
     stall = os.environ.get("DISTLIB_STALL_TIMEOUT")

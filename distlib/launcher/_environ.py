@@ -10,7 +10,9 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 
-from distlib.launch.plan import LaunchPlan
+from distlib.env import parse_bool
+from distlib.errors import ConfigError
+from distlib.launcher.plan import LaunchPlan
 
 __all__ = ["DISTLIB_VARIABLES", "child_environ", "rank_threads"]
 
@@ -18,7 +20,6 @@ __all__ = ["DISTLIB_VARIABLES", "child_environ", "rank_threads"]
 DISTLIB_VARIABLES = ("DISTLIB_LAUNCHED", "DISTLIB_STRATEGY", "DISTLIB_STRATEGY_OPTIONS",
                      "DISTLIB_PRECISION", "DISTLIB_CPU", "DISTLIB_DEBUG", "DISTLIB_TIMEOUT",
                      "DISTLIB_XLA_REPLICAS", "DISTLIB_STALL_TIMEOUT")
-_TRUE = ("1", "true", "yes", "on")
 
 
 def _python_path(base: Mapping[str, str], sys_path: Iterable[str], cwd: str,
@@ -113,8 +114,6 @@ def inherited_threads(environ: Mapping[str, str]) -> int | None:
     if value is None:
         return None
     if not value.strip().isdigit() or int(value) < 1:
-        from distlib.errors import ConfigError
-
         msg = (f"launch(): OMP_NUM_THREADS must be a whole number >= 1, but got "
                f"OMP_NUM_THREADS={value!r}. Unset it, or pass --num-threads N (num_threads=N) "
                "to set the threads of each rank.")
@@ -171,11 +170,9 @@ def _xla_variables(env: Mapping[str, str], plan: LaunchPlan) -> dict[str, str]:
     """
     import importlib.util
 
-    from distlib.errors import ConfigError
-
     device = env.get("PJRT_DEVICE") or (
         "TPU" if importlib.util.find_spec("libtpu") is not None else "CPU")
-    spmd = bool(plan.strategy_options.get("spmd")) or env.get("XLA_USE_SPMD", "") in _TRUE
+    spmd = bool(plan.strategy_options.get("spmd")) or parse_bool(env.get("XLA_USE_SPMD")) is True
     count = plan.nproc_per_node
     out = {"PJRT_DEVICE": device}
     if spmd:

@@ -13,52 +13,33 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
+from distlib.cli._args import spellings
+from distlib.env import probe_hardware
 from distlib.errors import ConfigError
-from distlib.launch.config import SETTINGS, default_config_path, read_config_file, validate
+from distlib.launcher.config import default_config_path, read_config_file, validate
+from distlib.launcher.settings import TABLE, Setting
 
-__all__ = ["add_arguments", "ask", "default_config", "run", "write_config"]
+__all__ = ["QUESTIONS", "add_arguments", "ask", "default_config", "run", "write_config"]
 
-# (setting, question, condition on the answers so far)
-_Question = tuple[str, str, Callable[[Mapping[str, Any]], bool]]
-_ALWAYS: Callable[[Mapping[str, Any]], bool] = lambda answers: True  # noqa: E731
-QUESTIONS: tuple[_Question, ...] = (
-    ("cpu", "Run on CPUs only, even if GPUs are present?", _ALWAYS),
-    ("num_machines", "How many machines take part?", _ALWAYS),
-    ("machine_rank", "Rank of this machine (0 hosts the rendezvous)?",
-     lambda a: a["num_machines"] != "1"),
-    ("main_address", "Address of machine 0?", lambda a: a["num_machines"] != "1"),
-    ("main_port", "Port on machine 0?", lambda a: a["num_machines"] != "1"),
-    ("rdzv_backend", "Rendezvous backend?", lambda a: a["num_machines"] != "1"),
-    ("num_processes", "How many processes in total, across all machines?", _ALWAYS),
-    ("gpu_ids", "Which GPUs on this machine (e.g. 0,1)?", lambda a: not a["cpu"]),
-    ("strategy", "Distribution strategy?", _ALWAYS),
-    ("fsdp_reshard_after_forward", "FSDP: free gathered parameters after forward?",
-     lambda a: a["strategy"] == "fsdp"),
-    ("fsdp_cpu_offload", "FSDP: keep parameters on the CPU?", lambda a: a["strategy"] == "fsdp"),
-    ("fsdp_wrap_classes", "FSDP: module classes to shard separately (comma-separated)?",
-     lambda a: a["strategy"] == "fsdp"),
-    ("fsdp_activation_checkpointing", "FSDP: activation checkpointing?",
-     lambda a: a["strategy"] == "fsdp"),
-    ("fsdp_state_dict_type", "FSDP: checkpoint layout?", lambda a: a["strategy"] == "fsdp"),
-    ("zero_stage", "DeepSpeed: ZeRO stage?", lambda a: a["strategy"] == "deepspeed"),
-    ("offload_optimizer_device", "DeepSpeed: offload optimizer states to?",
-     lambda a: a["strategy"] == "deepspeed"),
-    ("offload_param_device", "DeepSpeed: offload parameters to?",
-     lambda a: a["strategy"] == "deepspeed"),
-    ("precision", "Mixed precision?", _ALWAYS),
-)
-_DEFAULTS = {"num_machines": "1", "main_port": 29500, "strategy": "auto",
-             "fsdp_reshard_after_forward": True, "fsdp_cpu_offload": False,
-             "fsdp_activation_checkpointing": False, "fsdp_state_dict_type": "sharded",
-             "zero_stage": 2, "offload_optimizer_device": "none",
-             "offload_param_device": "none", "fsdp_wrap_classes": ""}
+# When each kind of question is asked, given the answers so far (`Setting.ask_when`).
+_ASKED: dict[str, Callable[[Mapping[str, Any]], bool]] = {
+    "always": lambda answers: True,
+    "several machines": lambda answers: answers["num_machines"] != "1",
+    "gpus": lambda answers: not answers["cpu"],
+    "fsdp": lambda answers: answers["strategy"] == "fsdp",
+    "deepspeed": lambda answers: answers["strategy"] == "deepspeed",
+}
+
+# The settings ``distlib config`` asks about, in the order it asks (from the settings table).
+QUESTIONS: tuple[Setting, ...] = tuple(sorted((s for s in TABLE if s.question),
+                                              key=lambda s: s.ask_order))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add this command's options."""
     parser.add_argument("action", nargs="?", choices=["default"],
                         help="'default': write a config for this hardware without questions")
-    parser.add_argument("--config-file", default=None, metavar="PATH",
+    parser.add_argument(*spellings("--config-file"), default=None, metavar="PATH",
                         help="where to write (default: $DISTLIB_CONFIG_FILE, else "
                              "~/.cache/distlib/default_config.yaml)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -82,13 +63,14 @@ def ask(answers_in: TextIO, out: TextIO, num_gpus: int) -> dict[str, Any]:
         {'cpu': True, 'num_machines': 1, 'num_processes': 2, 'strategy': 'ddp', 'precision': 'bf16'}
     """
     lines = _lines(answers_in)
-    defaults = _DEFAULTS | {"cpu": num_gpus == 0, "num_processes": max(num_gpus, 1)}
+    hardware = {"cpu": num_gpus == 0, "num_processes": max(num_gpus, 1)}
     answers: dict[str, Any] = {}
-    for name, question, condition in QUESTIONS:
-        if not condition(answers):
+    for setting in QUESTIONS:
+        name, question = setting.name, str(setting.question)
+        if not _ASKED[setting.ask_when](answers):
             continue
-        setting = SETTINGS[name]
-        default: Any = defaults.get(name, setting.default)
+        default: Any = hardware.get(name, setting.default if setting.offer is None
+                                    else setting.offer)
         if isinstance(default, bool):
             default = "yes" if default else "no"
         choices = f" ({', '.join(map(str, setting.choices))})" if setting.choices else ""
@@ -142,8 +124,6 @@ def write_config(path: str, values: Mapping[str, Any], *, force: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the config file and say where."""
-    from distlib.env import probe_hardware
-
     path = args.config_file or default_config_path(os.environ, writing=True)
     num_gpus = probe_hardware().num_gpus
     if args.action == "default":

@@ -1,7 +1,7 @@
 """`LaunchPlan`: what a launch starts, as one validated value (pure, torch-free).
 
-Both `distlib.launch.launch()` and ``distlib launch`` build a plan first; the agent process
-(`distlib.launch._agent`) turns it into torch's elastic ``LaunchConfig``. Counts follow the
+Both `distlib.launch()` and ``distlib launch`` build a plan first; the agent process
+(`distlib.launcher._agent`) turns it into torch's elastic ``LaunchConfig``. Counts follow the
 documented convention: ``num_processes`` is the total across all machines, ``nproc_per_node``
 the count on each machine, and a total that the machine count does not divide is an error.
 """
@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from distlib.env import DEFAULT_TIMEOUT_S  # the agent's rendezvous and Env.timeout_s
 from distlib.errors import ConfigError, PrecisionError
 from distlib.precision import parse_precision
 from distlib.strategies.base import parse_strategy
@@ -20,9 +21,6 @@ from distlib.strategies.base import parse_strategy
 __all__ = ["DEFAULT_TIMEOUT_S", "RDZV_BACKENDS", "START_METHODS", "LaunchPlan", "parse_machines",
            "plan_launch"]
 
-# How long the rendezvous and each collective may wait, unless --timeout says otherwise (the
-# agent's rendezvous and `Env.timeout_s`, which the ranks' process groups use).
-DEFAULT_TIMEOUT_S = 1800
 
 RDZV_BACKENDS = ("static", "c10d")
 # How the agent starts Python ranks: "fork" reuses its imported torch (CPU-only machines),

@@ -1,0 +1,268 @@
+"""The checks ``distlib test`` runs in every rank, written against the public verbs only.
+
+Each check is ``check_x(env) -> str``: it returns a short detail for the table and RAISES a
+distlib error naming what differed, never ``assert`` (``python -O`` and ``PYTHONOPTIMIZE``,
+which ranks inherit, would strip an assertion and report a broken check as passing). Every
+rank runs every check in the same order, so checks may use collectives.
+
+Effects: every check runs collectives in the process group the self-test joined; the
+training and checkpoint checks write into a temporary folder of rank 0 and remove it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+import distlib as dl
+from distlib.env import Env, detect
+from distlib.errors import (
+    CheckpointError,
+    CollectiveError,
+    DistlibError,
+    ShardingError,
+    StrategyError,
+)
+from distlib.runtime import process_group
+
+__all__ = ["CHECKS", "check_all_gather", "check_all_reduce", "check_broadcast",
+           "check_save_load", "check_sharded_loader", "check_training", "run_checks"]
+
+
+def _differ(error: type[DistlibError], check: str, what: str, got: object, want: object,
+            fix: str) -> DistlibError:
+    msg = f"distlib test {check}: {what} must be {want}, but got {got}. {fix}"
+    return error(msg)
+
+
+def check_all_reduce(env: Env) -> str:
+    """Sum ``rank + 1`` over all ranks with `distlib.reduce`; compare with ``n (n + 1) / 2``."""
+    total = dl.reduce(torch.tensor([float(env.rank + 1)], device=env.device), env, op="sum")
+    expected = env.world_size * (env.world_size + 1) / 2
+    if total.item() != expected:
+        raise _differ(CollectiveError, "all_reduce", "the sum of rank + 1 over the ranks",
+                      total.item(), expected, "The ranks' all_reduce is broken (the backend, "
+                      "or ranks of different jobs in one group).")
+    return f"sum={total.item():g}"
+
+
+def check_all_gather(env: Env) -> str:
+    """Gather every rank's id with `distlib.gather`; compare with ``[0, 1, ..., n - 1]``."""
+    got = [int(v) for v in dl.gather(torch.tensor([float(env.rank)], device=env.device),
+                                     env).tolist()]
+    if got != list(range(env.world_size)):
+        raise _differ(CollectiveError, "all_gather", "the gathered rank ids", got,
+                      list(range(env.world_size)), "The ranks' all_gather is broken, or "
+                      "two ranks have the same RANK.")
+    return f"{got}" if env.world_size <= 8 else "ok"
+
+
+def check_broadcast(env: Env) -> str:
+    """Broadcast 42 from rank 0 with `distlib.broadcast`; every rank must receive it."""
+    value = torch.tensor([42.0 if env.rank == 0 else -1.0], device=env.device)
+    got = dl.broadcast(value, env, src=0).item()
+    if got != 42.0:
+        raise _differ(CollectiveError, "broadcast", f"the value rank {env.rank} received from "
+                      "rank 0", got, 42.0, "The ranks' broadcast is broken.")
+    return "42"
+
+
+class _Stream(IterableDataset):  # type: ignore[type-arg]
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.n))
+
+
+def check_sharded_loader(env: Env) -> str:
+    """Shard a map-style and an iterable dataset of an uneven length; gather every batch back.
+
+    Each must give back exactly the dataset, in order (`distlib.gather_metrics` drops the
+    padding), and the ranks together must read every sample (`distlib.gather_object`).
+    """
+    n = 3 * env.world_size * 2 + 1  # never a whole number of global batches
+    report = []
+    datasets: tuple[tuple[str, Any], ...] = (("map", list(range(n))), ("iterable", _Stream(n)))
+    for name, dataset in datasets:
+        loader = dl.shard(DataLoader(dataset, batch_size=2), env)
+        got: list[int] = []
+        mine: list[int] = []
+        for batch in loader:
+            mine += batch.tolist()
+            got += dl.gather_metrics(batch, env, loader).tolist()
+        if got != list(range(n)):
+            raise _differ(ShardingError, "sharded_loader", f"the {name} dataset gathered by "
+                          "gather_metrics", got, f"0..{n - 1} in order, each once",
+                          "Padding was not dropped, or a rank read other samples.")
+        covered = sorted(set(dl.gather_object(mine, env)))
+        if covered != list(range(n)):
+            raise _differ(ShardingError, "sharded_loader", f"the samples the ranks read of the "
+                          f"{name} dataset", covered, f"0..{n - 1}", "A rank skipped samples.")
+        report.append(f"{name} {len(got)}/{n}")
+    return ", ".join(report)
+
+
+def _net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def _on_main(env: Env, work: Callable[[str], Any]) -> Any:
+    """Run ``work(folder)`` with a fresh folder of rank 0 (every rank calls it: `work` may
+    call collectives); return rank 0's result on every rank. Removes the folder."""
+    folder = dl.broadcast_object(tempfile.mkdtemp(prefix="distlib-test-") if env.is_main
+                                 else None, env)
+    try:
+        result = work(folder)
+    finally:
+        dl.barrier(env)
+        if env.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+    return dl.broadcast_object(result, env)
+
+
+def _full_weights(model: Any, env: Env, folder: str) -> dict[str, torch.Tensor]:
+    """The whole fp32 weights of a wrapped model, on rank 0 (``{}`` elsewhere), through the
+    public `distlib.save_model` (it gathers FSDP2 shards and ZeRO-3 partitions)."""
+    from safetensors.torch import load_file
+
+    dl.save_model(model, folder, env)
+    if not env.is_main:
+        return {}
+    weights: dict[str, torch.Tensor] = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            weights |= {k: v.float() for k, v in load_file(os.path.join(folder, name)).items()}
+    return weights
+
+
+def _train(strategy: Any, env: Env, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    model = _net(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = dl.wrap(model, strategy, env=env, optimizer=optimizer)
+    for (x, y), micro in dl.accumulate(batches, steps=2):
+        loss = torch.nn.functional.mse_loss(model(x.to(env.device)), y.to(env.device))
+        dl.backward(loss, model, micro)
+        if micro.sync:
+            dl.clip_grad_norm(model, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+    return model
+
+
+def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    if sorted(a) != sorted(b):
+        return float("inf")
+    return max((float((a[k] - b[k]).abs().max()) for k in a), default=0.0)
+
+
+def check_training(env: Env) -> str:
+    """4 steps of the configured strategy and precision must match `distlib.Single` here.
+
+    Each rank trains on its slice of the same global batches (2 micro-batches per step); the
+    weights must equal those of one process trained on the whole batches.
+    """
+    g = torch.Generator().manual_seed(1)
+    rows = 4 * env.world_size  # rows of one global micro-batch; 4 per rank
+    x, y = torch.randn(8 * rows, 8, generator=g), torch.randn(8 * rows, 1, generator=g)
+    whole = list(zip(torch.split(x, rows), torch.split(y, rows), strict=True))
+    mine = [(bx[4 * env.rank:4 * env.rank + 4], by[4 * env.rank:4 * env.rank + 4])
+            for bx, by in whole]
+    model = _train(env.strategy, env, mine)
+    alone = dl.unwrap(_train(dl.Single(), env, whole))
+    want = {k: v.detach().float().cpu() for k, v in alone.state_dict().items()}
+
+    def compare(folder: str) -> float:
+        got = _full_weights(model, env, folder)
+        return _worst(got, want) if env.is_main else 0.0
+
+    worst = _on_main(env, compare)
+    tol = 1e-5 if str(env.precision) == "no" else 3e-2
+    label = f"{env.strategy.name}/{env.precision}"
+    if not worst <= tol:
+        raise _differ(StrategyError, "training", f"the largest weight difference of {label} after 4 steps "
+                      "from one process", f"{worst:.2e}", f"<= {tol:g}",
+                      "Gradients were not synchronised or averaged like one process's.")
+    return f"{label}: 4 steps match 1 process (diff {worst:.1e})"
+
+
+def check_save_load(env: Env) -> str:
+    """A `distlib.save_state` / `distlib.load_state` round trip under the configured strategy.
+
+    One step of a small model is saved; a differently initialised copy loads it and must hold
+    exactly the same weights, and the saved values must come back.
+    """
+    def build(seed: int) -> tuple[Any, Any]:
+        net = _net(seed)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        return dl.wrap(net, env, optimizer=optimizer)  # type: ignore[no-any-return]
+
+    model, optimizer = build(0)
+    dl.backward(model(torch.ones(4, 8, device=env.torch_device)).float().pow(2).mean(), model)
+    optimizer.step()
+
+    def round_trip(folder: str) -> tuple[Any, float, int]:
+        dl.save_state(os.path.join(folder, "state"), env, model=model, optimizer=optimizer,
+                      step=1)
+        fresh, fresh_optimizer = build(1)
+        values = dl.load_state(os.path.join(folder, "state"), env, model=fresh,
+                               optimizer=fresh_optimizer)
+        before = _full_weights(model, env, os.path.join(folder, "before"))
+        after = _full_weights(fresh, env, os.path.join(folder, "after"))
+        return values, _worst(before, after), len(before)
+
+    values, worst, count = _on_main(env, round_trip)
+    if values != {"step": 1}:
+        raise _differ(CheckpointError, "save_load", "the values load_state returned", values,
+                      {"step": 1}, "save_state did not keep plain values.")
+    if worst != 0.0:
+        raise _differ(CheckpointError, "save_load", "the largest weight difference after "
+                      "load_state", f"{worst:.2e}", 0, "The checkpoint did not restore the "
+                      "model exactly.")
+    return f"{env.strategy.name}: saved and loaded {count} tensors exactly"
+
+
+def _load(name: str) -> Any:
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def run_checks(names: Sequence[str]) -> dict[str, Any]:
+    """In a launched rank: join the group, run each check, return this rank's report.
+
+    Effects: joins and leaves the default process group.
+    """
+    env = detect()
+    report: dict[str, Any] = {"rank": env.rank, "world": env.world_size,
+                              "local": env.local_rank, "node": env.node_rank,
+                              "device": env.device, "backend": str(env.backend),
+                              "strategy": env.strategy.name, "precision": str(env.precision),
+                              "checks": []}
+    with process_group(env):
+        for name in names:
+            start = time.monotonic()
+            try:
+                detail, ok = str(_load(name)(env)), True
+            except Exception as error:  # a failed check is a row in the table, not a crash
+                detail, ok = f"{type(error).__name__}: {error}", False
+                if env.debug:
+                    traceback.print_exc()
+            report["checks"].append({"name": name, "ok": ok, "detail": detail,
+                                     "seconds": round(time.monotonic() - start, 3)})
+    return report
+
+
+# The checks of ``distlib test``, in the order every rank runs them.
+CHECKS: tuple[str, ...] = tuple(f"{__name__}:{name}" for name in (
+    "check_all_reduce", "check_all_gather", "check_broadcast", "check_sharded_loader",
+    "check_training", "check_save_load"))

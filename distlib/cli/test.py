@@ -1,0 +1,80 @@
+"""``distlib test``: launch the self-test under the current config and print what each rank saw.
+
+The test is a list of checks, each named ``"module:function"`` (the built-in ones are in
+`distlib.cli._checks`). A check runs in every rank, inside the joined process group, as
+``function(env) -> str``: it returns a short detail for the table and raises to fail (the
+built-in checks raise distlib errors, never ``assert``, so ``python -O`` cannot hide a
+failure). ``distlib test --check module:function`` adds one for a single run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from distlib.cli._args import spellings
+from distlib.cli.launch import add_setting_arguments, resolve_from_args
+from distlib.errors import LaunchError
+from distlib.launcher.config import to_plan
+from distlib.launcher.launcher import launch_plan
+
+__all__ = ["add_arguments", "format_report", "run"]
+
+
+def format_report(reports: Mapping[int, Mapping[str, Any]]) -> tuple[str, bool]:
+    """The table (one row per rank, one column per check) and whether everything passed."""
+    names = [c["name"] for c in next(iter(reports.values()))["checks"]] if reports else []
+    short = [n.rpartition(":")[2].removeprefix("check_") for n in names]
+    head = ["rank", "world", "local", "node", "device", "backend", "strategy", "precision"]
+    rows = []
+    failed: list[str] = []
+    for rank, report in sorted(reports.items()):
+        cells = [str(report[k]) for k in ("rank", "world", "local", "node", "device",
+                                          "backend", "strategy", "precision")]
+        for check in report["checks"]:
+            cells.append("ok" if check["ok"] else "FAIL")
+            if not check["ok"]:
+                failed.append(f"rank {rank} {check['name']}: {check['detail']}")
+        rows.append(cells)
+    header = head + short
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    ok = bool(reports) and not failed
+    lines += [f"  {line}" for line in failed]
+    lines.append(f"distlib test: PASSED ({len(reports)} ranks, {len(names)} checks each)" if ok
+                 else f"distlib test: FAILED ({len(failed)} failed checks)")
+    return "\n".join(lines), ok
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add this command's options (the launch settings, plus --check)."""
+    parser.usage = "distlib test [options] [--check MODULE:FUNCTION ...]"
+    add_setting_arguments(parser)
+    parser.add_argument(*spellings("--check"), action="append", default=[], metavar="MODULE:FUNCTION",
+                        help="run this check too (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Launch the checks under the resolved config; print the table; 0 when all passed."""
+    # The checks import torch: only now, so that `distlib test --help` stays torch-free.
+    from distlib.cli._checks import CHECKS, run_checks
+
+    resolved, path = resolve_from_args(args, os.environ)
+    plan = to_plan(resolved)
+    if plan.collective_timeout_s is None:  # a broken check must not wait 30 minutes
+        plan = dataclasses.replace(plan, collective_timeout_s=120)
+    print(f"distlib test: config {path or '(none: flags and defaults)'}", flush=True)
+    try:
+        result = launch_plan(plan, functools.partial(run_checks, (*CHECKS, *args.check)))
+    except LaunchError as error:
+        print(f"{error}\ndistlib test: FAILED (the launch itself failed)", file=sys.stderr)
+        return 1
+    text, ok = format_report(result.returns)
+    print(text)
+    return 0 if ok else 1
