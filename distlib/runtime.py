@@ -40,7 +40,7 @@ def _check_agrees(env: Env) -> None:
     if env.backend not in backend:
         msg = (
             f"initialize(): the Env's backend must match the process group already joined, but "
-            f"got Env(backend={env.backend!r}) and a group with backend {backend!r}. "
+            f"got Env(backend={str(env.backend)!r}) and a group with backend {backend!r}. "
             "Use the same device kind in both, or shut the group down first."
         )
         raise RuntimeStateError(msg)

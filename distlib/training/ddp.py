@@ -97,7 +97,7 @@ def apply(model: torch.nn.Module, strategy: DDP, env: Env, *, optimizer: Any = N
         return single.apply(model, Single(), env, optimizer=optimizer, scheduler=scheduler)
     if strategy.comm_hook == "bf16" and env.backend != "nccl":
         msg = (f"wrap(): DDP comm_hook 'bf16' must run on the NCCL backend, but got backend "
-               f"{env.backend!r}. Use comm_hook='fp16' (or 'powersgd') on gloo.")
+               f"{str(env.backend)!r}. Use comm_hook='fp16' (or 'powersgd') on gloo.")
         raise StrategyError(msg)
     scaler = place_with_precision(model, env, autocast=False)
     device = env.torch_device
