@@ -39,11 +39,15 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the package, tests, examples and benchmarks."""
+    """ruff over the package, tests, examples and benchmarks; the layering contract."""
     session.run(*PIP, "ruff>=0.6")
     paths = [p for p in ("distlib", "tests", "examples", "benchmarks", "noxfile.py", "conftest.py")
              if os.path.exists(p)]
     session.run("ruff", "check", *paths)
+    # The layering contract (pyproject.toml [tool.importlinter]): no circles, no import that
+    # runs back up, the launcher apart from training code. It reads the sources in place.
+    session.run(*PIP, "import-linter>=2.1")
+    session.run("lint-imports")
 
 
 @nox.session

@@ -24,7 +24,7 @@ _EXPORTS: dict[str, str] = {
     "XLA": "distlib.strategies.xla",
     "wrap": "distlib.training.wrapping", "unwrap": "distlib.training.wrapping",
     "AccelerateScheduler": "distlib.training.scheduler",
-    "autocast": "distlib.precision",
+    "autocast": "distlib.training.step",
     "MicroStep": "distlib.training.accumulation", "accumulate": "distlib.training.accumulation",
     "backward": "distlib.training.step",
     "clip_grad_norm": "distlib.training.step", "seed": "distlib.training.step",
@@ -83,7 +83,6 @@ if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (mypy --str
     from distlib.memory import free_memory as free_memory
     from distlib.metrics import gather_metrics as gather_metrics
     from distlib.precision import Precision as Precision
-    from distlib.precision import autocast as autocast
     from distlib.strategies.ddp import DDP as DDP
     from distlib.strategies.deepspeed import DeepSpeed as DeepSpeed
     from distlib.strategies.fsdp import FSDP as FSDP
@@ -92,6 +91,7 @@ if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (mypy --str
     from distlib.training.accumulation import MicroStep as MicroStep
     from distlib.training.accumulation import accumulate as accumulate
     from distlib.training.scheduler import AccelerateScheduler as AccelerateScheduler
+    from distlib.training.step import autocast as autocast
     from distlib.training.step import backward as backward
     from distlib.training.step import clip_grad_norm as clip_grad_norm
     from distlib.training.step import seed as seed

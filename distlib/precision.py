@@ -1,26 +1,24 @@
 """Precision values, and the autocast, fp32-output and gradient-scaling pieces behind them.
 
+Below `env` (an Env holds a `Precision`), so nothing here takes an Env: the verb that does,
+`distlib.autocast(env)`, lives with the other step verbs in `distlib.training.step`.
+
 `Precision` and `parse_precision` are pure and torch-free, so the launcher and `detect()` use
 them cheaply; the functions that act on tensors import torch when called.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from distlib._tree import map_tree
 from distlib.errors import PrecisionError
 
-if TYPE_CHECKING:  # env imports this module's Precision value (see the layering note)
-    from distlib.env import Env
-
 __all__ = [
     "AutocastForward",
     "Precision",
-    "autocast",
     "check_supported",
     "compute_dtype",
     "make_scaler",
@@ -141,49 +139,6 @@ def check_supported(precision: object, device: str) -> Precision:
                f"device {device!r} (capability {capability}). Use 'bf16' on this hardware.")
         raise PrecisionError(msg)
     return value
-
-
-@contextlib.contextmanager
-def autocast(env: Env) -> Iterator[None]:
-    """Run the body in the autocast that a model wrapped under ``env`` uses for its forward.
-
-    For code outside the model — a loss computed on the outputs, a second head, an
-    evaluation metric — this is ``torch.autocast(<env's device type>, dtype=<compute dtype>)``
-    for ``"bf16"`` and ``"fp16"``, and nothing for ``"no"``. Under ``"fp8"`` distlib runs only
-    the model's converted linear layers in float8 (torchao) and everything else in fp32, so
-    outside the model this is nothing too. (A DeepSpeed engine casts its inputs instead of
-    autocasting; outside it, autocast is the equivalent.) Like Accelerate's
-    ``accelerator.autocast()``; nest ``torch.autocast(..., enabled=False)`` for an fp32 island.
-
-    Args:
-        env: the `Env` the model was wrapped under (its ``precision`` and ``device``).
-
-    Raises:
-        TypeError: ``env`` is not an Env.
-        PrecisionError: the Env's precision is unknown.
-
-    Examples:
-        >>> import torch, distlib as dl
-        >>> with autocast(dl.Env(precision="bf16")):
-        ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
-        torch.bfloat16
-        >>> with autocast(dl.Env()):
-        ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
-        torch.float32
-    """
-    if not (hasattr(env, "precision") and hasattr(env, "device")) or isinstance(env, type):
-        msg = (f"autocast(): env must be an Env (it gives the precision and the device), but got "
-               f"{type(env).__name__}. Pass the Env the model was wrapped under: "
-               "dl.autocast(env).")
-        raise TypeError(msg)
-    dtype = compute_dtype(env.precision)
-    if dtype is None:
-        yield
-        return
-    import torch
-
-    with torch.autocast(torch.device(env.device).type, dtype=dtype):
-        yield
 
 
 def convert_fp8(module: Any) -> Any:

@@ -34,7 +34,7 @@ from distlib.errors import (
 )
 from distlib.runtime import process_group
 
-__all__ = ["CHECKS", "check_all_gather", "check_all_reduce", "check_broadcast",
+__all__ = ["check_all_gather", "check_all_reduce", "check_broadcast",
            "check_save_load", "check_sharded_loader", "check_training", "run_checks"]
 
 
@@ -261,8 +261,3 @@ def run_checks(names: Sequence[str]) -> dict[str, Any]:
                                      "seconds": round(time.monotonic() - start, 3)})
     return report
 
-
-# The checks of ``distlib test``, in the order every rank runs them.
-CHECKS: tuple[str, ...] = tuple(f"{__name__}:{name}" for name in (
-    "check_all_reduce", "check_all_gather", "check_broadcast", "check_sharded_loader",
-    "check_training", "check_save_load"))

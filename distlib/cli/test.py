@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib
 import os
 import sys
 from collections.abc import Mapping
@@ -23,7 +24,22 @@ from distlib.errors import LaunchError
 from distlib.launcher.config import to_plan
 from distlib.launcher.launcher import launch_plan
 
-__all__ = ["add_arguments", "format_report", "run"]
+__all__ = ["CHECKS", "RUNNER", "add_arguments", "format_report", "run"]
+
+# The built-in checks and the rank-side runner are named "module:function" like a user's
+# --check, and loaded by name in the ranks: importing them here (they import torch) would make
+# `distlib test --help` import torch.
+_CHECKS_MODULE = "distlib.cli._checks"
+RUNNER = f"{_CHECKS_MODULE}:run_checks"
+CHECKS: tuple[str, ...] = tuple(f"{_CHECKS_MODULE}:{name}" for name in (
+    "check_all_reduce", "check_all_gather", "check_broadcast", "check_sharded_loader",
+    "check_training", "check_save_load"))
+
+
+def _in_rank(runner: str, names: tuple[str, ...]) -> Any:
+    """In each launched rank: load ``runner`` by its "module:function" name and run the checks."""
+    module, _, function = runner.partition(":")
+    return getattr(importlib.import_module(module), function)(names)
 
 
 def format_report(reports: Mapping[int, Mapping[str, Any]]) -> tuple[str, bool]:
@@ -62,16 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Launch the checks under the resolved config; print the table; 0 when all passed."""
-    # The checks import torch: only now, so that `distlib test --help` stays torch-free.
-    from distlib.cli._checks import CHECKS, run_checks
-
     resolved, path = resolve_from_args(args, os.environ)
     plan = to_plan(resolved)
     if plan.collective_timeout_s is None:  # a broken check must not wait 30 minutes
         plan = dataclasses.replace(plan, collective_timeout_s=120)
     print(f"distlib test: config {path or '(none: flags and defaults)'}", flush=True)
     try:
-        result = launch_plan(plan, functools.partial(run_checks, (*CHECKS, *args.check)))
+        result = launch_plan(plan, functools.partial(_in_rank, RUNNER, (*CHECKS, *args.check)))
     except LaunchError as error:
         print(f"{error}\ndistlib test: FAILED (the launch itself failed)", file=sys.stderr)
         return 1

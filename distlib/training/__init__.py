@@ -9,7 +9,7 @@ verbs.
 from distlib.training.accumulation import MicroStep, accumulate, plan_window
 from distlib.training.optimizers import DelegatingOptimizer, ScaledOptimizer
 from distlib.training.scheduler import AccelerateScheduler
-from distlib.training.step import backward, clip_grad_norm, seed
+from distlib.training.step import autocast, backward, clip_grad_norm, seed
 from distlib.training.wrapped import Wrapped, attach, detach, owner_of, wrapped_of
 from distlib.training.wrapping import unwrap, wrap
 
@@ -21,6 +21,7 @@ __all__ = [
     "Wrapped",
     "accumulate",
     "attach",
+    "autocast",
     "backward",
     "clip_grad_norm",
     "detach",

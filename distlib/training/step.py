@@ -1,4 +1,4 @@
-"""The training step's verbs: `backward`, `clip_grad_norm` and `seed`.
+"""The training step's verbs: `backward`, `clip_grad_norm`, `seed` and `autocast`.
 
 Each verb does what every strategy shares (dividing by the accumulation window) and hands the
 rest to the model's `Wrapped` (its scaler, its DDP or FSDP2 sync, its DeepSpeed engine), so the
@@ -16,17 +16,20 @@ A plain module (not wrapped) gets plain behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from distlib.env import Env
+from distlib.precision import compute_dtype
 from distlib.strategies._validate import OptionTypeError
 from distlib.training.accumulation import MicroStep
 from distlib.training.wrapped import wrapped_of
 
-__all__ = ["backward", "clip_grad_norm", "clip_module", "seed"]
+__all__ = ["autocast", "backward", "clip_grad_norm", "clip_module", "seed"]
 
 
 def backward(loss: Any, model: Any, micro: MicroStep | None = None) -> None:
@@ -149,3 +152,44 @@ def seed(seed: int, env: Env, device_specific: bool = False) -> int:
         np.random.seed(value % 2**32)
     torch.manual_seed(value)
     return value
+
+
+@contextlib.contextmanager
+def autocast(env: Env) -> Iterator[None]:
+    """Run the body in the autocast that a model wrapped under ``env`` uses for its forward.
+
+    For code outside the model — a loss computed on the outputs, a second head, an
+    evaluation metric — this is ``torch.autocast(<env's device type>, dtype=<compute dtype>)``
+    for ``"bf16"`` and ``"fp16"``, and nothing for ``"no"``. Under ``"fp8"`` distlib runs only
+    the model's converted linear layers in float8 (torchao) and everything else in fp32, so
+    outside the model this is nothing too. (A DeepSpeed engine casts its inputs instead of
+    autocasting; outside it, autocast is the equivalent.) Like Accelerate's
+    ``accelerator.autocast()``; nest ``torch.autocast(..., enabled=False)`` for an fp32 island.
+
+    Args:
+        env: the `Env` the model was wrapped under (its ``precision`` and ``device``).
+
+    Raises:
+        TypeError: ``env`` is not an Env.
+        PrecisionError: the Env's precision is unknown.
+
+    Examples:
+        >>> import torch, distlib as dl
+        >>> with autocast(dl.Env(precision="bf16")):
+        ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        torch.bfloat16
+        >>> with autocast(dl.Env()):
+        ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        torch.float32
+    """
+    if not (hasattr(env, "precision") and hasattr(env, "device")) or isinstance(env, type):
+        msg = (f"autocast(): env must be an Env (it gives the precision and the device), but got "
+               f"{type(env).__name__}. Pass the Env the model was wrapped under: "
+               "dl.autocast(env).")
+        raise TypeError(msg)
+    dtype = compute_dtype(env.precision)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(torch.device(env.device).type, dtype=dtype):
+        yield

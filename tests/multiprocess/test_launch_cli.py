@@ -213,7 +213,7 @@ def test_distlib_test_passes_and_fails_when_a_check_breaks(work: Path) -> None:
                 work, **extra)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    from distlib.cli._checks import CHECKS as BUILT_IN
+    from distlib.cli.test import CHECKS as BUILT_IN
 
     assert lines[-1] == f"distlib test: PASSED (2 ranks, {len(BUILT_IN) + 1} checks each)"
     assert any(line.split()[:3] == ["1", "2", "1"] for line in lines)

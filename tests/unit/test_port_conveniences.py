@@ -22,9 +22,9 @@ from distlib.checkpoint.export import parse_shard_size, save_model
 from distlib.errors import ConfigError
 from distlib.log import main_print
 from distlib.memory import free_memory
-from distlib.precision import autocast
 from distlib.testing import fake_env
 from distlib.training.scheduler import AccelerateScheduler
+from distlib.training.step import autocast
 from distlib.training.wrapped import wrapped_of
 
 # ---------------------------------------------------------------- scheduler stepping
