@@ -43,7 +43,7 @@ _EXPORTS: dict[str, str] = {
     "save_state": "distlib.checkpoint.state", "load_state": "distlib.checkpoint.state",
     "save_model": "distlib.checkpoint.export",
     # porting conveniences
-    "main_print": "distlib.log", "free_memory": "distlib.memory",
+    "main_print": "distlib.log", "free_memory": "distlib.training.memory",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -80,7 +80,6 @@ if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (mypy --str
     from distlib.launcher.launcher import LaunchResult as LaunchResult
     from distlib.launcher.launcher import launch as launch
     from distlib.log import main_print as main_print
-    from distlib.memory import free_memory as free_memory
     from distlib.metrics import gather_metrics as gather_metrics
     from distlib.precision import Precision as Precision
     from distlib.strategies.ddp import DDP as DDP
@@ -90,6 +89,7 @@ if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (mypy --str
     from distlib.strategies.xla import XLA as XLA
     from distlib.training.accumulation import MicroStep as MicroStep
     from distlib.training.accumulation import accumulate as accumulate
+    from distlib.training.memory import free_memory as free_memory
     from distlib.training.scheduler import AccelerateScheduler as AccelerateScheduler
     from distlib.training.step import autocast as autocast
     from distlib.training.step import backward as backward

@@ -98,7 +98,7 @@ def _deepspeed_fp16_overflow(env: Any) -> list[tuple[bool, float]]:
     import dataclasses
 
     import distlib as dl
-    from distlib.memory import free_memory
+    from distlib.training.memory import free_memory
 
     torch.manual_seed(0)
     net = torch.nn.Linear(16, 16)
@@ -123,8 +123,8 @@ def _run_distlib(out: pathlib.Path) -> dict[str, Any]:
 
     import distlib as dl
     from distlib.checkpoint import save_model
-    from distlib.memory import free_memory
     from distlib.runtime import process_group
+    from distlib.training.memory import free_memory
     from tests.models import weights
 
     result: dict[str, Any] = {}

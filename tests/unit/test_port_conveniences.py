@@ -21,8 +21,8 @@ import distlib as dl
 from distlib.checkpoint.export import parse_shard_size, save_model
 from distlib.errors import ConfigError
 from distlib.log import main_print
-from distlib.memory import free_memory
 from distlib.testing import fake_env
+from distlib.training.memory import free_memory
 from distlib.training.scheduler import AccelerateScheduler
 from distlib.training.step import autocast
 from distlib.training.wrapped import wrapped_of

@@ -13,8 +13,8 @@ import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before th
 
 import distlib as dl
 from distlib.errors import StrategyError
-from distlib.memory import free_memory
 from distlib.training import MicroStep, Wrapped, attach, owner_of, wrapped_of
+from distlib.training.memory import free_memory
 
 
 class HalvingWrapped:
