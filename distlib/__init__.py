@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "Env": "distlib.env", "Backend": "distlib.env", "Launcher": "distlib.env",
+    "Mesh": "distlib.topology",
     "detect": "distlib.env",
     "Precision": "distlib.precision",
     "Single": "distlib.strategies.single",
@@ -87,6 +88,7 @@ if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (mypy --str
     from distlib.strategies.fsdp import FSDP as FSDP
     from distlib.strategies.single import Single as Single
     from distlib.strategies.xla import XLA as XLA
+    from distlib.topology import Mesh as Mesh
     from distlib.training.accumulation import MicroStep as MicroStep
     from distlib.training.accumulation import accumulate as accumulate
     from distlib.training.memory import free_memory as free_memory

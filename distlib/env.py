@@ -25,6 +25,7 @@ from distlib.precision import Precision, parse_precision
 from distlib.strategies.base import Strategy, parse_strategy
 from distlib.strategies.single import Single
 from distlib.strategies.xla import XLA
+from distlib.topology import Mesh
 
 __all__ = ["BACKENDS", "DEFAULT_TIMEOUT_S", "FALSE_WORDS", "TRUE_WORDS", "Backend", "Env",
            "Hardware", "Launcher", "detect", "parse_bool", "probe_hardware"]
@@ -179,10 +180,13 @@ class Env:
     anything). Change one field with ``dataclasses.replace``. Plain strings are accepted for
     ``precision`` and ``strategy``.
 
+    ``mesh`` factors the world into ``dp_replicate x dp_shard x cp x tp`` (default: all data
+    parallel); an Env always holds it resolved (no ``-1`` size).
+
     Examples:
         >>> env = Env(rank=3, world_size=8, local_rank=3, local_world_size=8)
-        >>> env.is_main, env.is_distributed
-        (False, True)
+        >>> env.is_main, env.is_distributed, env.mesh.dp_size
+        (False, True, 8)
     """
 
     rank: int = 0
@@ -203,6 +207,7 @@ class Env:
     timeout_s: float = float(DEFAULT_TIMEOUT_S)
     debug: bool = False
     check_collectives: bool = True
+    mesh: Mesh = field(default_factory=Mesh)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", parse_precision(self.precision, source="Env(): precision"))
@@ -236,6 +241,12 @@ class Env:
                 msg = (f"Env(): {name} must be True or False, but got "
                        f"{getattr(self, name)!r}.")
                 raise EnvError(msg)
+        if not isinstance(self.mesh, Mesh):
+            msg = (f"Env(): mesh must be a distlib Mesh, but got {self.mesh!r}. Use "
+                   "Mesh(dp_shard=2, tp=2) (distlib.topology), or leave it out for pure data "
+                   "parallelism.")
+            raise EnvError(msg)
+        object.__setattr__(self, "mesh", self.mesh.resolve(self.world_size))
 
     @property
     def is_main(self) -> bool:

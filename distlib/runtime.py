@@ -13,8 +13,15 @@ from typing import Any
 
 from distlib.env import Env
 from distlib.errors import RuntimeStateError
+from distlib.topology import AXES, DATA_AXES, Mesh
 
-__all__ = ["initialize", "is_initialized", "process_group", "shutdown"]
+__all__ = ["data_group", "device_mesh", "initialize", "is_initialized", "process_group",
+           "shutdown"]
+
+# The DeviceMesh (and data-parallel group) of each Mesh this process has built, so that each
+# mesh's sub-groups are made once (making a group is a collective over every rank). This mirrors torch's own process-wide
+# group registry and is emptied with it by `shutdown`; it is the only such table in distlib.
+_MESHES: dict[tuple[Mesh, str], Any] = {}
 
 
 def is_initialized() -> bool:
@@ -104,10 +111,53 @@ def shutdown() -> None:
 
     Effects: destroys the default process group.
     """
+    _MESHES.clear()
     if is_initialized():
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+def device_mesh(env: Env) -> Any:
+    """torch's ``DeviceMesh`` for ``env.mesh``, its dimensions named as the Mesh's axes.
+
+    Built once per mesh in this process (every rank must call it, in the same order, the first
+    time: making its sub-groups is a collective), and forgotten by `shutdown`.
+
+    Effects: joins the process group (`initialize`); creates the mesh's sub-groups once.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    initialize(env)
+    device_type = env.torch_device.type
+    key = (env.mesh, device_type)
+    if key not in _MESHES:
+        sizes = tuple(env.mesh.sizes[a] for a in AXES)
+        _MESHES[key] = init_device_mesh(device_type, sizes, mesh_dim_names=AXES)
+    return _MESHES[key]
+
+
+def data_group(env: Env) -> Any:
+    """The process group of this rank's data-parallel peers (None: the whole world).
+
+    Ranks of one tp/cp group read the same batches, so data collectives (`gather_metrics`,
+    `reduce` of a metric, the loader's agreement) run over the ranks that share this rank's
+    ``cp`` and ``tp`` coordinates. With ``cp == tp == 1`` that is every rank: None, the default
+    group, and nothing is built.
+
+    Effects: as `device_mesh` the first time a mesh with ``cp`` or ``tp`` > 1 is used.
+    """
+    if env.mesh.is_data_parallel_only or not env.is_distributed:
+        return None
+    import torch.distributed as dist
+
+    initialize(env)
+    key = (env.mesh, "data")
+    if key not in _MESHES:
+        groups = [list(g) for g in env.mesh.groups(DATA_AXES)]
+        mine, _ = dist.new_subgroups_by_enumeration(groups)  # type: ignore[no-untyped-call]
+        _MESHES[key] = mine
+    return _MESHES[key]
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import distlib
 # The names DESIGN.md fixes, plus the value types they return.
 DOCUMENTED = {
     # environment
-    "Env", "detect", "Backend", "Launcher",  # Env.backend / Env.launcher hold these str enums
+    "Env", "detect", "Backend", "Launcher", "Mesh",  # Env.backend / Env.launcher hold these str enums
     # strategies
     "Single", "DDP", "FSDP", "DeepSpeed", "XLA", "wrap", "unwrap",
     "AccelerateScheduler",  # what wrap(..., scheduler_steps="accelerate") returns

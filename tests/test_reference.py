@@ -22,7 +22,7 @@ shows the module that defines it. This page is generated from `distlib._EXPORTS`
 # (heading, entries): a bare name is public (its module comes from _EXPORTS); a dotted path
 # is a documented name that is not in __all__ (extension points, the runtime, the errors).
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Environment", ("Env", "detect", "Backend", "Launcher", "distlib.env.Hardware")),
+    ("Environment", ("Env", "detect", "Backend", "Launcher", "Mesh", "distlib.env.Hardware")),
     ("Strategies and wrapping", ("wrap", "unwrap", "Single", "DDP", "FSDP", "DeepSpeed", "XLA",
                                  "AccelerateScheduler", "distlib.strategies.base.Strategy",
                                  "distlib.training.wrapped.Wrapped")),
