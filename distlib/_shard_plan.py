@@ -2,7 +2,11 @@
 
 Everything here is index arithmetic over plain values; `distlib.data` is the thin shell that
 applies it to a torch ``DataLoader`` and `distlib.metrics.gather_metrics` uses the dedup
-helper. The rules (the same batches Accelerate's ``prepare`` gives):
+helper. A plan's ranks are the ranks that read different batches: the data-parallel ranks
+of the job's mesh (``world_size`` is ``env.mesh.dp_size``, ``rank`` is
+``env.mesh.dp_rank(env.rank)``; the ranks of one tp/cp group share one plan). With the
+default mesh they are simply the job's ranks. The rules (the same batches Accelerate's
+``prepare`` gives):
 
 * A *step* is one batch on every rank. Its *global batch* holds ``G`` samples: the loader's
   batch size times the world size, or the loader's batch size itself with ``split_batches``.
@@ -63,8 +67,9 @@ class ShardPlan:
             when unknown (an iterable dataset without a length). Ignored with ``batch_sizes``.
         batch_size: the loader's batch size; None for variable-size batches (give
             ``batch_sizes``).
-        world_size: number of ranks.
-        rank: the rank this plan is for.
+        world_size: number of ranks that read different batches (the data-parallel size,
+            ``env.mesh.dp_size``; the world size with the default mesh).
+        rank: the data-parallel rank this plan is for (``env.mesh.dp_rank(env.rank)``).
         drop_last: drop the last, incomplete step instead of completing it.
         split_batches: split each loader batch across ranks instead of dealing whole batches.
         even_batches: complete the last step by looping back to the start of the pass.
@@ -93,7 +98,9 @@ class ShardPlan:
         call = "ShardPlan()"
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             msg = (f"{call}: rank must be in [0, world_size), but got rank={self.rank}, "
-                   f"world_size={self.world_size}. Build the plan from the Env's rank.")
+                   f"world_size={self.world_size}. Build the plan from the Env's "
+                   "data-parallel rank and size (env.mesh.dp_rank(env.rank), "
+                   "env.mesh.dp_size).")
             raise ShardingError(msg)
         if self.batch_size is not None and self.batch_size < 1:
             msg = (f"{call}: batch_size must be >= 1, but got {self.batch_size}. Give the "
@@ -106,8 +113,8 @@ class ShardPlan:
         if self.split_batches and (self.batch_size is None
                                    or self.batch_size % self.world_size):
             msg = (f"{call}: with split_batches, batch_size must be a multiple of world_size "
-                   f"({self.world_size}), but got {self.batch_size}. Use a batch size of "
-                   f"k * {self.world_size}, or split_batches=False.")
+                   f"(the {self.world_size} data-parallel ranks), but got {self.batch_size}. "
+                   f"Use a batch size of k * {self.world_size}, or split_batches=False.")
             raise ShardingError(msg)
         for name in ("start_batch", "num_samples"):
             value = getattr(self, name)

@@ -14,7 +14,15 @@ with ``DISTLIB_CHECK_COLLECTIVES=0``; ``env.debug`` keeps it on whatever those s
 
 The building blocks `distlib.metrics.gather_metrics` gathers with (`join_and_check`,
 `tensor_leaves`, `refill`, `gather_tensor`, `gather_packed`, `pad_dim`,
-`refuse_objects_on_xla`) are named without an underscore for it; they are not public API.
+`refuse_objects_on_xla`, `Ranks`, `data_ranks`, `group_of`) are named without an underscore for it;
+they are not public API.
+
+Which ranks: `gather`, `gather_object`, `broadcast`, `broadcast_object`, `pad_across_processes`
+and `barrier` run over the whole world. `reduce` (like `distlib.gather_metrics`) is a metric
+collective: it runs over the data-parallel group of ``env.mesh`` (`distlib.runtime.data_group`),
+the ranks that read different batches, because the ranks of one tp/cp group hold the same
+values. With the default mesh (all data parallel) that group is the world. The agreement
+check always runs over the same ranks as the collective it guards.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import contextlib
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -32,11 +40,66 @@ from distlib import _xla, runtime
 from distlib._tree import fold, is_namedtuple, is_tensor, leaves, map_tree, walk
 from distlib.env import Env
 from distlib.errors import CollectiveError
+from distlib.topology import DATA_AXES
 
 __all__ = ["barrier", "broadcast", "broadcast_object", "gather", "gather_object",
            "main_process_first", "pad_across_processes", "reduce"]
 
 _OPS = ("sum", "mean", "max", "min")
+
+
+# -- which ranks a collective runs over ----------------------------------------------------
+class Ranks(NamedTuple):
+    """The ranks one collective runs over (a pure value; `group_of` gives torch's group).
+
+    ``size`` ranks, this process at position ``rank`` among them (its rank in the group);
+    ``data`` is True for the data-parallel group of a mesh with ``cp`` or ``tp`` > 1, False
+    for the whole world.
+    """
+
+    size: int
+    rank: int
+    data: bool
+
+
+def world_ranks(env: Env) -> Ranks:
+    """Every rank of the job."""
+    return Ranks(env.world_size, env.rank, False)
+
+
+def data_ranks(env: Env, call: str) -> Ranks:
+    """This rank's data-parallel peers: the ranks with its ``cp`` and ``tp`` coordinates.
+
+    Their order is the data-parallel rank (``env.mesh.dp_rank``), which is also their order in
+    `distlib.runtime.data_group` (both follow the global rank).
+
+    Raises:
+        CollectiveError: an XLA Env whose mesh has ``cp`` or ``tp`` > 1 (torch_xla's
+            collectives run over every replica; distlib has no sub-group for them).
+    """
+    mesh = env.mesh
+    if mesh.is_data_parallel_only:
+        return world_ranks(env)
+    if env.backend == "xla":
+        msg = (f"{call}: on XLA the mesh must be all data parallel (cp = tp = 1), but got "
+               f"mesh {mesh}. torch_xla's collectives span every replica; run tp/cp meshes on "
+               "CUDA or CPU processes, or use Mesh() on XLA.")
+        raise CollectiveError(msg)
+    return Ranks(mesh.dp_size, mesh.dp_rank(env.rank), True)
+
+
+def group_of(env: Env, ranks: Ranks) -> Any:
+    """torch's process group for ``ranks`` (None: the default group, the world).
+
+    Effects: as `distlib.runtime.data_group` (the first data collective of a mesh with cp or
+    tp > 1 builds its groups, on every rank).
+    """
+    return runtime.data_group(env) if ranks.data else None
+
+
+def _members(env: Env, ranks: Ranks) -> Sequence[int]:
+    """The global ranks of ``ranks``, in group order (for naming a rank in an error)."""
+    return env.mesh.group(DATA_AXES, env.rank) if ranks.data else range(env.world_size)
 
 
 # -- nested structures (walked by distlib._tree) ------------------------------------------
@@ -71,12 +134,14 @@ def _map(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:
 
 
 def join_and_check(env: Env, call: str, x: Any, *, free_dim: int | None = None,
-                   rows: bool = False, check: bool | None = None) -> None:
-    """Join the group; unless opted out, check that every rank passes the same kind of value."""
+                   rows: bool = False, check: bool | None = None,
+                   ranks: Ranks | None = None) -> None:
+    """Join the group; unless opted out, check that ``ranks`` (default: the world) all pass
+    the same kind of value."""
     checking = _checking(env, check)  # a bad ``check`` is refused before joining anything
     runtime.initialize(env)
     if checking:
-        _check_agree(env, call, _signature(x, free_dim, rows))
+        _check_agree(env, call, _signature(x, free_dim, rows), ranks or world_ranks(env))
 
 
 def _checking(env: Env, check: bool | None) -> bool:
@@ -123,31 +188,37 @@ def _fingerprint(text: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-def _check_agree(env: Env, call: str, sig: str) -> None:
-    """One all-gather of a fingerprint per rank; on a mismatch, say who passed what."""
+def _check_agree(env: Env, call: str, sig: str, ranks: Ranks) -> None:
+    """One all-gather of a fingerprint per rank of ``ranks``; on a mismatch, say who passed what."""
     if env.backend == "xla":
         return  # XLA replicas cannot exchange the Python objects that name the difference
     text = f"{call} of {sig}" if sig else call
     device = torch.device(env.device) if env.backend == "nccl" else torch.device("cpu")
     mine = torch.tensor([_fingerprint(text)], dtype=torch.int64, device=device)
-    prints = gather_tensor(mine, env).tolist()
+    prints = gather_tensor(mine, env, ranks).tolist()
     if len(set(prints)) == 1:
         return
-    every: list[Any] = [None] * env.world_size
-    dist.all_gather_object(every, text)  # every rank saw the mismatch: all take this path
-    raise CollectiveError(_disagreement(every))
+    every: list[Any] = [None] * ranks.size
+    # Every rank of the group saw the mismatch: all of them take this path.
+    dist.all_gather_object(every, text, group=group_of(env, ranks))
+    raise CollectiveError(_disagreement(every, _members(env, ranks)))
 
 
-def _disagreement(every: Sequence[str]) -> str:
-    """The error: the most common value (ties: the lowest rank's) against the others."""
+def _disagreement(every: Sequence[str], members: Sequence[int] | None = None) -> str:
+    """The error: the most common value (ties: the lowest rank's) against the others.
+
+    ``members`` are the global ranks of ``every``'s positions (default: position = rank).
+    """
+    name = members if members is not None else range(len(every))
     counts = Counter(every)
-    ref_rank = min(range(len(every)), key=lambda r: (-counts[every[r]], r))
-    odd = [r for r, text in enumerate(every) if text != every[ref_rank]]
-    others = f" (ranks {', '.join(map(str, odd))} disagree)" if len(odd) > 1 else ""
-    call = every[ref_rank].split(" of ", 1)[0]
+    ref = min(range(len(every)), key=lambda r: (-counts[every[r]], r))
+    odd = [r for r, text in enumerate(every) if text != every[ref]]
+    others = (f" (ranks {', '.join(str(name[r]) for r in odd)} disagree)" if len(odd) > 1
+              else "")
+    call = every[ref].split(" of ", 1)[0]
     return (f"{call}: every rank must make the same call with the same structure, shapes and "
-            f"dtypes, but rank {odd[0]} passed {every[odd[0]]} while rank {ref_rank} passed "
-            f"{every[ref_rank]}{others}. Check what that rank computes before this call (a "
+            f"dtypes, but rank {name[odd[0]]} passed {every[odd[0]]} while rank {name[ref]} "
+            f"passed {every[ref]}{others}. Check what that rank computes before this call (a "
             "shorter last batch? a branch taken on one rank only?).")
 
 
@@ -161,23 +232,26 @@ def refuse_objects_on_xla(env: Env, call: str) -> None:
 
 
 # -- tensors ---------------------------------------------------------------------------------
-def gather_tensor(t: torch.Tensor, env: Env) -> torch.Tensor:
-    """Every rank's ``t`` along dim 0, rank 0 first (a 0-dim tensor is one row)."""
+def gather_tensor(t: torch.Tensor, env: Env, ranks: Ranks | None = None) -> torch.Tensor:
+    """Every rank's ``t`` along dim 0, the first of ``ranks`` (default: the world) first
+    (a 0-dim tensor is one row)."""
     t = (t[None] if t.dim() == 0 else t).contiguous()
     if env.backend == "xla":
-        return _xla.all_gather(t)
-    out = t.new_empty((env.world_size * t.shape[0], *t.shape[1:]))
+        return _xla.all_gather(t)  # the world: data_ranks refuses sub-groups on XLA
+    ranks = ranks or world_ranks(env)
+    group = group_of(env, ranks)
+    out = t.new_empty((ranks.size * t.shape[0], *t.shape[1:]))
     # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns).
     single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     if env.backend == "nccl":
-        single(out, t)
+        single(out, t, group=group)
         return out
     try:  # gloo has it too since torch 2.3, at half the latency of a list all_gather
-        single(out, t)
+        single(out, t, group=group)
     except RuntimeError as error:  # refused locally, on every rank alike, before any exchange
         if "support" not in str(error):
             raise
-        dist.all_gather(list(out.view(env.world_size, *t.shape).unbind(0)), t)
+        dist.all_gather(list(out.view(ranks.size, *t.shape).unbind(0)), t, group=group)
     return out
 
 
@@ -236,35 +310,50 @@ def gather_object(obj: Any, env: Env, *, check: bool | None = None) -> list[Any]
 
 
 def reduce(x: Any, env: Env, op: str = "mean", *, check: bool | None = None) -> Any:
-    """Combine every rank's tensors elementwise with ``op``: "sum", "mean", "max" or "min".
+    """Combine the data-parallel ranks' tensors elementwise with ``op``: "sum", "mean", "max"
+    or "min".
+
+    A metric reduce: it runs over this rank's data-parallel group (the ranks that read
+    different batches; `distlib.runtime.data_group`), which is every rank with the default
+    mesh. Under a mesh with ``cp`` or ``tp`` > 1 the ranks of one tp/cp group hold the same
+    batch's values, so each value counts once: ``"mean"`` divides by ``env.mesh.dp_size``,
+    ``"sum"`` adds one value per data-parallel rank, and every rank gets the result. To combine
+    over every rank whatever the mesh, pass ``dataclasses.replace(env, mesh=Mesh())``.
 
     A mean of integer tensors is a floating tensor (on one rank too). With the agreement
-    check (``check``, as in `gather`) the ranks must pass the same ``op``, structure, shapes
-    and dtypes.
+    check (``check``, as in `gather`, run over the same group) the ranks must pass the same
+    ``op``, structure, shapes and dtypes.
+
+    Raises:
+        CollectiveError: an ``op`` not listed, a leaf that is not a tensor, ranks that
+            disagree, or an XLA Env whose mesh has ``cp`` or ``tp`` > 1.
 
     Examples:
         >>> reduce(torch.tensor([1.0, 3.0]), Env(), op="sum")
         tensor([1., 3.])
 
-    Effects: joins the process group on first need; the agreement check; one all-reduce
-    per tensor.
+    Effects: joins the process group on first need (and builds the mesh's data-parallel
+    groups, on every rank, the first time a mesh with cp or tp > 1 is used); the agreement
+    check; one all-reduce per tensor.
     """
     if op not in _OPS:
         msg = (f"reduce(): op must be one of {', '.join(map(repr, _OPS))}, but got {op!r}. "
                "Pick one of those.")
         raise CollectiveError(msg)
-    if env.world_size == 1:
+    ranks = data_ranks(env, f"reduce(op={op!r})")
+    if ranks.size == 1:
         return _map(lambda t: t / 1 if op == "mean" and not t.is_floating_point() else t, x)
-    join_and_check(env, f"reduce(op={op!r})", x, check=check)
+    join_and_check(env, f"reduce(op={op!r})", x, check=check, ranks=ranks)
     if env.backend == "xla":
         return _map(lambda t: _xla.all_reduce(t, op), x)
     red = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
            "min": dist.ReduceOp.MIN}[op]
+    group = group_of(env, ranks)
 
     def one(t: torch.Tensor) -> torch.Tensor:
         out = t.clone().contiguous()
-        dist.all_reduce(out, op=red)
-        return out / env.world_size if op == "mean" else out
+        dist.all_reduce(out, op=red, group=group)
+        return out / ranks.size if op == "mean" else out
 
     return _map(one, x)
 
@@ -383,7 +472,8 @@ def barrier(env: Env, *, check: bool | None = None) -> None:
             _xla.barrier("distlib.barrier")
             return
         if checking:
-            _check_agree(env, "barrier()", "")  # an all-gather: nobody leaves before all came
+            # An all-gather over the world: nobody leaves before all came.
+            _check_agree(env, "barrier()", "", world_ranks(env))
             return
         dist.barrier()
 
@@ -407,15 +497,18 @@ def main_process_first(env: Env, local: bool = False) -> Iterator[None]:
         barrier(env)
 
 
-def gather_packed(tensors: list[torch.Tensor], env: Env) -> list[torch.Tensor]:
-    """All-gather many tensors in one collective: their bytes, packed per device."""
+def gather_packed(tensors: list[torch.Tensor], env: Env,
+                  ranks: Ranks | None = None) -> list[torch.Tensor]:
+    """All-gather many tensors over ``ranks`` (default: the world) in one collective: their
+    bytes, packed per device."""
     if len(tensors) <= 1 or len({t.device for t in tensors}) > 1:
-        return [gather_tensor(t, env) for t in tensors]
+        return [gather_tensor(t, env, ranks) for t in tensors]
+    size = (ranks or world_ranks(env)).size
     flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-    parts = gather_tensor(torch.cat(flat), env).view(env.world_size, -1)
+    parts = gather_tensor(torch.cat(flat), env, ranks).view(size, -1)
     out, at = [], 0
     for t, raw in zip(tensors, flat, strict=True):
         mine = parts[:, at:at + raw.numel()].contiguous().view(t.dtype)
-        out.append(mine.reshape(env.world_size * t.shape[0], *t.shape[1:]))
+        out.append(mine.reshape(size * t.shape[0], *t.shape[1:]))
         at += raw.numel()
     return out

@@ -82,10 +82,14 @@ def shard(dataloader: Any, env: Env, *, split_batches: bool = False, even_batche
           device_placement: bool = True, start_batch: int = 0) -> ShardedLoader:
     """Return the loader of this rank: its share of every step of ``dataloader``.
 
-    Without ``split_batches`` global batch ``k`` of ``dataloader`` goes to rank
-    ``k % world_size``; with it each batch is cut into ``world_size`` equal slices. With
-    ``even_batches`` a short last step is completed from the start of the pass, so every rank
-    runs the same number of equally sized batches (`gather_metrics` drops those rows again).
+    Batches are dealt over the data-parallel ranks of ``env.mesh``: ``D = env.mesh.dp_size``
+    of them, this rank being ``env.mesh.dp_rank(env.rank)`` (with the default mesh, every rank:
+    ``D = world_size``, the data-parallel rank is the rank). The ranks of one tp/cp group share
+    a data-parallel rank, so they get the same batches. Without ``split_batches`` global batch
+    ``k`` of ``dataloader`` goes to data-parallel rank ``k % D``; with it each batch is cut into
+    ``D`` equal slices. With ``even_batches`` a short last step is completed from the start of
+    the pass, so every rank runs the same number of equally sized batches (`gather_metrics`
+    drops those rows again).
 
     Args:
         dataloader: a ``torch.utils.data.DataLoader`` (map-style or iterable dataset).
@@ -104,7 +108,7 @@ def shard(dataloader: Any, env: Env, *, split_batches: bool = False, even_batche
 
     Raises:
         ShardingError: a batch size of 0, ``split_batches`` with a batch size that
-            ``world_size`` does not divide, an iterable dataset without a batch size, or
+            ``env.mesh.dp_size`` does not divide, an iterable dataset without a batch size, or
             under ``XLA(spmd=True)`` a batch size that the XLA device count does not divide.
 
     Examples:
@@ -113,6 +117,11 @@ def shard(dataloader: Any, env: Env, *, split_batches: bool = False, even_batche
         >>> mine = shard(loader, Env(rank=1, world_size=2, local_rank=1, local_world_size=2))
         >>> len(mine), [b.tolist() for b in mine]
         (3, [[2, 3], [6, 7], [0, 1]])
+        >>> from distlib.topology import Mesh
+        >>> tp_peer = Env(rank=3, world_size=4, local_rank=3, local_world_size=4,
+        ...               mesh=Mesh(dp_shard=2, tp=2))        # data-parallel rank 1, as above
+        >>> [b.tolist() for b in shard(loader, tp_peer)]
+        [[2, 3], [6, 7], [0, 1]]
     """
     return ShardedLoader(dataloader, env, split_batches=split_batches,
                          even_batches=even_batches, device_placement=device_placement,
@@ -217,7 +226,9 @@ class ShardedLoader:
             per_loader = (1 if self._batches is None
                           else getattr(self._batches, "batch_size", None))
             drop_last = bool(getattr(self._batches, "drop_last", False))
-        self._plan = ShardPlan(batch_size=per_loader, world_size=env.world_size, rank=env.rank,
+        # Dealt over the data-parallel ranks: the ranks of one tp/cp group read the same batches.
+        self._plan = ShardPlan(batch_size=per_loader, world_size=env.mesh.dp_size,
+                               rank=env.mesh.dp_rank(env.rank),
                                batch_sizes=() if per_loader is None else None,
                                drop_last=drop_last, split_batches=split_batches,
                                even_batches=even_batches, start_batch=start_batch)
@@ -459,7 +470,10 @@ class ShardedLoader:
 
     def _agreed_seed(self) -> int:
         """One draw from the global torch RNG (so `seed` and `torch.manual_seed` make runs
-        repeat), rank 0's on every rank."""
+        repeat), rank 0's on every rank.
+
+        Broadcast over the whole world, not the data group: every rank needs the one order
+        (tp/cp peers included), and a world broadcast needs no sub-group."""
         seed = int(torch.empty((), dtype=torch.int64).random_().item())
         if not self.env.is_distributed:
             return seed
@@ -561,7 +575,10 @@ def split_between_processes(inputs: Any, env: Env, apply_padding: bool = False) 
     """Hand each rank its contiguous chunk of ``inputs`` for the body of a ``with`` block.
 
     A context manager, as in Accelerate (``with split_between_processes(prompts, env) as
-    mine:``). The first ``len(inputs) % world_size`` ranks get one item more; with
+    mine:``). The inputs are split over the data-parallel ranks of ``env.mesh``
+    (``D = env.mesh.dp_size``; every rank with the default mesh): data-parallel rank ``d``
+    (``env.mesh.dp_rank(env.rank)``) gets chunk ``d``, so the ranks of one tp/cp group get the
+    same chunk. The first ``len(inputs) % D`` data-parallel ranks get one item more; with
     ``apply_padding`` the others repeat the last item of the input so every rank holds the same
     count (drop those rows after gathering). Lists, tuples, tensors (along dim 0) and dicts of
     them (all values the same length) are split; nothing is copied or changed in ``inputs``.
@@ -580,13 +597,14 @@ def split_between_processes(inputs: Any, env: Env, apply_padding: bool = False) 
         ...     mine
         ['c', 'c']
     """
-    if env.world_size == 1:
+    size = env.mesh.dp_size
+    if size == 1:
         yield inputs
         return
-    n = _length(inputs)
-    per, extra = divmod(n, env.world_size)
-    start = env.rank * per + min(env.rank, extra)
-    end = start + per + (1 if env.rank < extra else 0)
+    n, rank = _length(inputs), env.mesh.dp_rank(env.rank)
+    per, extra = divmod(n, size)
+    start = rank * per + min(rank, extra)
+    end = start + per + (1 if rank < extra else 0)
     target = per + (1 if extra else 0) if apply_padding else None
     yield _chunk(inputs, start, end, target)
 

@@ -5,6 +5,11 @@ equally sized batches; it records each step's layout (rows per rank, how many ar
 `gather_metrics` gathers with the collectives below it and keeps exactly the real rows, in
 dataset order for a sequential sampler; which rows those are is the pure
 `distlib._shard_plan.keep_index`.
+
+Under a mesh with ``cp`` or ``tp`` > 1 the ranks of one tp/cp group read the same batches
+(`distlib.shard` deals by the data-parallel rank), so the gather runs over this rank's
+data-parallel group (`distlib.runtime.data_group`): each sample is gathered once, from the
+one data-parallel rank that read it, and every rank gets the whole result.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ __all__ = ["gather_metrics"]
 def gather_metrics(x: Any, env: Env, loader: Any, *, check: bool | None = None) -> Any:
     """Gather predictions of every rank and drop the rows that padding duplicated.
 
+    Gathers over the data-parallel group of ``env.mesh`` (every rank with the default mesh;
+    under a tp/cp mesh the ranks that read different batches), so no sample appears twice.
     Call it inside the loop over a loader from `distlib.shard` with this step's outputs, or
     after the loop with everything the pass produced on this rank (required with
     ``even_batches=False``, where ranks run out of batches at different steps). Over a whole
@@ -43,9 +50,11 @@ def gather_metrics(x: Any, env: Env, loader: Any, *, check: bool | None = None) 
         The same structure holding every rank's real rows.
 
     Raises:
-        CollectiveError: ``loader`` is not a sharded loader, ``x`` does not have this rank's
-            rows, a per-batch call with ``even_batches=False``, or the ranks' structures,
-            dtypes or row shapes disagree (the message names the rank).
+        CollectiveError: ``loader`` is not a sharded loader or was sharded over another
+            number of data-parallel ranks than ``env``'s, ``x`` does not have this rank's
+            rows, a per-batch call with ``even_batches=False``, the ranks' structures,
+            dtypes or row shapes disagree (the message names the rank), or an XLA Env whose
+            mesh has ``cp`` or ``tp`` > 1.
 
     Examples:
         >>> import torch, distlib as dl
@@ -53,17 +62,23 @@ def gather_metrics(x: Any, env: Env, loader: Any, *, check: bool | None = None) 
         >>> [gather_metrics(b * 10, Env(), loader).tolist() for b in loader]
         [[0, 10], [20, 30], [40]]
 
-    Effects: joins the process group on first need; the agreement check; one all-gather per
-    tensor and one object all-gather for the plain rows.
+    Effects: joins the process group on first need (and builds the mesh's data-parallel
+    groups, on every rank, the first time a mesh with cp or tp > 1 is used); the agreement
+    check; one all-gather per tensor and one object all-gather for the plain rows, over the
+    data-parallel group.
     """
     whole, steps = _layout(loader, env)
+    ranks = collectives.data_ranks(env, "gather_metrics()")
+    _check_width(steps, ranks)
     checked = False
-    if whole and not loader.even_batches and env.world_size > 1:
-        collectives.join_and_check(env, "gather_metrics()", x, free_dim=0, rows=True, check=check)
+    if whole and not loader.even_batches and ranks.size > 1:
+        collectives.join_and_check(env, "gather_metrics()", x, free_dim=0, rows=True,
+                                   check=check, ranks=ranks)
         checked = True
-        steps = _longest_layout(steps, env)
+        steps = _longest_layout(steps, env, ranks)
+        _check_width(steps, ranks)
     found = collectives.tensor_leaves(x, rows=True)
-    mine = sum(s.rows[env.rank] for s in steps)
+    mine = sum(s.rows[ranks.rank] for s in steps)
     for leaf in found:
         if (leaf.shape[0] if isinstance(leaf, torch.Tensor) and leaf.dim() else
                 len(leaf) if not isinstance(leaf, torch.Tensor) else -1) != mine:
@@ -72,19 +87,20 @@ def gather_metrics(x: Any, env: Env, loader: Any, *, check: bool | None = None) 
                    f"rank's {'pass' if whole else 'batch'} rows ({mine}), but got {shape}. "
                    "Pass per-sample outputs; use gather() or reduce() for per-batch values.")
             raise CollectiveError(msg)
-    if env.world_size == 1:
+    if ranks.size == 1:
         return x
     if not checked:
-        collectives.join_and_check(env, "gather_metrics()", x, free_dim=0, rows=True, check=check)
-    stride = max(sum(s.rows[r] for s in steps) for r in range(env.world_size))
+        collectives.join_and_check(env, "gather_metrics()", x, free_dim=0, rows=True,
+                                   check=check, ranks=ranks)
+    stride = max(sum(s.rows[r] for s in steps) for r in range(ranks.size))
     # One step with equal rows everywhere (every per-batch call with even batches): the real
     # rows are the first `real` of the gather, a slice. Otherwise pick them out by index.
     keep: int | list[int] = (steps[0].real if len(steps) == 1 and min(steps[0].rows) == stride
                              else keep_index(steps, stride))
     if isinstance(x, torch.Tensor) and isinstance(keep, int):  # the common case, kept lean
-        full = collectives.gather_tensor(collectives.pad_dim(x, 0, stride, 0, False), env)
+        full = collectives.gather_tensor(collectives.pad_dim(x, 0, stride, 0, False), env, ranks)
         return full if keep == len(full) else full[:keep]
-    return collectives.refill(x, _gather_rows(found, env, stride, keep), rows=True)
+    return collectives.refill(x, _gather_rows(found, env, ranks, stride, keep), rows=True)
 
 
 def _layout(loader: Any, env: Env) -> tuple[bool, list[StepInfo]]:
@@ -106,25 +122,36 @@ def _layout(loader: Any, env: Env) -> tuple[bool, list[StepInfo]]:
     return whole, steps
 
 
-def _longest_layout(steps: list[StepInfo], env: Env) -> list[StepInfo]:
+def _check_width(steps: Sequence[StepInfo], ranks: collectives.Ranks) -> None:
+    """The loader must have been dealt over as many ranks as the gather runs over."""
+    if steps and len(steps[0].rows) != ranks.size:
+        msg = (f"gather_metrics(): loader must be sharded over the Env's {ranks.size} "
+               f"data-parallel ranks (env.mesh.dp_size), but got a loader dealt over "
+               f"{len(steps[0].rows)}. Shard it with the Env you gather with: "
+               "dl.shard(loader, env).")
+        raise CollectiveError(msg)
+
+
+def _longest_layout(steps: list[StepInfo], env: Env,
+                    ranks: collectives.Ranks) -> list[StepInfo]:
     """Every rank's layout is a prefix of the pass's; a rank that ran out early lacks the end."""
     collectives.refuse_objects_on_xla(env, "gather_metrics() with even_batches=False")
-    every: list[Any] = [None] * env.world_size
-    dist.all_gather_object(every, steps)
+    every: list[Any] = [None] * ranks.size
+    dist.all_gather_object(every, steps, group=collectives.group_of(env, ranks))
     return max(every, key=len)
 
 
-def _gather_rows(leaves: Sequence[Any], env: Env, stride: int,
+def _gather_rows(leaves: Sequence[Any], env: Env, ranks: collectives.Ranks, stride: int,
                  keep: int | list[int]) -> list[Any]:
     """Gather the leaves padded to ``stride`` rows; keep the first ``keep`` or those indexed."""
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
     padded = [collectives.pad_dim(t, 0, stride, 0, False) for t in tensors]
-    gathered = iter(collectives.gather_packed(padded, env))
+    gathered = iter(collectives.gather_packed(padded, env, ranks))
     objects = [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)]
-    every: list[Any] = [None] * env.world_size
+    every: list[Any] = [None] * ranks.size
     if objects:
         collectives.refuse_objects_on_xla(env, "gather_metrics() of Python objects")
-        dist.all_gather_object(every, objects)
+        dist.all_gather_object(every, objects, group=collectives.group_of(env, ranks))
     out: list[Any] = []
     which = 0
     for leaf in leaves:
