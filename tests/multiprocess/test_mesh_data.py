@@ -11,9 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
 
 import distlib as dl
+from distlib import runtime
+from distlib.errors import CollectiveError
 from distlib.testing import spawn
 from distlib.topology import DATA_AXES, Mesh
 from tests.models import Stream
@@ -34,12 +37,6 @@ def _model() -> torch.nn.Linear:
 
 
 def _one_mesh(env: dl.Env) -> dict[str, Any]:
-    import torch.distributed as dist
-    from torch.utils.data import TensorDataset
-
-    from distlib import runtime
-    from distlib.errors import CollectiveError
-
     model, out = _model(), {}
     out["group_rank"] = dist.get_rank(runtime.data_group(env))
     loader = dl.shard(DataLoader(TensorDataset(torch.arange(N), _features()), batch_size=4), env)
