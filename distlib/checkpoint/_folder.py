@@ -387,6 +387,8 @@ def _manifest_problem(manifest: Mapping[str, Any]) -> str:
     kinds, models = manifest.get("kinds"), manifest.get("models")
     if not _is_int(manifest.get("world_size")) or manifest["world_size"] < 1:
         return f"world_size is {manifest.get('world_size')!r}"
+    if "dp_size" in manifest and (not _is_int(manifest["dp_size"]) or manifest["dp_size"] < 1):
+        return f"dp_size is {manifest['dp_size']!r}"
     if not isinstance(kinds, dict) or not all(isinstance(v, str) for v in kinds.values()):
         return f"kinds is {kinds!r:.80}"
     if not isinstance(manifest.get("values"), dict) or not isinstance(models, dict):

@@ -289,6 +289,7 @@ def _save_parts(staging: pathlib.Path, env: Env, objects: Mapping[str, Any],
     return {
         "format": FORMAT,
         "world_size": env.world_size,
+        "dp_size": env.mesh.dp_size,  # the ranks batches were dealt over (a loader's position)
         "strategy": env.strategy.name,
         "kinds": dict(kinds),
         "values": {n: o for n, o in objects.items() if kinds[n] == "value"},
@@ -368,11 +369,14 @@ def _load_small(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[s
                "The checkpoint is damaged or was not written by save_state.")
         raise CheckpointError(msg)
     for name, obj in wanted.items():
-        if isinstance(obj, ShardedLoader) and manifest["world_size"] != env.world_size:
-            msg = (f"load_state(): the world size must equal the saving job's to resume loader "
-                   f"{name!r} mid-epoch, but got {env.world_size} now and "
-                   f"{manifest['world_size']} in {path}. Resume with the same number of "
-                   "processes, or leave the loader out and start the epoch afresh.")
+        # A loader's position counts batches dealt over the data-parallel ranks (older
+        # checkpoints, from before meshes, dealt over every rank).
+        saved_dp = manifest.get("dp_size", manifest["world_size"])
+        if isinstance(obj, ShardedLoader) and saved_dp != env.mesh.dp_size:
+            msg = (f"load_state(): the number of data-parallel ranks must equal the saving job's "
+                   f"to resume loader {name!r} mid-epoch, but got {env.mesh.dp_size} now "
+                   f"(mesh {env.mesh}) and {saved_dp} in {path}. Resume with the same data-parallel "
+                   "size, or leave the loader out and start the epoch afresh.")
             raise CheckpointError(msg)
         obj.load_state_dict(saved[name])
 

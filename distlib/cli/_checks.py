@@ -33,6 +33,7 @@ from distlib.errors import (
     StrategyError,
 )
 from distlib.runtime import process_group
+from distlib.topology import DATA_AXES
 
 __all__ = ["check_all_gather", "check_all_reduce", "check_broadcast",
            "check_save_load", "check_sharded_loader", "check_training", "run_checks"]
@@ -45,11 +46,16 @@ def _differ(error: type[DistlibError], check: str, what: str, got: object, want:
 
 
 def check_all_reduce(env: Env) -> str:
-    """Sum ``rank + 1`` over all ranks with `distlib.reduce`; compare with ``n (n + 1) / 2``."""
+    """Sum ``rank + 1`` with `distlib.reduce`; compare with the sum over this rank's data group.
+
+    `distlib.reduce` runs over the data-parallel ranks (every rank under pure data
+    parallelism: ``n (n + 1) / 2``; under a tp/cp mesh, the ranks that share this rank's cp and
+    tp coordinates).
+    """
     total = dl.reduce(torch.tensor([float(env.rank + 1)], device=env.device), env, op="sum")
-    expected = env.world_size * (env.world_size + 1) / 2
+    expected = float(sum(r + 1 for r in env.mesh.group(DATA_AXES, env.rank)))
     if total.item() != expected:
-        raise _differ(CollectiveError, "all_reduce", "the sum of rank + 1 over the ranks",
+        raise _differ(CollectiveError, "all_reduce", "the sum of rank + 1 over the data group",
                       total.item(), expected, "The ranks' all_reduce is broken (the backend, "
                       "or ranks of different jobs in one group).")
     return f"sum={total.item():g}"

@@ -191,19 +191,28 @@ def test_truncated_files_are_named(tmp_path: pathlib.Path) -> None:
         dl.load_state(tmp_path / "ckpt", ENV, scheduler=scheduler)
 
 
-def test_loader_position_needs_the_same_world_size(tmp_path: pathlib.Path) -> None:
+def test_loader_position_needs_the_same_data_parallel_size(tmp_path: pathlib.Path) -> None:
     data = torch.utils.data.TensorDataset(torch.arange(16.0))
     loader = dl.shard(torch.utils.data.DataLoader(data, batch_size=2), ENV)
     dl.save_state(tmp_path / "ckpt", ENV, loader=loader)
     manifest_file = tmp_path / "ckpt" / MANIFEST
     manifest = json.loads(manifest_file.read_text())
-    manifest["world_size"] = 2
-    manifest_file.write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="world size must equal the saving job's to resume "
-                                              "loader 'loader'"):
-        dl.load_state(tmp_path / "ckpt", ENV, loader=loader, rng=False)
+    assert manifest["dp_size"] == 1
+    for changed in ({"world_size": 2, "dp_size": 2},  # a 2-rank data-parallel job
+                    {"world_size": 2, "dp_size": None}):  # written before meshes: dp = world
+        manifest.update({k: v for k, v in changed.items() if v is not None})
+        if changed["dp_size"] is None:
+            del manifest["dp_size"]
+        manifest_file.write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointError, match="number of data-parallel ranks must equal the "
+                                                  "saving job's to resume loader 'loader'"):
+            dl.load_state(tmp_path / "ckpt", ENV, loader=loader, rng=False)
     with pytest.raises(CheckpointError, match="Pass rng=False"):
         dl.load_state(tmp_path / "ckpt", ENV)
+    manifest.update(world_size=1, dp_size=0)
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="dp_size is 0"):
+        dl.load_state(tmp_path / "ckpt", ENV, loader=loader, rng=False)
 
 
 class Tied(torch.nn.Module):
