@@ -289,7 +289,8 @@ def _resolve(mesh: Mesh, world_size: int | None, call: str) -> Mesh:
         return mesh
     known = math.prod(s for s in mesh.sizes.values() if s != -1)
     if (mesh.is_resolved and known != world_size) or world_size % known:
-        msg = (f"{call}: the world size must equal the product of the mesh's sizes, but got "
+        msg = (f"{call}: the world size must be the product of the mesh's sizes (a -1 size "
+               f"takes what the others leave), but got "
                f"world size {world_size} for {mesh} (product {known}). Change a size, or the "
                "number of processes.")
         raise ConfigError(msg)
