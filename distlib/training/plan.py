@@ -179,7 +179,8 @@ def check_parallelism(model: Any, mesh: Mesh, *, tp_plan: Any = "auto", seq_len:
     Args:
         model: an ``nn.Module`` (real or empty) or a transformers config (dict or object).
         mesh: the mesh; resolved, or resolved here against ``world_size``.
-        tp_plan: ``"auto"`` (the model's own plan) or ``{module pattern: style}``.
+        tp_plan: ``"auto"`` (the model's own plan), ``{module pattern: style}``, or None
+            (no tensor parallelism: only with ``tp == 1``).
         seq_len: the training sequence length, checked against ``cp``.
         world_size: the ranks the job will have (checked against the mesh's product).
 
@@ -373,6 +374,8 @@ def _module_meta(model: Any) -> _Meta:
 
 def _styles(tp_plan: Any, meta: _Meta, tp: int, call: str) -> dict[str, str]:
     """The plan as ``{module pattern: style name}`` (empty when tp == 1 and nothing asked)."""
+    if tp_plan is None and tp == 1:
+        return {}  # no tensor parallelism asked, none needed
     if isinstance(tp_plan, str) and tp_plan == "auto":
         if meta.auto_plan is None:
             if tp > 1:
@@ -455,7 +458,8 @@ def _divisibility(tensors: tuple[TensorPlan, ...], sizes: Mapping[str, int], tp:
     cut = [t for t in tensors if t.tp_dim is not None]
     if tp == 1 or not cut:
         return [], []
-    roles = {_ROLES[r] for t in cut if (r := t.name.rsplit(".", 2)[-2]) in _ROLES}
+    roles = {_ROLES[r] for t in cut
+             if (r := t.name.rpartition(".")[0].rpartition(".")[2]) in _ROLES}
     roles.add("hidden_size")
     broken: list[str] = []
     for role in sorted(roles & set(sizes)):

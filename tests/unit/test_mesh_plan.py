@@ -299,6 +299,10 @@ def test_tp_plan_refusals() -> None:
         check_parallelism(_MLP(), tp2, tp_plan={"norm": "colwise"})
     with pytest.raises(StrategyError, match="must be 'auto' or a mapping"):
         check_parallelism(_MLP(), tp2, tp_plan=["fc1"])
+    with pytest.raises(StrategyError, match=r"must be 'auto' or a mapping.*None"):
+        check_parallelism(_MLP(), tp2, tp_plan=None)
+    assert check_parallelism(_MLP(), Mesh(dp_shard=2), tp_plan=None) == (
+        "world size 2 = dp_shard=2",)
     with pytest.raises(StrategyError, match=r"fc1.weight dim 0 \(6\) must be divisible by tp "
                                             r"\(4\); fc1.bias dim 0 \(6\).*allows are 1, 2, 3, 6\."):
         check_parallelism(_MLP(inner=6), Mesh(dp_shard=1, tp=4), tp_plan={"fc1": "colwise"})
