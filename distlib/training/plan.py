@@ -259,6 +259,7 @@ def _check(model: Any, mesh: Mesh, tp_plan: Any, seq_len: int | None, world_size
     checks = [f"world size {mesh.world_size} = {mesh}"]
     unchecked: list[str] = []
     broken, need = _divisibility(tensors, meta.sizes, mesh.tp, checks)
+    need = need if broken else []  # suggest tp sizes only when a tp rule is broken
     if mesh.cp > 1 and seq_len is None:
         unchecked.append(f"seq_len % (2*cp={2 * mesh.cp}) == 0: no seq_len given")
     elif seq_len is not None:
@@ -288,6 +289,9 @@ def _resolve(mesh: Mesh, world_size: int | None, call: str) -> Mesh:
                    f"{mesh!r}. Pass world_size= (--num-processes) or size every axis.")
             raise ConfigError(msg)
         return mesh
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        msg = f"{call}: world_size must be a positive int or None, but got {world_size!r}."
+        raise ConfigError(msg)
     known = math.prod(s for s in mesh.sizes.values() if s != -1)
     if (mesh.is_resolved and known != world_size) or world_size % known:
         msg = (f"{call}: the world size must be the product of the mesh's sizes (a -1 size "

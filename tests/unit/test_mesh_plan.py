@@ -248,8 +248,10 @@ def test_every_broken_rule_is_named_at_once() -> None:
 
 
 def test_seq_len_must_divide_by_twice_cp() -> None:
-    with pytest.raises(StrategyError, match=r"seq_len \(6\) must be divisible by 2\*cp \(4\)"):
-        check_parallelism(TINY, Mesh(dp_shard=1, cp=2), seq_len=6)
+    with pytest.raises(StrategyError, match=r"seq_len \(6\) must be divisible by 2\*cp \(4\)") as caught:
+        check_parallelism(TINY, Mesh(dp_shard=1, cp=2, tp=2), seq_len=6)
+    assert "pad the sequence to a multiple of 4" in str(caught.value)
+    assert "tp sizes" not in str(caught.value)  # the tp rules hold
     assert "seq_len 8 % (2*cp=4) == 0" in check_parallelism(TINY, Mesh(dp_shard=1, cp=2),
                                                             seq_len=8)
     plan = plan_parallelism(TINY, Mesh(dp_shard=1, cp=2))
@@ -268,6 +270,9 @@ def test_the_world_size_must_be_the_mesh_product() -> None:
         check_parallelism(TINY, Mesh(tp=2))
     plan = plan_parallelism(TINY, Mesh(tp=2), world_size=8)
     assert plan.mesh == Mesh(dp_shard=4, tp=2) and plan.checks[0] == "world size 8 = dp_shard=4 x tp=2"
+    for bad in (0, -2, True):
+        with pytest.raises(ConfigError, match="world_size must be a positive int"):
+            check_parallelism(TINY, Mesh(tp=2), world_size=bad)
     with pytest.raises(ConfigError, match="mesh must be a distlib Mesh"):
         check_parallelism(TINY, "dp_shard=2")  # type: ignore[arg-type]
 
