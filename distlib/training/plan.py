@@ -27,6 +27,7 @@ given.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from collections.abc import Mapping
@@ -143,8 +144,9 @@ class ParallelPlan:
     grad_bytes: int
     optimizer_bytes: int
     shard_factors: tuple[tuple[str, float], ...]
-    tensors: tuple[TensorPlan, ...]
-    checks: tuple[str, ...]
+    # one entry per parameter (hundreds for a large model): left out of the repr
+    tensors: tuple[TensorPlan, ...] = dataclasses.field(repr=False)
+    checks: tuple[str, ...] = ()
     unchecked: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -319,6 +319,8 @@ def test_the_plan_is_a_frozen_value() -> None:
     assert hash(plan) == hash(plan_parallelism(TINY, Mesh(dp_shard=2, tp=2)))
     with pytest.raises(AttributeError):
         plan.param_bytes = 0  # type: ignore[misc]
+    assert repr(plan).startswith("ParallelPlan(mesh=Mesh(dp_replicate=1, dp_shard=2, cp=1, tp=2)")
+    assert "param_bytes=90752" in repr(plan) and "TensorPlan" not in repr(plan)
     with pytest.raises(ConfigError, match="must be ints >= 0"):
         ParallelPlan(mesh=plan.mesh, precision=plan.precision, optimizer="sgd",
                      num_parameters=-1, total_param_bytes=0, param_bytes=0, grad_bytes=0,
