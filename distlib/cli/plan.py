@@ -1,4 +1,9 @@
-"""``distlib plan CHECKPOINT``: the device map a checkpoint would get, from its headers only."""
+"""``distlib plan``: what a model needs before any process starts, from shapes only.
+
+Two modes of one command: ``distlib plan CHECKPOINT`` plans the device map a checkpoint would
+get, from its headers; ``distlib plan --mesh dp_shard=2,tp=2 --model-config CFG`` plans a
+parallel mesh (`plan_parallelism`): each rank's bytes and the mesh's divisibility checks.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +17,37 @@ from distlib.big_model.empty import init_empty_weights
 from distlib.big_model.files import checkpoint_tensors
 from distlib.big_model.sizes import layout_from_tensors
 from distlib.cli._args import spellings
-from distlib.errors import DeviceMapError
+from distlib.errors import ConfigError, DeviceMapError
+from distlib.topology import parse_mesh
+from distlib.training.plan import CONFIG_MODEL_TYPES, OPTIMIZERS, ParallelPlan, plan_parallelism
 
-__all__ = ["add_arguments", "parse_max_memory", "plan_checkpoint", "run"]
+__all__ = ["add_arguments", "parse_max_memory", "plan_checkpoint", "plan_mesh", "run"]
+
+# the options of each mode, to refuse one given to the other
+_MAP_OPTIONS = {"max_memory": "--max-memory", "dtype": "--dtype", "no_split": "--no-split",
+                "mode": "--mode"}
+_MESH_OPTIONS = {"precision": "--precision", "optimizer": "--optimizer", "seq_len": "--seq-len",
+                 "num_processes": "--num-processes", "tp_plan": "--tp-plan"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add this command's options."""
-    parser.add_argument("checkpoint", help="a .safetensors/.bin file, an index .json or a folder")
+    parser.add_argument("checkpoint", nargs="?", default=None,
+                        help="a .safetensors/.bin file, an index .json or a folder (device-map "
+                             "mode; not with --mesh)")
+    parser.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
+                        help="plan a parallel mesh instead, such as 'dp_shard=2,tp=2' (axes "
+                             "dp_replicate, dp_shard, cp, tp); needs --model-config")
+    parser.add_argument("--precision", default=None, choices=("no", "fp16", "bf16", "fp8"),
+                        help="with --mesh: the compute precision (default no)")
+    parser.add_argument("--optimizer", default=None, choices=tuple(OPTIMIZERS),
+                        help="with --mesh: whose states to count (default adamw)")
+    parser.add_argument(*spellings("--seq-len"), type=int, default=None,
+                        help="with --mesh: the sequence length, checked against cp")
+    parser.add_argument(*spellings("--num-processes"), type=int, default=None,
+                        help="with --mesh: the world size (needed when a size is -1)")
+    parser.add_argument(*spellings("--tp-plan"), default=None, metavar="JSON",
+                        help="with --mesh: {module pattern: style} (default: the model's own)")
     parser.add_argument(*spellings("--max-memory"), default=None,
                         help="budgets such as 'cuda:0=20GiB,cuda:1=20GiB,cpu=30GiB' "
                              "(default: this machine's free memory)")
@@ -30,9 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(*spellings("--model-config"), default=None,
                         help="a transformers config (file or folder) to build the empty model "
                              "for class names, no-split defaults and ties")
-    parser.add_argument("--mode", default="sequential",
-                        choices=("sequential", "auto", "balanced", "balanced_low_0"))
-    parser.add_argument("--json", action="store_true", help="print the map as JSON")
+    parser.add_argument("--mode", default=None,
+                        choices=("sequential", "auto", "balanced", "balanced_low_0"),
+                        help="how to spread the device map (default sequential)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def parse_max_memory(text: str) -> dict[str, str]:
@@ -102,13 +131,107 @@ def _human(size: float) -> str:
     return f"{size} B"
 
 
+def _refuse(args: argparse.Namespace, options: dict[str, str], why: str) -> None:
+    given = [flag for dest, flag in options.items() if getattr(args, dest) is not None]
+    if given:
+        msg = f"{', '.join(given)} must not be given {why}, but got {', '.join(given)}."
+        raise ConfigError(msg)
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    import pathlib
+
+    file = pathlib.Path(path)
+    file = file / "config.json" if file.is_dir() else file
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        msg = (f"--model-config must be a transformers config.json (or its folder), but "
+               f"reading {str(file)!r} failed: {error}.")
+        raise ConfigError(msg) from error
+    if not isinstance(config, dict):
+        msg = f"--model-config must hold a JSON object, but got {type(config).__name__}."
+        raise ConfigError(msg)
+    return config
+
+
+def plan_mesh(model_config: str, mesh: str, *, precision: str = "no", optimizer: str = "adamw",
+              seq_len: int | None = None, num_processes: int | None = None,
+              tp_plan: str | None = None) -> ParallelPlan:
+    """Plan ``mesh`` for the model a transformers config describes (no weights, no GPU).
+
+    Layouts the planner counts (`CONFIG_MODEL_TYPES`) are read from the JSON alone; any other
+    is built empty through transformers and planned from its parameters' shapes.
+    """
+    config = _read_config(model_config)
+    plan: Any = "auto"
+    if tp_plan is not None:
+        try:
+            plan = json.loads(tp_plan)
+        except ValueError as error:
+            msg = (f"--tp-plan must be a JSON object {{module pattern: style}}, but got "
+                   f"{tp_plan!r}: {error}.")
+            raise ConfigError(msg) from error
+    model: Any = config
+    if config.get("model_type", "llama") not in CONFIG_MODEL_TYPES:
+        model = _empty_model(model_config)
+    return plan_parallelism(model, parse_mesh(mesh), precision=precision, optimizer=optimizer,
+                            tp_plan=plan, seq_len=seq_len, world_size=num_processes)
+
+
+def _print_mesh_plan(plan: ParallelPlan, as_json: bool) -> None:
+    rows = (("parameters", plan.param_bytes), ("gradients", plan.grad_bytes),
+            ("optimizer", plan.optimizer_bytes), ("total", plan.rank_bytes))
+    if as_json:
+        print(json.dumps({"mesh": plan.mesh.sizes, "world_size": plan.mesh.world_size,
+                          "precision": plan.precision.value, "optimizer": plan.optimizer,
+                          "num_parameters": plan.num_parameters,
+                          "total_param_bytes": plan.total_param_bytes,
+                          "per_rank_bytes": dict(rows), "shard_factors": dict(plan.shard_factors),
+                          "checks": list(plan.checks), "unchecked": list(plan.unchecked)},
+                         indent=2))
+        return
+    print(f"mesh: {plan.mesh} ({plan.mesh.world_size} ranks)   precision: {plan.precision.value} "
+          f"(master weights and gradients keep the parameters' dtype)   optimizer: "
+          f"{plan.optimizer}")
+    print(f"model: {plan.num_parameters:,} parameters, {_human(plan.total_param_bytes)} unsharded")
+    print(f"\n{'per rank':<12} {'bytes':>14}")
+    for name, size in rows:
+        print(f"  {name:<10} {size:>14,}  {_human(size)}")
+    factors = ", ".join(f"{axis} {factor:.3g}" for axis, factor in plan.shard_factors)
+    print(f"\nshard factors: {factors}\nchecks:")
+    for check in plan.checks:
+        print(f"  ok  {check}")
+    for check in plan.unchecked:
+        print(f"  --  {check}")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Plan and print the map: each block's device, then each device's total."""
+    """Plan and print: the mesh's per-rank bytes and checks, or the checkpoint's device map."""
+    if args.mesh is not None:
+        _refuse(args, _MAP_OPTIONS, "with --mesh (they plan a device map)")
+        if args.checkpoint is not None or args.model_config is None:
+            msg = ("distlib plan --mesh must be given --model-config CFG and no CHECKPOINT, but "
+                   f"got CHECKPOINT={args.checkpoint!r}, --model-config={args.model_config!r}. "
+                   "Plan a mesh from the model's config.json.")
+            raise ConfigError(msg)
+        _print_mesh_plan(plan_mesh(args.model_config, args.mesh,
+                                   precision=args.precision or "no",
+                                   optimizer=args.optimizer or "adamw", seq_len=args.seq_len,
+                                   num_processes=args.num_processes, tp_plan=args.tp_plan),
+                         args.json)
+        return 0
+    _refuse(args, _MESH_OPTIONS, "without --mesh (they plan a mesh)")
+    if args.checkpoint is None:
+        msg = ("distlib plan must be given a CHECKPOINT (a device map) or --mesh (a parallel "
+               "plan), but got neither. Try 'distlib plan --mesh dp_shard=2,tp=2 "
+               "--model-config config.json'.")
+        raise ConfigError(msg)
     max_memory = parse_max_memory(args.max_memory) if args.max_memory else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = plan_checkpoint(args.checkpoint, max_memory, args.dtype, args.no_split,
-                               args.model_config, args.mode)
+                               args.model_config, args.mode or "sequential")
     if args.json:
         print(json.dumps({"device_map": plan.as_dict(),
                           "usage": {str(d): b for d, b in plan.usage}}, indent=2))
