@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "autocast": "distlib.training.step",
     "MicroStep": "distlib.training.accumulation", "accumulate": "distlib.training.accumulation",
     "backward": "distlib.training.step",
+    **dict.fromkeys(("plan_parallelism", "ParallelPlan", "TensorPlan"), "distlib.training.plan"),
     "clip_grad_norm": "distlib.training.step", "seed": "distlib.training.step",
     "launch": "distlib.launcher.launcher", "LaunchResult": "distlib.launcher.launcher",
     "shard": "distlib.data", "split_between_processes": "distlib.data",
@@ -92,6 +93,9 @@ if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (mypy --str
     from distlib.training.accumulation import MicroStep as MicroStep
     from distlib.training.accumulation import accumulate as accumulate
     from distlib.training.memory import free_memory as free_memory
+    from distlib.training.plan import ParallelPlan as ParallelPlan
+    from distlib.training.plan import TensorPlan as TensorPlan
+    from distlib.training.plan import plan_parallelism as plan_parallelism
     from distlib.training.scheduler import AccelerateScheduler as AccelerateScheduler
     from distlib.training.step import autocast as autocast
     from distlib.training.step import backward as backward

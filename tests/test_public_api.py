@@ -31,6 +31,8 @@ DOCUMENTED = {
     "load_checkpoint_and_dispatch", "DeviceMap",
     # launching
     "launch", "LaunchResult",
+    # N-D parallelism (issue 14): the plan before any process starts, and the values it returns
+    "plan_parallelism", "ParallelPlan", "TensorPlan",
 }
 
 # Documented names whose issue has not landed yet; each issue removes its names when it lands.

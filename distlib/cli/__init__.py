@@ -20,7 +20,7 @@ __all__ = ["main"]
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("distlib.cli.env", "print versions, devices, the detected Env and config"),
-    "plan": ("distlib.cli.plan", "plan a device map from a checkpoint's headers"),
+    "plan": ("distlib.cli.plan", "plan a device map from a checkpoint's headers, or a parallel mesh (--mesh)"),
     "launch": ("distlib.cli.launch", "run a script or module in N ranks (any setup)"),
     "config": ("distlib.cli.config", "write the launch config (questions or defaults)"),
     "test": ("distlib.cli.test", "launch a self-test under the config and report it"),
