@@ -333,3 +333,22 @@ def test_mesh_help_is_listed_once_per_axis() -> None:
     for axis in AXES:
         assert SETTINGS[f"{axis}_size"].flag in text
         assert f"--{axis}_size" not in text
+
+
+def test_distlib_config_asks_the_mesh_under_fsdp_and_writes_only_sizes_above_one() -> None:
+    import io
+
+    from distlib.cli.config import QUESTIONS, ask
+
+    asked = [s.name for s in QUESTIONS if s.mesh_axis is not None]
+    assert asked == ["dp_replicate_size", "cp_size", "tp_size"]  # dp_shard: the rest
+    assert all(SETTINGS[name].ask_when == "fsdp" for name in asked)
+    out = io.StringIO()
+    # cpu? machines? processes? strategy? then the FSDP questions, the mesh, precision
+    answers = ask(io.StringIO("yes\n\n4\nfsdp\n\n\n\n\n\n\n\n2\n\n"), out, num_gpus=0)
+    assert "FSDP: tensor-parallel size (tp)?" in out.getvalue()
+    assert answers["tp_size"] == 2 and "cp_size" not in answers
+    assert "dp_replicate_size" not in answers  # 1, the default: not written
+    assert to_plan(resolve({}, answers, {})).mesh == Mesh(dp_shard=2, tp=2)
+    plain = ask(io.StringIO("yes\n\n2\nddp\n\n"), io.StringIO(), num_gpus=0)
+    assert not any(k.endswith("_size") for k in plain)
