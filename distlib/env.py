@@ -25,7 +25,7 @@ from distlib.precision import Precision, parse_precision
 from distlib.strategies.base import Strategy, parse_strategy
 from distlib.strategies.single import Single
 from distlib.strategies.xla import XLA
-from distlib.topology import Mesh
+from distlib.topology import AXES, Mesh, parse_mesh
 
 __all__ = ["BACKENDS", "DEFAULT_TIMEOUT_S", "FALSE_WORDS", "TRUE_WORDS", "Backend", "Env",
            "Hardware", "Launcher", "detect", "parse_bool", "probe_hardware"]
@@ -404,15 +404,20 @@ def _device_for(environ: Mapping[str, str], hardware: Hardware, local_rank: int,
     return "cpu", Backend.GLOO
 
 
+# The launcher's settings for the mesh axes (``--tp-size``, ``tp_size:``), by axis.
+_MESH_KEYS = {f"{axis}_size": axis for axis in AXES}
+_CONFIG_KEYS = ("strategy", "strategy_options", "precision", "cpu", "mesh", *_MESH_KEYS)
+
+
 def _from_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Strategy and precision named by an already parsed config mapping."""
+    """Strategy, precision, cpu and mesh named by an already parsed config mapping."""
     if not config:
         return {}
-    unknown = sorted(set(config) - {"strategy", "strategy_options", "precision", "cpu"})
+    unknown = sorted(set(config) - set(_CONFIG_KEYS))
     if unknown:
-        msg = (f"detect(): config keys must be among 'strategy', 'strategy_options', "
-               f"'precision', 'cpu', but got {unknown}. Parse config files with "
-               "distlib.launcher.config first; detect() takes the resulting values.")
+        msg = (f"detect(): config keys must be among {', '.join(map(repr, _CONFIG_KEYS))}, "
+               f"but got {unknown}. Parse config files with distlib.launcher.config first; "
+               "detect() takes the resulting values.")
         raise ConfigError(msg)
     out: dict[str, Any] = {}
     if "strategy" in config:
@@ -422,7 +427,80 @@ def _from_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
         out["precision"] = parse_precision(config["precision"], source="config: precision")
     if "cpu" in config:
         out["cpu"] = bool(config["cpu"])
+    mesh = _mesh_from_config(config)
+    if mesh is not None:
+        out["mesh"] = mesh
     return out
+
+
+def _mesh_from_config(config: Mapping[str, Any]) -> Mesh | None:
+    """The mesh of a config mapping: ``mesh`` (a Mesh, ``"tp=2"`` or ``{tp: 2}``) or the
+    launcher's four ``*_size`` keys (axes left out: dp_shard inferred, the others 1)."""
+    sizes = {axis: config[key] for key, axis in _MESH_KEYS.items() if config.get(key) is not None}
+    given = config.get("mesh")
+    if given is not None and sizes:
+        msg = (f"detect(): config must name the mesh once, but got mesh={given!r} and "
+               f"{', '.join(f'{a}_size={v!r}' for a, v in sizes.items())}. Keep either the "
+               "mesh or the *_size keys.")
+        raise ConfigError(msg)
+    if given is None and not sizes:
+        return None
+    return _to_mesh(given if given is not None else sizes, "config: mesh")
+
+
+def _to_mesh(value: object, source: str) -> Mesh:
+    """A Mesh from a Mesh, a ``"dp_shard=2,tp=2"`` string or a mapping of axis sizes."""
+    if isinstance(value, Mesh):
+        return value
+    if isinstance(value, str):
+        return parse_mesh(value, source=source)
+    if isinstance(value, Mapping):
+        unknown = sorted(set(map(str, value)) - set(AXES))
+        if unknown:
+            msg = (f"{source} must map axes among {', '.join(AXES)} to sizes, but got "
+                   f"{unknown} in {dict(value)!r}. E.g. {{dp_shard: 2, tp: 2}}.")
+            raise ConfigError(msg)
+        sizes = {str(k): v for k, v in value.items()}
+        sizes.setdefault("dp_shard", -1 if all(v != -1 for v in sizes.values()) else 1)
+        try:
+            return Mesh(**sizes)
+        except ConfigError as error:
+            msg = f"{source}: {error}"
+            raise ConfigError(msg) from None
+    msg = (f"{source} must be a Mesh, a string like 'dp_shard=2,tp=2' or a mapping of axis "
+           f"sizes, but got {value!r} ({type(value).__name__}).")
+    raise ConfigError(msg)
+
+
+def _choose_mesh(environ: Mapping[str, str], explicit: Mesh | str | None,
+                 from_config: Mapping[str, Any], world_size: int) -> Mesh:
+    """Explicit > DISTLIB_MESH > config > all data parallel; resolved for ``world_size``."""
+    raw = environ.get("DISTLIB_MESH", "").strip()
+    if explicit is not None:
+        mesh, shown = _to_mesh(explicit, "detect(): mesh"), f"mesh={explicit!r}"
+    elif raw:
+        try:
+            mesh = parse_mesh(raw, source="detect(): DISTLIB_MESH")
+        except ConfigError as error:
+            text = str(error)
+            if not text.startswith("detect(): DISTLIB_MESH"):
+                text = (f"detect(): DISTLIB_MESH must hold valid axis sizes, but got "
+                        f"DISTLIB_MESH={environ['DISTLIB_MESH']!r} ({text})")
+            raise EnvError(text) from None
+        shown = f"DISTLIB_MESH={environ['DISTLIB_MESH']!r}"
+    elif "mesh" in from_config:
+        mesh, shown = from_config["mesh"], f"the config's mesh {from_config['mesh']}"
+    else:
+        return Mesh().resolve(world_size)
+    try:
+        return mesh.resolve(world_size)
+    except ConfigError:
+        msg = (f"detect(): the mesh's axis sizes must multiply to the world size (or divide "
+               f"it, with one size -1 inferred), but got {shown} ({mesh}) for world size "
+               f"{world_size}. Launch {world_size} processes for this mesh, or change the "
+               "sizes (distlib launch --dp-replicate-size/--dp-shard-size/--cp-size/--tp-size).")
+        error_type = EnvError if shown.startswith("DISTLIB_MESH") else ConfigError
+        raise error_type(msg) from None
 
 
 def _strategy_from_environ(environ: Mapping[str, str]) -> Strategy | None:
@@ -457,6 +535,7 @@ def detect(
     strategy: Strategy | str | None = None,
     cpu: bool | None = None,
     hardware: Hardware | None = None,
+    mesh: Mesh | str | None = None,
 ) -> Env:
     """Read the launch variables and return this process's `Env`.
 
@@ -470,13 +549,18 @@ def detect(
             launcher's ``--cpu``), the config file and the hardware, as Accelerate's
             ``cpu=False`` does.
         hardware: the machine as a `Hardware` value; None probes it with torch.
+        mesh: the mesh (a `Mesh` or ``"dp_shard=2,tp=2"``); overrides ``DISTLIB_MESH`` (the
+            launcher's ``--tp-size`` etc.) and the config's ``mesh``. Default: all data
+            parallel.
 
     Returns:
         A frozen `Env`.
 
     Raises:
-        EnvError: a variable is malformed or the variables contradict each other; the message
+        EnvError: a variable is malformed or the variables contradict each other (a
+            ``DISTLIB_MESH`` whose sizes do not multiply to the world size); the message
             names the variable and quotes its value.
+        ConfigError: a ``config`` key or the ``mesh`` argument is malformed.
 
     Examples:
         >>> env = detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
@@ -502,6 +586,7 @@ def detect(
         launcher=launcher,
         precision=_choose_precision(environ, precision, from_config),
         strategy=_choose_strategy(environ, strategy, from_config, backend, values["world_size"]),
+        mesh=_choose_mesh(environ, mesh, from_config, values["world_size"]),
     )
 
 

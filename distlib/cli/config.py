@@ -17,7 +17,7 @@ from distlib.cli._args import spellings
 from distlib.env import probe_hardware
 from distlib.errors import ConfigError
 from distlib.launcher.config import default_config_path, read_config_file, validate
-from distlib.launcher.settings import TABLE, Setting
+from distlib.launcher.settings import SETTINGS, TABLE, Setting
 
 __all__ = ["QUESTIONS", "add_arguments", "ask", "default_config", "run", "write_config"]
 
@@ -92,7 +92,10 @@ def ask(answers_in: TextIO, out: TextIO, num_gpus: int) -> dict[str, Any]:
         out.write("\n")
     if str(answers.get("num_machines", "")).isdigit():
         answers["num_machines"] = int(answers["num_machines"])
-    return {k: v for k, v in answers.items() if v not in (None, "")}
+    # A mesh size of 1 is what leaving the axis out means: it is not written, so a file
+    # answered with the defaults names no mesh (each rank keeps all data parallel).
+    return {k: v for k, v in answers.items() if v not in (None, "")
+            and not (SETTINGS[k].mesh_axis is not None and v == 1)}
 
 
 def default_config(num_gpus: int) -> dict[str, Any]:

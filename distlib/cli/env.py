@@ -10,10 +10,10 @@ import sys
 
 from distlib import __version__
 from distlib.cli._args import spellings
-from distlib.env import detect, probe_hardware
+from distlib.env import Env, detect, probe_hardware
 from distlib.launcher.config import default_config_path
 
-__all__ = ["add_arguments", "environment_report", "run"]
+__all__ = ["add_arguments", "environment_report", "mesh_line", "run"]
 
 _OPTIONAL = ("deepspeed", "torch_xla", "transformers", "safetensors", "accelerate", "numpy")
 _DISTRIBUTIONS = {"torch_xla": "torch-xla"}
@@ -53,11 +53,13 @@ def environment_report(config_file: str | None = None) -> str:
     ]
     lines += [f"{name:<12} {_version(name)}" for name in _OPTIONAL]
     names = [torch.cuda.get_device_name(i) for i in range(hardware.num_gpus)]
+    env = detect(hardware=hardware)
     lines += [
         f"gpus         {hardware.num_gpus} {names if names else ''}".rstrip(),
         f"mps          {hardware.mps}",
         f"cpu cores    {os.cpu_count()}",
-        f"env          {detect(hardware=hardware)!r}",
+        f"env          {env!r}",
+        f"mesh         {mesh_line(env)}",
     ]
     path = _config_path(config_file)
     if os.path.exists(path):
@@ -67,6 +69,20 @@ def environment_report(config_file: str | None = None) -> str:
     else:
         lines.append(f"config file  {path} (none)")
     return "\n".join(lines)
+
+
+def mesh_line(env: Env) -> str:
+    """The Env's mesh, and where this rank sits in it (which batches it reads).
+
+    Example:
+        >>> from distlib.topology import Mesh
+        >>> mesh_line(Env(rank=3, world_size=4, local_rank=3, local_world_size=4,
+        ...               mesh=Mesh(dp_shard=2, tp=2)))
+        'dp_shard=2 x tp=2; rank 3 at dp_replicate=0 dp_shard=1 cp=0 tp=1, data-parallel rank 1 of 2'
+    """
+    place = " ".join(f"{axis}={index}" for axis, index in env.mesh.coordinates(env.rank).items())
+    return (f"{env.mesh}; rank {env.rank} at {place}, data-parallel rank "
+            f"{env.mesh.dp_rank(env.rank)} of {env.mesh.dp_size}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,13 +20,17 @@ from distlib.errors import ConfigError
 from distlib.launcher._environ import child_environ, rank_threads
 from distlib.launcher.config import ConfigFile, resolve_sources, to_plan
 from distlib.launcher.launcher import check_port, free_port, root_cause_message, run_plan
-from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan
+from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan, mesh_text
 from distlib.launcher.settings import SETTINGS, TABLE, THREADS_DEFAULT
+from distlib.topology import AXES, Mesh
 
-__all__ = ["add_arguments", "add_setting_arguments", "dry_run_text", "resolve_config",
-           "resolve_from_args", "run"]
+__all__ = ["add_arguments", "add_setting_arguments", "dry_run_text", "mesh_text_rows",
+           "resolve_config", "resolve_from_args", "run"]
 
-_GROUPS = {"launch": "processes and machines", "fsdp": "FSDP options (--strategy fsdp)",
+_GROUPS = {"launch": "processes and machines",
+           "mesh": "mesh: dp_replicate x dp_shard x cp x tp (their product is the number of "
+                   "processes)",
+           "fsdp": "FSDP options (--strategy fsdp)",
            "deepspeed": "DeepSpeed options (--strategy deepspeed)"}
 
 
@@ -105,9 +109,12 @@ def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
                "timeout": f"{DEFAULT_TIMEOUT_S} s", "stall_timeout": "off"}
     rows = []
     for name, (value, source) in resolved.items():
-        if value is None and SETTINGS[name].group != "launch":
+        axis = SETTINGS[name].mesh_axis
+        if value is None and axis is not None:
+            value, source = _unset_axis(plan.mesh, axis)
+        elif value is None and SETTINGS[name].group != "launch":
             continue  # an option of a strategy not in use
-        if name == "num_threads" and value is None:
+        elif name == "num_threads" and value is None:
             value, source = _threads_text(plan, os.environ if environ is None else environ)
         elif value is None:
             value, source = derived.get(name, "(not set)"), (
@@ -121,8 +128,66 @@ def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
         kind = "Accelerate" if config.accelerate else "distlib"
         lines.append(f"\nconfig file {config.path} ({kind} format), key by key:")
         lines += [f"  {note.row()}" for note in config.notes]
+    lines += ["", *mesh_text_rows(plan)]
     lines.append(f"\neach rank runs: {' '.join(command)}")
     return "\n".join(lines)
+
+
+def _unset_axis(mesh: Mesh | None, axis: str) -> tuple[str, str]:
+    """What an axis size left unset amounts to, and where that comes from."""
+    if mesh is None:
+        return "(not set: all data parallel)", "default"
+    size = getattr(mesh, axis)
+    if size == -1:
+        return "the ranks the other axes leave", "derived in each rank"
+    return str(size), "derived" if axis == mesh.inferred else "default"
+
+
+def _fsdp_layout(mesh: Mesh) -> str:
+    """How `wrap` lays FSDP over ``mesh`` (torchtitan's order: TP, CP, then FSDP2)."""
+    parts = [f"tensor parallel over tp={mesh.tp}"] if mesh.tp > 1 else []
+    parts += [f"context parallel over cp={mesh.cp}"] if mesh.cp > 1 else []
+    hsdp = " (HSDP)" if mesh.dp_replicate > 1 and mesh.dp_shard > 1 else ""
+    parts.append(f"fully_shard over dp_replicate={mesh.dp_replicate} x "
+                 f"dp_shard={mesh.dp_shard}{hsdp}")
+    return ", then ".join(parts)
+
+
+def mesh_text_rows(plan: LaunchPlan) -> list[str]:
+    """The ``--dry-run`` lines about the mesh: its sizes, then each rank's coordinates and
+    which ranks read the same batches (a tp/cp group).
+
+    Example:
+        >>> print("\\n".join(mesh_text_rows(LaunchPlan(nproc_per_node=4, mesh="tp=2"))))
+        mesh: dp_shard=2 x tp=2 (DISTLIB_MESH=dp_replicate=1,dp_shard=2,cp=1,tp=2), strategy auto
+        rank  dp_replicate  dp_shard  cp  tp  batches of data-parallel rank
+           0             0         0   0   0  0 of 2
+           1             0         0   0   1  0 of 2
+           2             0         1   0   0  1 of 2
+           3             0         1   0   1  1 of 2
+        ranks that share a batch: 0 1 | 2 3
+    """
+    strategy = plan.strategy or "auto"
+    if plan.mesh is None:
+        return [f"mesh: not set: all data parallel (every rank reads its own batches), "
+                f"strategy {strategy}"]
+    head = f"mesh: {plan.mesh} (DISTLIB_MESH={mesh_text(plan.mesh)}), strategy {strategy}"
+    if not plan.mesh.is_resolved:
+        return [head, "  (coordinates: once the number of processes is known, in each rank)"]
+    mesh = plan.mesh
+    if strategy == "fsdp":
+        head += f": {_fsdp_layout(mesh)}"
+    widths = [len(axis) for axis in AXES]
+    lines = [head, "rank  " + "  ".join(AXES) + "  batches of data-parallel rank"]
+    for rank in range(mesh.world_size):
+        place = mesh.coordinates(rank)
+        cells = "  ".join(f"{place[axis]:>{w}}" for axis, w in zip(AXES, widths, strict=True))
+        lines.append(f"{rank:>4}  {cells}  {mesh.dp_rank(rank)} of {mesh.dp_size}")
+    groups = mesh.groups(["cp", "tp"])
+    lines.append("ranks that share a batch: " + (
+        " | ".join(" ".join(map(str, g)) for g in groups) if len(groups[0]) > 1
+        else "none (every rank reads its own batches)"))
+    return lines
 
 
 def _command(args: argparse.Namespace) -> list[str]:

@@ -622,8 +622,6 @@ def _refuse_all(rule: str, fix: str, noop_when: Callable[[Any], bool]) -> Handle
     return handle
 
 
-_PARALLELISM_FIX = ("distlib's N-D (TP/CP/HSDP) mesh is not built yet: drop parallelism_config "
-                    "(for HSDP use fsdp_sharding_strategy: HYBRID_SHARD).")
 _MEGATRON_FIX = "distlib does not run Megatron-LM; use FSDP or DEEPSPEED."
 
 _SECTION_KEYS: dict[str, dict[str, Handler]] = {
@@ -645,6 +643,79 @@ _PARALLELISM_KEYS = ["parallelism_config_dp_replicate_size", "parallelism_config
                      "parallelism_config_sp_attn_implementation"]
 
 
+# parallelism_config's axis sizes -> distlib's mesh settings (Accelerate's ParallelismConfig:
+# an absent size is 1, and the product must be the number of processes).
+_MESH_SIZES = {f"parallelism_config_{axis}_size": f"{axis}_size"
+               for axis in ("dp_replicate", "dp_shard", "cp", "tp")}
+
+
+def _parallelism(r: _Reader, section: Mapping[str, Any]) -> None:
+    """``parallelism_config``: the four sizes are the mesh, as Accelerate means them."""
+    sizes = {key: section.get(key) for key in _MESH_SIZES}
+    given = {k: v for k, v in sizes.items() if v is not None}
+    ones = all(_as_int(v) == 1 for v in given.values())
+    # Accelerate's default for an absent size is 1 (never inferred): the first size read
+    # says so for the others.
+    absent = {_MESH_SIZES[k]: 1 for k in _MESH_SIZES if sizes[k] is None}
+    for key, value in section.items():
+        written = f"parallelism_config.{key}"
+        if key in _MESH_SIZES and ones:
+            r.noop(written, value, "every size 1: Accelerate's pure data parallelism, "
+                   "distlib's default mesh")
+        elif key in _MESH_SIZES and value is not None:
+            why = (f"absent {', '.join(absent)}: Accelerate's default 1" if absent else "")
+            r.put(written, value, {_MESH_SIZES[key]: value} | absent, why)
+            absent = {}
+        elif key in _MESH_SIZES:
+            r.noop(written, value, "not set: Accelerate's default 1")
+        elif key not in _PARALLELISM_KEYS:
+            r.unknown(written, value, _PARALLELISM_KEYS)
+        else:
+            _parallelism_option(r, written, key, value, section)
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    return int(text) if text.isdigit() else None
+
+
+def _parallelism_option(r: _Reader, key: str, name: str, value: Any,
+                        section: Mapping[str, Any]) -> None:
+    """The keys of parallelism_config beside the sizes: Accelerate's defaults or refused."""
+    cp = _as_int(section.get("parallelism_config_cp_size", 1)) or 1
+    sp = section.get("parallelism_config_sp_size")
+    if name == "parallelism_config_cp_comm_strategy":
+        if cp <= 1 or value in (None, "allgather"):
+            r.noop(key, value, "torch's all-gather rotation, what distlib's context parallel "
+                   "uses" if cp > 1 else "Accelerate reads it only with cp_size > 1")
+        else:
+            r.refuse(key, value, "be 'allgather'", "distlib's context parallelism uses "
+                     "torch's default all-gather rotation of the key/value shards; drop the key.")
+    elif name == "parallelism_config_cp_backend":
+        if value in (None, "torch"):
+            r.noop(key, value, "torch's context parallelism, which is distlib's")
+        else:
+            r.refuse(key, value, "be 'torch'", "distlib's context parallelism is torch's "
+                     "(torch.distributed.tensor.experimental.context_parallel); for DeepSpeed's "
+                     "sequence parallelism there is no distlib counterpart. Drop the key.")
+    elif name == "parallelism_config_sp_size":
+        if value is None or _as_int(value) == 1:
+            r.noop(key, value, "no DeepSpeed sequence parallelism, as distlib does")
+        else:
+            r.refuse(key, value, "be 1", "distlib does not run DeepSpeed's (ALST/Ulysses) "
+                     "sequence parallelism; split the sequence with "
+                     "parallelism_config_cp_size (torch's context parallelism) instead.")
+    elif sp is None or _as_int(sp) == 1:
+        r.noop(key, value, "Accelerate reads it only with sp_size > 1")
+    else:
+        r.notes.append(KeyNote(key=key, value=value, outcome="refused",
+                               effect="refused: part of sequence parallelism (see sp_size)"))
+
+
 def _unused_section(kind: str, section: str) -> str | None:
     """Why Accelerate ignores a whole section under this distributed_type (None: it reads it)."""
     owner = {"fsdp_config": "FSDP", "deepspeed_config": "DEEPSPEED"}.get(section)
@@ -664,10 +735,13 @@ def _read_section(r: _Reader, name: str, section: Any, data: Mapping[str, Any]) 
     if name == "dynamo_config":
         _dynamo(r, name, section, data)
         return
-    if name in ("parallelism_config", "megatron_lm_config"):
-        fix = _PARALLELISM_FIX if name == "parallelism_config" else _MEGATRON_FIX
+    if name == "parallelism_config":
+        _parallelism(r, section)
+        return
+    if name == "megatron_lm_config":
         for key, value in section.items():
-            r.refuse(f"{name}.{key}", value, f"be absent (the whole {name} section)", fix)
+            r.refuse(f"{name}.{key}", value, f"be absent (the whole {name} section)",
+                     _MEGATRON_FIX)
         return
     unused = _unused_section(_kind(data), name)
     handlers = _SECTION_KEYS[name]

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from distlib.errors import ConfigError
 from distlib.launcher._bootstrap import die_with_parent, fork_entry
 from distlib.launcher._environ import rank_threads
 from distlib.launcher._hang import (
@@ -28,7 +29,7 @@ from distlib.launcher._hang import (
     frames_of_stack,
     hang_lines,
 )
-from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan
+from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan, resolve_mesh
 
 __all__ = ["main"]
 
@@ -378,6 +379,10 @@ def main(argv: Sequence[str]) -> int:
     saved = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     command = spec["command"]
+    refused = _mesh_refusal(plan)
+    if refused:
+        _write_outcome(spec["outcome"], {"ok": False, "failures": [], "error": refused})
+        return 1
     fork = _fork(plan, command)
     threads = rank_threads(plan, os.environ, nproc=_nproc(plan),
                            gpu_ranks=_visible_gpus(plan) > 0, num_cpus=_num_cpus())
@@ -402,11 +407,32 @@ def main(argv: Sequence[str]) -> int:
         outcome = {"ok": False, "failures": [], "signal": str(error.sigval.name)}
     except Exception as error:
         outcome = {"ok": False, "failures": [], "error": _start_error(error, plan)}
-    tmp = spec["outcome"] + ".tmp"
+    _write_outcome(spec["outcome"], outcome)
+    return 0 if outcome["ok"] else 1
+
+
+def _write_outcome(path: str, outcome: Mapping[str, Any]) -> None:
+    tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(outcome, handle)
-    os.replace(tmp, spec["outcome"])
-    return 0 if outcome["ok"] else 1
+    os.replace(tmp, path)
+
+
+def _mesh_refusal(plan: LaunchPlan) -> str:
+    """Why the plan's mesh cannot fit the ranks counted here ('' when it fits or is unset).
+
+    The plan resolves its mesh when the process count is fixed; with the count left to the
+    visible GPUs it is checked here, before any rank starts (an elastic range: in the ranks).
+    """
+    if plan.mesh is None or plan.mesh.is_resolved or plan.min_machines != plan.max_machines:
+        return ""
+    nproc = _nproc(plan)
+    try:
+        resolve_mesh(plan.mesh, nproc * plan.max_machines, nproc_per_node=nproc,
+                     machines=plan.max_machines)
+    except ConfigError as error:
+        return str(error).removeprefix("launch(): ")
+    return ""
 
 
 if __name__ == "__main__":

@@ -12,14 +12,14 @@ from collections.abc import Iterable, Mapping
 
 from distlib.env import parse_bool
 from distlib.errors import ConfigError
-from distlib.launcher.plan import LaunchPlan
+from distlib.launcher.plan import LaunchPlan, mesh_text
 
 __all__ = ["DISTLIB_VARIABLES", "child_environ", "rank_threads"]
 
 # Every variable the launcher owns; inherited values of these are replaced or dropped.
 DISTLIB_VARIABLES = ("DISTLIB_LAUNCHED", "DISTLIB_STRATEGY", "DISTLIB_STRATEGY_OPTIONS",
                      "DISTLIB_PRECISION", "DISTLIB_CPU", "DISTLIB_DEBUG", "DISTLIB_TIMEOUT",
-                     "DISTLIB_XLA_REPLICAS", "DISTLIB_STALL_TIMEOUT")
+                     "DISTLIB_XLA_REPLICAS", "DISTLIB_STALL_TIMEOUT", "DISTLIB_MESH")
 
 
 def _python_path(base: Mapping[str, str], sys_path: Iterable[str], cwd: str,
@@ -88,6 +88,8 @@ def child_environ(
                                                      sort_keys=True)
     if plan.collective_timeout_s is not None:
         env["DISTLIB_TIMEOUT"] = str(plan.collective_timeout_s)
+    if plan.mesh is not None:  # every axis; -1 (not yet known) is inferred by detect()
+        env["DISTLIB_MESH"] = mesh_text(plan.mesh)
     if plan.stall_timeout_s is not None:  # read by the bootstrap's stall watcher
         env["DISTLIB_STALL_TIMEOUT"] = str(plan.stall_timeout_s)
     if plan.gpu_ids is not None and plan.gpu_ids != "all":

@@ -2,7 +2,9 @@
 which source each resolved value came from. Pure except `read_config_file`; torch-free.
 
 distlib's own config file is flat YAML whose keys are the option names of ``distlib launch``
-(``num_processes: 2``, ``precision: bf16``, ``fsdp_cpu_offload: true``...). A file in
+(``num_processes: 2``, ``precision: bf16``, ``fsdp_cpu_offload: true``...); the mesh may be
+written as its four keys (``tp_size: 2``) or as one ``mesh:`` block (``mesh: {tp: 2}`` or
+``mesh: "dp_shard=2,tp=2"``). A file in
 Accelerate's ``default_config.yaml`` format (recognised by its keys) is translated as is.
 Precedence: command-line flag > config file > environment > default; inside a SLURM
 allocation the machine count, machine rank and main address come from SLURM unless a flag
@@ -23,7 +25,8 @@ from distlib.errors import ConfigError
 from distlib.launcher._accelerate_config import KeyNote, problems_message, translate_all
 from distlib.launcher._accelerate_config import from_accelerate as translate
 from distlib.launcher.plan import LaunchPlan, plan_launch
-from distlib.launcher.settings import SETTINGS, TABLE, Setting
+from distlib.launcher.settings import MESH_VARIABLE, SETTINGS, TABLE, Setting
+from distlib.topology import AXES, Mesh, parse_mesh
 
 __all__ = ["ConfigFile", "KeyNote", "default_config_path", "from_accelerate", "read_config",
            "read_config_data", "read_config_file", "resolve", "resolve_sources", "to_plan",
@@ -188,16 +191,50 @@ def read_config_data(data: Mapping[str, Any], where: str = "config",
     if not data:
         return ConfigFile(path=path, settings={}, notes=())
     if not _looks_like_accelerate(data):
-        notes = tuple(KeyNote(key=str(k), value=v, outcome="translated",
-                              effect=f"{k}={v if not isinstance(v, bool) else str(v).lower()}")
+        flat = _expand_mesh(data, where)
+        notes = tuple(KeyNote(key=str(k), value=v, outcome="translated", effect=_effect(k, v))
                       for k, v in data.items())
-        return ConfigFile(path=path, settings=validate(data, where), notes=notes)
+        return ConfigFile(path=path, settings=validate(flat, where), notes=notes)
     translation, problems = translate_all(data)
     settings, more = _check_all(translation.settings, translation.origins)
     problems += more
     if problems:
         raise ConfigError(problems_message(where, problems))
     return ConfigFile(path=path, settings=settings, notes=translation.notes, accelerate=True)
+
+
+def _effect(key: str, value: Any) -> str:
+    if key == "mesh" and isinstance(value, (str, Mapping)):
+        sizes = _mesh_block(value, "mesh")
+        return ", ".join(f"{axis}_size={size}" for axis, size in sizes.items())
+    return f"{key}={value if not isinstance(value, bool) else str(value).lower()}"
+
+
+def _mesh_block(value: Any, where: str) -> dict[str, Any]:
+    """The axis sizes a ``mesh:`` block names (``{tp: 2}`` or ``"tp=2"``), unchecked."""
+    if isinstance(value, str):  # axes left out: 1, and dp_shard inferred (-1: left unset)
+        mesh = parse_mesh(value, source=f"{where}: `mesh`")
+        return {axis: size for axis, size in mesh.sizes.items() if size != -1}
+    if not isinstance(value, Mapping):
+        raise _bad(where, "mesh", value, "be a mapping of axis sizes or a string like "
+                   "'dp_shard=2,tp=2'", fix="E.g. mesh: {dp_shard: 2, tp: 2}.")
+    unknown = sorted(set(map(str, value)) - set(AXES))
+    if unknown:
+        raise _bad(where, "mesh", dict(value), f"name axes among {', '.join(AXES)}",
+                   fix=f"Unknown axes {unknown}; e.g. mesh: {{dp_shard: 2, tp: 2}}.")
+    return {str(k): v for k, v in value.items()}
+
+
+def _expand_mesh(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """distlib's flat keys, with a ``mesh:`` block turned into its ``*_size`` keys."""
+    if data.get("mesh") is None:
+        return {k: v for k, v in data.items() if k != "mesh"}
+    sizes = {f"{axis}_size": size for axis, size in _mesh_block(data["mesh"], where).items()}
+    twice = sorted(k for k in sizes if k in data)
+    if twice:
+        raise _bad(where, "mesh", data["mesh"], f"not name an axis that {', '.join(twice)} "
+                   "also sets", fix="Write the mesh once: the `mesh:` block or the *_size keys.")
+    return {k: v for k, v in data.items() if k != "mesh"} | sizes
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -312,7 +349,8 @@ def resolve(flags: Mapping[str, Any], config: Mapping[str, Any], environ: Mappin
         (('bf16', 'flag'), (True, 'config file'), (0, 'default'))
     """
     env_values = {s.name: (environ[s.environ], f"environment ({s.environ})") for s in TABLE
-                  if s.environ and environ.get(s.environ)}
+                  if s.environ and environ.get(s.environ) and s.mesh_axis is None}
+    env_values |= _mesh_from_environ(environ)
     slurm = _slurm(environ)
     out: dict[str, tuple[Any, str]] = {}
     for name, setting in SETTINGS.items():
@@ -328,6 +366,17 @@ def resolve(flags: Mapping[str, Any], config: Mapping[str, Any], environ: Mappin
         else:
             out[name] = (setting.default, "default")
     return out
+
+
+def _mesh_from_environ(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """The mesh settings a ``DISTLIB_MESH`` in the launcher's environment names (an axis
+    left to be inferred, ``-1``, is left unset)."""
+    raw = environ.get(MESH_VARIABLE, "").strip()
+    if not raw:
+        return {}
+    mesh = parse_mesh(raw, source=f"launch settings: {MESH_VARIABLE}")
+    source = f"environment ({MESH_VARIABLE})"
+    return {f"{axis}_size": (size, source) for axis, size in mesh.sizes.items() if size != -1}
 
 
 def resolve_sources(flags: Mapping[str, Any], config_file: str | None,
@@ -388,7 +437,18 @@ def to_plan(resolved: Mapping[str, tuple[Any, str]]) -> LaunchPlan:
                    fix="--cpu uses no GPU; drop one of the two.")
     multi = v["num_machines"] not in ("1", 1)
     port = v["main_port"] if v["main_port"] is not None else (29500 if multi else 0)
-    fields = {s.plan_field: v[s.name] for s in TABLE if s.plan_field is not None}
+    fields = {s.plan_field: v[s.name] for s in TABLE
+              if s.plan_field is not None and s.mesh_axis is None}
     return plan_launch(num_processes=v["num_processes"], num_machines=v["num_machines"],
-                       **fields | {"main_port": port},
+                       **fields | {"main_port": port, "mesh": _mesh(v)},
                        strategy_options=_strategy_options(v, strategy))
+
+
+def _mesh(values: Mapping[str, Any]) -> Mesh | None:
+    """The mesh the four ``*_size`` settings name (None when none is set): an axis left out
+    is 1, except ``dp_shard``, which takes the ranks the others leave."""
+    sizes = {s.mesh_axis: values[s.name] for s in TABLE
+             if s.mesh_axis is not None and values.get(s.name) is not None}
+    if not sizes:
+        return None
+    return Mesh(**({"dp_shard": -1} | sizes))

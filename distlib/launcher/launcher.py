@@ -366,7 +366,9 @@ def launch(target: Callable[..., Any] | str, *args: Any, num_processes: int | No
             each collective; default `DEFAULT_TIMEOUT_S`, 1800 s), ``stall_timeout_s`` (stop
             with a report of where each rank is when one waits that long in a collective),
             ``run_id``, ``start_method`` (``"auto"``: fork ranks from the agent when no GPU
-            is used).
+            is used), ``mesh`` (a `distlib.topology.Mesh`, ``"dp_shard=2,tp=2"`` or
+            ``{"tp": 2}``: every rank's ``Env.mesh``; refused before anything starts when its
+            sizes do not multiply to the number of processes).
 
     Returns:
         A `LaunchResult`; for a callable, ``result[rank]`` is what that rank returned.

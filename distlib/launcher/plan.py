@@ -9,6 +9,7 @@ the count on each machine, and a total that the machine count does not divide is
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +18,10 @@ from distlib.env import DEFAULT_TIMEOUT_S  # the agent's rendezvous and Env.time
 from distlib.errors import ConfigError, PrecisionError
 from distlib.precision import parse_precision
 from distlib.strategies.base import parse_strategy
+from distlib.topology import AXES, Mesh, parse_mesh
 
-__all__ = ["DEFAULT_TIMEOUT_S", "RDZV_BACKENDS", "START_METHODS", "LaunchPlan", "parse_machines",
-           "plan_launch"]
+__all__ = ["DEFAULT_TIMEOUT_S", "RDZV_BACKENDS", "START_METHODS", "LaunchPlan", "mesh_text",
+           "parse_machines", "plan_launch", "resolve_mesh"]
 
 
 RDZV_BACKENDS = ("static", "c10d")
@@ -38,10 +40,15 @@ class LaunchPlan:
     that long in one collective; ``collective_timeout_s=None`` means `DEFAULT_TIMEOUT_S`.
     ``num_threads=None`` gives each rank ``OMP_NUM_THREADS`` when it is set, else the
     machine's cores shared among its CPU ranks (one thread per GPU rank, as torchrun).
+    ``mesh`` (a `Mesh`, ``"dp_shard=2,tp=2"`` or a mapping of axis sizes; None: each rank's
+    default, all data parallel) is resolved against the world size when that is fixed, so a
+    mesh that does not fit the processes is refused before anything starts.
 
     Example:
         >>> LaunchPlan(nproc_per_node=2, cpu=True).world_size
         2
+        >>> LaunchPlan(nproc_per_node=4, mesh="tp=2").mesh
+        Mesh(dp_replicate=1, dp_shard=2, cp=1, tp=2)
     """
 
     nproc_per_node: int | None = None
@@ -64,6 +71,7 @@ class LaunchPlan:
     stall_timeout_s: float | None = None
     start_method: str = "auto"
     num_threads: int | None = None
+    mesh: Mesh | None = None
 
     def __post_init__(self) -> None:
         _check_int("nproc_per_node", self.nproc_per_node, 1, allow_none=True)
@@ -112,6 +120,8 @@ class LaunchPlan:
         if self.strategy is not None:
             parse_strategy(self.strategy, self.strategy_options, source="LaunchPlan(): strategy")
         object.__setattr__(self, "strategy_options", dict(self.strategy_options))
+        if self.mesh is not None:
+            object.__setattr__(self, "mesh", _plan_mesh(self))
 
     @property
     def world_size(self) -> int | None:
@@ -119,6 +129,68 @@ class LaunchPlan:
         if self.nproc_per_node is None or self.min_machines != self.max_machines:
             return None
         return self.nproc_per_node * self.max_machines
+
+
+def _plan_mesh(plan: LaunchPlan) -> Mesh:
+    """The plan's mesh as a `Mesh`, resolved when the world size is fixed."""
+    value: object = plan.mesh
+    if isinstance(value, str):
+        value = parse_mesh(value, source="LaunchPlan(): mesh")
+    elif isinstance(value, Mapping):  # a plan read back from JSON, or mesh={"tp": 2}
+        unknown = sorted(set(map(str, value)) - {*AXES, "inferred"})
+        if unknown:
+            _fail("mesh", dict(value), f"map axes among {AXES} to sizes")
+        value = Mesh(**{str(k): v for k, v in value.items()})
+    if not isinstance(value, Mesh):
+        msg = (f"LaunchPlan(): mesh must be a Mesh, a string like 'dp_shard=2,tp=2' or a "
+               f"mapping of axis sizes, but got {value!r}.")
+        raise ConfigError(msg)
+    if plan.strategy == "xla" and not value.is_data_parallel_only:
+        _fail("mesh", str(value), "be data parallel only (cp = tp = 1) with strategy 'xla'; "
+              "torch_xla shards with its own SPMD mesh")
+    world = plan.world_size
+    if world is None:
+        return value
+    return resolve_mesh(value, world, nproc_per_node=plan.nproc_per_node,
+                        machines=plan.max_machines)
+
+
+def resolve_mesh(mesh: Mesh, world_size: int, *, nproc_per_node: int | None = None,
+                 machines: int = 1) -> Mesh:
+    """``mesh`` resolved for ``world_size`` ranks, with the launcher's words when it does not fit.
+
+    Raises:
+        ConfigError: the sizes do not multiply to (or, with one inferred, divide) the world
+            size; the message names the flags.
+
+    Example:
+        >>> resolve_mesh(Mesh(tp=2), 8)
+        Mesh(dp_replicate=1, dp_shard=4, cp=1, tp=2)
+    """
+    try:
+        return mesh.resolve(world_size)
+    except ConfigError:
+        counts = (f" ({nproc_per_node} per machine x {machines} machines)"
+                  if nproc_per_node is not None and machines > 1 else "")
+        free = [axis for axis, size in mesh.sizes.items() if size == -1]
+        inferred = f" (the sizes given must divide it; {free[0]} takes the rest)" if free else ""
+        product = math.prod(size for size in mesh.sizes.values() if size != -1)
+        msg = (f"launch(): the mesh's axis sizes must multiply to the number of processes"
+               f"{inferred}, but got {mesh_text(mesh)} (product {product}) for {world_size} "
+               f"processes{counts}. "
+               "Change --dp-replicate-size/--dp-shard-size/--cp-size/--tp-size (leave "
+               "--dp-shard-size out to infer it) or --num-processes.")
+        raise ConfigError(msg) from None
+
+
+def mesh_text(mesh: Mesh) -> str:
+    """The mesh as ``DISTLIB_MESH`` holds it (every axis; ``-1``: inferred in the ranks).
+
+    Example:
+        >>> mesh_text(Mesh(tp=2))
+        'dp_replicate=1,dp_shard=-1,cp=1,tp=2'
+    """
+    return ",".join(f"{axis}={size}" for axis, size in mesh.sizes.items())
 
 
 def _fail(name: str, value: object, rule: str) -> None:

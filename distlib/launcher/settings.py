@@ -7,6 +7,10 @@ the `LaunchPlan` field or strategy option it becomes. ``distlib launch``'s flags
 file reader and ``distlib config``'s questions are all generated from `TABLE`; nothing else
 lists the settings.
 
+The four mesh settings (``dp_replicate_size``, ``dp_shard_size``, ``cp_size``, ``tp_size``)
+fill one `LaunchPlan` field, ``mesh`` (a `distlib.topology.Mesh`), and share one variable,
+``DISTLIB_MESH="dp_replicate=2,dp_shard=2,cp=1,tp=2"``, which every rank's ``detect()`` reads.
+
 One name per setting: the rendezvous-and-collective timeout is ``timeout`` everywhere a user
 types it (``--timeout``, ``timeout:``, ``DISTLIB_TIMEOUT``, ``Env.timeout_s``); only its
 `LaunchPlan` field is ``collective_timeout_s``, because ``launch(timeout_s=...)`` already
@@ -25,10 +29,14 @@ from distlib.env import DEFAULT_TIMEOUT_S
 from distlib.errors import ConfigError
 from distlib.launcher.plan import RDZV_BACKENDS, START_METHODS
 
-__all__ = ["ASK_WHEN", "SETTINGS", "TABLE", "THREADS_DEFAULT", "Setting", "flag_name"]
+__all__ = ["ASK_WHEN", "MESH_VARIABLE", "SETTINGS", "TABLE", "THREADS_DEFAULT", "Setting",
+           "flag_name"]
 
 # When ``distlib config`` asks a question, given the answers so far.
 ASK_WHEN = ("always", "several machines", "gpus", "fsdp", "deepspeed")
+
+# The one variable that carries the mesh to the ranks (all four mesh settings).
+MESH_VARIABLE = "DISTLIB_MESH"
 
 THREADS_DEFAULT = ("$OMP_NUM_THREADS, else the machine's cores shared among its CPU ranks; "
                    "1 per GPU rank")
@@ -54,7 +62,8 @@ class Setting:
         default: the value when no source sets it (None: not chosen, derived later).
         help: the flag's help text.
         choices: the valid values, if closed.
-        group: ``launch``, ``fsdp`` or ``deepspeed`` (options of that strategy).
+        group: ``launch``, ``mesh`` (the axis sizes), or ``fsdp`` / ``deepspeed`` (options
+            of that strategy).
         minimum: the smallest valid number.
         aliases: other accepted flags (only where Accelerate's users type them).
         environ: the ``DISTLIB_*`` variable the launcher reads when no flag or config sets
@@ -65,6 +74,8 @@ class Setting:
         offer: the answer offered in brackets when it differs from ``default``.
         plan_field: the `LaunchPlan` field it fills (None: a count, or a strategy option).
         strategy_option: ``(strategy, option)`` it becomes, for a strategy's own options.
+        mesh_axis: the axis of the plan's ``mesh`` whose size it is (``plan_field`` is
+            ``"mesh"``); its variable (`MESH_VARIABLE`) holds all four axes.
 
     Example:
         >>> SETTINGS["timeout"].flag, SETTINGS["timeout"].environ
@@ -86,6 +97,7 @@ class Setting:
     offer: Any = None
     plan_field: str | None = None
     strategy_option: tuple[str, str] | None = None
+    mesh_axis: str | None = None
 
     def __post_init__(self) -> None:
         if self.ask_when not in ASK_WHEN:
@@ -102,6 +114,12 @@ class Setting:
 def _fsdp(name: str, kind: type, text: str, **more: Any) -> Setting:
     return Setting(name=f"fsdp_{name}", kind=kind, default=None, help=text, group="fsdp",
                    strategy_option=("fsdp", name), **more)
+
+
+def _mesh(axis: str, text: str, **more: Any) -> Setting:
+    return Setting(name=f"{axis}_size", kind=int, default=None, minimum=1, group="mesh",
+                   help=text, environ=MESH_VARIABLE, plan_field="mesh", mesh_axis=axis,
+                   **more)
 
 
 def _ds(name: str, option: str, kind: type, text: str, **more: Any) -> Setting:
@@ -148,7 +166,7 @@ TABLE: tuple[Setting, ...] = (
             question="Which GPUs on this machine (e.g. 0,1)?", ask_when="gpus", ask_order=8),
     Setting(name="precision", kind=str, default="no", choices=("no", "fp16", "bf16", "fp8"),
             plan_field="precision", environ="DISTLIB_PRECISION", help="mixed precision",
-            question="Mixed precision?", ask_order=18),
+            question="Mixed precision?", ask_order=21),
     Setting(name="strategy", kind=str, default=None,
             choices=("single", "ddp", "fsdp", "deepspeed", "xla"), plan_field="strategy",
             environ="DISTLIB_STRATEGY",
@@ -193,15 +211,26 @@ TABLE: tuple[Setting, ...] = (
           "sharding"),
     _fsdp("forward_prefetch", bool, "each FSDP unit prefetches the next unit's all-gather in "
           "forward"),
+    _mesh("dp_replicate", "mesh: replicas of the model (HSDP's replicate axis when "
+          "dp_shard > 1; default 1)",
+          question="FSDP: replicas of the model (dp_replicate; HSDP when > 1)?",
+          ask_when="fsdp", ask_order=15, offer=1),
+    _mesh("dp_shard", "mesh: ranks that shard the parameters (FSDP2); default: the ranks "
+          "the other axes leave"),
+    _mesh("cp", "mesh: context-parallel size (ranks that split one sequence; default 1)",
+          question="FSDP: context-parallel size (cp)?", ask_when="fsdp", ask_order=16,
+          offer=1),
+    _mesh("tp", "mesh: tensor-parallel size (ranks that split each layer; default 1)",
+          question="FSDP: tensor-parallel size (tp)?", ask_when="fsdp", ask_order=17, offer=1),
     _ds("deepspeed_config_file", "config", str, "a DeepSpeed JSON config"),
     _ds("zero_stage", "zero_stage", int, "ZeRO stage", choices=(0, 1, 2, 3),
-        question="DeepSpeed: ZeRO stage?", ask_when="deepspeed", ask_order=15, offer=2),
+        question="DeepSpeed: ZeRO stage?", ask_when="deepspeed", ask_order=18, offer=2),
     _ds("offload_optimizer_device", "offload_optimizer", str, "where optimizer states live",
         choices=_OFF_ON, question="DeepSpeed: offload optimizer states to?",
-        ask_when="deepspeed", ask_order=16, offer="none"),
+        ask_when="deepspeed", ask_order=19, offer="none"),
     _ds("offload_param_device", "offload_param", str, "where parameters live",
         choices=_OFF_ON, question="DeepSpeed: offload parameters to?", ask_when="deepspeed",
-        ask_order=17, offer="none"),
+        ask_order=20, offer="none"),
     _ds("gradient_accumulation_steps", "gradient_accumulation_steps", int,
         "micro-steps per optimizer step"),
     _ds("gradient_clipping", "gradient_clipping", float, "clip gradients to this norm"),

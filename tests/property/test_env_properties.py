@@ -95,3 +95,31 @@ def test_torchrun_variables_round_trip(world_size: int, data: st.DataObject) -> 
     env = detect(environ, hardware=Hardware())
     assert (env.rank, env.world_size, env.node_rank, env.num_nodes) == (
         rank, world_size, rank, world_size)
+
+
+sizes = st.integers(1, 3)
+
+
+@given(dp_replicate=sizes, dp_shard=sizes, cp=sizes, tp=sizes, world=st.integers(1, 81),
+       data=st.data())
+def test_distlib_mesh_is_read_back_or_refused_naming_the_variable(
+        dp_replicate: int, dp_shard: int, cp: int, tp: int, world: int,
+        data: st.DataObject) -> None:
+    import pytest
+
+    from distlib.topology import Mesh
+
+    text = f"dp_replicate={dp_replicate},dp_shard={dp_shard},cp={cp},tp={tp}"
+    product = dp_replicate * dp_shard * cp * tp
+    world = product if data.draw(st.booleans()) else world  # half the cases fit
+    rank = data.draw(st.integers(0, world - 1))
+    environ = {"RANK": str(rank), "WORLD_SIZE": str(world), "DISTLIB_MESH": text}
+    if product != world:
+        with pytest.raises(EnvError) as info:
+            detect(environ, hardware=Hardware())
+        assert "DISTLIB_MESH" in str(info.value) and repr(text) in str(info.value)
+        return
+    env = detect(environ, hardware=Hardware())
+    assert env.mesh == Mesh(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
+    assert env.mesh.rank_of(env.mesh.coordinates(rank)) == rank
+    assert 0 <= env.mesh.dp_rank(rank) < env.mesh.dp_size == dp_replicate * dp_shard

@@ -110,3 +110,64 @@ def test_os_environ_is_untouched_by_planning() -> None:
     before = dict(os.environ)
     child_environ(os.environ, LaunchPlan(cpu=True, strategy="ddp"))
     assert dict(os.environ) == before
+
+
+# ---- the mesh: what the launcher plans is what every rank detects ------------------------
+
+axis_sizes = st.none() | st.integers(1, 4)
+
+
+@given(world=st.integers(1, 16), dp_replicate=axis_sizes, dp_shard=axis_sizes, cp=axis_sizes,
+       tp=axis_sizes)
+def test_the_launcher_refuses_exactly_the_meshes_the_ranks_would(world, dp_replicate, dp_shard,
+                                                                 cp, tp) -> None:
+    from distlib.launcher.config import to_plan
+    from distlib.topology import AXES
+
+    flags = {"num_processes": world, "dp_replicate_size": dp_replicate,
+             "dp_shard_size": dp_shard, "cp_size": cp, "tp_size": tp}
+    given_sizes = {a: v for a, v in zip(AXES, (dp_replicate, dp_shard, cp, tp), strict=True)
+                   if v is not None}
+    known = 1
+    for size in given_sizes.values():
+        known *= size
+    fits = (known == world) if "dp_shard" in given_sizes else (world % known == 0)
+    try:
+        plan = to_plan(resolve(flags, {}, {}))
+    except ConfigError as error:
+        assert not fits and "must multiply to the number of processes" in str(error)
+        return
+    assert fits
+    if not given_sizes:
+        assert plan.mesh is None and "DISTLIB_MESH" not in child_environ({}, plan)
+        return
+    assert plan.mesh is not None and plan.mesh.world_size == world
+    expected = {a: given_sizes.get(a, 1) for a in AXES}
+    if "dp_shard" not in given_sizes:
+        expected["dp_shard"] = world // known  # inferred: the ranks the others leave
+    assert plan.mesh.sizes == expected
+    environ = child_environ({}, plan) | {"MASTER_PORT": "29401", "WORLD_SIZE": str(world)}
+    seen = set()
+    for rank in range(world):
+        env = detect(environ | {"RANK": str(rank)}, hardware=Hardware())
+        assert env.mesh == plan.mesh
+        place = env.mesh.coordinates(rank)
+        assert env.mesh.rank_of(place) == rank
+        seen.add(tuple(place.values()))
+    assert len(seen) == world  # every rank at its own coordinates
+
+
+@given(flag=axis_sizes, config=axis_sizes, environ=axis_sizes)
+def test_each_axis_is_flag_then_config_then_environment_then_inferred(flag, config,
+                                                                      environ) -> None:
+    got = resolve({"tp_size": flag}, {"tp_size": config},
+                  {} if environ is None else {"DISTLIB_MESH": f"tp={environ}"})
+    value, source = got["tp_size"]
+    if flag is not None:
+        assert (value, source) == (flag, "flag")
+    elif config is not None:
+        assert (value, source) == (config, "config file")
+    elif environ is not None:
+        assert (value, source) == (environ, "environment (DISTLIB_MESH)")
+    else:
+        assert (value, source) == (None, "default")

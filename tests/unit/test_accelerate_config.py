@@ -90,6 +90,17 @@ TRANSLATED: dict[str, dict[str, Any]] = {
         "offload_param_device": "nvme", "offload_param_nvme_path": "/local_nvme",
         "zero3_save_16bit_model": True, "zero_stage": 3, "precision": "fp16",
         "num_processes": 8},
+    # Accelerate's torch_native_parallelism templates: the parallelism_config block is the mesh
+    "tp_hsdp.yaml": BASE | {
+        "strategy": "fsdp", "fsdp_activation_checkpointing": False, "fsdp_wrap_classes": "auto",
+        "fsdp_cpu_offload": False, "fsdp_reshard_after_forward": True,
+        "fsdp_state_dict_type": "sharded", "precision": "bf16", "num_processes": 8,
+        "dp_replicate_size": 2, "dp_shard_size": 2, "cp_size": 1, "tp_size": 2},
+    "cp.yaml": BASE | {
+        "strategy": "fsdp", "fsdp_activation_checkpointing": True, "fsdp_wrap_classes": "auto",
+        "fsdp_cpu_offload": False, "fsdp_reshard_after_forward": True,
+        "fsdp_state_dict_type": "sharded", "precision": "bf16", "num_processes": 8,
+        "dp_replicate_size": 1, "dp_shard_size": 1, "cp_size": 8, "tp_size": 1},
     "deepspeed_config_file.yaml": LOCAL | {"strategy": "deepspeed", "num_processes": 4,
                                            "deepspeed_config_file": "ds_zero1.json"},
 }
@@ -104,8 +115,8 @@ REFUSED: dict[str, list[str]] = {
     "deepspeed_multinode_pdsh.yaml": ["deepspeed_config.deepspeed_hostfile",
                                       "deepspeed_config.deepspeed_multinode_launcher",
                                       "deepspeed_config.deepspeed_inclusion_filter"],
-    "tp_hsdp.yaml": [f"parallelism_config.parallelism_config_{axis}_size"
-                     for axis in ("cp", "dp_replicate", "dp_shard", "tp")],
+    "parallelism_unsupported.yaml": ["parallelism_config.parallelism_config_cp_comm_strategy",
+                                     "parallelism_config.parallelism_config_sp_size"],
     "dynamo.yaml": ["dynamo_config.dynamo_backend"],
     "fp8_te.yaml": ["fp8_config.amax_compute_algo", "fp8_config.backend",
                     "fp8_config.fp8_format", "fp8_config.override_linear_precision"],
@@ -169,7 +180,8 @@ def test_refusals_say_why_and_what_to_do() -> None:
              "fsdp_no_shard.yaml": ["'NO_SHARD'", "MULTI_GPU", "DDP"],
              "dynamo.yaml": ["'INDUCTOR'", "compile={'backend': 'inductor', 'mode': "
                              "'max-autotune', 'fullgraph': True, 'dynamic': False}", "dl.wrap"],
-             "tp_hsdp.yaml": ["parallelism_config", "HYBRID_SHARD"],
+             "parallelism_unsupported.yaml": ["'alltoall'", "'allgather'", "ALST/Ulysses",
+                                              "parallelism_config_cp_size"],
              "mpirun.yaml": ["/home/user/hostfile", "distlib launch"],
              "invalid_keys.yaml": ["Did you mean `num_processes`?"]}
     for name, words in cases.items():

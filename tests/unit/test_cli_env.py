@@ -31,6 +31,28 @@ def test_python_dash_m_distlib_env(tmp_path: pytest.TempPathFactory) -> None:
         assert needle in out, needle
 
 
+def test_env_reports_the_detected_mesh_and_this_ranks_place(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from distlib.cli.env import mesh_line
+    from distlib.env import Env
+    from distlib.topology import Mesh
+
+    for name, value in {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2",
+                        "LOCAL_WORLD_SIZE": "4", "DISTLIB_LAUNCHED": "1", "DISTLIB_CPU": "1",
+                        "DISTLIB_MESH": "dp_replicate=1,dp_shard=2,cp=1,tp=2"}.items():
+        monkeypatch.setenv(name, value)
+    report = environment_report("/nonexistent.yaml")
+    assert ("mesh         dp_shard=2 x tp=2; rank 2 at dp_replicate=0 dp_shard=1 cp=0 tp=0, "
+            "data-parallel rank 1 of 2") in report
+    assert "mesh=Mesh(dp_replicate=1, dp_shard=2, cp=1, tp=2)" in report
+    assert mesh_line(Env()) == ("dp_shard=1; rank 0 at dp_replicate=0 dp_shard=0 cp=0 tp=0, "
+                                "data-parallel rank 0 of 1")
+    assert mesh_line(Env(rank=1, world_size=8, local_rank=1, local_world_size=8,
+                         mesh=Mesh(dp_replicate=2, cp=2, tp=2))).startswith(
+        "dp_replicate=2 x cp=2 x tp=2; rank 1 at dp_replicate=0 dp_shard=0 cp=0 tp=1, "
+        "data-parallel rank 0 of 2")
+
+
 def test_env_report_names_missing_config(tmp_path: pytest.TempPathFactory) -> None:
     missing = str(tmp_path / "nope.yaml")  # type: ignore[operator]
     assert f"config file  {missing} (none)" in environment_report(missing)

@@ -286,6 +286,13 @@ VARIABLE_ERRORS = [
     ({"TORCHELASTIC_RESTART_COUNT": "again"}, "TORCHELASTIC_RESTART_COUNT", "again"),
     ({"TORCHELASTIC_USE_AGENT_STORE": "perhaps"}, "TORCHELASTIC_USE_AGENT_STORE", "perhaps"),
     ({"PJRT_DEVICE": "TPU", "XLA_USE_SPMD": "maybe"}, "XLA_USE_SPMD", "maybe"),
+    ({**T, "DISTLIB_MESH": "tp=3"}, "DISTLIB_MESH", "tp=3"),  # 3 does not divide 2 ranks
+    ({**T, "DISTLIB_MESH": "dp_shard=1,tp=1"}, "DISTLIB_MESH", "dp_shard=1,tp=1"),  # 1 != 2
+    ({**T, "DISTLIB_MESH": "tensor=2"}, "DISTLIB_MESH", "tensor=2"),
+    ({**T, "DISTLIB_MESH": "tp:2"}, "DISTLIB_MESH", "tp:2"),
+    ({**T, "DISTLIB_MESH": "tp=0"}, "DISTLIB_MESH", "tp=0"),
+    ({**T, "DISTLIB_MESH": "tp=2,tp=2"}, "DISTLIB_MESH", "tp=2,tp=2"),
+    ({**T, "DISTLIB_MESH": "tp=-1,cp=-1"}, "DISTLIB_MESH", "tp=-1,cp=-1"),
 ]
 # Variables any value of which is valid (never an error, so no case above).
 FREE_FORM = {
@@ -352,3 +359,67 @@ def test_the_error_cases_cover_every_variable_detect_reads() -> None:
     covered = {variable for _, variable, _ in VARIABLE_ERRORS}
     missing = sorted(seen - covered - set(FREE_FORM))
     assert not missing, f"detect() reads {missing} but no case above makes them fail"
+
+
+# ---- the mesh: explicit > DISTLIB_MESH > config > all data parallel -----------------------
+
+FOUR = {"RANK": "3", "WORLD_SIZE": "4", "DISTLIB_LAUNCHED": "1"}
+
+
+def test_the_default_mesh_is_all_data_parallel() -> None:
+    assert detect(FOUR, hardware=CPU).mesh == dl.Mesh(dp_shard=4)
+    assert detect({}, hardware=CPU).mesh == dl.Mesh(dp_shard=1)
+
+
+def test_the_launchers_mesh_variable_is_read_and_resolved() -> None:
+    env = detect(FOUR | {"DISTLIB_MESH": "dp_replicate=1,dp_shard=2,cp=1,tp=2"}, hardware=CPU)
+    assert env.mesh == dl.Mesh(dp_replicate=1, dp_shard=2, cp=1, tp=2)
+    assert env.mesh.coordinates(3) == {"dp_replicate": 0, "dp_shard": 1, "cp": 0, "tp": 1}
+    assert detect(FOUR | {"DISTLIB_MESH": "tp=2"}, hardware=CPU).mesh == dl.Mesh(dp_shard=2, tp=2)
+    inferred = detect(FOUR | {"DISTLIB_MESH": "dp_replicate=-1,dp_shard=1,tp=2"}, hardware=CPU)
+    assert inferred.mesh == dl.Mesh(dp_replicate=2, dp_shard=1, tp=2)
+    assert detect(FOUR | {"DISTLIB_MESH": " "}, hardware=CPU).mesh == dl.Mesh(dp_shard=4)
+
+
+def test_mesh_precedence_explicit_over_variable_over_config() -> None:
+    config = {"mesh": {"dp_replicate": 2, "tp": 2}}
+    assert detect(FOUR, config=config, hardware=CPU).mesh == dl.Mesh(dp_replicate=2, dp_shard=1,
+                                                                     tp=2)
+    variable = FOUR | {"DISTLIB_MESH": "cp=2"}
+    assert detect(variable, config=config, hardware=CPU).mesh == dl.Mesh(dp_shard=2, cp=2)
+    assert detect(variable, config=config, hardware=CPU, mesh="tp=4").mesh == dl.Mesh(
+        dp_shard=1, tp=4)
+    assert detect(variable, hardware=CPU, mesh=dl.Mesh(dp_replicate=4, dp_shard=1)).mesh == (
+        dl.Mesh(dp_replicate=4, dp_shard=1))
+
+
+@pytest.mark.parametrize("config", [{"mesh": "tp=2"}, {"mesh": {"tp": 2}},
+                                    {"mesh": dl.Mesh(tp=2)}, {"tp_size": 2},
+                                    {"tp_size": 2, "dp_replicate_size": 1, "cp_size": None}])
+def test_the_config_names_the_mesh_in_any_spelling(config: dict[str, object]) -> None:
+    assert detect(FOUR, config=config, hardware=CPU).mesh == dl.Mesh(dp_shard=2, tp=2)
+
+
+@pytest.mark.parametrize(("config", "words"), [
+    ({"mesh": "tp=3"}, ["world size 4", "tp=3"]),
+    ({"mesh": {"tensor": 2}}, ["config: mesh", "['tensor']"]),
+    ({"mesh": {"tp": 0}}, ["config: mesh", "tp", "0"]),
+    ({"mesh": 4}, ["config: mesh", "4"]),
+    ({"mesh": "tp=2", "tp_size": 2}, ["once", "tp_size=2"]),
+    ({"tp_size": 3}, ["world size 4"]),
+    ({"mesh_size": 2}, ["'mesh_size'", "'tp_size'"]),
+])
+def test_bad_config_meshes_name_the_key_and_the_value(config: dict[str, object],
+                                                      words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        detect(FOUR, config=config, hardware=CPU)
+    assert str(info.value).startswith(("detect(): ", "config: mesh")), info.value
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_an_explicit_mesh_that_does_not_fit_names_the_argument() -> None:
+    with pytest.raises(ConfigError, match=r"detect\(\): .*mesh='tp=8'.*world size 4"):
+        detect(FOUR, hardware=CPU, mesh="tp=8")
+    with pytest.raises(ConfigError, match="detect\\(\\): mesh must be AXIS=SIZE pairs"):
+        detect(FOUR, hardware=CPU, mesh="tp")

@@ -292,6 +292,8 @@ def _sample(setting) -> object:
              "main_port": 29400, "machine_rank": 1}
     if setting.name in given:
         return given[setting.name]
+    if setting.mesh_axis is not None:
+        return 2  # fits the 2 processes `distlib config` offers on a 2-GPU machine
     if setting.choices:
         return setting.choices[1]
     return {bool: True, int: 3, float: 0.5}[setting.kind]
@@ -302,6 +304,8 @@ def _context(setting) -> dict[str, object]:
     if setting.name.endswith("_nvme_path"):  # a folder for NVMe offload needs NVMe offload
         device = setting.name.removesuffix("_nvme_path") + "_device"
         return {"strategy": "deepspeed", device: "nvme"}
+    if setting.group == "mesh":  # asked with FSDP, which shards over the mesh's data axes
+        return {"strategy": "fsdp"}
     if setting.group != "launch":
         return {"strategy": setting.group}
     return {"num_machines": "2"} if setting.name == "machine_rank" else {}
@@ -310,6 +314,8 @@ def _context(setting) -> dict[str, object]:
 def _plan_value(plan, setting) -> object:
     if setting.strategy_option is not None:
         return plan.strategy_options[setting.strategy_option[1]]
+    if setting.mesh_axis is not None:
+        return getattr(plan.mesh, setting.mesh_axis)
     if setting.name == "num_processes":
         return plan.nproc_per_node * plan.max_machines
     if setting.name == "num_machines":
@@ -326,6 +332,7 @@ def _argv(values: dict[str, object], flag_of) -> list[str]:
 
 
 from distlib.launcher.settings import SETTINGS, TABLE  # noqa: E402
+from distlib.topology import parse_mesh  # noqa: E402
 
 
 @pytest.mark.parametrize("setting", TABLE, ids=[s.name for s in TABLE])
@@ -355,9 +362,14 @@ def test_each_setting_round_trips_from_flag_config_key_environment_and_question(
     assert _plan_value(to_plan(resolve({}, config, {})), setting) == value
     # environment variable -> plan, and the plan -> the ranks' variable
     if setting.environ is not None:
-        plan = to_plan(resolve({}, {}, {setting.environ: str(value)}))
+        # the mesh's one variable holds every axis: DISTLIB_MESH="tp=2"
+        raw = f"{setting.mesh_axis}={value}" if setting.mesh_axis else str(value)
+        plan = to_plan(resolve({}, {}, {setting.environ: raw}))
         assert _plan_value(plan, setting) == value
-        assert child_environ({}, plan)[setting.environ] in (str(value), "1")
+        passed = child_environ({}, plan)[setting.environ]
+        if setting.mesh_axis is not None:
+            passed = str(getattr(parse_mesh(passed), setting.mesh_axis))
+        assert passed in (str(value), "1")
     # question -> config file
     if setting.question is not None:
         assert setting in QUESTIONS
