@@ -581,12 +581,14 @@ def detect(
     if in_xmp and hw is not None and hw.xla_replica is not None:
         values, launcher = _xmp_ranks(hw.xla_replica, extras.get("master_port", 29500))
     device, backend = _device_for(environ, hw or Hardware(), values["local_rank"], use_cpu)
+    chosen_mesh = _choose_mesh(environ, mesh, from_config, values["world_size"])
     return Env(
         **values, **extras, **_read_policies(environ), backend=backend, device=device,
         launcher=launcher,
         precision=_choose_precision(environ, precision, from_config),
-        strategy=_choose_strategy(environ, strategy, from_config, backend, values["world_size"]),
-        mesh=_choose_mesh(environ, mesh, from_config, values["world_size"]),
+        strategy=_choose_strategy(environ, strategy, from_config, backend, values["world_size"],
+                                  chosen_mesh),
+        mesh=chosen_mesh,
     )
 
 
@@ -615,12 +617,15 @@ def _xmp_ranks(replica: tuple[int, ...], port: int) -> tuple[dict[str, Any], Lau
 
 def _choose_strategy(environ: Mapping[str, str], explicit: Strategy | str | None,
                      from_config: Mapping[str, Any], backend: Backend,
-                     world_size: int) -> Strategy:
-    """Explicit > DISTLIB_STRATEGY > config > XLA device > DDP for several ranks > Single."""
+                     world_size: int, mesh: Mesh) -> Strategy:
+    """Explicit > DISTLIB_STRATEGY > config > XLA device > FSDP for a tp/cp mesh > DDP for
+    several ranks > Single (tensor and context parallelism compose with FSDP2, not DDP)."""
     chosen = (explicit if explicit is not None
               else _strategy_from_environ(environ) or from_config.get("strategy"))
     if chosen is None and backend == Backend.XLA:
         chosen = XLA(spmd=_read_bool(environ, "XLA_USE_SPMD", False))
+    elif chosen is None and not mesh.is_data_parallel_only:
+        chosen = "fsdp"
     elif chosen is None:
         chosen = "ddp" if world_size > 1 else "single"
     return parse_strategy(chosen, source="strategy")

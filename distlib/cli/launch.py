@@ -105,7 +105,9 @@ def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
     the config file and what became of it."""
     derived = {"main_port": plan.main_port or "0 (a free port is picked at launch)",
                "nproc_per_node": plan.nproc_per_node or "visible GPUs, else 1",
-               "strategy": "auto: ddp for several ranks, else single",
+               "strategy": ("auto: fsdp (tensor/context parallel mesh)"
+                            if plan.mesh is not None and not plan.mesh.is_data_parallel_only
+                            else "auto: ddp for several ranks, else single"),
                "timeout": f"{DEFAULT_TIMEOUT_S} s", "stall_timeout": "off"}
     rows = []
     for name, (value, source) in resolved.items():

@@ -170,7 +170,7 @@ TABLE: tuple[Setting, ...] = (
     Setting(name="strategy", kind=str, default=None,
             choices=("single", "ddp", "fsdp", "deepspeed", "xla"), plan_field="strategy",
             environ="DISTLIB_STRATEGY",
-            help="how the model is distributed (default: ddp for several ranks, else single)",
+            help="how the model is distributed (default: fsdp for a tp/cp mesh, ddp for several ranks, else single)",
             question="Distribution strategy?", ask_order=9, offer="auto"),
     Setting(name="timeout", kind=int, default=None, minimum=1,
             plan_field="collective_timeout_s", environ="DISTLIB_TIMEOUT",

@@ -423,3 +423,14 @@ def test_an_explicit_mesh_that_does_not_fit_names_the_argument() -> None:
         detect(FOUR, hardware=CPU, mesh="tp=8")
     with pytest.raises(ConfigError, match="detect\\(\\): mesh must be AXIS=SIZE pairs"):
         detect(FOUR, hardware=CPU, mesh="tp")
+
+
+def test_a_tensor_or_context_parallel_mesh_defaults_to_fsdp() -> None:
+    """DDP cannot hold tensor-parallel DTensors: with no strategy named, a tp/cp mesh picks FSDP2."""
+    base = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert dl.detect(base | {"DISTLIB_MESH": "tp=2"}).strategy.name == "fsdp"
+    assert dl.detect(base | {"DISTLIB_MESH": "cp=2"}).strategy.name == "fsdp"
+    assert dl.detect(base | {"DISTLIB_MESH": "dp_replicate=2"}).strategy.name == "ddp"
+    assert dl.detect(base).strategy.name == "ddp"
+    assert dl.detect(base | {"DISTLIB_MESH": "tp=2", "DISTLIB_STRATEGY": "ddp"}).strategy.name == "ddp"
