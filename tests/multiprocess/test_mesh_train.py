@@ -24,11 +24,14 @@ pytestmark = pytest.mark.multiprocess
 
 STEPS, BATCH, SEQ, VOCAB, LR, MAX_NORM = 8, 4, 8, 64, 0.5, 1.0
 
-SCENARIOS: dict[str, tuple[str, dict[str, int]]] = {
-    "llama dp_shard2 x tp2": ("llama", {"dp_shard": 2, "tp": 2}),
-    "llama dp_replicate2 x tp2": ("llama", {"dp_replicate": 2, "dp_shard": 1, "tp": 2}),
-    "llama(4 kv heads) tp4": ("llama-mha", {"dp_shard": 1, "tp": 4}),
-    "mlp dp_shard2 x tp2 (hand plan)": ("mlp", {"dp_shard": 2, "tp": 2}),
+# name -> (model, mesh sizes, FSDP options): per-layer units and activation checkpointing
+# compose with tensor parallelism in torchtitan's order.
+SCENARIOS: dict[str, tuple[str, dict[str, int], dict[str, Any]]] = {
+    "llama dp_shard2 x tp2": ("llama", {"dp_shard": 2, "tp": 2}, {"wrap_classes": "auto"}),
+    "llama dp_replicate2 x tp2": ("llama", {"dp_replicate": 2, "dp_shard": 1, "tp": 2}, {}),
+    "llama(4 kv heads) tp4": ("llama-mha", {"dp_shard": 1, "tp": 4},
+                              {"wrap_classes": "auto", "activation_checkpointing": True}),
+    "mlp dp_shard2 x tp2 (hand plan)": ("mlp", {"dp_shard": 2, "tp": 2}, {}),
 }
 
 MLP_PLAN = {"up": "colwise", "down": "rowwise"}
@@ -104,8 +107,9 @@ def _steps(kind: str, env: dl.Env, model: Any, optimizer: Any,
     return losses
 
 
-def _train(env: dl.Env, kind: str, sizes: dict[str, int], folder: str | None) -> dict[str, Any]:
-    env = dataclasses.replace(env, mesh=Mesh(**sizes), strategy=dl.FSDP())
+def _train(env: dl.Env, kind: str, sizes: dict[str, int], options: dict[str, Any],
+           folder: str | None) -> dict[str, Any]:
+    env = dataclasses.replace(env, mesh=Mesh(**sizes), strategy=dl.FSDP(**options))
     model = build(kind)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     plan = MLP_PLAN if kind == "mlp" else "auto"
@@ -117,6 +121,10 @@ def _train(env: dl.Env, kind: str, sizes: dict[str, int], folder: str | None) ->
         out["q_placements"] = [type(p).__name__ for p in q.placements]
         out["q_axes"] = q.device_mesh.mesh_dim_names
     data = batches()
+    if kind != "mlp":  # the full weights gather every DTensor (tp and FSDP) on the main rank
+        full = dl.training.wrapped_of(model).full_state()
+        q = full.get("model.layers.0.self_attn.q_proj.weight")
+        out["full_q"] = None if q is None else (type(q).__name__, tuple(q.shape))
     if folder is None:
         out["losses"] = _steps(kind, env, model, optimizer, data)
         return out
@@ -129,10 +137,22 @@ def _train(env: dl.Env, kind: str, sizes: dict[str, int], folder: str | None) ->
     return out
 
 
+CP_MESHES = ({"dp_shard": 2, "cp": 2}, {"dp_replicate": 2, "dp_shard": 1, "cp": 2})
+
+
+def _cp_data_mesh(env: dl.Env, sizes: dict[str, int]) -> tuple[Any, list[Any]]:
+    """The mesh FSDP shards over with cp > 1 (buildable on CPU; cp's attention is not)."""
+    from distlib.training.fsdp import data_mesh
+
+    mesh = data_mesh(dataclasses.replace(env, mesh=Mesh(**sizes)))
+    return mesh.mesh_dim_names, mesh.mesh.tolist()
+
+
 def _all(env: dl.Env, folder: str) -> dict[str, Any]:
-    results = {}
-    for name, (kind, sizes) in SCENARIOS.items():
-        results[name] = _train(env, kind, sizes, folder if name == "llama dp_shard2 x tp2" else None)
+    results: dict[str, Any] = {str(s): _cp_data_mesh(env, s) for s in CP_MESHES}
+    for name, (kind, sizes, options) in SCENARIOS.items():
+        results[name] = _train(env, kind, sizes, options,
+                               folder if name == "llama dp_shard2 x tp2" else None)
     return results
 
 
@@ -144,7 +164,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_the_mesh_trains_like_one_process(ranks: dict[int, dict[str, Any]], name: str) -> None:
-    kind, _ = SCENARIOS[name]
+    kind = SCENARIOS[name][0]
     expected = torch.tensor(one_process(kind))
     got = torch.tensor([ranks[r][name]["losses"] for r in range(4)]).mean(dim=0)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)
@@ -164,6 +184,15 @@ def test_tensor_parallel_splits_then_fsdp_shards(ranks: dict[int, dict[str, Any]
     assert got["q_placements"][0] == "Replicate" and got["q_placements"][-1] == "Shard"
     # Pure TP (dp size 1): the data axis is a one-rank FSDP mesh.
     assert ranks[0]["llama(4 kv heads) tp4"]["q_axes"] == ("dp_shard", "tp")
+    for name in ("llama dp_shard2 x tp2", "llama dp_replicate2 x tp2", "llama(4 kv heads) tp4"):
+        assert ranks[0][name]["full_q"] == ("Tensor", (32, 32))
+        assert ranks[1][name]["full_q"] is None  # the main rank's only
+
+
+def test_cp_ranks_join_the_fsdp_shard_axis(ranks: dict[int, dict[str, Any]]) -> None:
+    # Under cp the ranks of a cp group hold different tokens: FSDP reduces over them too.
+    assert ranks[0][str(CP_MESHES[0])] == (("dp_shard_cp",), [0, 1, 2, 3])
+    assert ranks[3][str(CP_MESHES[1])] == (("dp_replicate", "dp_shard_cp"), [[0, 1], [2, 3]])
 
 
 def test_state_saved_under_dp_shard2_x_tp2_reloads(ranks: dict[int, dict[str, Any]]) -> None:
