@@ -115,15 +115,14 @@ def _check_mesh(model: Any, strategy: Strategy, env: Env,
             raise StrategyError(msg)
     if not isinstance(tp_plan, str) or tp_plan != AUTO_PLAN:
         if mesh.tp == 1:
-            msg = (f"wrap(): tp_plan must come with a tensor-parallel mesh (tp > 1), but got tp_plan="
-                   f"{tp_plan!r:.120} with mesh {mesh}. Set the tp axis (Mesh(tp=2), "
+            msg = (f"wrap(): tp_plan must come with a tensor-parallel mesh (tp > 1), but got "
+                   f"tp_plan={tp_plan!r:.120} with mesh {mesh}. Set the tp axis (Mesh(tp=2), "
                    "--tp-size 2), or drop tp_plan.")
             raise StrategyError(msg)
         if not isinstance(strategy, FSDP):
             msg = (f"wrap(): tp_plan must come with the FSDP strategy (its applier splits the "
-                   f"model), but got strategy "
-                   f"{strategy.name!r}. Apply the plan in the strategy's own apply, or use "
-                   "dl.FSDP().")
+                   f"model), but got strategy {strategy.name!r}. Apply the plan in the "
+                   "strategy's own apply, or use dl.FSDP().")
             raise StrategyError(msg)
     check_cp(env)
     if mesh.tp > 1 and isinstance(strategy, FSDP):
