@@ -128,10 +128,12 @@ def mesh_env(strategy: FSDP, env: Env) -> Env:
     return dataclasses.replace(env, mesh=hybrid)
 
 
-def data_mesh(env: Env) -> Any:
+def data_mesh(env: Env, *, hybrid: bool = False) -> Any:
     """The DeviceMesh that ``fully_shard`` shards over: the data axes (and ``cp``).
 
-    ``dp_shard`` alone; ``(dp_replicate, dp_shard)`` (HSDP) when ``dp_replicate > 1``. With
+    ``dp_shard`` alone; ``(dp_replicate, dp_shard)`` (HSDP) when ``dp_replicate > 1`` or
+    ``hybrid`` (``FSDP(hybrid_shard=True)``: 2-D even on one machine, ``(1, ranks)``, as
+    FSDP1's ``HYBRID_SHARD``). With
     ``cp > 1`` the cp ranks hold different parts of one sequence, so their gradients are
     reduced too: ``dp_shard`` and ``cp`` are flattened into one shard axis (torchtitan's
     ``dp_shard_cp``).
@@ -139,10 +141,11 @@ def data_mesh(env: Env) -> Any:
     Effects: builds the Env's device mesh on first use (`distlib.runtime.device_mesh`).
     """
     full = device_mesh(env)
+    replicate = hybrid or env.mesh.dp_replicate > 1
     if env.mesh.cp == 1:
-        return full[("dp_replicate", "dp_shard")] if env.mesh.dp_replicate > 1 else full["dp_shard"]
+        return full[("dp_replicate", "dp_shard")] if replicate else full["dp_shard"]
     flat = full[("dp_shard", "cp")]._flatten("dp_shard_cp")
-    if env.mesh.dp_replicate == 1:
+    if not replicate:
         return flat
     # HSDP with cp: torch (2.13) still slices a flattened axis from the root mesh, with a
     # deprecation warning; there is no other way yet to pair it with dp_replicate.
@@ -239,7 +242,7 @@ def apply(model: torch.nn.Module, strategy: FSDP, env: Env, *, optimizer: Any = 
         _broadcast_from_rank0(model)
     if plan is not None:
         apply_tensor_parallel(model, device_mesh(meshed)["tp"], plan)
-    mesh = data_mesh(meshed)
+    mesh = data_mesh(meshed, hybrid=strategy.hybrid_shard)
     modules = dict(model.named_modules())
     for name in units:
         if strategy.activation_checkpointing:
