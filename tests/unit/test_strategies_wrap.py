@@ -8,13 +8,17 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before the leak check
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 import distlib as dl
 from distlib.errors import ConfigError, PrecisionError, StrategyError
 from distlib.testing import fake_env
+from distlib.topology import Mesh
 from distlib.training import fsdp as fsdp_module
 from distlib.training.deepspeed import plan_config
 from distlib.training.fsdp import plan_units
+from distlib.training.tp import plan_tensor_parallel
 from tests.models import net, train, weights
 
 
@@ -276,8 +280,6 @@ def test_strategy_values_raise_distlib_errors(build: Any, kind: type, message: s
 # --- the mesh: refusals before anything starts (issue 14) ------------------------------------
 
 def _mesh_env(strategy: object, **sizes: int) -> dl.Env:
-    from distlib.topology import Mesh
-
     return dl.Env(world_size=4, rank=0, local_world_size=4, mesh=Mesh(**sizes),
                   strategy=strategy)  # type: ignore[arg-type]
 
@@ -354,11 +356,6 @@ def test_wrap_refuses_context_parallel_on_cpu() -> None:
 
 
 def test_the_auto_plan_is_the_transformers_models_own() -> None:
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    from distlib.training.tp import plan_tensor_parallel
-
     plan = plan_tensor_parallel(_llama(), "auto", 2)
     assert type(plan["model.layers.1.self_attn.k_proj"]) is ColwiseParallel
     assert type(plan["model.layers.0.mlp.down_proj"]) is RowwiseParallel
@@ -374,8 +371,6 @@ def test_the_auto_plan_is_the_transformers_models_own() -> None:
 
 
 def test_hybrid_shard_is_dp_replicate_num_nodes() -> None:
-    from distlib.topology import Mesh
-
     env = dl.Env(world_size=8, rank=0, local_world_size=4, num_nodes=2, mesh=Mesh(tp=2))
     assert fsdp_module.mesh_env(dl.FSDP(hybrid_shard=True), env).mesh == Mesh(
         dp_replicate=2, dp_shard=2, tp=2)
@@ -390,8 +385,6 @@ def test_hybrid_shard_is_dp_replicate_num_nodes() -> None:
 
 
 def test_context_parallel_is_a_no_op_at_cp_1_and_refused_on_cpu() -> None:
-    from distlib.topology import Mesh
-
     ids = torch.arange(8).reshape(1, 8)
     with dl.training.context_parallel(dl.Env(), [ids], [1]):
         assert ids.shape == (1, 8)
