@@ -7,6 +7,7 @@ verbs.
 """
 
 from distlib.training.accumulation import MicroStep, accumulate, plan_window
+from distlib.training.cp import context_parallel
 from distlib.training.optimizers import DelegatingOptimizer, ScaledOptimizer
 from distlib.training.scheduler import AccelerateScheduler
 from distlib.training.step import autocast, backward, clip_grad_norm, seed
@@ -24,6 +25,7 @@ __all__ = [
     "autocast",
     "backward",
     "clip_grad_norm",
+    "context_parallel",
     "detach",
     "owner_of",
     "plan_window",

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed._composable.checkpoint_activation import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from distlib.env import Env
 from distlib.errors import StrategyError
 from distlib.precision import compute_dtype
-from distlib.runtime import initialize, is_initialized
+from distlib.runtime import device_mesh, initialize, is_initialized
 from distlib.strategies.fsdp import AUTO, FSDP
 from distlib.training.accumulation import MicroStep
 from distlib.training.single import SingleWrapped, place_with_precision
+from distlib.training.tp import apply_tensor_parallel, plan_tensor_parallel
 from distlib.training.wrapped import wrapped_of
 
-__all__ = ["FSDPWrapped", "apply", "plan_units", "state_dict"]
+__all__ = ["FSDPWrapped", "apply", "data_mesh", "mesh_env", "plan_units", "state_dict"]
 
 
 class FSDPWrapped(SingleWrapped):
@@ -94,17 +96,60 @@ def _wrap_classes(model: torch.nn.Module, strategy: FSDP) -> tuple[str, ...]:
     return tuple(str(name) for name in listed)
 
 
-def _mesh(strategy: FSDP, env: Env) -> Any:
-    device_type = env.torch_device.type
-    if not strategy.hybrid_shard:
-        return init_device_mesh(device_type, (env.world_size,))
-    if env.num_nodes < 1 or env.world_size % env.num_nodes:
-        msg = (f"wrap(): FSDP hybrid_shard must have a machine count that divides the world "
-               f"size, but got num_nodes={env.num_nodes}, world_size={env.world_size}. Start "
-               "the same number of ranks on every machine.")
+def mesh_env(strategy: FSDP, env: Env) -> Env:
+    """The Env whose mesh FSDP applies: ``hybrid_shard`` is ``dp_replicate = num_nodes``.
+
+    Raises:
+        StrategyError: ``hybrid_shard`` with a machine count that does not divide the
+            ``dp_shard`` axis, or with a mesh whose ``dp_replicate`` says something else.
+
+    Examples:
+        >>> from distlib.topology import Mesh
+        >>> env = Env(world_size=8, rank=0, local_world_size=4, num_nodes=2, mesh=Mesh(tp=2))
+        >>> mesh_env(FSDP(hybrid_shard=True), env).mesh
+        Mesh(dp_replicate=2, dp_shard=2, cp=1, tp=2)
+    """
+    mesh = env.mesh
+    if not strategy.hybrid_shard or mesh.dp_replicate == env.num_nodes:
+        return env
+    if mesh.dp_replicate != 1:
+        msg = (f"wrap(): FSDP(hybrid_shard=True) means dp_replicate = num_nodes, so the Env's "
+               f"mesh must agree, but got num_nodes={env.num_nodes} and mesh {mesh}. Drop "
+               "hybrid_shard (the mesh already says how to replicate), or make dp_replicate "
+               "the number of machines.")
         raise StrategyError(msg)
-    return init_device_mesh(device_type, (env.num_nodes, env.world_size // env.num_nodes),
-                            mesh_dim_names=("replicate", "shard"))
+    if env.num_nodes < 1 or mesh.dp_shard % env.num_nodes:
+        msg = (f"wrap(): FSDP hybrid_shard must have a machine count that divides the world "
+               f"size (the dp_shard axis, {mesh.dp_shard}), but got num_nodes={env.num_nodes}, "
+               f"world_size={env.world_size}. Start the same number of ranks on every machine.")
+        raise StrategyError(msg)
+    hybrid = dataclasses.replace(mesh, dp_replicate=env.num_nodes,
+                                 dp_shard=mesh.dp_shard // env.num_nodes, inferred=None)
+    return dataclasses.replace(env, mesh=hybrid)
+
+
+def data_mesh(env: Env, *, hybrid: bool = False) -> Any:
+    """The DeviceMesh that ``fully_shard`` shards over: the data axes (and ``cp``).
+
+    ``dp_shard`` alone; ``(dp_replicate, dp_shard)`` (HSDP) when ``dp_replicate > 1`` or
+    ``hybrid`` (``FSDP(hybrid_shard=True)``: 2-D even on one machine, ``(1, ranks)``, as
+    FSDP1's ``HYBRID_SHARD``). With
+    ``cp > 1`` the cp ranks hold different parts of one sequence, so their gradients are
+    reduced too: ``dp_shard`` and ``cp`` are flattened into one shard axis (torchtitan's
+    ``dp_shard_cp``).
+
+    Effects: builds the Env's device mesh on first use (`distlib.runtime.device_mesh`).
+    """
+    full = device_mesh(env)
+    replicate = hybrid or env.mesh.dp_replicate > 1
+    if env.mesh.cp == 1:
+        return full[("dp_replicate", "dp_shard")] if replicate else full["dp_shard"]
+    flat = full[("dp_shard", "cp")]._flatten("dp_shard_cp")
+    if not replicate:
+        return flat
+    # HSDP with cp: torch (2.13) still slices a flattened axis from the root mesh, with a
+    # deprecation warning; there is no other way yet to pair it with dp_replicate.
+    return full[("dp_replicate", "dp_shard_cp")]
 
 
 def _policies(strategy: FSDP, env: Env, *, root: bool) -> dict[str, Any]:
@@ -153,8 +198,17 @@ def _chain_forward_prefetch(units: list[Any]) -> None:
 
 
 def apply(model: torch.nn.Module, strategy: FSDP, env: Env, *, optimizer: Any = None,
-          scheduler: Any = None) -> tuple[Any, Any, Any]:
-    """Shard the model with FSDP2 (``fully_shard``), units first, then the root.
+          scheduler: Any = None, tp_plan: str | Mapping[str, Any] = "auto") -> tuple[Any, Any, Any]:
+    """Apply the Env's mesh: tensor parallel on ``tp``, then FSDP2 over the data axes.
+
+    torchtitan's order: ``parallelize_module`` over the ``tp`` ranks (when ``tp > 1``), then
+    activation checkpointing of each unit, then ``fully_shard`` of the units and the root over
+    `data_mesh` (HSDP when ``dp_replicate > 1``). Context parallelism (``cp > 1``) acts in
+    the forward (`distlib.training.cp.context_parallel`); here its ranks join the shard axis.
+
+    Args:
+        tp_plan: with ``tp > 1``, ``"auto"`` (the model's transformers plan) or a mapping
+            ``{module pattern: style}`` (see `distlib.training.tp.plan_tensor_parallel`).
 
     Returns:
         ``(model, optimizer, scheduler)``: the same module object, now an ``FSDPModule``
@@ -163,11 +217,11 @@ def apply(model: torch.nn.Module, strategy: FSDP, env: Env, *, optimizer: Any = 
 
     Raises:
         StrategyError: no process group, an optimizer that already has state, unknown
-            ``wrap_classes``.
+            ``wrap_classes``, a tp_plan that cannot apply, hybrid_shard against the mesh.
 
-    Effects: joins the process group; with ``sync_module_states`` overwrites every rank's
-    parameters and buffers with rank 0's; shards ``model`` in place (its parameters are
-    replaced); rewrites ``optimizer.param_groups``.
+    Effects: joins the process group and builds the device mesh; with ``sync_module_states``
+    overwrites every rank's parameters and buffers with rank 0's; shards ``model`` in place
+    (its parameters are replaced); rewrites ``optimizer.param_groups``.
     """
     initialize(env)
     if not is_initialized():
@@ -179,13 +233,17 @@ def apply(model: torch.nn.Module, strategy: FSDP, env: Env, *, optimizer: Any = 
                f"replaced), but got state for {len(optimizer.state)} parameter(s). Wrap before "
                "the first optimizer step.")
         raise StrategyError(msg)
+    meshed = mesh_env(strategy, env)
+    plan = plan_tensor_parallel(model, tp_plan, env.mesh.tp) if env.mesh.tp > 1 else None
+    units = plan_units(model, strategy)
     before = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     scaler = place_with_precision(model, env, autocast=False)
     if strategy.sync_module_states:
         _broadcast_from_rank0(model)
-    mesh = _mesh(strategy, env)
+    if plan is not None:
+        apply_tensor_parallel(model, device_mesh(meshed)["tp"], plan)
+    mesh = data_mesh(meshed, hybrid=strategy.hybrid_shard)
     modules = dict(model.named_modules())
-    units = plan_units(model, strategy)
     for name in units:
         if strategy.activation_checkpointing:
             checkpoint(modules[name])

@@ -107,12 +107,22 @@ def clip_module(module: torch.nn.Module, max_norm: float, norm_type: float = 2.0
 
     Effects: scales the parameters' gradients in place.
     """
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
-    if hasattr(total, "full_tensor"):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(
-        [p for p in module.parameters() if p.grad is not None], max_norm, total)
+    # Under TP + FSDP the gradients are DTensors on different meshes (a split projection on
+    # (dp, tp), a norm weight on dp alone): one norm per mesh, made whole, then combined.
+    groups: dict[Any, list[torch.nn.Parameter]] = {}
+    for p in module.parameters():
+        if p.grad is not None:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    if not groups:
+        return torch.nn.utils.get_total_norm([], norm_type=norm_type)
+    norms = []
+    for params in groups.values():
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = norms[0] if len(norms) == 1 else torch.nn.utils.get_total_norm(norms, norm_type)
+    for params in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 
 

@@ -22,7 +22,9 @@ from distlib.strategies.fsdp import FSDP
 from distlib.strategies.single import Single
 from distlib.strategies.xla import XLA
 from distlib.training import ddp, deepspeed, fsdp, single, xla
+from distlib.training.cp import check_cp
 from distlib.training.scheduler import SCHEDULER_STEPS, AccelerateScheduler
+from distlib.training.tp import AUTO_PLAN, plan_tensor_parallel
 from distlib.training.wrapped import wrapped_of
 
 __all__ = ["unwrap", "wrap"]
@@ -60,7 +62,7 @@ def _resolve(env_or_strategy: Env | Strategy | str | None, env: Env | None) -> t
 
 
 def _apply(model: Any, strategy: Strategy, env: Env, optimizer: Any,
-           scheduler: Any) -> tuple[Any, Any, Any]:
+           scheduler: Any, tp_plan: str | Mapping[str, Any]) -> tuple[Any, Any, Any]:
     """Run the strategy's own ``apply`` method, else the built-in applier of its type."""
     own = getattr(strategy, "apply", None)
     if callable(own):
@@ -75,7 +77,8 @@ def _apply(model: Any, strategy: Strategy, env: Env, optimizer: Any,
                    "method that returns (model, optimizer, scheduler) with a Wrapped attached "
                    "to the model (distlib.training.attach).")
             raise StrategyError(msg)
-        out = builtin(model, strategy, env, optimizer=optimizer, scheduler=scheduler)
+        extra = {"tp_plan": tp_plan} if env.mesh.tp > 1 else {}
+        out = builtin(model, strategy, env, optimizer=optimizer, scheduler=scheduler, **extra)
     if not (isinstance(out, tuple) and len(out) == 3) or wrapped_of(out[0]) is None:
         msg = (f"wrap(): strategy {strategy.name!r}'s apply must return (model, optimizer, "
                f"scheduler) with a Wrapped attached to the model, but got {out!r:.200}. End "
@@ -83,6 +86,47 @@ def _apply(model: Any, strategy: Strategy, env: Env, optimizer: Any,
                "scheduler`.")
         raise StrategyError(msg)
     return out
+
+
+# Why a built-in strategy cannot take a tp or cp axis, and what to do instead.
+_NO_MODEL_PARALLEL: Mapping[type, str] = MappingProxyType({
+    DDP: ("DDP replicates the whole model on every rank. Use dl.FSDP() (with dp_shard=1 and "
+          "dp_replicate=N for replicas of a tensor-parallel model, or dp_shard=1 alone for "
+          "pure TP)"),
+    DeepSpeed: ("DeepSpeed's engine partitions the model itself and cannot compose with torch's "
+                "tensor or context parallelism. Use dl.FSDP() for N-D parallelism, or a mesh "
+                "with tp=1 and cp=1 for DeepSpeed"),
+    XLA: ("distlib's XLA strategy runs data parallel replicas only (torch_xla shards with "
+          "its own SPMD API). Use a mesh with tp=1 and cp=1 on XLA"),
+    Single: ("Single runs one replica in one process. Use dl.FSDP() in a launched job"),
+})
+
+
+def _check_mesh(model: Any, strategy: Strategy, env: Env,
+                tp_plan: str | Mapping[str, Any]) -> None:
+    """Refuse, before anything starts, a mesh or tp_plan that the strategy cannot honour."""
+    mesh = env.mesh
+    if not isinstance(strategy, FSDP) and not (mesh.tp == 1 and mesh.cp == 1):
+        why = next((text for cls, text in _NO_MODEL_PARALLEL.items()
+                    if isinstance(strategy, cls)), None)
+        if why is not None:
+            msg = (f"wrap(): strategy {strategy.name!r} must run on a data-parallel mesh "
+                   f"(tp=1, cp=1), but got mesh {mesh}. {why}.")
+            raise StrategyError(msg)
+    if not isinstance(tp_plan, str) or tp_plan != AUTO_PLAN:
+        if mesh.tp == 1:
+            msg = (f"wrap(): tp_plan must come with a tensor-parallel mesh (tp > 1), but got "
+                   f"tp_plan={tp_plan!r:.120} with mesh {mesh}. Set the tp axis (Mesh(tp=2), "
+                   "--tp-size 2), or drop tp_plan.")
+            raise StrategyError(msg)
+        if not isinstance(strategy, FSDP):
+            msg = (f"wrap(): tp_plan must come with the FSDP strategy (its applier splits the "
+                   f"model), but got strategy {strategy.name!r}. Apply the plan in the "
+                   "strategy's own apply, or use dl.FSDP().")
+            raise StrategyError(msg)
+    check_cp(env)
+    if mesh.tp > 1 and isinstance(strategy, FSDP):
+        plan_tensor_parallel(model, tp_plan, mesh.tp)
 
 
 _COMPILE_KEYS = ("backend", "mode", "fullgraph", "dynamic", "options")
@@ -127,7 +171,7 @@ def _check_scheduler_steps(scheduler_steps: object, split_batches: object, optim
 @overload
 def wrap(model: torch.nn.Module, env_or_strategy: Env | Strategy | str | None = None, *,
          optimizer: None = None, scheduler: None = None, env: Env | None = None,
-         compile: bool | Mapping[str, Any] = False,
+         tp_plan: str | Mapping[str, Any] = "auto", compile: bool | Mapping[str, Any] = False,
          scheduler_steps: Literal["once", "accelerate"] = "once",
          split_batches: bool = False) -> Any: ...
 
@@ -135,7 +179,7 @@ def wrap(model: torch.nn.Module, env_or_strategy: Env | Strategy | str | None = 
 @overload
 def wrap(model: torch.nn.Module, env_or_strategy: Env | Strategy | str | None = None, *,
          optimizer: Any, scheduler: None = None, env: Env | None = None,
-         compile: bool | Mapping[str, Any] = False,
+         tp_plan: str | Mapping[str, Any] = "auto", compile: bool | Mapping[str, Any] = False,
          scheduler_steps: Literal["once", "accelerate"] = "once",
          split_batches: bool = False) -> tuple[Any, Any]: ...
 
@@ -143,14 +187,14 @@ def wrap(model: torch.nn.Module, env_or_strategy: Env | Strategy | str | None = 
 @overload
 def wrap(model: torch.nn.Module, env_or_strategy: Env | Strategy | str | None = None, *,
          optimizer: Any = None, scheduler: Any, env: Env | None = None,
-         compile: bool | Mapping[str, Any] = False,
+         tp_plan: str | Mapping[str, Any] = "auto", compile: bool | Mapping[str, Any] = False,
          scheduler_steps: Literal["once", "accelerate"] = "once",
          split_batches: bool = False) -> tuple[Any, Any, Any]: ...
 
 
 def wrap(model: torch.nn.Module, env_or_strategy: Env | Strategy | str | None = None, *,
          optimizer: Any = None, scheduler: Any = None, env: Env | None = None,
-         compile: bool | Mapping[str, Any] = False,
+         tp_plan: str | Mapping[str, Any] = "auto", compile: bool | Mapping[str, Any] = False,
          scheduler_steps: Literal["once", "accelerate"] = "once",
          split_batches: bool = False) -> Any:
     """Apply a strategy and a precision to a model (and its optimizer and scheduler).
@@ -172,6 +216,15 @@ def wrap(model: torch.nn.Module, env_or_strategy: Env | Strategy | str | None = 
         scheduler: the learning-rate scheduler, returned unchanged beside the optimizer
             (or inside an `AccelerateScheduler`, see ``scheduler_steps``).
         env: the Env when ``env_or_strategy`` is a strategy.
+        tp_plan: with a tensor-parallel mesh (``env.mesh.tp > 1``, strategy FSDP), which
+            submodules to split: ``"auto"`` (default) reads a transformers model's own plan
+            (``model._tp_plan``, else ``config.base_model_tp_plan``); a mapping
+            ``{module name pattern: "colwise" | "rowwise" | ... | a torch ParallelStyle}``
+            serves any model (fnmatch patterns over ``named_modules()``; see
+            `distlib.training.tp.plan_tensor_parallel`). The mesh is applied in torchtitan's
+            order: tensor parallel, then FSDP2 over the data axes (HSDP when
+            ``dp_replicate > 1``); ``cp > 1`` (CUDA only) splits sequences in
+            ``dl.context_parallel``.
         compile: ``True`` or ``torch.compile`` options (``backend``, ``mode``,
             ``fullgraph``, ``dynamic``, ``options``) to compile the wrapped model.
         scheduler_steps: ``"once"`` (default): ``scheduler.step()`` is the user's scheduler's
@@ -190,7 +243,9 @@ def wrap(model: torch.nn.Module, env_or_strategy: Env | Strategy | str | None = 
     Raises:
         StrategyError: the strategy cannot apply here (no process group for FSDP2, an
             optimizer that already holds state, a model wrapped twice, a strategy value with
-            no applier, ...).
+            no applier, a tp or cp axis under DDP, DeepSpeed, XLA or Single, a tp_plan that
+            names no module or an unknown style, heads that the tp size does not divide,
+            cp > 1 off CUDA, ...).
         PrecisionError: the hardware cannot run the Env's precision.
         ConfigError: an unknown ``scheduler_steps``, or ``"accelerate"`` without a scheduler
             and optimizer.
@@ -210,7 +265,9 @@ def wrap(model: torch.nn.Module, env_or_strategy: Env | Strategy | str | None = 
         msg = (f"wrap(): model must not be wrapped already, but got a model wrapped with "
                f"{wrapped_of(model)!r}. Wrap the original module once (see dl.unwrap).")
         raise StrategyError(msg)
-    model_out, optimizer_out, scheduler_out = _apply(model, strategy, env, optimizer, scheduler)
+    _check_mesh(model, strategy, env, tp_plan)
+    model_out, optimizer_out, scheduler_out = _apply(model, strategy, env, optimizer, scheduler,
+                                                     tp_plan)
     if compile:
         model_out = _compile(model_out, compile)
     if scheduler_steps == "accelerate":

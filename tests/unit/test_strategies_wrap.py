@@ -8,13 +8,17 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before the leak check
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 import distlib as dl
 from distlib.errors import ConfigError, PrecisionError, StrategyError
 from distlib.testing import fake_env
+from distlib.topology import Mesh
 from distlib.training import fsdp as fsdp_module
 from distlib.training.deepspeed import plan_config
 from distlib.training.fsdp import plan_units
+from distlib.training.tp import plan_tensor_parallel
 from tests.models import net, train, weights
 
 
@@ -271,3 +275,124 @@ def test_strategy_values_raise_distlib_errors(build: Any, kind: type, message: s
     with pytest.raises(kind, match=message) as info:
         build()
     assert isinstance(info.value, ConfigError)  # a distlib error, whatever builtin it also is
+
+
+# --- the mesh: refusals before anything starts (issue 14) ------------------------------------
+
+def _mesh_env(strategy: object, **sizes: int) -> dl.Env:
+    return dl.Env(world_size=4, rank=0, local_world_size=4, mesh=Mesh(**sizes),
+                  strategy=strategy)  # type: ignore[arg-type]
+
+
+def _llama(kv_heads: int = 2) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=kv_heads))
+
+
+def _untouched(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return (dl.unwrap(model) is model and type(model).__name__ != "FSDPSequential"
+            and all(p is before[n] and type(p) is torch.nn.Parameter
+                    for n, p in model.named_parameters()))
+
+
+@pytest.mark.parametrize(("strategy", "sizes", "words"), [
+    (dl.DDP(), {"dp_shard": 2, "tp": 2}, ["'ddp'", "dp_shard=2 x tp=2", "dl.FSDP()"]),
+    (dl.DDP(), {"dp_shard": 2, "cp": 2}, ["'ddp'", "cp=2", "dl.FSDP()"]),
+    (dl.DeepSpeed(), {"dp_shard": 2, "tp": 2}, ["'deepspeed'", "tp=2", "cannot compose"]),
+    (dl.DeepSpeed(), {"dp_shard": 2, "cp": 2}, ["'deepspeed'", "cp=2"]),
+    (dl.XLA(), {"dp_shard": 2, "tp": 2}, ["'xla'", "tp=2", "data parallel"]),
+    (dl.Single(), {"dp_shard": 2, "tp": 2}, ["'single'", "tp=2"]),
+])
+def test_wrap_refuses_a_model_parallel_mesh_the_strategy_cannot_apply(
+        strategy: object, sizes: dict[str, int], words: list[str]) -> None:
+    model = _net()
+    before = dict(model.named_parameters())
+    with pytest.raises(StrategyError, match=r"must run on a data-parallel mesh") as info:
+        dl.wrap(model, _mesh_env(strategy, **sizes))
+    for word in words:
+        assert word in str(info.value)
+    assert _untouched(model, before) and not dl.runtime.is_initialized()
+
+
+def _plan_error(model: torch.nn.Module, tp_plan: Any, **sizes: int) -> str:
+    before = dict(model.named_parameters())
+    with pytest.raises(StrategyError) as info:
+        dl.wrap(model, _mesh_env(dl.FSDP(), **sizes), tp_plan=tp_plan)
+    assert _untouched(model, before) and not dl.runtime.is_initialized()
+    return str(info.value)
+
+
+def test_wrap_refuses_a_tp_plan_it_cannot_apply() -> None:
+    tp = {"dp_shard": 2, "tp": 2}
+    msg = _plan_error(_net(), {"layers.*.fc": "colwise"}, **tp)
+    assert "'layers.*.fc' must name a submodule" in msg and "'0'" in msg
+    msg = _plan_error(_net(), {"0.fc": "columnwise"}, **tp)
+    assert "tp_plan['0.fc'] must be one of" in msg and "'columnwise'" in msg and "'colwise'" in msg
+    msg = _plan_error(_net(), "auto", **tp)
+    assert "tp_plan='auto' must find the model's own" in msg and "Sequential" in msg
+    msg = _plan_error(_net(), "colwise", **tp)
+    assert "tp_plan must be 'auto' or a mapping" in msg
+    msg = _plan_error(net(8, 9, 2), {"0.fc": "colwise"}, **tp)
+    assert "out_features, which must divide by tp=2, but got out_features=9" in msg
+    msg = _plan_error(_net(), {"0.*": "colwise", "0.fc": "rowwise"}, **tp)
+    assert "each module one style" in msg and "'0.fc'" in msg
+    msg = _plan_error(_net(), {"0.fc": "colwise"}, dp_shard=4)
+    assert "tp_plan must come with a tensor-parallel mesh (tp > 1)" in msg and "dp_shard=4" in msg
+
+
+def test_wrap_refuses_heads_the_tp_size_does_not_divide() -> None:
+    msg = _plan_error(_llama(kv_heads=2), "auto", dp_shard=1, tp=4)
+    assert "config.num_key_value_heads must divide by tp=4, but got num_key_value_heads=2" in msg
+    assert "at most 2" in msg
+
+
+def test_wrap_refuses_context_parallel_on_cpu() -> None:
+    msg = _plan_error(_net(), "auto", dp_shard=2, cp=2)
+    assert "context parallelism (cp > 1) must run on CUDA" in msg and "'cpu'" in msg
+
+
+def test_the_auto_plan_is_the_transformers_models_own() -> None:
+    plan = plan_tensor_parallel(_llama(), "auto", 2)
+    assert type(plan["model.layers.1.self_attn.k_proj"]) is ColwiseParallel
+    assert type(plan["model.layers.0.mlp.down_proj"]) is RowwiseParallel
+    assert isinstance(plan["lm_head"], ColwiseParallel)
+    assert plan["lm_head"].output_layouts == (Replicate(),)  # colwise_gather_output
+    assert plan["model.embed_tokens"].input_layouts == (Replicate(),)  # embedding_rowwise
+    assert "model.norm" not in plan and len(plan) == 2 * 7 + 2
+    # The config's plan serves a model without its own (prefixed by the base model's name).
+    model = _llama()
+    model._tp_plan = {}
+    assert set(plan_tensor_parallel(model, "auto", 2)) == {
+        n for n in plan if n not in ("lm_head", "model.embed_tokens")}
+
+
+def test_hybrid_shard_is_dp_replicate_num_nodes() -> None:
+    env = dl.Env(world_size=8, rank=0, local_world_size=4, num_nodes=2, mesh=Mesh(tp=2))
+    assert fsdp_module.mesh_env(dl.FSDP(hybrid_shard=True), env).mesh == Mesh(
+        dp_replicate=2, dp_shard=2, tp=2)
+    assert fsdp_module.mesh_env(dl.FSDP(), env) is env
+    agreeing = dl.Env(world_size=8, rank=0, local_world_size=4, num_nodes=2,
+                      mesh=Mesh(dp_replicate=2))
+    assert fsdp_module.mesh_env(dl.FSDP(hybrid_shard=True), agreeing) is agreeing
+    disagreeing = dl.Env(world_size=8, rank=0, local_world_size=2, num_nodes=2,
+                         mesh=Mesh(dp_replicate=4))
+    with pytest.raises(StrategyError, match=r"num_nodes=2 and mesh dp_replicate=4 x dp_shard=2"):
+        fsdp_module.mesh_env(dl.FSDP(hybrid_shard=True), disagreeing)
+
+
+def test_context_parallel_is_a_no_op_at_cp_1_and_refused_on_cpu() -> None:
+    ids = torch.arange(8).reshape(1, 8)
+    with dl.training.context_parallel(dl.Env(), [ids], [1]):
+        assert ids.shape == (1, 8)
+    with (pytest.raises(StrategyError, match=r"seq_dims must give one dimension per buffer"),
+          dl.training.context_parallel(dl.Env(), [ids], [1, 1])):
+        pass
+    env = dl.Env(world_size=2, rank=0, local_world_size=2, mesh=Mesh(dp_shard=1, cp=2))
+    with (pytest.raises(StrategyError, match=r"context_parallel\(\): context parallelism"),
+          dl.training.context_parallel(env, [ids], [1])):
+        pass
+    assert not dl.runtime.is_initialized()
