@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "DeepSpeed": "distlib.strategies.deepspeed",
     "XLA": "distlib.strategies.xla",
     "wrap": "distlib.training.wrapping", "unwrap": "distlib.training.wrapping",
+    "context_parallel": "distlib.training.cp",
     "AccelerateScheduler": "distlib.training.scheduler",
     "autocast": "distlib.training.step",
     "MicroStep": "distlib.training.accumulation", "accumulate": "distlib.training.accumulation",
@@ -92,6 +93,7 @@ if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (mypy --str
     from distlib.topology import Mesh as Mesh
     from distlib.training.accumulation import MicroStep as MicroStep
     from distlib.training.accumulation import accumulate as accumulate
+    from distlib.training.cp import context_parallel as context_parallel
     from distlib.training.memory import free_memory as free_memory
     from distlib.training.plan import ParallelPlan as ParallelPlan
     from distlib.training.plan import TensorPlan as TensorPlan

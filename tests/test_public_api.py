@@ -32,7 +32,7 @@ DOCUMENTED = {
     # launching
     "launch", "LaunchResult",
     # N-D parallelism (issue 14): the plan before any process starts, and the values it returns
-    "plan_parallelism", "ParallelPlan", "TensorPlan",
+    "plan_parallelism", "ParallelPlan", "TensorPlan", "context_parallel",
 }
 
 # Documented names whose issue has not landed yet; each issue removes its names when it lands.

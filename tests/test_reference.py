@@ -37,7 +37,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
                      "distlib.checkpoint.export.merge_weights")),
     ("Big models", ("init_empty_weights", "init_on_device", "infer_device_map", "DeviceMap",
                     "load_checkpoint", "dispatch", "load_checkpoint_and_dispatch")),
-    ("Parallelism", ("plan_parallelism", "ParallelPlan", "TensorPlan",
+    ("Parallelism", ("context_parallel", "plan_parallelism", "ParallelPlan", "TensorPlan",
                      "distlib.training.plan.check_parallelism")),
     ("Launching", ("launch", "LaunchResult")),
     ("Porting conveniences", ("main_print", "free_memory")),

@@ -23,6 +23,7 @@ from distlib.strategies.single import Single
 from distlib.strategies.xla import XLA
 from distlib.training import ddp, deepspeed, fsdp, single, xla
 from distlib.training.cp import check_cp
+from distlib.training.plan import check_parallelism
 from distlib.training.scheduler import SCHEDULER_STEPS, AccelerateScheduler
 from distlib.training.tp import AUTO_PLAN, plan_tensor_parallel
 from distlib.training.wrapped import wrapped_of
@@ -127,6 +128,8 @@ def _check_mesh(model: Any, strategy: Strategy, env: Env,
     check_cp(env)
     if mesh.tp > 1 and isinstance(strategy, FSDP):
         plan_tensor_parallel(model, tp_plan, mesh.tp)
+        # The same divisibility rules `distlib plan --mesh` reports (heads, kv heads, widths).
+        check_parallelism(model, mesh, tp_plan=tp_plan, world_size=env.world_size)
 
 
 _COMPILE_KEYS = ("backend", "mode", "fullgraph", "dynamic", "options")

@@ -54,7 +54,7 @@ def test_each_rank_detects_the_launchers_mesh_at_its_coordinates(tmp_path: Path)
         assert got["variable"] == "dp_replicate=1,dp_shard=2,cp=1,tp=2"
         assert got["coordinates"] == mesh.coordinates(rank)
         assert (got["dp_rank"], got["dp_size"]) == (rank // 2, 2)  # ranks 0,1 and 2,3 share
-        assert got["strategy"] == "ddp"  # a tp > 1 mesh still launches; wrap decides
+        assert got["strategy"] == "fsdp"  # a tp mesh with no strategy named picks FSDP2
     assert [ranks[r]["coordinates"]["tp"] for r in range(4)] == [0, 1, 0, 1]
     assert [ranks[r]["coordinates"]["dp_shard"] for r in range(4)] == [0, 0, 1, 1]
 
