@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 import distlib as dl
 from distlib.checkpoint.export import merge_weights
+from distlib.cli import main
 from distlib.errors import CheckpointError
 from distlib.testing import spawn
 from distlib.topology import Mesh
@@ -204,4 +205,17 @@ def test_merge_weights_gives_the_full_weights(ranks: dict[int, Any], folder: pat
     model = build()  # and a plain model loads them as it loads its own
     model.load_state_dict(merged)
     torch.testing.assert_close(weights(model), saved, rtol=0, atol=0)
+
+
+def test_the_merge_weights_command_exports_the_tp_checkpoint(
+        ranks: dict[int, Any], folder: pathlib.Path, tmp_path: pathlib.Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # `distlib merge-weights` is the same function behind the command line: the 4-kv-head
+    # model's DTensor shards (tp 2 of 4 kv heads) come out whole.
+    saved = ranks[0][4]["saved"]
+    assert main(["merge-weights", str(folder / "state4"), str(tmp_path / "cli")]) == 0
+    assert str(tmp_path / "cli") in capsys.readouterr().out
+    merged = load_file(tmp_path / "cli" / "model.safetensors")
+    torch.testing.assert_close(merged, saved, rtol=0, atol=0)
+    assert merged["model.layers.0.self_attn.k_proj.weight"].shape == (32, 32)
 
