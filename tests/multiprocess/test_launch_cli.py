@@ -329,3 +329,12 @@ def test_distlib_test_checks_a_tensor_parallel_mesh_and_fails_a_broken_clip(work
     for rank in range(4):
         assert (f"rank {rank} distlib.cli._checks:check_mesh: StrategyError: distlib test mesh: "
                 "the largest relative loss difference of mesh dp_shard=2 x tp=2 (") in done.stdout
+    # transformers is a test extra, not a dependency: without it the check trains its MLP.
+    missing = work / "no_transformers"
+    missing.mkdir()
+    (missing / "sitecustomize.py").write_text("import sys\nsys.modules['transformers'] = None\n")
+    done = _cli(command, work, PYTHONPATH=_python_path(missing))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _rows(done.stdout, "mesh") == dict.fromkeys(range(4), "ok")
+    assert ("  mesh            ranks 0-3: mesh dp_shard=2 x tp=2 (mlp, fsdp/no): 4 steps match 1 "
+            "process") in done.stdout
