@@ -337,8 +337,9 @@ def check_mesh(env: Env) -> str:
         raise _differ(StrategyError, "mesh", f"the largest relative loss difference of {label} "
                       f"from one process over {_MESH_STEPS} steps", f"{relative[step]:.2e} "
                       f"(step {step + 1}: loss {got[step]:.6f}, one process {want[step]:.6f})",
-                      f"<= {tol:g}", "Check the tp plan, the gradient sync over the data axes "
-                      "and clip_grad_norm over the DTensors (DISTLIB_DEBUG=1 prints tracebacks).")
+                      f"<= {tol:g}", "Check the tp plan (each rank's share of the heads and "
+                      "widths), the gradient sync over the data axes and clip_grad_norm's total "
+                      "norm over the DTensors.")
     return (f"{label}: {_MESH_STEPS} steps match 1 process (loss {want[0]:.3f} -> "
             f"{want[-1]:.3f}, diff {relative[step]:.1e})")
 
