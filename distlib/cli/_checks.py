@@ -11,6 +11,7 @@ training and checkpoint checks write into a temporary folder of rank 0 and remov
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import shutil
@@ -33,9 +34,9 @@ from distlib.errors import (
     StrategyError,
 )
 from distlib.runtime import process_group
-from distlib.topology import DATA_AXES
+from distlib.topology import DATA_AXES, Mesh
 
-__all__ = ["check_all_gather", "check_all_reduce", "check_broadcast",
+__all__ = ["check_all_gather", "check_all_reduce", "check_broadcast", "check_mesh",
            "check_save_load", "check_sharded_loader", "check_training", "run_checks"]
 
 
@@ -152,10 +153,17 @@ def _full_weights(model: Any, env: Env, folder: str) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _net_plan(env: Env) -> str | dict[str, str]:
+    """How `_net` splits over a tp axis: its two Linears, column- then row-wise ("auto", the
+    default, where there is no tp axis: wrap refuses a plan without one)."""
+    return {"0": "colwise", "2": "rowwise"} if env.mesh.tp > 1 else "auto"
+
+
 def _train(strategy: Any, env: Env, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     model = _net(0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, optimizer = dl.wrap(model, strategy, env=env, optimizer=optimizer)
+    model, optimizer = dl.wrap(model, strategy, env=env, optimizer=optimizer,
+                               tp_plan=_net_plan(env))
     for (x, y), micro in dl.accumulate(batches, steps=2):
         loss = torch.nn.functional.mse_loss(model(x.to(env.device)), y.to(env.device))
         dl.backward(loss, model, micro)
@@ -175,17 +183,20 @@ def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def check_training(env: Env) -> str:
     """4 steps of the configured strategy and precision must match `distlib.Single` here.
 
-    Each rank trains on its slice of the same global batches (2 micro-batches per step); the
-    weights must equal those of one process trained on the whole batches.
+    Each data-parallel rank trains on its slice of the same global batches (2 micro-batches
+    per step; the ranks of one tp/cp group share a slice, and with ``tp > 1`` the two Linears
+    are split column- then row-wise); the weights must equal those of one process trained on
+    the whole batches.
     """
     g = torch.Generator().manual_seed(1)
-    rows = 4 * env.world_size  # rows of one global micro-batch; 4 per rank
+    dp_size, dp_rank = env.mesh.dp_size, env.mesh.dp_rank(env.rank)
+    rows = 4 * dp_size  # rows of one global micro-batch; 4 per data-parallel rank
     x, y = torch.randn(8 * rows, 8, generator=g), torch.randn(8 * rows, 1, generator=g)
     whole = list(zip(torch.split(x, rows), torch.split(y, rows), strict=True))
-    mine = [(bx[4 * env.rank:4 * env.rank + 4], by[4 * env.rank:4 * env.rank + 4])
+    mine = [(bx[4 * dp_rank:4 * dp_rank + 4], by[4 * dp_rank:4 * dp_rank + 4])
             for bx, by in whole]
     model = _train(env.strategy, env, mine)
-    alone = dl.unwrap(_train(dl.Single(), env, whole))
+    alone = dl.unwrap(_train(dl.Single(), _one_replica(env), whole))
     want = {k: v.detach().float().cpu() for k, v in alone.state_dict().items()}
 
     def compare(folder: str) -> float:
@@ -202,6 +213,137 @@ def check_training(env: Env) -> str:
     return f"{label}: 4 steps match 1 process (diff {worst:.1e})"
 
 
+def _one_replica(env: Env) -> Env:
+    """This rank as a replica of its own: the reference of `distlib.Single` (no tp/cp axis)."""
+    return dataclasses.replace(env, strategy=dl.Single(), mesh=Mesh())
+
+
+# The mesh check: a tiny causal language model, trained for a few steps on two global batches
+# taken in turn (so the loss falls), with clipping active at every step.
+_MESH_STEPS, _MESH_ROWS, _MESH_LR, _MESH_MAX_NORM = 4, 2, 0.5, 0.25
+_TINY_PLAN = {"up": "colwise", "down": "rowwise"}
+
+
+class _TinyLM(torch.nn.Module):
+    """The model when transformers is missing: embedding, a colwise/rowwise pair, a head."""
+
+    def __init__(self, vocab: int, width: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 16)
+        self.up = torch.nn.Linear(16, width)
+        self.down = torch.nn.Linear(width, 16)
+        self.head = torch.nn.Linear(16, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(torch.relu(self.up(self.embed(input_ids)))))  # type: ignore[no-any-return]
+
+
+def _tiny_model(tp: int) -> tuple[str, torch.nn.Module, str | dict[str, str], int]:
+    """``(name, model, tp_plan, vocab)``: a tiny transformers Llama with its own plan (2 query
+    heads per kv head, ``max(tp, 2)`` kv heads, so the tp size divides them), else `_TinyLM`
+    with a hand-written plan. Seeded: every rank and the reference build the same weights."""
+    t = max(tp, 2)
+    vocab = 32 * t
+    torch.manual_seed(0)
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:  # a test extra, not a dependency
+        return "mlp", _TinyLM(vocab, 16 * t), dict(_TINY_PLAN), vocab
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16 * t, intermediate_size=32 * t,
+                         num_hidden_layers=2, num_attention_heads=2 * t,
+                         num_key_value_heads=t)
+    return "llama", LlamaForCausalLM(config), "auto", vocab
+
+
+def _logits(name: str, model: Any, inputs: torch.Tensor, positions: torch.Tensor) -> Any:
+    if name == "llama":  # positions: under cp each rank holds a shard of the sequence
+        return model(input_ids=inputs, position_ids=positions).logits
+    return model(inputs)
+
+
+def _mesh_losses(name: str, model: Any, optimizer: Any, env: Env, batches: list[torch.Tensor],
+                 vocab: int) -> list[float]:
+    """Train on ``batches`` (``rows x (seq + 1)`` token ids; the forward inside
+    `distlib.context_parallel`, a no-op when ``cp == 1``); this rank's loss per step."""
+    losses = []
+    for ids in batches:
+        ids = ids.to(env.torch_device)
+        inputs, labels = ids[:, :-1].clone(), ids[:, 1:].clone()
+        positions = torch.arange(inputs.shape[1], device=ids.device).expand_as(inputs).clone()
+        with dl.context_parallel(env, buffers=[inputs, labels, positions], seq_dims=[1, 1, 1]):
+            logits = _logits(name, model, inputs, positions)
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab),
+                                                     labels.reshape(-1))
+            dl.backward(loss, model)
+        dl.clip_grad_norm(model, _MESH_MAX_NORM)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _wrap_on_mesh(env: Env) -> tuple[str, Any, Any, int]:
+    """The tiny model wrapped under the Env's mesh and strategy, or the refusal, naming the
+    mesh (cp > 1 off CUDA, a strategy that cannot hold a tp axis, heads, ...)."""
+    name, model, plan, vocab = _tiny_model(env.mesh.tp)
+    optimizer = torch.optim.SGD(model.parameters(), lr=_MESH_LR)
+    try:  # a plan only with a tp axis ("auto", the default, is one with none)
+        model, optimizer = dl.wrap(model, env, optimizer=optimizer,
+                                   tp_plan=plan if env.mesh.tp > 1 else "auto")
+    except DistlibError as error:
+        msg = (f"distlib test mesh: wrap must accept the mesh {env.mesh} under strategy "
+               f"{env.strategy.name!r} on {env.device}, but it refused: {error}")
+        raise type(error)(msg) from error
+    return name, model, optimizer, vocab
+
+
+def check_mesh(env: Env) -> str:
+    """4 steps of a tiny transformer under the Env's mesh must match `distlib.Single` here.
+
+    With a tp or cp axis, the model (a tiny transformers Llama with its own tp plan, or a
+    two-Linear MLP with a hand-written one when transformers is missing) is wrapped under the
+    Env's mesh, strategy and precision; each data-parallel rank trains on its slice of the
+    same global batches (the ranks of one tp/cp group share it). The mean of the ranks'
+    losses at each step must equal the loss of one process trained on the whole batches.
+    A pure data-parallel mesh is `check_training`'s: this check says so and passes.
+
+    Raises:
+        StrategyError: the trajectories differ (naming the mesh and the worst step), or
+            ``wrap`` refused the mesh (its reason; e.g. cp > 1 off CUDA).
+    """
+    mesh = env.mesh
+    if mesh.is_data_parallel_only:
+        return f"skipped: no tp/cp axis (mesh {mesh}; training covers data parallelism)"
+    name, model, optimizer, vocab = _wrap_on_mesh(env)
+    g = torch.Generator().manual_seed(3)
+    rows, seq = _MESH_ROWS * mesh.dp_size, 8 * mesh.cp  # cp splits seq into 2 * cp chunks
+    two = [torch.randint(0, vocab, (rows, seq + 1), generator=g) for _ in range(2)]
+    whole = [two[i % 2] for i in range(_MESH_STEPS)]
+    start = _MESH_ROWS * mesh.dp_rank(env.rank)
+    mine = _mesh_losses(name, model, optimizer, env,
+                        [b[start:start + _MESH_ROWS] for b in whole], vocab)
+    every = dl.gather_object({"rank": env.rank, "losses": mine}, env)
+    got = torch.tensor([r["losses"] for r in every]).mean(dim=0)  # each slice tp*cp times
+    single = _one_replica(env)
+    _, alone, _, _ = _tiny_model(mesh.tp)
+    alone, alone_optimizer = dl.wrap(alone, single, optimizer=torch.optim.SGD(
+        alone.parameters(), lr=_MESH_LR))
+    want = torch.tensor(_mesh_losses(name, alone, alone_optimizer, single, whole, vocab))
+    relative = ((got - want).abs() / want.abs()).tolist()
+    step = max(range(len(relative)), key=relative.__getitem__)
+    tol = 1e-4 if str(env.precision) == "no" else 3e-2
+    label = f"mesh {mesh} ({name}, {env.strategy.name}/{env.precision})"
+    if not relative[step] <= tol:
+        raise _differ(StrategyError, "mesh", f"the largest relative loss difference of {label} "
+                      f"from one process over {_MESH_STEPS} steps", f"{relative[step]:.2e} "
+                      f"(step {step + 1}: loss {got[step]:.6f}, one process {want[step]:.6f})",
+                      f"<= {tol:g}", "Check the tp plan (each rank's share of the heads and "
+                      "widths), the gradient sync over the data axes and clip_grad_norm's total "
+                      "norm over the DTensors.")
+    return (f"{label}: {_MESH_STEPS} steps match 1 process (loss {want[0]:.3f} -> "
+            f"{want[-1]:.3f}, diff {relative[step]:.1e})")
+
+
 def check_save_load(env: Env) -> str:
     """A `distlib.save_state` / `distlib.load_state` round trip under the configured strategy.
 
@@ -211,7 +353,8 @@ def check_save_load(env: Env) -> str:
     def build(seed: int) -> tuple[Any, Any]:
         net = _net(seed)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        return dl.wrap(net, env, optimizer=optimizer)  # type: ignore[no-any-return]
+        return dl.wrap(net, env, optimizer=optimizer,  # type: ignore[no-any-return]
+                       tp_plan=_net_plan(env))
 
     model, optimizer = build(0)
     dl.backward(model(torch.ones(4, 8, device=env.torch_device)).float().pow(2).mean(), model)

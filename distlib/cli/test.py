@@ -33,7 +33,7 @@ _CHECKS_MODULE = "distlib.cli._checks"
 RUNNER = f"{_CHECKS_MODULE}:run_checks"
 CHECKS: tuple[str, ...] = tuple(f"{_CHECKS_MODULE}:{name}" for name in (
     "check_all_reduce", "check_all_gather", "check_broadcast", "check_sharded_loader",
-    "check_training", "check_save_load"))
+    "check_training", "check_mesh", "check_save_load"))
 
 
 def _in_rank(runner: str, names: tuple[str, ...]) -> Any:
@@ -42,8 +42,34 @@ def _in_rank(runner: str, names: tuple[str, ...]) -> Any:
     return getattr(importlib.import_module(module), function)(names)
 
 
+def _span(ranks: list[int]) -> str:
+    """``[0, 1, 2, 3]`` -> ``"ranks 0-3"``; ``[0, 2]`` -> ``"ranks 0, 2"``; ``[1]`` -> ``"rank 1"``."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return "ranks " + ", ".join(map(str, ranks))
+
+
+def _details(short: list[str], reports: Mapping[int, Mapping[str, Any]]) -> list[str]:
+    """One line per check: what its passing ranks reported, ranks with the same text together."""
+    width = max(map(len, short), default=0)
+    lines = []
+    for i, name in enumerate(short):
+        seen: dict[str, list[int]] = {}
+        for rank, report in sorted(reports.items()):
+            check = report["checks"][i]
+            if check["ok"]:
+                seen.setdefault(str(check["detail"]), []).append(rank)
+        if seen:
+            text = " | ".join(f"{_span(ranks)}: {detail}" for detail, ranks in seen.items())
+            lines.append(f"  {name.ljust(width)}  {text}")
+    return lines
+
+
 def format_report(reports: Mapping[int, Mapping[str, Any]]) -> tuple[str, bool]:
-    """The table (one row per rank, one column per check) and whether everything passed."""
+    """The table (one row per rank, one column per check), each check's details, the failures,
+    and whether everything passed."""
     names = [c["name"] for c in next(iter(reports.values()))["checks"]] if reports else []
     short = [n.rpartition(":")[2].removeprefix("check_") for n in names]
     head = ["rank", "world", "local", "node", "device", "backend", "strategy", "precision"]
@@ -62,6 +88,7 @@ def format_report(reports: Mapping[int, Mapping[str, Any]]) -> tuple[str, bool]:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
              for row in [header, *rows]]
     ok = bool(reports) and not failed
+    lines += _details(short, reports)
     lines += [f"  {line}" for line in failed]
     lines.append(f"distlib test: PASSED ({len(reports)} ranks, {len(names)} checks each)" if ok
                  else f"distlib test: FAILED ({len(failed)} failed checks)")

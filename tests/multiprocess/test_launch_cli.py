@@ -280,3 +280,61 @@ def test_ranks_read_the_launchers_stdin(work: Path) -> None:
                                "--start-method", method, "echo.py"], cwd=work, input="hi\n",
                               capture_output=True, text=True, timeout=TIMEOUT)
         assert done.stdout.split() == ["got", "hi"], (method, done.stderr)
+
+
+# Every rank clips by the norm of its own shards only (the norm is not reduced over the mesh),
+# as a clip_grad_norm that forgot DTensors would: the ranks step differently from one process.
+BROKEN_CLIP_GRAD_NORM = textwrap.dedent("""
+    import torch
+    import distlib
+
+    def clip_grad_norm(model, max_norm):
+        grads = [getattr(p.grad, "_local_tensor", p.grad) for p in model.parameters()
+                 if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        for g in grads:
+            g.mul_(min(1.0, max_norm / (float(norm) + 1e-6)))
+        return norm
+
+    distlib.clip_grad_norm = clip_grad_norm
+""")
+
+
+def _rows(stdout: str, column: str) -> dict[int, str]:
+    """The ``column`` cell of each rank's row of the ``distlib test`` table."""
+    lines = stdout.splitlines()
+    header = next(line.split() for line in lines if line.split()[:2] == ["rank", "world"])
+    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0].isdigit()]
+    return {int(row[0]): row[header.index(column)] for row in rows if len(row) == len(header)}
+
+
+def test_distlib_test_checks_a_tensor_parallel_mesh_and_fails_a_broken_clip(work: Path) -> None:
+    command = ["test", "--cpu", "--num-processes", "4", "--tp-size", "2"]
+    done = _cli(command, work, PYTHONPATH=_python_path())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1].startswith("distlib test: PASSED (4 ranks")
+    assert _rows(done.stdout, "mesh") == dict.fromkeys(range(4), "ok")
+    assert _rows(done.stdout, "strategy") == dict.fromkeys(range(4), "fsdp")  # picked for tp
+    details = [line.split(None, 1)[1] for line in done.stdout.splitlines()
+               if line.startswith("  mesh ")]
+    assert len(details) == 1 and details[0].startswith("ranks 0-3: mesh dp_shard=2 x tp=2 (")
+    assert "4 steps match 1 process" in details[0]
+    broken = work / "broken"
+    broken.mkdir()
+    (broken / "sitecustomize.py").write_text(BROKEN_CLIP_GRAD_NORM)
+    done = _cli(command, work, PYTHONPATH=_python_path(broken))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1].startswith("distlib test: FAILED")
+    assert _rows(done.stdout, "mesh") == dict.fromkeys(range(4), "FAIL")
+    for rank in range(4):
+        assert (f"rank {rank} distlib.cli._checks:check_mesh: StrategyError: distlib test mesh: "
+                "the largest relative loss difference of mesh dp_shard=2 x tp=2 (") in done.stdout
+    # transformers is a test extra, not a dependency: without it the check trains its MLP.
+    missing = work / "no_transformers"
+    missing.mkdir()
+    (missing / "sitecustomize.py").write_text("import sys\nsys.modules['transformers'] = None\n")
+    done = _cli(command, work, PYTHONPATH=_python_path(missing))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _rows(done.stdout, "mesh") == dict.fromkeys(range(4), "ok")
+    assert ("  mesh            ranks 0-3: mesh dp_shard=2 x tp=2 (mlp, fsdp/no): 4 steps match 1 "
+            "process") in done.stdout

@@ -140,3 +140,49 @@ def test_self_test_training_check_passes_in_one_process(precision: str) -> None:
     from distlib.cli._checks import check_training
 
     assert "4 steps match 1 process" in check_training(dl.Env(precision=precision))
+
+
+def test_self_test_mesh_check_says_a_data_parallel_mesh_is_the_training_checks() -> None:
+    from distlib.cli._checks import check_mesh
+
+    detail = check_mesh(dl.Env(world_size=4, rank=1, local_world_size=4, local_rank=1))
+    assert detail == ("skipped: no tp/cp axis (mesh dp_shard=4; training covers data "
+                      "parallelism)")
+
+
+@pytest.mark.parametrize(("sizes", "strategy", "reason"), [
+    ({"dp_shard": 2, "cp": 2}, "fsdp", "context parallelism (cp > 1) must run on CUDA"),
+    ({"dp_shard": 2, "tp": 2}, "ddp", "'ddp' must run on a data-parallel mesh"),
+])
+def test_self_test_mesh_check_fails_with_wraps_refusal_naming_the_mesh(
+        sizes: dict[str, int], strategy: str, reason: str) -> None:
+    from distlib.cli._checks import check_mesh
+    from distlib.topology import Mesh
+
+    # wrap refuses before it joins a group: one process can see the refusal of rank 0 of 4.
+    env = dl.Env(world_size=4, rank=0, local_world_size=4, mesh=Mesh(**sizes),
+                 strategy=strategy)
+    with pytest.raises(StrategyError) as caught:
+        check_mesh(env)
+    message = str(caught.value)
+    assert message.startswith(f"distlib test mesh: wrap must accept the mesh {env.mesh} under "
+                              f"strategy {strategy!r} on cpu, but it refused: wrap(): ")
+    assert reason in message
+
+
+def test_self_test_mesh_models_split_under_their_tp_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from distlib.cli._checks import _tiny_model
+    from distlib.training.tp import plan_tensor_parallel
+
+    pytest.importorskip("transformers")
+    name, llama, plan, vocab = _tiny_model(4)
+    assert (name, plan, vocab) == ("llama", "auto", 128)
+    assert (llama.config.num_attention_heads, llama.config.num_key_value_heads) == (8, 4)
+    assert "model.layers.0.self_attn.q_proj" in plan_tensor_parallel(llama, plan, 4)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # a test extra, not a dependency
+    name, mlp, plan, vocab = _tiny_model(4)
+    assert (name, plan, vocab) == ("mlp", {"up": "colwise", "down": "rowwise"}, 128)
+    assert sorted(plan_tensor_parallel(mlp, plan, 4)) == ["down", "up"]
+    assert mlp(torch.zeros(2, 3, dtype=torch.long)).shape == (2, 3, 128)
