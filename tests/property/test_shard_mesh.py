@@ -40,7 +40,7 @@ def loaders(draw: Any, mesh: Mesh) -> dict[str, Any]:
     kind = draw(st.sampled_from(["map", "iterable", "shuffled"]))
     split = draw(st.booleans())
     batch = draw(st.integers(1, 4)) * (mesh.dp_size if split else 1)
-    return {"kind": kind, "n": draw(st.integers(0, 40)), "batch": batch,
+    return {"kind": kind, "n": draw(st.integers(1 if kind == "shuffled" else 0, 40)), "batch": batch,
             "drop_last": draw(st.booleans()),
             "options": {"split_batches": split, "even_batches": draw(st.booleans())}}
 
