@@ -198,17 +198,21 @@ def _chain_forward_prefetch(units: list[Any]) -> None:
 
 
 def apply(model: torch.nn.Module, strategy: FSDP, env: Env, *, optimizer: Any = None,
-          scheduler: Any = None, tp_plan: str | Mapping[str, Any] = "auto") -> tuple[Any, Any, Any]:
+          scheduler: Any = None, tp_plan: str | Mapping[str, Any] = "auto",
+          compile: Mapping[str, Any] | None = None) -> tuple[Any, Any, Any]:
     """Apply the Env's mesh: tensor parallel on ``tp``, then FSDP2 over the data axes.
 
     torchtitan's order: ``parallelize_module`` over the ``tp`` ranks (when ``tp > 1``), then
-    activation checkpointing of each unit, then ``fully_shard`` of the units and the root over
+    activation checkpointing of each unit, then ``torch.compile`` of each unit in place (with
+    ``compile`` options; the root when there are no units), then ``fully_shard`` of the units
+    and the root over
     `data_mesh` (HSDP when ``dp_replicate > 1``). Context parallelism (``cp > 1``) acts in
     the forward (`distlib.training.cp.context_parallel`); here its ranks join the shard axis.
 
     Args:
         tp_plan: with ``tp > 1``, ``"auto"`` (the model's transformers plan) or a mapping
             ``{module pattern: style}`` (see `distlib.training.tp.plan_tensor_parallel`).
+        compile: ``torch.compile`` options, or None not to compile.
 
     Returns:
         ``(model, optimizer, scheduler)``: the same module object, now an ``FSDPModule``
@@ -247,8 +251,12 @@ def apply(model: torch.nn.Module, strategy: FSDP, env: Env, *, optimizer: Any = 
     for name in units:
         if strategy.activation_checkpointing:
             checkpoint(modules[name])
+        if compile is not None:
+            modules[name].compile(**compile)
         fully_shard(modules[name], mesh=mesh,  # type: ignore[call-overload]
                     **_policies(strategy, env, root=False))
+    if compile is not None and not units:
+        model.compile(**compile)
     fully_shard(model, mesh=mesh, **_policies(strategy, env, root=True))
     if strategy.forward_prefetch:
         _chain_forward_prefetch([modules[name] for name in reversed(units)])

@@ -63,7 +63,8 @@ def _resolve(env_or_strategy: Env | Strategy | str | None, env: Env | None) -> t
 
 
 def _apply(model: Any, strategy: Strategy, env: Env, optimizer: Any,
-           scheduler: Any, tp_plan: str | Mapping[str, Any]) -> tuple[Any, Any, Any]:
+           scheduler: Any, tp_plan: str | Mapping[str, Any],
+           compile_options: dict[str, Any] | None) -> tuple[Any, Any, Any]:
     """Run the strategy's own ``apply`` method, else the built-in applier of its type."""
     own = getattr(strategy, "apply", None)
     if callable(own):
@@ -78,7 +79,9 @@ def _apply(model: Any, strategy: Strategy, env: Env, optimizer: Any,
                    "method that returns (model, optimizer, scheduler) with a Wrapped attached "
                    "to the model (distlib.training.attach).")
             raise StrategyError(msg)
-        extra = {"tp_plan": tp_plan} if env.mesh.tp > 1 else {}
+        extra: dict[str, Any] = {"tp_plan": tp_plan} if env.mesh.tp > 1 else {}
+        if compile_options is not None and isinstance(strategy, FSDP):
+            extra["compile"] = compile_options  # each unit, before fully_shard (torchtitan's order)
         out = builtin(model, strategy, env, optimizer=optimizer, scheduler=scheduler, **extra)
     if not (isinstance(out, tuple) and len(out) == 3) or wrapped_of(out[0]) is None:
         msg = (f"wrap(): strategy {strategy.name!r}'s apply must return (model, optimizer, "
@@ -135,14 +138,17 @@ def _check_mesh(model: Any, strategy: Strategy, env: Env,
 _COMPILE_KEYS = ("backend", "mode", "fullgraph", "dynamic", "options")
 
 
-def _compile(model: Any, compile: bool | Mapping[str, Any]) -> Any:
+def _compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None:
+    """``torch.compile`` keyword arguments for ``compile=`` (None: do not compile)."""
+    if not compile:
+        return None
     options = {} if compile is True else dict(compile)  # type: ignore[arg-type]
     unknown = sorted(set(options) - set(_COMPILE_KEYS))
     if unknown:
         msg = (f"wrap(): compile must only have the keys {', '.join(_COMPILE_KEYS)}, but got "
                f"{unknown}. E.g. compile={{'backend': 'inductor', 'mode': 'max-autotune'}}.")
         raise StrategyError(msg)
-    return torch.compile(model, **options)
+    return options
 
 
 def _check_scheduler_steps(scheduler_steps: object, split_batches: object, optimizer: Any,
@@ -229,7 +235,10 @@ def wrap(model: torch.nn.Module, env_or_strategy: Env | Strategy | str | None = 
             ``dp_replicate > 1``); ``cp > 1`` (CUDA only) splits sequences in
             ``dl.context_parallel``.
         compile: ``True`` or ``torch.compile`` options (``backend``, ``mode``,
-            ``fullgraph``, ``dynamic``, ``options``) to compile the wrapped model.
+            ``fullgraph``, ``dynamic``, ``options``). Under FSDP each unit (block) is compiled
+            in place after tensor parallelism and activation checkpointing and before
+            ``fully_shard`` (torchtitan's order; the root too when there are no units), and
+            the FSDP module itself is returned; otherwise the wrapped model is compiled.
         scheduler_steps: ``"once"`` (default): ``scheduler.step()`` is the user's scheduler's
             own, one step per call, so a schedule counts optimizer steps, whatever the number
             of processes. ``"accelerate"``: step as Accelerate's prepared scheduler does, for
@@ -269,10 +278,11 @@ def wrap(model: torch.nn.Module, env_or_strategy: Env | Strategy | str | None = 
                f"{wrapped_of(model)!r}. Wrap the original module once (see dl.unwrap).")
         raise StrategyError(msg)
     _check_mesh(model, strategy, env, tp_plan)
+    options = _compile_options(compile)
     model_out, optimizer_out, scheduler_out = _apply(model, strategy, env, optimizer, scheduler,
-                                                     tp_plan)
-    if compile:
-        model_out = _compile(model_out, compile)
+                                                     tp_plan, options)
+    if options is not None and not isinstance(strategy, FSDP):
+        model_out = torch.compile(model_out, **options)
     if scheduler_steps == "accelerate":
         scheduler_out = AccelerateScheduler.for_env(scheduler_out, optimizer_out, env,
                                                     split_batches=split_batches)
