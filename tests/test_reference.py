@@ -80,10 +80,17 @@ def _fields(entry: str) -> list[str]:
     return [f.name for f in dataclasses.fields(value) if not f.name.startswith("_")]
 
 
+# A value type's fields have no docstrings of their own: list them anyway, without the
+# dataclass machinery (__init__, __post_init__) and the "class-attribute" labels.
+VALUE_OPTIONS = """
+    options:
+      show_if_no_docstring: true
+      show_labels: false
+      filters: ["!^_[^_]", "!^__init__$", "!^__post_init__$"]"""
+
+
 def _directive(entry: str) -> str:
-    # A value type's fields have no docstrings of their own; list them anyway.
-    options = "\n    options:\n      show_if_no_docstring: true" if _fields(entry) else ""
-    return f"::: {_path(entry)}{options}"
+    return f"::: {_path(entry)}{VALUE_OPTIONS if _fields(entry) else ''}"
 
 
 def render() -> str:
