@@ -33,7 +33,9 @@ def tests(session: nox.Session) -> None:
     """Unit, property, multiprocess and doc tests, plus doctests of the package (CPU)."""
     _install(session, "test")
     args = session.posargs or ["tests", "distlib", "-p", "no:cacheprovider",
-                               "--durations=15", "--ignore=tests/xla"]
+                               "--durations=15", "--ignore=tests/xla",
+                               # the built site's browser check runs in the docs session
+                               "--ignore=tests/site"]
     session.run("python", "-m", "pytest", *args, env={"PYTHONHASHSEED": "0"})
 
 
@@ -60,10 +62,19 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Build the documentation with mkdocs --strict (API pages from the docstrings)."""
+    """Build the documentation with mkdocs --strict (API pages from the docstrings, pictures
+    drawn from distlib's code), then open every page in headless Chromium (tests/site/)."""
     _install(session, "docs")
-    session.run("mkdocs", "build", "--strict", "--site-dir", session.create_tmp() + "/site",
+    site = session.create_tmp() + "/site"
+    session.run("mkdocs", "build", "--strict", "--site-dir", site,
                 env={"NO_MKDOCS_2_WARNING": "1"})
+    # The built site: every page renders in a browser, links and pictures resolve, and the
+    # reference page has a heading for every public name. Chromium: $DISTLIB_CHROMIUM or
+    # `chromium` on the PATH (.ci/run installs Debian's); playwright never downloads one.
+    session.run("python", "-m", "pytest", "tests/site", "tests/test_reference.py",
+                "-p", "no:cacheprovider", "-q",
+                env={"DISTLIB_SITE_DIR": site, "DISTLIB_REQUIRE_BROWSER": "1",
+                     "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1"})
 
 
 @nox.session
