@@ -150,7 +150,7 @@ def dumps(obj: Any) -> bytes:
     try:
         return _dumps(obj)
     except Exception as exc:  # pickling runs arbitrary __reduce__ code
-        raise _refusal(obj, exc) from exc
+        raise _refusal(obj, exc) from None  # the message names the cause
 
 
 def loads(data: bytes) -> Any:
