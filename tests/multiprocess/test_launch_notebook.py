@@ -115,7 +115,10 @@ def test_launch_from_a_notebook_kernel(tmp_path: Path) -> None:
     notebook = tmp_path / "train.ipynb"
     nbformat.write(nbformat.v4.new_notebook(
         cells=[nbformat.v4.new_code_cell(source) for source in CELLS]), notebook)
-    environ = {**os.environ, "JUPYTER_PATH": str(tmp_path / "jupyter")}
+    # Kernel spec, connection files and IPython's profile all in tmp_path, not the user's home.
+    environ = {**os.environ, "JUPYTER_PATH": str(tmp_path / "jupyter"),
+               "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+               "IPYTHONDIR": str(tmp_path / "ipython")}
     done = subprocess.run([execute, "--inplace", "--kernel_name=distlib-test",
                            f"--timeout={TIMEOUT}", "--startup_timeout=120", str(notebook)],
                           cwd=tmp_path, env=environ, capture_output=True, text=True,
