@@ -7,7 +7,9 @@ A quick run (CI):           python examples/train.py --quick
 
 The model reads the previous CONTEXT characters and predicts the next one. The loss starts near
 ln(vocabulary size) and falls as the model learns the text; the main rank shows a progress bar
-and, at the end, a sample the model writes from a prompt. The distlib lines are marked "# dl".
+and, at the end, a sample the model writes from the text's first CONTEXT characters: once
+trained, it continues the text ("Four score and seven years ago our fathers brought ...").
+The distlib lines are marked "# dl".
 """
 
 from __future__ import annotations
@@ -73,17 +75,24 @@ def strategy_from(args: argparse.Namespace) -> object | None:
 
 @torch.no_grad()
 def sample(model: nn.Module, chars: list[str], env: dl.Env, prompt: str, n: int) -> str:
-    """Greedy continuation of ``prompt``; every rank runs it (sharded models need all ranks)."""
+    """Greedy continuation of ``prompt``; every rank runs it (sharded models need all ranks).
+
+    The model only ever saw CONTEXT characters of the text, so the prompt is CONTEXT characters
+    or more of characters it knows, never padded with anything it did not see.
+    """
+    unknown = sorted(set(prompt) - set(chars))
+    if len(prompt) < CONTEXT or unknown:
+        msg = (f"sample(): prompt must be at least {CONTEXT} characters of the training text's "
+               f"alphabet, but got {prompt!r} ({len(prompt)} characters, unknown: {unknown}). "
+               f"Take the prompt from the text, e.g. text[:{CONTEXT}].")
+        raise ValueError(msg)
     model.eval()
-    ids = [chars.index(c) for c in prompt.rjust(CONTEXT)[-CONTEXT:] if c in chars]
-    ids = [chars.index(" ")] * (CONTEXT - len(ids)) + ids
-    out = []
+    ids = [chars.index(c) for c in prompt]
     for _ in range(n):
         logits = model(torch.tensor([ids[-CONTEXT:]], device=env.device))
         ids.append(int(logits[0].argmax()))
-        out.append(chars[ids[-1]])
     model.train()
-    return prompt + "".join(out)
+    return "".join(chars[i] for i in ids)
 
 
 def main() -> None:
@@ -105,7 +114,8 @@ def main() -> None:
     if args.precision is not None:
         env = dataclasses.replace(env, precision=args.precision)
     dl.seed(0, env)                                                                # dl
-    data, chars = dataset(TEXT.read_text(encoding="utf-8"))
+    text = TEXT.read_text(encoding="utf-8")
+    data, chars = dataset(text)
     # A seeded generator: every strategy sees the same batches (losses can be compared).
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True,
                                          drop_last=True, generator=torch.Generator().manual_seed(0))
@@ -141,13 +151,14 @@ def main() -> None:
                 break
         epoch += 1
     bar.close()
-    text = sample(model, chars, env, "Four score and", 60)
+    # The prompt is the text's first CONTEXT characters: a trained model continues the text.
+    written = sample(model, chars, env, text[:CONTEXT], 60)
     if env.is_main:
         print(f"{env.strategy.name if args.strategy is None else args.strategy}, "
               f"{env.world_size} process(es), precision {env.precision}: loss {first:.3f} -> "
               f"{last:.3f} (uniform guess: {math.log(len(chars)):.3f}) in "
               f"{time.perf_counter() - start:.1f} s")
-        print(f"sample: {text!r}")
+        print(f"sample: {written!r}")
 
 
 if __name__ == "__main__":
