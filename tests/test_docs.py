@@ -23,7 +23,7 @@ def test_page_code_runs(page: pathlib.Path, tmp_path: pathlib.Path,
     monkeypatch.chdir(tmp_path)  # pages may write files; keep them out of the repo
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
     for i, block in enumerate(python_blocks(page)):
-        code = compile(block, f"{page.name}[block {i}]", "exec")
+        code = compile(block, f"{page.name}[block {i}]", "exec", dont_inherit=True)
         exec(code, namespace)
 
 
