@@ -151,7 +151,7 @@ class _Tails:
     def __init__(self, output: OutputPlan) -> None:
         self.output = output
         self.running: list[Any] = []
-        self.files: list[Any] = []
+        self.files: list[tuple[Any, str]] = []  # (a rank's log, its error file)
         self.opened = False  # the log files: truncated by the first attempt, then appended
 
     def start(self, pcontext: Any) -> None:
@@ -187,17 +187,24 @@ class _Tails:
                           buffering=1)
             if not first:
                 handle.write(f"--- distlib: attempt {attempt + 1} (after a restart) ---\n")
-            self.files.append(handle)
+            self.files.append((handle, str(pcontext.error_files.get(local) or "")))
             self.running.append(TailLog("rank", kept, handle, dict.fromkeys(kept, "")).start())
 
     def stop(self) -> None:
-        """Copy what is left of each file, then stop (the ranks have ended).
+        """Copy what is left of each file, then stop (the ranks have ended); a rank that
+        raised gets its traceback at the end of its log (the bootstrap hands it to the agent
+        instead of printing it, so the report shows it once).
 
-        Effects: joins the threads; closes the log files.
+        Effects: joins the threads; appends to and closes the log files.
         """
         for tail in self.running:
             tail.stop()
-        for handle in self.files:
+        for handle, error_file in self.files:
+            info = _read(error_file).get("message", {}) if error_file else {}
+            stack = info.get("extraInfo", {}).get("py_callstack") if isinstance(
+                info, dict) else None
+            if stack and self.output.keeps(2):
+                handle.write(str(stack))
             handle.close()
         self.running, self.files = [], []
 

@@ -249,7 +249,7 @@ def check_port(plan: LaunchPlan) -> None:
             raise LaunchError(msg) from None
 
 
-def prepare_log_dir(plan: LaunchPlan, call: str = "launch()") -> LaunchPlan:
+def prepare_log_dir(plan: LaunchPlan) -> LaunchPlan:
     """Create ``plan.log_dir`` (an absolute path from here on) before anything starts.
 
     Raises:
@@ -276,7 +276,7 @@ def prepare_log_dir(plan: LaunchPlan, call: str = "launch()") -> LaunchPlan:
     if not why and not os.access(path, os.W_OK | os.X_OK):
         why = "the folder is not writable"
     if why:
-        msg = (f"{call}: log_dir must be a folder that can be created and written, but got "
+        msg = (f"launch(): log_dir must be a folder that can be created and written, but got "
                f"{plan.log_dir!r}: {why}. Pass another --log-dir (log_dir=), or leave it out.")
         raise LaunchError(msg)
     return dataclasses.replace(plan, log_dir=path)
@@ -354,7 +354,7 @@ def run_plan(plan: LaunchPlan, command: Sequence[str], *, environ: Mapping[str, 
     SIGTERM stops it and every rank before returning or re-raising; on timeout it first asks
     every rank for its Python stack.
     """
-    plan = prepare_log_dir(plan, call)
+    plan = prepare_log_dir(plan)
     note = "" if plan.quiet else output_note(plan, call)
     if note:
         print(note, file=sys.stderr, flush=True)

@@ -171,9 +171,9 @@ def test_a_log_dir_that_cannot_be_created_is_refused_before_anything_starts(
         tmp_path: Path, make, why) -> None:
     target = str(make(tmp_path))
     with pytest.raises(LaunchError) as info:
-        prepare_log_dir(LaunchPlan(log_dir=target), "distlib launch")
+        prepare_log_dir(LaunchPlan(log_dir=target))
     text = str(info.value)
-    assert text.startswith("distlib launch: log_dir must be a folder that can be created and "
+    assert text.startswith("launch(): log_dir must be a folder that can be created and "
                            f"written, but got {target!r}: ")
     assert why in text and "Pass another --log-dir" in text
 
