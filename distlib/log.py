@@ -78,17 +78,21 @@ def get_logger(name: str, env: Env, level: int | str | None = None) -> RankLogge
 
 
 def main_print(env: Env, *values: object, local: bool = False, **print_kwargs: Any) -> None:
-    """`print` on the main process only (rank 0), or on each machine's first rank.
+    """`print` on the main process only (rank 0), or on each machine's first rank; flushed.
 
-    Accelerate's ``accelerator.print`` prints on each machine's first rank: that is
-    ``main_print(env, ..., local=True)``.
+    This is the answer to Accelerate's ``accelerator.print``, which prints on each machine's
+    first rank: ``main_print(env, ..., local=True)``. The line is flushed at once (unless
+    ``flush=False``), so it reaches the console promptly even when the launcher captures the
+    ranks' output into files (``--log-dir``, ``--ranks-filter``, ``--rank-prefix``), where a
+    rank's stdout is no terminal and Python would otherwise buffer it until the rank ends.
 
     Args:
         env: this process's Env.
         *values: what `print` prints.
         local: print on the first rank of every machine (``env.is_local_main``) instead of
             on global rank 0 only.
-        **print_kwargs: `print`'s keywords (``sep``, ``end``, ``file``, ``flush``).
+        **print_kwargs: `print`'s keywords (``sep``, ``end``, ``file``, ``flush``; flush
+            defaults to True).
 
     Examples:
         >>> main_print(Env(), "step", 1, sep="=")
@@ -98,4 +102,4 @@ def main_print(env: Env, *values: object, local: bool = False, **print_kwargs: A
     Effects: writes to ``sys.stdout`` (or ``file=``) on the chosen ranks.
     """
     if env.is_local_main if local else env.is_main:
-        print(*values, **print_kwargs)
+        print(*values, **{"flush": True} | print_kwargs)

@@ -29,7 +29,13 @@ from distlib.launcher._hang import (
     frames_of_stack,
     hang_lines,
 )
-from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan, resolve_mesh
+from distlib.launcher.plan import (
+    DEFAULT_TIMEOUT_S,
+    LaunchPlan,
+    OutputPlan,
+    plan_output,
+    resolve_mesh,
+)
 
 __all__ = ["main"]
 
@@ -49,8 +55,12 @@ def _num_cpus() -> int:
     return min(cores, allowed) if allowed else cores
 
 
-def _launch_config(plan: LaunchPlan, log_dir: str, start_method: str) -> Any:
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+def _launch_config(plan: LaunchPlan, log_dir: str, start_method: str,
+                   capture: bool = False) -> Any:
+    """torch's ``LaunchConfig`` for ``plan``; with ``capture`` every rank's stdout and stderr
+    go to files under ``log_dir`` (torch's redirects, for forked and spawned ranks alike),
+    which `_Tails` reads back to the console and the user's log files."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.launcher.api import LaunchConfig
 
     nproc = _nproc(plan)
@@ -70,7 +80,9 @@ def _launch_config(plan: LaunchPlan, log_dir: str, start_method: str) -> Any:
         run_id=plan.run_id, role="rank", rdzv_backend=plan.rdzv_backend,
         rdzv_endpoint=f"{plan.main_address}:{plan.main_port}", rdzv_configs=configs,
         max_restarts=plan.max_restarts, monitor_interval=plan.monitor_interval_s,
-        start_method=start_method, logs_specs=DefaultLogsSpecs(log_dir=log_dir), **extra,
+        start_method=start_method, **extra,
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir,
+                                    redirects=Std.ALL if capture else Std.NONE),
     )
 
 
@@ -91,11 +103,110 @@ def _fork(plan: LaunchPlan, command: Sequence[str]) -> bool:
     return _visible_gpus(plan) == 0
 
 
-def _no_traceback(exitcode: int) -> str:
+def _no_traceback(exitcode: int, output: str = "") -> str:
     if exitcode < 0:
         return f"(stopped by signal {-exitcode}; no Python traceback)"
+    where = output or "the rank's own output above"
     return (f"(exited with code {exitcode} without a Python traceback: sys.exit(), a program "
-            "run with --no-python, or a crash; see the rank's own output above)")
+            f"run with --no-python, or a crash; see {where})")
+
+
+def _where_output(output: OutputPlan, rank: int) -> str:
+    """Where a rank's stderr can be read after the job: the console, its log, or nowhere."""
+    log = (os.path.join(output.log_dir, f"rank_{rank}.log")
+           if output.log_dir and output.keeps(2) else "")
+    if output.shows(rank, 2):
+        return f"the rank's own output above{f' and in {log}' if log else ''}"
+    return f"its log file {log}" if log else (
+        "nothing: its output was not shown (--ranks-filter) and no --log-dir kept it")
+
+
+class _OnePrefix:
+    """A console stream that writes a line once prefixed: ``[rank 1] [rank 1] x`` (a line
+    `distlib.log.RankLogger` already prefixed) becomes ``[rank 1] x``."""
+
+    def __init__(self, dst: Any, heads: Mapping[int, str]) -> None:
+        self.dst, self.heads = dst, tuple(h for h in set(heads.values()) if h)
+
+    def write(self, text: str) -> int:
+        for head in self.heads:
+            if text.startswith(head + head):
+                text = text[len(head):]
+                break
+        return int(self.dst.write(text))
+
+    def flush(self) -> None:
+        self.dst.flush()
+
+
+class _Tails:
+    """Reads the captured output of each attempt's ranks back, line by line (a handle).
+
+    The ranks write into torch's redirect files; torch's own `TailLog` copies them to the
+    console (the shown ranks, ``[rank N] `` first when prefixing) and, with a log folder, to
+    ``rank_N.log`` there (both streams, as they come). Started after torch starts the ranks,
+    stopped after torch stops them, so every line written is copied before the agent ends.
+    """
+
+    def __init__(self, output: OutputPlan) -> None:
+        self.output = output
+        self.running: list[Any] = []
+        self.files: list[tuple[Any, str]] = []  # (a rank's log, its error file)
+        self.opened = False  # the log files: truncated by the first attempt, then appended
+
+    def start(self, pcontext: Any) -> None:
+        """Tail the redirect files of ``pcontext`` (torch's process context).
+
+        Effects: starts threads; opens (truncates on the first attempt) the log files.
+        """
+        from torch.distributed.elastic.multiprocessing.tail_log import TailLog
+
+        if not self.output.capture or pcontext is None:
+            return
+        out = self.output
+        ranks = {local: int(env.get("RANK", local)) for local, env in pcontext.envs.items()}
+        heads = {local: f"[rank {rank}] " if out.prefix else "" for local, rank in ranks.items()}
+        console = [(pcontext.stdouts, 1, sys.stdout), (pcontext.stderrs, 2, sys.stderr)]
+        for paths, stream, dst in console:
+            shown = {local: path for local, path in paths.items()
+                     if path and out.shows(ranks[local], stream)}
+            once: Any = _OnePrefix(dst, heads)
+            self.running.append(TailLog("rank", shown, once, heads).start())
+        if out.log_dir is None:
+            return
+        envs: dict[int, dict[str, str]] = dict(pcontext.envs)
+        attempt = int(envs[min(envs)].get("TORCHELASTIC_RESTART_COUNT", "0")) if envs else 0
+        first, self.opened = not self.opened, True
+        for local, rank in ranks.items():
+            kept = {stream: paths[local] for paths, stream, _ in console
+                    if paths.get(local) and out.keeps(stream)}
+            if not kept:
+                continue
+            handle = open(os.path.join(out.log_dir, f"rank_{rank}.log"),  # noqa: SIM115
+                          "w" if first else "a", encoding="utf-8", errors="replace",
+                          buffering=1)
+            if not first:
+                handle.write(f"--- distlib: attempt {attempt + 1} (after a restart) ---\n")
+            self.files.append((handle, str(pcontext.error_files.get(local) or "")))
+            self.running.append(TailLog("rank", kept, handle, dict.fromkeys(kept, "")).start())
+
+    def stop(self) -> None:
+        """Copy what is left of each file, then stop (the ranks have ended); a rank that
+        raised gets its traceback at the end of its log (the bootstrap hands it to the agent
+        instead of printing it, so the report shows it once).
+
+        Effects: joins the threads; appends to and closes the log files.
+        """
+        for tail in self.running:
+            tail.stop()
+        for handle, error_file in self.files:
+            info = _read(error_file).get("message", {}) if error_file else {}
+            stack = info.get("extraInfo", {}).get("py_callstack") if isinstance(
+                info, dict) else None
+            if stack and self.output.keeps(2):
+                handle.write(str(stack))
+            handle.close()
+        self.running, self.files = [], []
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -116,8 +227,10 @@ class _Watch:
     anything is stopped); after a failed check it prints the attempt's line.
     """
 
-    def __init__(self, plan: LaunchPlan, log_dir: str, call: str) -> None:
+    def __init__(self, plan: LaunchPlan, log_dir: str, call: str,
+                 output: OutputPlan | None = None) -> None:
         self.plan, self.log_dir, self.call = plan, log_dir, call
+        self.output = output or OutputPlan()
         self.exits: dict[tuple[int, int], int] = {}  # (attempt, rank) -> exit code, in order
         self.stopped: set[tuple[int, int]] = set()  # ranks this agent stopped after a stall
         self.hang: dict[int, dict[str, Any]] = {}  # attempt -> the hang report
@@ -230,7 +343,7 @@ class _Watch:
         line = (f"attempt {attempt + 1} of {total} failed: {_summary(rows[0], self.hang.get(attempt))}"
                 if rows else f"attempt {attempt + 1} of {total} failed")
         self.attempts.append(line)
-        if agent._remaining_restarts > 0:
+        if agent._remaining_restarts > 0 and not self.plan.quiet:
             print(f"{self.call}: {line}; restarting ({agent._remaining_restarts} "
                   f"restart{'s' if agent._remaining_restarts > 1 else ''} left)",
                   file=sys.stderr, flush=True)
@@ -269,7 +382,7 @@ class _Watch:
                          "collective": info.get("distlib_collective", ""),
                          "message": "" if traceback else (
                              "(stopped by the launcher after the stall report)" if stopped
-                             else _no_traceback(exitcode)),
+                             else _no_traceback(exitcode, _where_output(self.output, rank))),
                          "order": key})
         rows.sort(key=lambda row: (row["order"], row["rank"]))
         for row in rows:
@@ -302,17 +415,20 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _observe(watch: _Watch) -> None:
-    """Let ``watch`` look at the ranks before and after each of torch's health checks.
+def _observe(watch: _Watch, tails: _Tails) -> None:
+    """Let ``watch`` look at the ranks before and after each of torch's health checks, and
+    ``tails`` read each attempt's output from when torch starts the ranks to when it stops them.
 
     torch's agent has no hook for this; its ``_monitor_workers`` is the one place every
-    check passes through. This process is the agent's own, so the wrapper touches no user code.
+    check passes through, ``_start_workers`` and ``_shutdown`` the places every attempt starts
+    and ends. This process is the agent's own, so the wrappers touch no user code.
 
-    Effects: replaces ``LocalElasticAgent._monitor_workers`` in this process.
+    Effects: replaces three methods of ``LocalElasticAgent`` in this process.
     """
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
     original = LocalElasticAgent._monitor_workers
+    start, shutdown = LocalElasticAgent._start_workers, LocalElasticAgent._shutdown
 
     def monitor(agent: Any, group: Any) -> Any:
         watch.before(agent, group)
@@ -320,7 +436,21 @@ def _observe(watch: _Watch) -> None:
         watch.after(agent, group, result)
         return result
 
+    def start_workers(agent: Any, group: Any) -> Any:
+        pids = start(agent, group)
+        tails.start(agent._pcontext)
+        return pids
+
+    def stop_all(agent: Any, death_sig: signal.Signals = signal.SIGTERM,
+                 timeout: int = 30) -> None:
+        try:
+            shutdown(agent, death_sig, timeout)
+        finally:
+            tails.stop()
+
     LocalElasticAgent._monitor_workers = monitor  # type: ignore[method-assign]
+    LocalElasticAgent._start_workers = start_workers  # type: ignore[method-assign]
+    LocalElasticAgent._shutdown = stop_all  # type: ignore[method-assign, assignment]
 
 
 def _stdin_copy() -> int:
@@ -379,7 +509,7 @@ def main(argv: Sequence[str]) -> int:
     saved = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     command = spec["command"]
-    refused = _mesh_refusal(plan)
+    refused = _mesh_refusal(plan) or _output_refusal(plan)
     if refused:
         _write_outcome(spec["outcome"], {"ok": False, "failures": [], "error": refused})
         return 1
@@ -388,14 +518,16 @@ def main(argv: Sequence[str]) -> int:
                            gpu_ranks=_visible_gpus(plan) > 0, num_cpus=_num_cpus())
     if threads is not None:  # the ranks inherit it; forked ones apply it (see fork_entry)
         os.environ["OMP_NUM_THREADS"] = str(threads)
-    config = _launch_config(plan, spec["log_dir"], "fork" if fork else "spawn")
+    output = plan_output(plan, _world(plan))
+    config = _launch_config(plan, spec["log_dir"], "fork" if fork else "spawn", output.capture)
     if saved is None:
         del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
     else:
         os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = saved
     entrypoint: Any = fork_entry if fork else command[0]
-    watch = _Watch(plan, spec["log_dir"], spec.get("call", "distlib launch"))
-    _observe(watch)
+    watch = _Watch(plan, spec["log_dir"], spec.get("call", "distlib launch"), output)
+    tails = _Tails(output)
+    _observe(watch, tails)
     outcome: dict[str, Any] = {"ok": True, "failures": []}
     try:
         args = [str(_stdin_copy()), *command[4:]] if fork else command[1:]
@@ -407,6 +539,8 @@ def main(argv: Sequence[str]) -> int:
         outcome = {"ok": False, "failures": [], "signal": str(error.sigval.name)}
     except Exception as error:
         outcome = {"ok": False, "failures": [], "error": _start_error(error, plan)}
+    finally:
+        tails.stop()  # torch's _shutdown stopped them, unless it never got that far
     _write_outcome(spec["outcome"], outcome)
     return 0 if outcome["ok"] else 1
 
@@ -430,6 +564,21 @@ def _mesh_refusal(plan: LaunchPlan) -> str:
     try:
         resolve_mesh(plan.mesh, nproc * plan.max_machines, nproc_per_node=nproc,
                      machines=plan.max_machines)
+    except ConfigError as error:
+        return str(error).removeprefix("launch(): ")
+    return ""
+
+
+def _world(plan: LaunchPlan) -> int | None:
+    """The job's number of ranks once this machine's count is known (None: elastic)."""
+    return None if plan.min_machines != plan.max_machines else _nproc(plan) * plan.max_machines
+
+
+def _output_refusal(plan: LaunchPlan) -> str:
+    """Why ``ranks_filter`` cannot work for the ranks counted here ('' when it can): the plan
+    checks it itself when the process count is fixed, this when the visible GPUs set it."""
+    try:
+        plan_output(plan, _world(plan))
     except ConfigError as error:
         return str(error).removeprefix("launch(): ")
     return ""

@@ -37,10 +37,11 @@ from distlib.launcher._hang import (
 )
 from distlib.launcher._payload import dumps, loads
 from distlib.launcher._start import Agent, start_agent
-from distlib.launcher.plan import LaunchPlan, plan_launch
+from distlib.launcher.plan import LaunchPlan, plan_launch, plan_output
 
 __all__ = ["Failure", "LaunchResult", "Outcome", "check_port", "free_port", "launch",
-           "launch_plan", "root_cause_message", "run_plan", "start_agent"]
+           "launch_plan", "output_note", "prepare_log_dir", "root_cause_message", "run_plan",
+           "start_agent"]
 
 _STOP_GRACE_S = 10.0
 
@@ -248,6 +249,61 @@ def check_port(plan: LaunchPlan) -> None:
             raise LaunchError(msg) from None
 
 
+def prepare_log_dir(plan: LaunchPlan) -> LaunchPlan:
+    """Create ``plan.log_dir`` (an absolute path from here on) before anything starts.
+
+    Raises:
+        LaunchError: the folder cannot be created or written; the message says why.
+
+    Example:
+        >>> prepare_log_dir(LaunchPlan()).log_dir is None
+        True
+
+    Effects: creates the folder (and its parents).
+    """
+    if plan.log_dir is None:
+        return plan
+    path = os.path.abspath(os.path.expanduser(plan.log_dir))
+    why = ""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        why = "a file of that name is in the way"
+    except OSError as error:
+        why = error.strerror or type(error).__name__
+        if isinstance(error, NotADirectoryError):
+            why += " (a file stands where a parent folder should be)"
+    if not why and not os.access(path, os.W_OK | os.X_OK):
+        why = "the folder is not writable"
+    if why:
+        msg = (f"launch(): log_dir must be a folder that can be created and written, but got "
+               f"{plan.log_dir!r}: {why}. Pass another --log-dir (log_dir=), or leave it out.")
+        raise LaunchError(msg)
+    return dataclasses.replace(plan, log_dir=path)
+
+
+def output_note(plan: LaunchPlan, call: str) -> str:
+    """The launcher's note on where the ranks' output goes ('' when nothing is redirected).
+
+    Example:
+        >>> print(output_note(LaunchPlan(nproc_per_node=2, ranks_filter="1", log_dir="/l"), "x"))
+        x: each rank's output also goes to /l/rank_N.log; the console shows rank 1 only.
+    """
+    out = plan_output(plan, plan.world_size)
+    notes = []
+    if plan.log_dir is not None:
+        notes.append(f"each rank's output also goes to {os.path.join(plan.log_dir, 'rank_N.log')}")
+    if out.console is not None:
+        shown = _ranks(out.console)
+        notes.append(f"the console shows {shown} only" + (
+            "" if plan.log_dir else
+            "; the other ranks' output is not kept (pass --log-dir DIR to keep it)"))
+    if out.console_streams != 3:
+        hidden = {0: "stdout and stderr", 1: "stderr", 2: "stdout"}[out.console_streams]
+        notes.append(f"the ranks' {hidden} go to the log files only (--redirects)")
+    return f"{call}: " + "; ".join(notes) + "." if notes else ""
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the agent (it stops its ranks), then SIGKILL its process group if it lingers."""
     if proc.poll() is None:
@@ -290,12 +346,18 @@ def run_plan(plan: LaunchPlan, command: Sequence[str], *, environ: Mapping[str, 
     one `start_agent` started earlier, else one is started here.
 
     Raises:
-        LaunchError: the job ran past ``timeout_s`` (the message says where each rank was).
+        LaunchError: the job ran past ``timeout_s`` (the message says where each rank was),
+            or ``plan.log_dir`` cannot be created.
 
-    Effects: starts the agent process (which starts the ranks); on timeout, Ctrl-C or
+    Effects: creates ``plan.log_dir``; prints where the ranks' output goes (unless
+    ``plan.quiet``); starts the agent process (which starts the ranks); on timeout, Ctrl-C or
     SIGTERM stops it and every rank before returning or re-raising; on timeout it first asks
     every rank for its Python stack.
     """
+    plan = prepare_log_dir(plan)
+    note = "" if plan.quiet else output_note(plan, call)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     outcome_path = os.path.join(work_dir, "outcome.json")
     log_dir = os.path.join(work_dir, "logs")
     spec = {"plan": dataclasses.asdict(plan), "command": list(command),
@@ -368,14 +430,21 @@ def launch(target: Callable[..., Any] | str, *args: Any, num_processes: int | No
             ``run_id``, ``start_method`` (``"auto"``: fork ranks from the agent when no GPU
             is used), ``mesh`` (a `distlib.topology.Mesh`, ``"dp_shard=2,tp=2"`` or
             ``{"tp": 2}``: every rank's ``Env.mesh``; refused before anything starts when its
-            sizes do not multiply to the number of processes).
+            sizes do not multiply to the number of processes); the ranks' output:
+            ``log_dir`` (each rank's stdout and stderr also go to ``log_dir/rank_N.log``),
+            ``ranks_filter`` (``0``, ``"0,2"`` or ``[0, 2]``: the ranks the console shows),
+            ``rank_prefix`` (``[rank N] `` before each line; default: on when one of the
+            others captures the output and several ranks run), ``tee``/``redirects``
+            (torch's stream numbers, 1 stdout, 2 stderr, 3 both: what the log files get,
+            what they alone get), ``quiet`` (no launcher notes).
 
     Returns:
         A `LaunchResult`; for a callable, ``result[rank]`` is what that rank returned.
 
     Raises:
-        ConfigError: the options contradict each other.
-        LaunchError: a rank failed (the message holds its traceback, or the signal that
+        ConfigError: the options contradict each other (or ``ranks_filter`` names a rank
+            that will not exist).
+        LaunchError: ``log_dir`` cannot be created; a rank failed (the message holds its traceback, or the signal that
             killed it), the job was stopped, it hung (a stall or a collective timeout: where
             each rank was), or it ran past ``timeout_s``; with restarts, one line per failed
             attempt comes first. A busy ``main_port`` is refused before anything starts.

@@ -20,14 +20,18 @@ from distlib.precision import parse_precision
 from distlib.strategies.base import parse_strategy
 from distlib.topology import AXES, Mesh, parse_mesh
 
-__all__ = ["DEFAULT_TIMEOUT_S", "RDZV_BACKENDS", "START_METHODS", "LaunchPlan", "mesh_text",
-           "parse_machines", "plan_launch", "resolve_mesh"]
+__all__ = ["DEFAULT_TIMEOUT_S", "RDZV_BACKENDS", "START_METHODS", "STREAMS", "LaunchPlan",
+           "OutputPlan", "mesh_text", "parse_machines", "parse_ranks", "plan_launch",
+           "plan_output", "resolve_mesh"]
 
 
 RDZV_BACKENDS = ("static", "c10d")
 # How the agent starts Python ranks: "fork" reuses its imported torch (CPU-only machines),
 # "spawn" starts fresh interpreters (always safe with CUDA); "auto" forks when no GPU is used.
 START_METHODS = ("auto", "fork", "spawn")
+# A rank's streams as torch's ``Std`` numbers them (``--tee``/``--redirects`` values): 1 stdout,
+# 2 stderr, 3 both, 0 neither.
+STREAMS = (0, 1, 2, 3)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,6 +76,12 @@ class LaunchPlan:
     start_method: str = "auto"
     num_threads: int | None = None
     mesh: Mesh | None = None
+    log_dir: str | None = None
+    ranks_filter: tuple[int, ...] | None = None
+    rank_prefix: bool | None = None
+    tee: int | None = None
+    redirects: int = 0
+    quiet: bool = False
 
     def __post_init__(self) -> None:
         _check_int("nproc_per_node", self.nproc_per_node, 1, allow_none=True)
@@ -122,6 +132,7 @@ class LaunchPlan:
         object.__setattr__(self, "strategy_options", dict(self.strategy_options))
         if self.mesh is not None:
             object.__setattr__(self, "mesh", _plan_mesh(self))
+        _check_output(self)
 
     @property
     def world_size(self) -> int | None:
@@ -153,6 +164,141 @@ def _plan_mesh(plan: LaunchPlan) -> Mesh:
         return value
     return resolve_mesh(value, world, nproc_per_node=plan.nproc_per_node,
                         machines=plan.max_machines)
+
+
+def parse_ranks(value: object, *, source: str = "launch(): ranks_filter"
+                ) -> tuple[int, ...] | None:
+    """Read a list of ranks: ``"0,2"``, ``0``, ``[0, 2]``; ``None`` or ``"all"``: every rank.
+
+    Raises:
+        ConfigError: not whole numbers >= 0, or none at all.
+
+    Examples:
+        >>> parse_ranks("2, 0,2"), parse_ranks(1), parse_ranks("all")
+        ((0, 2), (1,), None)
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+        return None
+    if isinstance(value, str):
+        parts: list[object] = [p.strip() for p in value.split(",")]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        parts = [value]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        parts = list(value)
+    else:
+        parts = [value]
+    ranks = []
+    for part in parts or [None]:  # no rank at all: refused like a malformed one
+        if isinstance(part, str) and part.isdigit() and part.isascii():
+            part = int(part)
+        if isinstance(part, bool) or not isinstance(part, int) or part < 0:
+            msg = (f"{source} must be ranks separated by commas, each a whole number >= 0 "
+                   f"(or 'all'), but got {value!r}. Write e.g. --ranks-filter 0 or "
+                   "--ranks-filter 0,2 (ranks_filter=[0, 2]).")
+            raise ConfigError(msg)
+        ranks.append(part)
+    return tuple(sorted(set(ranks)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputPlan:
+    """Where each rank's stdout and stderr go (a value; `plan_output` builds it).
+
+    ``capture``: the ranks write into files that the agent reads back line by line (torch's
+    redirects); False: they write to the launcher's terminal directly (the default, so a
+    rank's output stays a terminal: colours, progress bars, ``breakpoint()``). ``prefix``:
+    each console line starts with ``[rank N] ``. ``console``: the ranks the console shows
+    (None: all), ``console_streams`` which of their streams, ``file_streams`` which streams
+    go to ``log_dir``/rank_N.log.
+
+    Example:
+        >>> out = plan_output(LaunchPlan(nproc_per_node=2, ranks_filter="0"), 2)
+        >>> out.capture, out.prefix, out.shows(0, 1), out.shows(1, 1)
+        (True, True, True, False)
+    """
+
+    capture: bool = False
+    prefix: bool = False
+    console: tuple[int, ...] | None = None
+    console_streams: int = 3
+    file_streams: int = 0
+    log_dir: str | None = None
+
+    def shows(self, rank: int, stream: int) -> bool:
+        """Whether the console shows ``stream`` (1 stdout, 2 stderr) of ``rank``."""
+        return bool(self.console_streams & stream) and (
+            self.console is None or rank in self.console)
+
+    def keeps(self, stream: int) -> bool:
+        """Whether ``stream`` (1 stdout, 2 stderr) goes to the rank's log file."""
+        return self.log_dir is not None and bool(self.file_streams & stream)
+
+
+def plan_output(plan: LaunchPlan, world_size: int | None) -> OutputPlan:
+    """Where the ranks' output goes, for ``world_size`` ranks (None: not known yet).
+
+    The rank prefix, left unset, is on when the output is captured anyway (``log_dir``,
+    ``ranks_filter`` or ``redirects``) and more than one rank runs, as torchrun prefixes
+    every line it tees; otherwise the ranks keep the terminal.
+
+    Raises:
+        ConfigError: ``ranks_filter`` names a rank >= ``world_size``.
+
+    Examples:
+        >>> plan_output(LaunchPlan(nproc_per_node=2), 2).capture
+        False
+        >>> out = plan_output(LaunchPlan(nproc_per_node=2, log_dir="logs", redirects=1), 2)
+        >>> out.prefix, out.shows(0, 1), out.shows(0, 2), out.keeps(1), out.keeps(2)
+        (True, False, True, True, True)
+    """
+    ranks = plan.ranks_filter
+    if ranks and world_size is not None and max(ranks) >= world_size:
+        text = ",".join(map(str, ranks))
+        msg = (f"launch(): ranks_filter must name ranks in 0..{world_size - 1} (the job has "
+               f"{world_size} process{'es' if world_size > 1 else ''}), but got {text!r}. "
+               f"Pass --ranks-filter with ranks below {world_size} (e.g. --ranks-filter 0), "
+               "or more --num-processes.")
+        raise ConfigError(msg)
+    if world_size is not None and ranks is not None and len(ranks) == world_size:
+        ranks = None  # every rank: no filter
+    captured = plan.log_dir is not None or ranks is not None or plan.redirects != 0
+    several = world_size is None or world_size > 1
+    prefix = plan.rank_prefix if plan.rank_prefix is not None else captured and several
+    return OutputPlan(capture=captured or prefix, prefix=prefix, console=ranks,
+                      console_streams=3 & ~plan.redirects,
+                      file_streams=(3 if plan.tee is None else plan.tee) | plan.redirects,
+                      log_dir=plan.log_dir)
+
+
+def _check_output(plan: LaunchPlan) -> None:
+    """Validate the output fields of ``plan`` (normalising ``ranks_filter`` to a tuple)."""
+    if plan.log_dir is not None and (not isinstance(plan.log_dir, str) or not plan.log_dir
+                                     or "\x00" in plan.log_dir):
+        msg = (f"launch(): log_dir must be a folder path, but got {plan.log_dir!r}. Pass "
+               "--log-dir DIR (log_dir='DIR'), or leave it out to keep no log files.")
+        raise ConfigError(msg)
+    object.__setattr__(plan, "ranks_filter", parse_ranks(plan.ranks_filter))
+    if plan.rank_prefix is not None and not isinstance(plan.rank_prefix, bool):
+        _fail("rank_prefix", plan.rank_prefix, "be True, False or None (on when the output "
+              "is captured and several ranks run)")
+    if not isinstance(plan.quiet, bool):
+        _fail("quiet", plan.quiet, "be True or False")
+    for name in ("tee", "redirects"):
+        value = getattr(plan, name)
+        if value is None and name == "tee":
+            continue
+        if isinstance(value, bool) or value not in STREAMS:
+            msg = (f"launch(): {name} must be one of 0, 1, 2, 3 (torch's streams: 1 stdout, "
+                   f"2 stderr, 3 both), but got {value!r}. torchrun's per-rank form "
+                   f"('0:1,1:2') is not supported; pass --{name} 3 for both streams.")
+            raise ConfigError(msg)
+        if value and plan.log_dir is None:
+            msg = (f"launch(): {name} must be 0 without a log_dir (the streams it names go "
+                   f"to the log files), but got {name}={value}. Pass --log-dir DIR "
+                   f"(log_dir='DIR') too.")
+            raise ConfigError(msg)
+    if plan.world_size is not None:
+        plan_output(plan, plan.world_size)  # a filter naming a rank that will not exist
 
 
 def resolve_mesh(mesh: Mesh, world_size: int, *, nproc_per_node: int | None = None,

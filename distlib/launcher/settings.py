@@ -189,6 +189,24 @@ TABLE: tuple[Setting, ...] = (
     Setting(name="num_threads", kind=int, default=None, minimum=1, plan_field="num_threads",
             aliases=("--num-cpu-threads-per-process",),
             help=f"threads each rank's torch uses (default: {THREADS_DEFAULT})"),
+    Setting(name="log_dir", kind=str, default=None, plan_field="log_dir",
+            help="also write each rank's stdout and stderr to DIR/rank_N.log (N: the global "
+                 "rank); the console still shows them"),
+    Setting(name="ranks_filter", kind=str, default="all", plan_field="ranks_filter",
+            help="ranks whose output the console shows, e.g. 0 or 0,2 (default: all); the "
+                 "others still run and still write to --log-dir"),
+    Setting(name="rank_prefix", kind=bool, default=None, plan_field="rank_prefix",
+            help="start each console line of a rank with [rank N] (default: on when "
+                 "--log-dir, --ranks-filter or --redirects is given and several ranks run)"),
+    Setting(name="tee", kind=int, default=None, choices=(0, 1, 2, 3), plan_field="tee",
+            aliases=("-t",),
+            help="streams that --log-dir receives: 1 stdout, 2 stderr, 3 both (default 3)"),
+    Setting(name="redirects", kind=int, default=0, choices=(0, 1, 2, 3),
+            plan_field="redirects", aliases=("-r",),
+            help="streams that go to --log-dir only, not the console: 1 stdout, 2 stderr, "
+                 "3 both (default 0)"),
+    Setting(name="quiet", kind=bool, default=False, plan_field="quiet", aliases=("-q",),
+            help="silence the launcher's own notes (the ranks' output is still shown)"),
     _fsdp("reshard_after_forward", bool, "free gathered parameters after forward",
           question="FSDP: free gathered parameters after forward?", ask_when="fsdp",
           ask_order=10, offer=True),
