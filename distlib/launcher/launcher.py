@@ -411,8 +411,8 @@ def launch(target: Callable[..., Any] | str, *args: Any, num_processes: int | No
     """Run ``target`` in ``num_processes`` ranks and return each rank's result.
 
     Args:
-        target: a callable (pickled by reference; functions defined in ``__main__`` — a REPL,
-            a notebook — travel as code), a script path (``.py``) or a module name.
+        target: a callable (shipped with cloudpickle: by reference when importable; what
+            ``__main__`` defines — a notebook, a REPL — by value), a script path or a module name.
         *args: positional arguments for a callable (use ``functools.partial`` for keyword
             arguments), or command-line arguments for a script or module.
         num_processes: the total number of ranks across machines (default: visible GPUs,
