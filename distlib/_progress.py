@@ -10,6 +10,7 @@ per tensor or per file, never per byte, so a bar costs nothing next to the work.
 
 from __future__ import annotations
 
+import os
 import sys
 from types import TracebackType
 from typing import Any
@@ -76,6 +77,18 @@ def is_shown(progress: bool | None, *, main: bool, stream: Any = None) -> bool:
         return False
 
 
+def _screen(stream: Any) -> dict[str, Any]:
+    """tqdm's size options: follow the terminal, or 80 x 24 where it reports no size (a
+    pseudo-terminal nobody sized: tqdm would hide the bar on a screen of 0 rows)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # not a terminal, or no file descriptor
+        return {"dynamic_ncols": True}
+    if size.columns > 0 and size.lines > 0:
+        return {"dynamic_ncols": True}
+    return {"ncols": size.columns or 80, "nrows": size.lines or 24}
+
+
 class ByteBar:
     """A tqdm bar in bytes, created on the first `grow` (when the total is first known).
 
@@ -106,7 +119,7 @@ class ByteBar:
         if self.bar is None:
             self.bar = tqdm(total=nbytes, desc=self.desc, unit="B", unit_scale=True,
                             file=sys.stderr, delay=self.delay, bar_format=_FORMAT,
-                            dynamic_ncols=True)
+                            **_screen(sys.stderr))
         else:
             self.bar.total += nbytes
             self.bar.refresh()

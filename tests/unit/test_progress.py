@@ -103,3 +103,22 @@ def test_a_progress_that_is_not_a_switch_is_refused(value: object) -> None:
     assert f"but got a {type(value).__name__}" in text and "training_progress" in text
     for fine in (True, False, None):
         assert check_progress(fine, "save_state()") is fine
+
+
+def test_an_unsized_terminal_still_gets_a_bar() -> None:
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()  # 0 x 0, as a pty nobody sized: tqdm would hide the bar
+    try:
+        stream = os.fdopen(follower, "w", closefd=False)
+        assert _progress._screen(stream) == {"ncols": 80, "nrows": 24}
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+        assert _progress._screen(stream) == {"dynamic_ncols": True}  # follows the terminal
+        assert _progress._screen(io.StringIO()) == {"dynamic_ncols": True}
+    finally:
+        os.close(leader)
+        os.close(follower)
