@@ -303,6 +303,12 @@ class CheckpointReader:
                                        dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape))
         return out
 
+    def nbytes(self) -> int:
+        """The bytes of every tensor in the checkpoint (what `stream` yields, in all)."""
+        total = sum(src.nbytes for header in self.headers.values() for src in header.values())
+        return total + sum(int(t.numel() * t.element_size()) for data in self.torch.values()
+                           for t in data.values())
+
     def stream(self) -> Iterator[tuple[str, Any, OffloadSource | None]]:
         for file in self.files:
             if file in self.headers:

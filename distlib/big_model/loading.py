@@ -2,7 +2,8 @@
 
 Names, shapes and integrity are checked from the headers (`distlib.big_model.files`) before a
 weight is read; peak memory stays near what stays resident plus one tensor; weights planned
-for ``"disk"`` become `OffloadSource` values (`distlib.big_model.offload`).
+for ``"disk"`` become `OffloadSource` values (`distlib.big_model.offload`). Progress is counted
+in bytes, one update per tensor, into a `distlib._progress.ByteBar` (main rank, stderr).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from distlib._progress import ByteBar, check_progress, is_shown
 from distlib.big_model.device_map import DeviceMap, check_devices_exist, visible_devices
 from distlib.big_model.files import (
     FLOATING_DTYPES,
@@ -20,6 +22,7 @@ from distlib.big_model.files import (
 )
 from distlib.big_model.offload import OFFLOAD_ATTR, offload_tensor, write_offload_index
 from distlib.big_model.sizes import TensorInfo, dtype_name, keep_in_fp32_of, tied_groups
+from distlib.env import Env, Hardware, detect
 from distlib.errors import CheckpointError
 
 __all__ = ["load_checkpoint"]
@@ -112,7 +115,8 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
                     device_map: DeviceMap | Mapping[str, Any] | None = None, dtype: Any = None,
                     offload_folder: str | os.PathLike[str] | None = None, *,
                     keep_in_fp32_modules: Sequence[str] | None = None, strict: bool = True,
-                    progress: Callable[[int], Any] | None = None, copy: bool = False) -> Any:
+                    progress: bool | Callable[[int], Any] | None = None, copy: bool = False,
+                    env: Env | None = None) -> Any:
     """Load ``checkpoint`` into ``model`` tensor by tensor, each straight to its device.
 
     Names, shapes and file integrity are checked from the headers before any weight is read.
@@ -135,10 +139,15 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
         offload_folder: where converted disk-offloaded weights are written.
         keep_in_fp32_modules: module names kept in float32 when ``dtype`` is given.
         strict: also refuse unexpected keys and missing keys of non-meta tensors.
-        progress: called with 1 after each tensor (a progress bar's ``update``).
+        progress: a progress bar in bytes on stderr, one update per tensor, on the main
+            rank only: True shows it, False never, None (the default) when stderr is a
+            terminal and the load has lasted 2 seconds. A callable is called with 1 after
+            each tensor instead (a progress bar's ``update``, counting tensors).
         copy: copy CPU weights into private memory even when they could stay backed by
             the checkpoint's safetensors pages (copy-on-write memory maps, as
             ``safetensors.torch.load_file`` and ``torch.load(mmap=True)`` give).
+        env: this process's Env, for the main-rank test of the progress bar (``None``: the
+            launch variables are read with `detect` when a bar would show).
 
     Returns:
         ``model``, modified in place.
@@ -146,9 +155,11 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
     Raises:
         CheckpointError: the files are missing, corrupt, unsafe or do not match the model.
         DeviceMapError: ``device_map`` names a GPU (or MPS) this machine does not have.
+        TypeError: ``progress`` is not True, False, None or a callable.
 
     Effects: reads the files; moves tensors to devices; may write ``offload_folder``; sets the
-    model's parameters and buffers and its ``distlib_offload`` attribute.
+    model's parameters and buffers and its ``distlib_offload`` attribute; the main rank may
+    print a progress bar to stderr.
 
     Examples:
         >>> import os, tempfile, torch
@@ -161,6 +172,8 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
         >>> load_checkpoint(layer, folder).weight.sum().item()
         4.0
     """
+    if not callable(progress):
+        progress = check_progress(progress, "load_checkpoint()")
     files = checkpoint_files(checkpoint)
     reader = CheckpointReader(files)
     infos = reader.infos()
@@ -178,15 +191,30 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
     dmap = None if device_map is None else DeviceMap.of(device_map)
     if dmap is not None:
         check_devices_exist(dmap, *visible_devices(), source="load_checkpoint()")
-    _stream_into(model, reader, expected, groups, dmap, _resolve_dtype(dtype),
-                 keep_in_fp32_of(model, keep_in_fp32_modules), offload_folder, progress, copy)
+    stream = (model, reader, expected, groups, dmap, _resolve_dtype(dtype),
+              keep_in_fp32_of(model, keep_in_fp32_modules), offload_folder)
+    if callable(progress):
+        tick = progress
+        _stream_into(*stream, lambda _: tick(1), copy)
+        return model
+    with ByteBar("loading weights", progress=progress, main=_is_main(progress, env)) as bar:
+        bar.grow(reader.nbytes())
+        _stream_into(*stream, bar.update, copy)
     return model
+
+
+def _is_main(progress: bool | None, env: Env | None) -> bool:
+    """Whether this is the main rank, asking `detect` only when a bar would show at all."""
+    if env is not None:
+        return env.is_main
+    return is_shown(progress, main=True) and detect(hardware=Hardware()).is_main
 
 
 def _stream_into(model: Any, reader: CheckpointReader, expected: Mapping[str, Any],
                  groups: Mapping[str, tuple[str, ...]], dmap: DeviceMap | None, dtype: Any,
                  keep: Sequence[str], folder: str | os.PathLike[str] | None,
-                 progress: Callable[[int], Any] | None, copy: bool) -> None:
+                 done: Callable[[int], Any], copy: bool) -> None:
+    """Put each streamed tensor in place; ``done(nbytes)`` after each one."""
     import torch
 
     offloaded: dict[str, OffloadSource] = dict(getattr(model, OFFLOAD_ATTR, None) or {})
@@ -217,8 +245,7 @@ def _stream_into(model: Any, reader: CheckpointReader, expected: Mapping[str, An
                 _place(model, names, value)
                 for alias in names:
                     offloaded.pop(alias, None)
-        if progress is not None:
-            progress(1)
+        done(view.numel() * view.element_size())
     object.__setattr__(model, OFFLOAD_ATTR, offloaded)
     if folder is not None and offloaded:
         write_offload_index(folder, offloaded)

@@ -15,6 +15,8 @@ import json
 import os
 import pathlib
 import shutil
+import stat
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -109,6 +111,32 @@ def swap_into_place(staging: pathlib.Path, path: pathlib.Path, marker: str = MAN
     os.replace(staging, path)
     _sync_dir(path.parent)
     remove_folder(old, marker)
+
+
+def creation_mode(folder: pathlib.Path) -> int:
+    """The mode a plain ``open()`` gives a new file in ``folder``: ``0o666 & ~umask``.
+
+    Read from a probe file created there, as ``open()`` creates one (the umask, and a default
+    ACL where one applies): ``os.umask`` can only be read by setting it, which races with
+    other threads creating files. Writers that go through a private temporary file
+    (safetensors' ``save_file`` gives 0600) set their files to this mode.
+
+    Examples:
+        >>> import os, tempfile, pathlib
+        >>> old = os.umask(0o022)
+        >>> oct(creation_mode(pathlib.Path(tempfile.mkdtemp())))
+        '0o644'
+        >>> _ = os.umask(old)
+
+    Effects: creates and removes a probe file in ``folder``.
+    """
+    probe = folder / f".mode-probe-{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        probe.unlink()
 
 
 def _existing(folder: pathlib.Path) -> pathlib.Path:

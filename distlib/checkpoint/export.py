@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from distlib._safe_unpickle import read_dcp
+from distlib._progress import ByteBar, check_progress
 from distlib.big_model.sizes import parse_size
 from distlib.checkpoint import _folder as folders
+from distlib.checkpoint._counting import read_dcp_counting
 from distlib.checkpoint._wrapped import _full_state, _tied_names
 from distlib.collectives import barrier
 from distlib.env import Env
@@ -54,8 +55,11 @@ def _plan_shards(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
 
 def write_safetensors(state: Mapping[str, Any], out: str | os.PathLike[str], *,
                       tied: Sequence[Sequence[str]] = (), max_shard_size: int | str = "5GB",
-                      dtype: Any = None) -> pathlib.Path:
+                      dtype: Any = None, progress: bool | None = False) -> pathlib.Path:
     """Write a state dict as (sharded) safetensors with an index, atomically.
+
+    The files get the mode a plain ``open()`` gives (``0o666 & ~umask``: 0644 under umask 022),
+    not the 0600 of safetensors' private temporary file: an export is for others to read.
 
     Args:
         state: name -> tensor (any device).
@@ -63,11 +67,14 @@ def write_safetensors(state: Mapping[str, Any], out: str | os.PathLike[str], *,
         tied: groups of names that share one tensor; only the first of each is written.
         max_shard_size: bytes, or a size such as ``"5GB"``.
         dtype: convert floating tensors to this dtype (``None``: keep).
+        progress: a progress bar in bytes on stderr, counted per file: True shows it, False
+            (the default) never, None when stderr is a terminal and the work has lasted 2 s.
 
     Returns:
         The folder.
 
-    Effects: writes ``.<name>.partial`` beside ``out`` and renames it to ``out``.
+    Effects: writes ``.<name>.partial`` beside ``out`` and renames it to ``out``; may print
+    a progress bar to stderr.
     """
     drop = {name for group in tied for name in list(group)[1:]}
     tensors = {}
@@ -87,8 +94,13 @@ def write_safetensors(state: Mapping[str, Any], out: str | os.PathLike[str], *,
     shards = _plan_shards(sizes, parse_size(max_shard_size, source="max_shard_size"))
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for file, keys in zip(names, shards, strict=True):
-        save_file({k: tensors[k] for k in keys}, staging / file, metadata={"format": "pt"})
+    mode = folders.creation_mode(staging)
+    with ByteBar("writing safetensors", progress=progress) as bar:
+        bar.grow(sum(sizes.values()))
+        for file, keys in zip(names, shards, strict=True):
+            save_file({k: tensors[k] for k in keys}, staging / file, metadata={"format": "pt"})
+            os.chmod(staging / file, mode)
+            bar.update(sum(sizes[k] for k in keys))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": {k: f for f, keys in zip(names, shards, strict=True) for k in keys}}
@@ -235,14 +247,33 @@ def save_model(model: Any, folder: str | os.PathLike[str], env: Env, *,
 
 def merge_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *,
                   name: str = "model", max_shard_size: int | str = "5GB",
-                  dtype: Any = None) -> pathlib.Path:
+                  dtype: Any = None, progress: bool | None = None) -> pathlib.Path:
     """Turn the sharded model of a `save_state` checkpoint into a safetensors export, offline.
 
     Needs no process group and any number of processes' shards; holds the model in memory.
+    The files are written as `write_safetensors` writes them (0644 under umask 022).
+
+    Args:
+        checkpoint: a folder written by `save_state`.
+        out: the folder to write; replaced as a whole when complete.
+        name: which saved model.
+        max_shard_size: bytes, or a size such as ``"5GB"``.
+        dtype: convert floating tensors to this dtype (``None``: keep).
+        progress: two progress bars in bytes on stderr, reading the shards (per tensor) and
+            writing safetensors (per file): True shows them, False never, None (the default)
+            when stderr is a terminal and each has lasted 2 s (``distlib merge-weights`` shows
+            them from the start in a terminal).
+
+    Returns:
+        The folder written.
 
     Raises:
         CheckpointError: the folder is not a checkpoint, or holds no model ``name``.
+        TypeError: ``progress`` is not True, False or None.
+
+    Effects: reads ``checkpoint``; writes ``out`` atomically; may print to stderr.
     """
+    progress = check_progress(progress, "merge_weights()")
     folder = folders.resolve(checkpoint)
     manifest = folders.read_manifest(folder)
     models = manifest["models"]
@@ -252,7 +283,8 @@ def merge_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str
         raise CheckpointError(msg)
     tensors = {key: torch.empty(shape, dtype=getattr(torch, dt))
                for key, (shape, dt) in models[name]["tensors"].items()}
-    with folders.quiet_single_process():
-        read_dcp({name: tensors}, folder / "dcp", no_dist=True, call="merge_weights()")
+    with folders.quiet_single_process(), ByteBar("reading checkpoint", progress=progress) as bar:
+        read_dcp_counting({name: tensors}, folder / "dcp", no_dist=True, call="merge_weights()",
+                          bar=bar)
     return write_safetensors(tensors, out, tied=models[name]["tied"],
-                             max_shard_size=max_shard_size, dtype=dtype)
+                             max_shard_size=max_shard_size, dtype=dtype, progress=progress)

@@ -40,8 +40,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from distlib._safe_unpickle import load_torch_file, read_dcp
+from distlib._progress import ByteBar, check_progress
+from distlib._safe_unpickle import load_torch_file
 from distlib.checkpoint import _folder as folders
+from distlib.checkpoint._counting import CountingSavePlanner, read_dcp_counting
 from distlib.checkpoint._folder import FORMAT
 from distlib.checkpoint._wrapped import (
     _check_own_files,
@@ -155,7 +157,8 @@ def _scalers(objects: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, 
     return out
 
 
-def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathlib.Path:
+def save_state(path: str | os.PathLike[str], env: Env, *, progress: bool | None = None,
+               **objects: Any) -> pathlib.Path:
     """Save models, optimizers, schedulers, loaders, RNG states and plain values, atomically.
 
     Call it on every rank with the same names. Models and optimizers are saved sharded
@@ -167,7 +170,11 @@ def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathli
     Args:
         path: the checkpoint folder (on a file system all ranks share).
         env: this process's Env.
-        **objects: what to save, by name; ``load_state`` takes the same names.
+        progress: a progress bar in bytes on stderr, on the main rank only (counting that
+            rank's part of the tensors): True shows it, False never, None (the default) when
+            stderr is a terminal and the save has lasted 2 seconds.
+        **objects: what to save, by name; ``load_state`` takes the same names (not
+            ``progress``: that is the switch above).
 
     Returns:
         The checkpoint folder.
@@ -179,12 +186,15 @@ def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathli
             tensors' sizes) or filled up while writing (the partial folder is then removed):
             the message names the folder and the bytes needed and free. Every rank raises
             when any rank's part failed.
+        TypeError: ``progress`` is not True, False or None.
 
     Effects: joins the process group; writes ``.<name>.partial`` beside ``path`` and renames
     it to ``path`` when complete (the previous checkpoint is removed only after that; a save
     cut short at any point, any number of times in a row, leaves the last complete checkpoint
-    in ``path`` or ``.<name>.old``, where `load_state` finds it). Under XLA the model and
-    optimizer tensors are copied to the CPU first (the graph runs).
+    in ``path`` or ``.<name>.old``, where `load_state` finds it); files are created as
+    ``open()`` creates them (0644 under umask 022). Under XLA the model and optimizer tensors
+    are copied to the CPU first (the graph runs). The main rank may print a progress bar to
+    stderr.
 
     Examples:
         >>> import torch, distlib as dl, tempfile, os
@@ -194,8 +204,9 @@ def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathli
         >>> dl.load_state(folder, dl.Env(), model=model)["step"]
         3
     """
-    initialize(env)
     call = "save_state()"
+    progress = check_progress(progress, call)
+    initialize(env)
     path = pathlib.Path(os.path.abspath(path))
     folders.refuse_foreign(path)
     kinds = _classify(objects, call)
@@ -207,12 +218,14 @@ def save_state(path: str | os.PathLike[str], env: Env, **objects: Any) -> pathli
     if refusals:
         raise CheckpointError(refusals[0])
 
-    def write() -> dict[str, Any]:
-        manifest = _save_parts(staging, env, objects, kinds, state, small)
-        save_rng_state(staging, env.rank)
-        return manifest
+    desc = "saving state" if env.world_size == 1 else f"saving state (rank {env.rank}'s part)"
+    with ByteBar(desc, progress=progress, main=env.is_main) as bar:
+        def write() -> dict[str, Any]:
+            manifest = _save_parts(staging, env, objects, kinds, state, small, bar)
+            save_rng_state(staging, env.rank)
+            return manifest
 
-    manifest = _all_or_none(env, write, staging, path, needed)
+        manifest = _all_or_none(env, write, staging, path, needed)
 
     def finish() -> None:
         if env.is_main:
@@ -274,18 +287,26 @@ def _collect(objects: Mapping[str, Any], kinds: Mapping[str, str], env: Env,
 
 def _save_parts(staging: pathlib.Path, env: Env, objects: Mapping[str, Any],
                 kinds: Mapping[str, str], state: Mapping[str, Any],
-                small: Mapping[str, Any]) -> dict[str, Any]:
-    """Write every part but the RNG states and the manifest; return the manifest."""
+                small: Mapping[str, Any], bar: ByteBar) -> dict[str, Any]:
+    """Write every part but the RNG states and the manifest; return the manifest.
+
+    ``bar`` counts the DCP tensors (this rank's part) and ``objects.pt``'s tensors; a DeepSpeed
+    engine's own files are not counted.
+    """
+    small_bytes = folders.tensor_bytes(small) if env.is_main and small else 0
+    bar.grow(small_bytes)
     if state:
         with folders.quiet_single_process():
             state_dict_saver.save(dict(state), checkpoint_id=staging / "dcp",
-                                  no_dist=not env.is_distributed)
+                                  no_dist=not env.is_distributed,
+                                  planner=CountingSavePlanner(bar))
     for name, obj in objects.items():
         if kinds[name] == "engine":
             _save_itself(obj, staging / "deepspeed" / name)
     if env.is_main and small:
         with open(staging / "objects.pt", "wb") as handle:
             torch.save(dict(small), handle)
+        bar.update(small_bytes)
     return {
         "format": FORMAT,
         "world_size": env.world_size,
@@ -334,14 +355,16 @@ def _check_model(name: str, expected: Mapping[str, Any], state: Mapping[str, Any
 
 
 def _load_dcp(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str, str],
-              manifest: Mapping[str, Any], env: Env) -> None:
+              manifest: Mapping[str, Any], env: Env, progress: bool | None) -> None:
     state = _on_cpu(_dcp_state(objects, kinds, "load_state()"), env)
     if not state:
         return
     for name in state:
         if kinds[name] == "model":
             _check_model(name, manifest["models"][name]["tensors"], state[name], path)
-    read_dcp(state, path / "dcp", no_dist=not is_initialized(), call="load_state()")
+    with ByteBar("loading state", progress=progress, main=env.is_main) as bar:
+        read_dcp_counting(state, path / "dcp", no_dist=not is_initialized(), call="load_state()",
+                          bar=bar)
     for name, (module, optimizers) in _pairs(objects, kinds, "load_state()").items():
         if len(optimizers) == 1:
             set_state_dict(module, optimizers[0][1], model_state_dict=state[name],
@@ -382,7 +405,7 @@ def _load_small(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[s
 
 
 def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
-               **objects: Any) -> dict[str, Any]:
+               progress: bool | None = None, **objects: Any) -> dict[str, Any]:
     """Restore what `save_state` saved into the objects passed, by name.
 
     Models and optimizers load through ``torch.distributed.checkpoint``, so a checkpoint
@@ -393,6 +416,9 @@ def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
         path: the checkpoint folder.
         env: this process's Env.
         rng: restore this rank's RNG states (python, numpy, torch, CUDA).
+        progress: a progress bar in bytes on stderr, on the main rank only (the model and
+            optimizer tensors it reads): True shows it, False never, None (the default) when
+            stderr is a terminal and the load has lasted 2 seconds.
         **objects: the objects to fill, under the names they were saved with (a subset is
             fine).
 
@@ -403,15 +429,18 @@ def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
         CheckpointError: the folder is not a complete checkpoint, a name was not saved, a
             model's keys or shapes differ (named in the message), a file is truncated, or the
             world size differs where it matters.
+        TypeError: ``progress`` is not True, False or None.
 
-    Effects: joins the process group; loads state into the objects in place.
+    Effects: joins the process group; loads state into the objects in place; the main rank
+    may print a progress bar to stderr.
     """
+    progress = check_progress(progress, "load_state()")
     initialize(env)
     folder = folders.resolve(path)
     manifest = folders.read_manifest(folder)
     kinds = _classify(objects, "load_state()")
     _check_names(manifest, objects, kinds, folder)
-    _load_dcp(folder, objects, kinds, manifest, env)
+    _load_dcp(folder, objects, kinds, manifest, env, progress)
     for name, obj in objects.items():
         if kinds[name] == "engine":
             _check_own_files(folder / "deepspeed" / name)

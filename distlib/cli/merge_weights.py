@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
+from distlib._progress import is_shown
 from distlib.checkpoint.export import merge_weights
-from distlib.cli._args import spellings
+from distlib.cli._args import Switch, spellings
 
 __all__ = ["add_arguments", "run"]
 
@@ -20,18 +22,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a folder written by save_state")
     parser.add_argument("out", help="the folder to write the safetensors export to")
     parser.add_argument("--name", default="model", help="which saved model (default: model)")
-    parser.add_argument(*spellings("--max-shard-size"), default="5GB", help="e.g. 5GB, 500MB")
+    parser.add_argument(*spellings("--max-shard-size"), default="5GB", metavar="SIZE",
+                        help="the largest file, e.g. 5GB, 500MB (default: 5GB)")
     parser.add_argument("--dtype", default=None, choices=list(_DTYPES),
-                        help="convert floating weights")
+                        help="convert floating weights (default: keep)")
+    parser.add_argument(*Switch.flags("--progress"), action=Switch, default=None,
+                        help="progress bars in bytes on stderr (default: when stderr is a "
+                             "terminal)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Merge the checkpoint's shards into ``args.out`` and print the files written.
 
-    Effects: writes ``args.out`` (atomically); prints one line.
+    Effects: writes ``args.out`` (atomically); prints one line, and progress bars to stderr
+    when it is a terminal (or ``--progress``).
     """
+    progress = is_shown(args.progress, main=True, stream=sys.stderr)
     out = merge_weights(args.checkpoint, args.out, name=args.name,
-                        max_shard_size=args.max_shard_size, dtype=_DTYPES.get(args.dtype or ""))
+                        max_shard_size=args.max_shard_size, dtype=_DTYPES.get(args.dtype or ""),
+                        progress=progress)
     files = sorted(os.listdir(out))
     print(f"wrote {len(files)} file(s) to {out}: {', '.join(files)}")
     return 0

@@ -221,6 +221,61 @@ def test_progress_bar_on_main_rank_only(saved: dict[str, Any],
         assert ("loading weights" in capsys.readouterr().err) is shown
 
 
+def _final_frames(err: str, desc: str) -> list[str]:
+    return [line.split("\r")[-1] for line in err.split("\n") if f"{desc}:" in line]
+
+
+def test_load_checkpoint_shows_progress_in_bytes(saved: dict[str, Any],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from tqdm import tqdm
+
+    case = saved["gpt2"]
+    files = checkpoint_files(case["safe"])
+    assert len(files) > 1  # sharded: one bar over every file
+    total = sum(os.path.getsize(f) for f in files) - sum(
+        8 + int.from_bytes(Path(f).read_bytes()[:8], "little") for f in files)  # less headers
+    model = load_checkpoint(_empty(case["config"]), case["safe"], progress=True)
+    frames = _final_frames(capsys.readouterr().err, "loading weights")
+    shown = tqdm.format_sizeof(total)
+    assert len(frames) == 1 and "100%|" in frames[0] and f"{shown}B/{shown}B" in frames[0], frames
+    assert torch.equal(model.transformer.wte.weight, case["model"].transformer.wte.weight)
+    for kwargs in ({"progress": True, "env": fake_env(1, 2)},  # another rank: never
+                   {"progress": False}, {}):  # off; auto with stderr not a terminal
+        load_checkpoint(_empty(case["config"]), case["safe"], **kwargs)
+        assert capsys.readouterr().err == "", kwargs
+    ticks: list[int] = []
+    load_checkpoint(_empty(case["config"]), case["bin"], progress=ticks.append)  # a callback
+    assert ticks == [1] * len(case["model"].state_dict())  # one call per tensor, as before
+
+
+def test_auto_progress_asks_the_launch_variables_for_the_rank(
+        saved: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from distlib import _progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(_progress, "AUTO_DELAY_S", 0.0)  # however short the load
+    case = saved["gpt2"]
+    for rank, shown in (("1", False), ("0", True)):
+        err = Terminal()
+        monkeypatch.setattr("sys.stderr", err)
+        for name, value in (("RANK", rank), ("WORLD_SIZE", "2"), ("LOCAL_RANK", rank),
+                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29400")):
+            monkeypatch.setenv(name, value)
+        load_checkpoint(_empty(case["config"]), case["safe"])
+        assert ("loading weights: 100%" in err.getvalue()) is shown, (rank, err.getvalue())
+
+
+def test_a_progress_that_is_not_a_switch_is_refused(saved: dict[str, Any]) -> None:
+    with pytest.raises(TypeError, match=r"load_checkpoint\(\): progress must be True, False or "
+                                        r"None .* but got a str"):
+        load_checkpoint(_empty(saved["gpt2"]["config"]), saved["gpt2"]["safe"], progress="yes")
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 def test_checkpoint_of_another_model_is_refused_by_name_and_shape(saved: dict[str, Any]) -> None:

@@ -11,13 +11,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 import distlib as dl
-from distlib.checkpoint import export_weights, merge_weights
+from distlib.checkpoint import export_weights, merge_weights, save_model
 from distlib.checkpoint._folder import MANIFEST
 from distlib.errors import CheckpointError
 from tests.models import net, train_steps
@@ -312,3 +313,140 @@ def test_state_and_export_import_in_either_order(first: str, second: str) -> Non
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONWARNINGS": "error"})
     assert done.returncode == 0, done.stderr
+
+
+# --- progress in bytes, and the modes of the files users read ----------------------------------
+
+def _last_frames(err: str, desc: str) -> list[str]:
+    """The final frame of each bar named ``desc`` (tqdm redraws with \\r, ends with \\n)."""
+    return [line.rstrip("\r").split("\r")[-1] for line in err.split("\n") if f"{desc}:" in line]
+
+
+def _done(nbytes: int) -> str:
+    """How a finished bar shows ``nbytes`` of ``nbytes`` (tqdm's units: 800B, 1.31kB)."""
+    from tqdm import tqdm
+
+    shown = tqdm.format_sizeof(nbytes)
+    return f"{shown}B/{shown}B"
+
+
+def _tensor_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    tensors = [*model.state_dict().values()]
+    tensors += [v for state in optimizer.state.values() for v in state.values()
+                if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_save_and_load_state_show_progress_in_bytes(tmp_path: pathlib.Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    model, optimizer, scheduler, loader = _setup()
+    train_steps(model, optimizer, loader, 2)
+    total = _tensor_bytes(dl.unwrap(model), optimizer)
+    assert 500 < total < 1000  # exact digits in tqdm's scaled units
+    dl.save_state(tmp_path / "c", ENV, progress=True, model=model, optimizer=optimizer,
+                  scheduler=scheduler, step=2)
+    frames = _last_frames(capsys.readouterr().err, "saving state")
+    assert len(frames) == 1 and f"100%|██████████| {total}B/{total}B" in frames[0], frames
+    dl.load_state(tmp_path / "c", ENV, progress=True, model=model, optimizer=optimizer)
+    frames = _last_frames(capsys.readouterr().err, "loading state")
+    assert len(frames) == 1 and f"{total}B/{total}B" in frames[0], frames
+    # the default (stderr is not a terminal here) and progress=False print nothing
+    dl.save_state(tmp_path / "c", ENV, model=model, optimizer=optimizer)
+    dl.load_state(tmp_path / "c", ENV, progress=False, model=model, optimizer=optimizer)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("value", [1, "yes", {"epoch": 3}])
+def test_a_progress_value_is_not_taken_for_an_object_to_save(tmp_path: pathlib.Path,
+                                                             value: object) -> None:
+    with pytest.raises(TypeError, match=r"save_state\(\): progress must be True, False or None"):
+        dl.save_state(tmp_path / "c", ENV, progress=value, model=_model())
+    assert not (tmp_path / "c").exists()
+    dl.save_state(tmp_path / "c", ENV, model=_model(), training_progress={"epoch": 3})
+    with pytest.raises(TypeError, match=r"load_state\(\): progress must be"):
+        dl.load_state(tmp_path / "c", ENV, progress=value, model=_model())
+    assert dl.load_state(tmp_path / "c", ENV, model=_model()) == {
+        "training_progress": {"epoch": 3}}
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request: pytest.FixtureRequest) -> Any:
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def _modes(folder: pathlib.Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): os.stat(p).st_mode & 0o777
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_exported_and_saved_files_get_the_mode_open_gives(tmp_path: pathlib.Path,
+                                                          umask: int) -> None:
+    want = 0o666 & ~umask  # 0644 under umask 022, 0600 under 077, as a plain open()
+    model = Tied()
+    dl.save_state(tmp_path / "ckpt", ENV, model=model, scheduler=torch.optim.lr_scheduler.StepLR(
+        torch.optim.SGD(model.parameters(), lr=0.1), 1))
+    merge_weights(tmp_path / "ckpt", tmp_path / "merged", max_shard_size=300)
+    export_weights(model, tmp_path / "exported", ENV)
+    save_model(model, tmp_path / "saved", ENV)
+    found = {name: _modes(tmp_path / name) for name in ("ckpt", "merged", "exported", "saved")}
+    assert set(found["ckpt"]) >= {MANIFEST, "objects.pt", "rng/rank0.pt", "dcp/.metadata"}
+    assert len(found["merged"]) > 2 and "model.safetensors.index.json" in found["merged"]
+    assert list(found["exported"]) == list(found["saved"]) == ["model.safetensors"]
+    wrong = {f"{name}/{file}": oct(mode) for name, files in found.items()
+             for file, mode in files.items() if mode != want}
+    assert not wrong, f"want {oct(want)}: {wrong}"
+    assert not list(tmp_path.rglob(".mode-probe*"))
+
+
+def _run_in_terminal(argv: list[str]) -> tuple[int, str]:
+    """Run ``argv`` with stdout and stderr on a pseudo-terminal; its return code and output."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=follower,
+                                stderr=follower, env={**os.environ, "PYTHONWARNINGS": "error"})
+    finally:
+        os.close(follower)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other end closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(leader)
+        code = proc.wait(timeout=120)
+    return code, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_merge_weights_command_shows_progress_in_a_terminal(tmp_path: pathlib.Path) -> None:
+    model = Tied()
+    dl.save_state(tmp_path / "ckpt", ENV, model=model)
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    written = total - model.head.weight.numel() * 4  # tied: stored once
+    command = [sys.executable, "-m", "distlib", "merge-weights", str(tmp_path / "ckpt")]
+    code, text = _run_in_terminal([*command, str(tmp_path / "a")])
+    assert code == 0, text
+    reading = _last_frames(text, "reading checkpoint")
+    writing = _last_frames(text, "writing safetensors")
+    assert total > 1000 and written < 1000  # kB and plain bytes
+    assert len(reading) == 1 and "100%|" in reading[0] and _done(total) in reading[0], text
+    assert len(writing) == 1 and "100%|" in writing[0] and _done(written) in writing[0], text
+    assert "wrote 1 file(s)" in text
+    code, text = _run_in_terminal([*command, str(tmp_path / "b"), "--no-progress"])
+    assert code == 0 and "B/s" not in text and "wrote 1 file(s)" in text, text
+    piped = subprocess.run([*command, str(tmp_path / "c")], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PYTHONWARNINGS": "error"})
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr  # not a terminal: quiet
+    asked = subprocess.run([*command, str(tmp_path / "d"), "--progress"], capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "error"})
+    assert asked.returncode == 0 and _done(written) in asked.stderr, asked.stderr
