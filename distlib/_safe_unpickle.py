@@ -423,7 +423,7 @@ def _first_checkpoint_error(exc: BaseException) -> CheckpointError | None:
 
 
 def read_dcp(state: dict[str, Any], folder: str | os.PathLike[str], *, no_dist: bool,
-             call: str = "load_state()") -> None:
+             call: str = "load_state()", planner: Any = None) -> None:
     """``torch.distributed.checkpoint.load(state, ...)`` from ``folder``, never unpickling unsafely.
 
     Args:
@@ -431,6 +431,8 @@ def read_dcp(state: dict[str, Any], folder: str | os.PathLike[str], *, no_dist: 
         folder: the DCP folder (``.metadata`` and ``*.distcp``).
         no_dist: load in this process only (no process group).
         call: the public call, for messages.
+        planner: DCP's load planner (``None``: its default; distlib's counts bytes for a
+            progress bar).
 
     Raises:
         CheckpointError: a file asks for objects that are not plain state (the message names
@@ -442,7 +444,8 @@ def read_dcp(state: dict[str, Any], folder: str | os.PathLike[str], *, no_dist: 
     try:
         with warnings.catch_warnings():  # DCP's notice that it runs in one process: as asked
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
-            state_dict_loader.load(state, storage_reader=reader, no_dist=no_dist)
+            state_dict_loader.load(state, storage_reader=reader, no_dist=no_dist,
+                                   planner=planner)
     except (Exception, CheckpointException) as exc:  # DCP's exception is a BaseException
         named = reader.refusal or _first_checkpoint_error(exc)
         if named is not None:

@@ -17,7 +17,7 @@ from distlib.big_model.device_map import (
     infer_device_map,
     visible_devices,
 )
-from distlib.big_model.files import OffloadSource, checkpoint_tensors
+from distlib.big_model.files import OffloadSource
 from distlib.big_model.hooks import HookState, Slot, attach_hooks, remove_hooks, torch_device
 from distlib.big_model.loading import load_checkpoint
 from distlib.big_model.offload import (
@@ -174,7 +174,8 @@ def load_checkpoint_and_dispatch(
         no_split_module_classes: Sequence[str] | None = None,
         offload_folder: str | os.PathLike[str] | None = None, dtype: Any = None, *,
         offload_buffers: bool = False, keep_in_fp32_modules: Sequence[str] | None = None,
-        strict: bool = True, env: Env | None = None, quiet: bool = False) -> Any:
+        strict: bool = True, env: Env | None = None, quiet: bool = False,
+        progress: bool | None = None) -> Any:
     """Plan (when asked), load ``checkpoint`` into ``model`` and `dispatch` it, in one call.
 
     Args:
@@ -190,8 +191,12 @@ def load_checkpoint_and_dispatch(
         offload_buffers: offload buffers with their modules' weights.
         keep_in_fp32_modules: modules kept in float32 (default: ``_keep_in_fp32_modules``).
         strict: refuse unexpected keys too.
-        env: an `Env`; the progress bar shows on its main rank only.
-        quiet: no progress bar.
+        env: an `Env`; the progress bar shows on its main rank only (``None``: the launch
+            variables say which rank this is).
+        quiet: no progress bar (as ``progress=False``).
+        progress: a bar in bytes on stderr, one update per tensor (see `load_checkpoint`):
+            True always, False never, None (the default) when stderr is a terminal and the
+            load has lasted 2 seconds.
 
     Returns:
         ``model``, loaded and dispatched (``model.hf_device_map`` holds the map).
@@ -201,7 +206,8 @@ def load_checkpoint_and_dispatch(
             ``max_memory`` naming a GPU this machine does not have included).
         CheckpointError: the checkpoint is unreadable, unsafe or does not match.
 
-    Effects: as `load_checkpoint` then `dispatch`; prints a progress bar to stderr.
+    Effects: as `load_checkpoint` then `dispatch`; the main rank may print a progress bar to
+    stderr.
 
     Examples:
         >>> import os, tempfile, torch
@@ -224,14 +230,9 @@ def load_checkpoint_and_dispatch(
     if device_map is not None:  # before reading a byte: the planner's map too (explicit budgets)
         check_devices_exist(DeviceMap.of(device_map), *visible_devices(),
                             source="load_checkpoint_and_dispatch()")
-    total = len(checkpoint_tensors(checkpoint))
-    show = not quiet and (env is None or getattr(env, "is_main", True))
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, desc="loading weights", unit="tensor", disable=not show) as bar:
-        load_checkpoint(model, checkpoint, device_map, dtype, offload_folder,
-                        keep_in_fp32_modules=keep_in_fp32_modules, strict=strict,
-                        progress=bar.update)
+    load_checkpoint(model, checkpoint, device_map, dtype, offload_folder,
+                    keep_in_fp32_modules=keep_in_fp32_modules, strict=strict,
+                    progress=False if quiet else progress, env=env)
     if device_map is None:
         return model
     return dispatch(model, device_map, offload_folder, offload_buffers)

@@ -9,18 +9,14 @@ counts its own part); a tensor counts once its data is handed to the writer
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import state_dict_loader
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, SavePlan, WriteItem
 
 from distlib._progress import ByteBar
-from distlib._safe_unpickle import SafeFileSystemReader, _first_checkpoint_error
-from distlib.errors import CheckpointError
+from distlib._safe_unpickle import read_dcp
 
 __all__ = ["CountingLoadPlanner", "CountingSavePlanner", "read_dcp_counting"]
 
@@ -69,10 +65,7 @@ class CountingLoadPlanner(DefaultLoadPlanner):
 
 def read_dcp_counting(state: dict[str, Any], folder: str | os.PathLike[str], *, no_dist: bool,
                       call: str, bar: ByteBar) -> None:
-    """`distlib._safe_unpickle.read_dcp`, with a `CountingLoadPlanner` counting into ``bar``.
-
-    ``read_dcp`` takes no planner (yet); this is its body with one: the same safe reader and
-    the same errors.
+    """`distlib._safe_unpickle.read_dcp` with a `CountingLoadPlanner` counting into ``bar``.
 
     Raises:
         CheckpointError: as ``read_dcp`` (an unsafe, damaged or incomplete file, named).
@@ -80,17 +73,4 @@ def read_dcp_counting(state: dict[str, Any], folder: str | os.PathLike[str], *, 
     Effects: reads the folder; fills ``state`` in place (collective unless ``no_dist``);
     updates ``bar``.
     """
-    reader = SafeFileSystemReader(folder, call=call)
-    try:
-        with warnings.catch_warnings():  # DCP's notice that it runs in one process: as asked
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
-            state_dict_loader.load(state, storage_reader=reader, no_dist=no_dist,
-                                   planner=CountingLoadPlanner(bar))
-    except (Exception, CheckpointException) as exc:  # DCP's exception is a BaseException
-        named = reader.refusal or _first_checkpoint_error(exc)
-        if named is not None:
-            raise CheckpointError(str(named)) from None
-        msg = (f"{call}: the sharded files in {os.fspath(folder)} must be complete and "
-               f"readable, but reading them failed: {type(exc).__name__}: {exc}. The checkpoint "
-               "is damaged or truncated; load an earlier one.")
-        raise CheckpointError(msg) from exc
+    read_dcp(state, folder, no_dist=no_dist, call=call, planner=CountingLoadPlanner(bar))

@@ -217,8 +217,13 @@ def test_progress_bar_on_main_rank_only(saved: dict[str, Any],
     case = saved["gpt2"]
     for rank, shown in ((1, False), (0, True)):
         env = fake_env(rank, 2)
-        load_checkpoint_and_dispatch(_empty(case["config"]), case["safe"], {"": "cpu"}, env=env)
-        assert ("loading weights" in capsys.readouterr().err) is shown
+        load_checkpoint_and_dispatch(_empty(case["config"]), case["safe"], {"": "cpu"}, env=env,
+                                     progress=True)
+        err = capsys.readouterr().err
+        assert ("loading weights" in err and "B/s" in err) is shown
+    load_checkpoint_and_dispatch(_empty(case["config"]), case["safe"], {"": "cpu"},
+                                 progress=True, quiet=True)
+    assert capsys.readouterr().err == ""
 
 
 def _final_frames(err: str, desc: str) -> list[str]:
