@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 from collections.abc import Sequence
 from typing import Any, NoReturn, cast
 
@@ -128,6 +129,21 @@ class Parser(argparse.ArgumentParser):
         return " ".join(parts)
 
     def error(self, message: str) -> NoReturn:
-        """Print the usage and ``prog: error: message``; exit with status 2."""
+        """Print the usage and ``prog: error: message``; exit with status 2.
+
+        argparse's own messages are tidied: an ambiguous abbreviation lists each option
+        once (not its underscore spelling too), and a trailing ``args...`` positional that
+        may be empty is not called required.
+        """
+        ambiguous = re.fullmatch(r"ambiguous option: (\S+) could match (.*)", message)
+        if ambiguous:
+            matches = dict.fromkeys(f.replace("_", "-") for f in ambiguous[2].split(", "))
+            message = (f"ambiguous option: {ambiguous[1]} could match {', '.join(matches)}. "
+                       "Write more of its name.")
+        required = "the following arguments are required: "
+        if message.startswith(required):
+            optional = {a.dest for a in self._actions if a.nargs == argparse.REMAINDER}
+            names = [n for n in message[len(required):].split(", ") if n not in optional]
+            message = required + ", ".join(names)
         self.print_usage()
         self.exit(2, f"{self.prog}: error: {message}\n")

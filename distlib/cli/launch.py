@@ -299,8 +299,9 @@ def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
         elif name == "num_threads" and value is None:
             value, source = _threads_text(plan, os.environ if environ is None else environ)
         elif value is None:
+            known = {"nproc_per_node": plan.nproc_per_node, "num_processes": plan.world_size}
             value, source = derived.get(name, "(not set)"), (
-                "derived" if name == "nproc_per_node" and plan.nproc_per_node else source)
+                "derived" if known.get(name) and source == "default" else source)
         rows.append((name, str(value), source))
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)

@@ -381,3 +381,16 @@ def test_the_migration_table_matches_the_parser(home: Path, monkeypatch: pytest.
     own |= {"--config-file", "--module", "-m", "--no-python", "--dry-run", "-h", "--help"}
     aliases = {f.replace("_", "-") for f in parser._option_string_actions} - own
     assert aliases <= listed, f"flags missing from docs/migration.md: {aliases - listed}"
+
+
+def test_argparses_other_errors_read_cleanly(home: Path, capsys: pytest.CaptureFixture[str]
+                                            ) -> None:
+    for argv, last in (
+            (["--num", "2", "x.py"], "distlib launch: error: ambiguous option: --num could "
+             "match --num-processes, --num-machines, --num-threads, "
+             "--num-cpu-threads-per-process. Write more of its name."),
+            (["--cpu"], "distlib launch: error: the following arguments are required: script")):
+        with pytest.raises(SystemExit) as stop:
+            main(["launch", "--dry-run", *argv])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == last
