@@ -524,7 +524,7 @@ def _with_sources(message: str, resolved: Mapping[str, tuple[Any, str]]) -> str:
                 re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", message)
                 for word in (name, flag_name(name))):
             named.setdefault(source, []).append(shown)
-    if not named:  # the message names none of them: say what each source set
+    if not named and not message.startswith("command line:"):  # say what each source set
         named = {source: names for source, names in given.items() if source not in message}
     if not named:
         return message
