@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import textwrap
 from collections.abc import Sequence
 from typing import Any, NoReturn, cast
 
@@ -38,7 +39,13 @@ def _is_underscore_spelling(flag: str, all_flags: Sequence[str]) -> bool:
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
     """argparse's formatter, without the underscore spellings that `spellings` added (or,
-    for an argument with a ``shown`` attribute, with only those option strings)."""
+    for an argument with a ``shown`` attribute, with only those option strings), and with
+    help lines that never break inside a flag."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        """argparse's wrapping, without breaking a flag at its dashes (``--main-`` / ``port``)."""
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_on_hyphens=False)
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         shown = list(getattr(action, "shown", None) or (

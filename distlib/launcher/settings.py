@@ -199,7 +199,7 @@ TABLE: tuple[Setting, ...] = (
             environ="DISTLIB_DEBUG",
             help="verbose launcher logs; each failing rank's traceback"),
     Setting(name="num_threads", kind=int, default=None, minimum=1, plan_field="num_threads",
-            aliases=("--num_cpu_threads_per_process",),
+            aliases=("--num-cpu-threads-per-process",),
             help=f"threads each rank's torch uses (default: {THREADS_DEFAULT})"),
     _fsdp("reshard_after_forward", bool, "free gathered parameters after forward",
           question="FSDP: free gathered parameters after forward?", ask_when="fsdp",

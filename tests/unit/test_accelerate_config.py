@@ -406,7 +406,7 @@ def test_num_threads_default_is_shown_with_where_it_comes_from(capsys, monkeypat
 def test_help_lists_the_new_options() -> None:
     out = subprocess.run([sys.executable, "-m", "distlib", "launch", "--help"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
-    for word in ("--num-threads", "--num_cpu_threads_per_process", "--fsdp-hybrid-shard",
+    for word in ("--num-threads", "--num-cpu-threads-per-process", "--fsdp-hybrid-shard",
                  "--fsdp-sync-module-states", "--fsdp-forward-prefetch",
                  "--offload-optimizer-nvme-path", "--zero3-save-16bit-model",
                  "threads each rank's torch uses (default: $OMP_NUM_THREADS, else the",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import subprocess
 import sys
 
@@ -81,6 +82,8 @@ def test_launch_help_reads_as_a_user_meets_it() -> None:
                   "(default: off)", "--use_fsdp Accelerate's: the same as --strategy fsdp",
                   "--standalone torchrun's"):
         assert shown in flat, shown
+    assert "the same as --main-address HOST --main-port PORT" in flat
+    assert not re.search(r"-\n +[a-z]", out), "a help line breaks inside a flag"
     for argparse_word in ("PROCESSES", "NODE ", "MACHINES", "ADDRESS", "--num_processes",
                           "--master_addr"):
         assert argparse_word not in out, argparse_word
