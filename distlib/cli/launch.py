@@ -379,7 +379,7 @@ def _command(args: argparse.Namespace) -> list[str]:
         return [args.script, *args.script_args]
     kind = "module" if args.module else "script"
     if kind == "script" and not os.path.isfile(args.script):
-        msg = (f"distlib launch: the script must exist, but got {args.script!r} (no such file "
+        msg = (f"the script must exist, but got {args.script!r} (no such file "
                f"from {os.getcwd()!r}). Pass -m for a module or --no-python for a program.")
         raise ConfigError(msg)
     return [sys.executable, "-u", "-m", "distlib.launcher._bootstrap", kind, args.script,

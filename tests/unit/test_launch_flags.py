@@ -394,3 +394,11 @@ def test_argparses_other_errors_read_cleanly(home: Path, capsys: pytest.CaptureF
             main(["launch", "--dry-run", *argv])
         assert stop.value.code == 2
         assert capsys.readouterr().err.splitlines()[-1] == last
+
+
+def test_a_missing_script_is_one_error_line(home: Path, capsys: pytest.CaptureFixture[str]
+                                           ) -> None:
+    assert main(["launch", "--dry-run", "nope.py"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distlib launch: error: the script must exist, but got 'nope.py'")
+    assert err.count("distlib launch") == 1, err
