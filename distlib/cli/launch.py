@@ -1,7 +1,10 @@
 """``distlib launch``: run a script, a module or a program in N ranks from flags and config.
 
-The flags are generated from the settings table (`distlib.launcher.settings.TABLE`);
-resolution is pure (`distlib.launcher.config`); this module only parses, prints and waits.
+The flags are generated from the settings table (`distlib.launcher.settings.TABLE`), with
+Accelerate's and torchrun's spellings as aliases (``--master-addr``, ``--mixed_precision``) and
+their shortcuts (``--use_fsdp``, ``--standalone``, ``--rdzv-endpoint``) turned into distlib's
+settings here; resolution is pure (`distlib.launcher.config`); this module only parses,
+prints and waits.
 """
 
 from __future__ import annotations
@@ -15,43 +18,164 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from distlib.cli._args import Switch, spellings
+from distlib.cli._args import Parser, Switch, spellings
 from distlib.errors import ConfigError
 from distlib.launcher._environ import child_environ, rank_threads
-from distlib.launcher.config import ConfigFile, resolve_sources, to_plan
+from distlib.launcher.config import ConfigFile, ignored_settings, resolve_sources, to_plan
 from distlib.launcher.launcher import check_port, free_port, root_cause_message, run_plan
 from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan, mesh_text
-from distlib.launcher.settings import SETTINGS, TABLE, THREADS_DEFAULT
+from distlib.launcher.settings import SETTINGS, TABLE, THREADS_DEFAULT, Setting
+from distlib.strategies import FSDP, DeepSpeed
 from distlib.topology import AXES, Mesh
 
-__all__ = ["add_arguments", "add_setting_arguments", "dry_run_text", "mesh_text_rows",
-           "resolve_config", "resolve_from_args", "run"]
+__all__ = ["SHORTCUTS", "add_arguments", "add_setting_arguments", "alias_forms",
+           "dry_run_text", "mesh_text_rows", "resolve_config", "resolve_from_args", "run"]
+
+# Accelerate's strategy switches -> the --strategy they mean.
+SHORTCUTS = {"--multi_gpu": "ddp", "--use_fsdp": "fsdp", "--use_deepspeed": "deepspeed"}
+# torchrun's --nproc-per-node words, which distlib's count does not take.
+_NPROC_WORDS = ("gpu", "cpu", "auto")
+_RDZV_CONF_WHY = (
+    "distlib sets torch's rendezvous options itself: timeout and join_timeout from --timeout "
+    "SECONDS, is_host from --machine-rank; it has no setting for the others "
+    "(last_call_timeout, close_timeout, read_timeout). Pass --timeout SECONDS instead, or drop "
+    "--rdzv-conf.")
 
 _GROUPS = {"launch": "processes and machines",
            "mesh": "mesh: dp_replicate x dp_shard x cp x tp (their product is the number of "
                    "processes)",
            "fsdp": "FSDP options (--strategy fsdp)",
            "deepspeed": "DeepSpeed options (--strategy deepspeed)"}
+_STRATEGY_VALUES = {"fsdp": FSDP, "deepspeed": DeepSpeed}
+_OWNERS = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}
+
+
+def alias_forms(setting: Setting) -> tuple[str, ...]:
+    """Every flag of ``setting`` besides its own: each alias as written, then its other
+    spelling (``--main_process_ip`` and ``--main-process-ip``).
+
+    Example:
+        >>> alias_forms(SETTINGS["main_address"])
+        ('--main_process_ip', '--main-process-ip', '--master-addr', '--master_addr')
+    """
+    forms = []
+    for alias in setting.aliases:
+        forms += [alias, "--" + alias[2:].replace("_", "-"), "--" + alias[2:].replace("-", "_")]
+    return tuple(dict.fromkeys(f for f in forms if f not in spellings(setting.flag)))
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value in ((), "") else str(value)
+
+
+def _help(setting: Setting) -> str:
+    """The setting's help, with its default (unless the text says it) and its aliases."""
+    text = setting.help
+    if "default" not in text:
+        default = setting.default
+        if setting.strategy_option is not None:
+            owner, option = setting.strategy_option
+            fields = {f.name: f for f in dataclasses.fields(_STRATEGY_VALUES[owner])}
+            default = fields[option].default
+            if default is None:
+                default = "none" if setting.kind is str else f"{_OWNERS[owner]}'s own"
+        text += f" (default: {_shown(default)})"
+    aliases = [a for a in alias_forms(setting) if a in setting.aliases]
+    return text + (f"; also {', '.join(aliases)}" if aliases else "")
+
+
+def _metavar(setting: Setting) -> str:
+    if setting.choices:
+        return "{" + ",".join(map(str, setting.choices)) + "}"
+    return setting.metavar or {int: "N", float: "SECONDS"}.get(setting.kind, "VALUE")
+
+
+def _whole_number(flag: str) -> Any:
+    """argparse's ``type`` for a count: a whole number, with torchrun's words explained."""
+    def parse(text: str) -> int:
+        if flag == "--nproc-per-node" and text.strip().lower() in _NPROC_WORDS:
+            msg = (f"must be a whole number, but got {text!r} (torchrun's word). Leave it out: "
+                   "distlib starts one rank per visible GPU (else 1), like torchrun's 'gpu'; "
+                   "pass a number for any other count.")
+            raise argparse.ArgumentTypeError(msg)
+        try:
+            return int(text)
+        except ValueError:
+            msg = f"must be a whole number, but got {text!r}."
+            raise argparse.ArgumentTypeError(msg) from None
+    return parse
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one option per launcher setting, plus ``--config-file`` (shared with ``test``)."""
+    """Add one option per launcher setting, plus ``--config-file`` and Accelerate's and
+    torchrun's shortcuts (shared with ``test``)."""
+    if type(parser) is argparse.ArgumentParser:
+        parser.__class__ = Parser  # "did you mean" until `distlib.cli` builds a Parser itself
     parser.add_argument(*spellings("--config-file"), default=None, metavar="PATH",
                         help="YAML config (distlib's or Accelerate's); default: "
-                             "$DISTLIB_CONFIG_FILE, else ~/.cache/distlib/default_config.yaml")
+                             "$DISTLIB_CONFIG_FILE, else ~/.cache/distlib/default_config.yaml, "
+                             "else Accelerate's default_config.yaml")
     groups = {key: parser.add_argument_group(title) for key, title in _GROUPS.items()}
     for setting in TABLE:
         group = groups[setting.group]
-        kwargs: dict[str, Any] = {"dest": setting.name, "default": None, "help": setting.help}
+        kwargs: dict[str, Any] = {"dest": setting.name, "default": None, "help": _help(setting)}
         if setting.kind is bool:
-            group.add_argument(*Switch.flags(setting.flag), action=Switch, **kwargs)
+            action = group.add_argument(*Switch.flags(setting.flag), action=Switch, **kwargs)
+            action.shown = Switch.flags(setting.flag)[:2]  # type: ignore[attr-defined]
             continue
-        kwargs["type"] = setting.kind
-        kwargs["metavar"] = setting.name.upper().split("_")[-1]
+        kwargs["type"] = _whole_number(setting.flag) if setting.kind is int else setting.kind
+        kwargs["metavar"] = _metavar(setting)
         if setting.choices:
             kwargs["choices"] = setting.choices
-            kwargs["metavar"] = "{" + ",".join(map(str, setting.choices)) + "}"
-        group.add_argument(*spellings(setting.flag, *setting.aliases), **kwargs)
+        action = group.add_argument(*spellings(setting.flag), *alias_forms(setting), **kwargs)
+        action.shown = (setting.flag,)  # type: ignore[attr-defined]
+    _add_shortcuts(parser)
+
+
+class _Shortcut(argparse.Action):
+    """Accelerate's ``--use_fsdp``-like switch: remembers which one was typed."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=[], **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        typed = getattr(namespace, self.dest) or []
+        setattr(namespace, self.dest, [*typed, option_string or self.option_strings[0]])
+
+
+class _Refused(argparse.Action):
+    """A flag of another launcher that distlib cannot honour: an error naming why."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        parser.error(f"{option_string} must be left out (distlib cannot honour it), but got "
+                     f"{option_string} {values}. {_RDZV_CONF_WHY}")
+
+
+def _add_shortcuts(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Accelerate's and torchrun's flags (see "
+                                      "docs/migration.md; their other spellings are aliases)")
+    for flag, strategy in SHORTCUTS.items():
+        dashed = flag.replace("_", "-")
+        action = group.add_argument(flag, *spellings(dashed)[:1], dest="strategy_shortcuts",
+                                    action=_Shortcut,
+                                    help=f"Accelerate's: the same as --strategy {strategy}")
+        action.shown = (flag,)  # type: ignore[attr-defined]
+    group.add_argument("--standalone", action="store_true", default=False,
+                       help="torchrun's: one machine, rendezvous on 127.0.0.1 at a free port "
+                            "(the same as --num-machines 1 --main-port 0; default: off)")
+    action = group.add_argument(*spellings("--rdzv-endpoint"), default=None,
+                                metavar="HOST:PORT",
+                                help="torchrun's: the same as --main-address HOST --main-port "
+                                     "PORT")
+    action.shown = ("--rdzv-endpoint",)  # type: ignore[attr-defined]
+    action = group.add_argument(*spellings("--rdzv-conf"), action=_Refused, metavar="KEY=VALUE,...",
+                                help="torchrun's: refused, distlib sets the rendezvous options "
+                                     "itself (use --timeout)")
+    action.shown = ("--rdzv-conf",)  # type: ignore[attr-defined]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,9 +201,60 @@ def resolve_from_args(args: argparse.Namespace, environ: Mapping[str, str]
 
 def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]
                    ) -> tuple[dict[str, tuple[Any, str]], ConfigFile | None]:
-    """`resolve_from_args`, with the config file read (its notes) instead of its path."""
-    flags = {s.name: getattr(args, s.name) for s in TABLE if getattr(args, s.name) is not None}
-    return resolve_sources(flags, args.config_file, environ)
+    """`resolve_from_args`, with the config file read (its notes) instead of its path.
+
+    Prints a note on stderr when Accelerate's default config file is read, and when the file's
+    options of a strategy not in use are ignored.
+    """
+    flags = {s.name: getattr(args, s.name, None) for s in TABLE
+             if getattr(args, s.name, None) is not None}
+    typed = _shortcut_flags(args, flags)
+    resolved, config = resolve_sources(flags, args.config_file, environ)
+    for name, flag in typed.items():
+        resolved[name] = (resolved[name][0], f"flag ({flag})")
+    if config is not None and config.found:
+        print(f"distlib: note: no distlib config file, so {config.found.split(' (')[0]} is "
+              f"read: {config.path} (pass --config-file to choose another, or write "
+              "distlib's with `distlib config`)", file=sys.stderr)
+    ignored = ignored_settings(resolved)
+    if ignored:
+        sources = sorted({resolved[name][1] for name in ignored})
+        print(f"distlib: note: {', '.join(ignored)} from {', '.join(sources)} ignored "
+              f"({next(iter(ignored.values()))})", file=sys.stderr)
+    return resolved, config
+
+
+def _shortcut_flags(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, str]:
+    """Turn ``--use_fsdp``, ``--standalone`` and ``--rdzv-endpoint`` into settings in
+    ``flags``; return which flag set each."""
+    typed: dict[str, str] = {}
+    shortcuts = getattr(args, "strategy_shortcuts", None) or []
+    for flag in shortcuts:
+        strategy = SHORTCUTS["--" + flag[2:].replace("-", "_")]
+        _put(flags, typed, flag, strategy=strategy)
+    endpoint = getattr(args, "rdzv_endpoint", None)
+    if endpoint is not None:
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            msg = (f"command line: --rdzv-endpoint must be HOST:PORT, but got {endpoint!r}. "
+                   "E.g. --rdzv-endpoint 10.0.0.1:29500 (or --main-address and --main-port).")
+            raise ConfigError(msg)
+        _put(flags, typed, "--rdzv-endpoint", main_address=host, main_port=int(port))
+    if getattr(args, "standalone", False):
+        _put(flags, typed, "--standalone", num_machines="1", machine_rank=0,
+             main_address="127.0.0.1", main_port=0)
+    return typed
+
+
+def _put(flags: dict[str, Any], typed: dict[str, str], flag: str, **values: Any) -> None:
+    for name, value in values.items():
+        if flags.get(name) not in (None, value):
+            own = f"{SETTINGS[name].flag} {flags[name]}"
+            given = f"{typed[name]} ({own})" if name in typed else own
+            msg = (f"command line: {flag} means {SETTINGS[name].flag} {value}, but {given} "
+                   "was given too. Keep one of the two.")
+            raise ConfigError(msg)
+        flags[name], typed[name] = value, flag
 
 
 def _threads_text(plan: LaunchPlan, environ: Mapping[str, str]) -> tuple[str, str]:
@@ -109,9 +284,14 @@ def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
                             if plan.mesh is not None and not plan.mesh.is_data_parallel_only
                             else "auto: ddp for several ranks, else single"),
                "timeout": f"{DEFAULT_TIMEOUT_S} s", "stall_timeout": "off"}
+    ignored = ignored_settings(resolved)
+    if plan.world_size is not None:
+        derived["num_processes"] = plan.world_size
     rows = []
     for name, (value, source) in resolved.items():
         axis = SETTINGS[name].mesh_axis
+        if name in ignored:
+            source = f"{source} (ignored: {ignored[name]})"
         if value is None and axis is not None:
             value, source = _unset_axis(plan.mesh, axis)
         elif value is None and SETTINGS[name].group != "launch":
@@ -119,8 +299,9 @@ def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
         elif name == "num_threads" and value is None:
             value, source = _threads_text(plan, os.environ if environ is None else environ)
         elif value is None:
+            known = {"nproc_per_node": plan.nproc_per_node, "num_processes": plan.world_size}
             value, source = derived.get(name, "(not set)"), (
-                "derived" if name == "nproc_per_node" and plan.nproc_per_node else source)
+                "derived" if known.get(name) and source == "default" else source)
         rows.append((name, str(value), source))
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
@@ -128,7 +309,8 @@ def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
     lines += [f"{n:<{width}}  {v:<{vwidth}}  {s}" for n, v, s in rows]
     if config is not None and config.notes:
         kind = "Accelerate" if config.accelerate else "distlib"
-        lines.append(f"\nconfig file {config.path} ({kind} format), key by key:")
+        found = f"; {config.found}" if config.found else ""
+        lines.append(f"\nconfig file {config.path} ({kind} format{found}), key by key:")
         lines += [f"  {note.row()}" for note in config.notes]
     lines += ["", *mesh_text_rows(plan)]
     lines.append(f"\neach rank runs: {' '.join(command)}")
@@ -197,7 +379,7 @@ def _command(args: argparse.Namespace) -> list[str]:
         return [args.script, *args.script_args]
     kind = "module" if args.module else "script"
     if kind == "script" and not os.path.isfile(args.script):
-        msg = (f"distlib launch: the script must exist, but got {args.script!r} (no such file "
+        msg = (f"the script must exist, but got {args.script!r} (no such file "
                f"from {os.getcwd()!r}). Pass -m for a module or --no-python for a program.")
         raise ConfigError(msg)
     return [sys.executable, "-u", "-m", "distlib.launcher._bootstrap", kind, args.script,

@@ -8,13 +8,19 @@ written as its four keys (``tp_size: 2``) or as one ``mesh:`` block (``mesh: {tp
 Accelerate's ``default_config.yaml`` format (recognised by its keys) is translated as is.
 Precedence: command-line flag > config file > environment > default; inside a SLURM
 allocation the machine count, machine rank and main address come from SLURM unless a flag
-sets them (a config file cannot know the allocation).
+sets them (a config file cannot know the allocation). A flag for one of the two process
+counts (``--num-processes``, ``--nproc-per-node``) overrides the file's other one too, and the
+file's options of a strategy not in use (an FSDP file run with ``--strategy ddp``) are
+ignored, shown as such (`ignored_settings`); the same option typed as a flag is an error.
+Without a distlib config file, Accelerate's default one (`accelerate_config_path`) is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +31,16 @@ from distlib.errors import ConfigError
 from distlib.launcher._accelerate_config import KeyNote, problems_message, translate_all
 from distlib.launcher._accelerate_config import from_accelerate as translate
 from distlib.launcher.plan import LaunchPlan, plan_launch
-from distlib.launcher.settings import MESH_VARIABLE, SETTINGS, TABLE, Setting
+from distlib.launcher.settings import MESH_VARIABLE, SETTINGS, TABLE, Setting, flag_name
 from distlib.topology import AXES, Mesh, parse_mesh
 
-__all__ = ["ConfigFile", "KeyNote", "default_config_path", "from_accelerate", "read_config",
-           "read_config_data", "read_config_file", "resolve", "resolve_sources", "to_plan",
-           "validate"]
+__all__ = ["ConfigFile", "KeyNote", "accelerate_config_path", "default_config_path",
+           "from_accelerate", "ignored_settings", "read_config", "read_config_data",
+           "read_config_file", "resolve", "resolve_sources", "to_plan", "validate"]
+
+# The two process counts: a flag for either overrides what the config file says of both.
+_COUNTS = ("num_processes", "nproc_per_node")
+
 
 def default_config_path(environ: Mapping[str, str], *, writing: bool = False) -> str:
     """``$DISTLIB_CONFIG_FILE``, else ``${XDG_CACHE_HOME:-~/.cache}/distlib/default_config.yaml``.
@@ -60,6 +70,28 @@ def default_config_path(environ: Mapping[str, str], *, writing: bool = False) ->
     home = environ.get("HOME") or os.path.expanduser("~")
     cache = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     return os.path.join(cache, "distlib", "default_config.yaml")
+
+
+def accelerate_config_path(environ: Mapping[str, str]) -> str:
+    """Where ``accelerate launch`` looks for its default config: Accelerate's rule.
+
+    ``$HF_HOME/accelerate/default_config.yaml``, else
+    ``${XDG_CACHE_HOME:-~/.cache}/huggingface/accelerate/default_config.yaml`` (as
+    ``accelerate.commands.config.config_args``; Accelerate reads no variable naming the file
+    itself). The path is returned whether or not a file is there.
+
+    Example:
+        >>> accelerate_config_path({"HF_HOME": "/hf"})
+        '/hf/accelerate/default_config.yaml'
+        >>> accelerate_config_path({"HOME": "/u"})
+        '/u/.cache/huggingface/accelerate/default_config.yaml'
+    """
+    home = environ.get("HOME") or os.path.expanduser("~")
+    cache = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    hf_home = environ.get("HF_HOME") or os.path.join(cache, "huggingface")
+    if hf_home == "~" or hf_home.startswith("~/"):
+        hf_home = home + hf_home[1:]
+    return os.path.join(hf_home, "accelerate", "default_config.yaml")
 
 
 def _bad(where: str, key: str, value: Any, rule: str, fix: str = "") -> ConfigError:
@@ -154,12 +186,18 @@ def validate(values: Mapping[str, Any], where: str,
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConfigFile:
-    """A config file read: its validated settings, and what became of each key it held."""
+    """A config file read: its validated settings, and what became of each key it held.
+
+    ``found`` says why the file was read when nothing named it (``"Accelerate's default
+    config file (distlib has none)"``); empty when ``--config-file``, ``DISTLIB_CONFIG_FILE``
+    or distlib's own default named it.
+    """
 
     path: str
     settings: dict[str, Any]
     notes: tuple[KeyNote, ...]
     accelerate: bool = False
+    found: str = ""
 
 
 def read_config(path: str) -> ConfigFile:
@@ -365,6 +403,18 @@ def resolve(flags: Mapping[str, Any], config: Mapping[str, Any], environ: Mappin
             out[name] = (_convert(source, setting, value), source)
         else:
             out[name] = (setting.default, "default")
+    return _flagged_count_wins(out)
+
+
+def _flagged_count_wins(out: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str]]:
+    """A flag for one process count drops the other count when a lower source set it."""
+    flagged = [name for name in _COUNTS if out[name][1] == "flag"]
+    if len(flagged) != 1:
+        return out
+    other = next(name for name in _COUNTS if name != flagged[0])
+    value, source = out[other]
+    if value is not None:
+        out[other] = (None, f"{source} said {value}; overridden by {flag_name(flagged[0])}")
     return out
 
 
@@ -396,27 +446,90 @@ def resolve_sources(flags: Mapping[str, Any], config_file: str | None,
     Effects: reads the config file.
     """
     given = validate(flags, "command line")
-    path = config_file
+    path, found = config_file, ""
     if path is None and os.path.exists(default_config_path(environ)):
         path = default_config_path(environ)
-    config = read_config(path) if path else None
+    if path is None and os.path.isfile(accelerate_config_path(environ)):
+        path, found = (accelerate_config_path(environ),
+                       "Accelerate's default config file (distlib has none)")
+    config = dataclasses.replace(read_config(path), found=found) if path else None
     settings = config.settings if config else {}
     return resolve(given, settings, environ, config_source=f"config file {path}"), config
 
 
-def _strategy_options(values: Mapping[str, Any], strategy: str | None) -> dict[str, Any]:
+def _is_flag(source: str) -> bool:
+    return source == "flag" or source.startswith("flag ")
+
+
+def ignored_settings(resolved: Mapping[str, tuple[Any, str]]) -> dict[str, str]:
+    """The options of a strategy not in use that a config file (or variable) set, and why
+    they are ignored; options typed as flags are not ignored (`to_plan` refuses them).
+
+    An option is ignored only when the strategy is chosen (``--strategy``, the file, a
+    variable); with the strategy left to each rank, `to_plan` refuses it.
+
+    Example:
+        >>> r = resolve({"strategy": "ddp"}, {"strategy": "fsdp", "fsdp_cpu_offload": True}, {})
+        >>> ignored_settings(r)
+        {'fsdp_cpu_offload': 'strategy is ddp'}
+    """
+    strategy = resolved["strategy"][0]
+    out: dict[str, str] = {}
+    for setting in TABLE:
+        value, source = resolved.get(setting.name, (None, "default"))
+        if setting.strategy_option is None or value is None or strategy is None:
+            continue
+        if setting.strategy_option[0] != strategy and not _is_flag(source):
+            out[setting.name] = f"strategy is {strategy}"
+    return out
+
+
+def _strategy_options(resolved: Mapping[str, tuple[Any, str]]) -> dict[str, Any]:
+    strategy, strategy_source = resolved["strategy"]
+    ignored = ignored_settings(resolved)
     options: dict[str, Any] = {}
     for setting in TABLE:
         key = setting.name
-        if setting.strategy_option is None or values.get(key) is None:
+        value, source = resolved.get(key, (None, "default"))
+        if setting.strategy_option is None or value is None or key in ignored:
             continue
         owner, option = setting.strategy_option
-        if owner != strategy:
-            raise _bad("launch settings", key, values[key], f"only be set with strategy "
-                       f"{owner!r}", fix=f"The strategy is {strategy!r}; pass --strategy "
-                       f"{owner} or drop `{key}`.")
-        options[option] = values[key]
+        if owner == strategy:
+            options[option] = value
+            continue
+        chosen = (f"the strategy is {strategy!r} ({strategy_source})" if strategy is not None
+                  else "the strategy is left to each rank")
+        if _is_flag(source):
+            flag = setting.flag if value is not False else "--no-" + setting.flag[2:]
+            typed = flag if isinstance(value, bool) else f"{flag} {value}"
+            msg = (f"command line: {flag} must only be given with --strategy {owner}, but "
+                   f"got {typed} while {chosen}. Pass --strategy {owner} too, or drop {flag}.")
+            raise ConfigError(msg)
+        raise _bad(f"launch settings ({source})", key, value, f"only be set with strategy "
+                   f"{owner!r}", fix=f"{chosen[0].upper()}{chosen[1:]}; set strategy: "
+                   f"{owner} (or pass --strategy {owner}), or drop `{key}`.")
     return options
+
+
+def _with_sources(message: str, resolved: Mapping[str, tuple[Any, str]]) -> str:
+    """``message``, plus where the settings it names came from (a config file, a variable)."""
+    given: dict[str, list[str]] = {}  # source -> its settings, as name=value
+    named: dict[str, list[str]] = {}  # the same, for the settings the message names
+    for name, (value, source) in resolved.items():
+        if value is None or source in ("default", "derived") or _is_flag(source):
+            continue
+        shown = f"{name}={str(value).lower() if isinstance(value, bool) else value}"
+        given.setdefault(source, []).append(shown)
+        if source not in message and any(
+                re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", message)
+                for word in (name, flag_name(name))):
+            named.setdefault(source, []).append(shown)
+    if not named and not message.startswith("command line:"):  # say what each source set
+        named = {source: names for source, names in given.items() if source not in message}
+    if not named:
+        return message
+    where = "; ".join(f"{', '.join(names)} from {source}" for source, names in named.items())
+    return f"{message} ({where}.)"
 
 
 def to_plan(resolved: Mapping[str, tuple[Any, str]]) -> LaunchPlan:
@@ -427,6 +540,13 @@ def to_plan(resolved: Mapping[str, tuple[Any, str]]) -> LaunchPlan:
         >>> plan.nproc_per_node, plan.cpu, plan.main_port
         (2, True, 0)
     """
+    try:
+        return _to_plan(resolved)
+    except ConfigError as error:
+        raise ConfigError(_with_sources(str(error), resolved)) from None
+
+
+def _to_plan(resolved: Mapping[str, tuple[Any, str]]) -> LaunchPlan:
     v = {k: value for k, (value, _) in resolved.items()}
     strategy = v["strategy"]
     if v["cpu"] and strategy == "xla":
@@ -441,7 +561,7 @@ def to_plan(resolved: Mapping[str, tuple[Any, str]]) -> LaunchPlan:
               if s.plan_field is not None and s.mesh_axis is None}
     return plan_launch(num_processes=v["num_processes"], num_machines=v["num_machines"],
                        **fields | {"main_port": port, "mesh": _mesh(v)},
-                       strategy_options=_strategy_options(v, strategy))
+                       strategy_options=_strategy_options(resolved))
 
 
 def _mesh(values: Mapping[str, Any]) -> Mesh | None:

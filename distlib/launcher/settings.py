@@ -14,8 +14,9 @@ fill one `LaunchPlan` field, ``mesh`` (a `distlib.topology.Mesh`), and share one
 One name per setting: the rendezvous-and-collective timeout is ``timeout`` everywhere a user
 types it (``--timeout``, ``timeout:``, ``DISTLIB_TIMEOUT``, ``Env.timeout_s``); only its
 `LaunchPlan` field is ``collective_timeout_s``, because ``launch(timeout_s=...)`` already
-means the limit of the whole job. An alias flag exists only where Accelerate's users type it
-(``--num-cpu-threads-per-process``).
+means the limit of the whole job. An alias flag exists only where Accelerate's or torchrun's
+users type it (``--num_cpu_threads_per_process``, ``--master-addr``, ``--nnodes``...); each is
+listed, with the distlib flag it means, in docs/migration.md (a test checks the table).
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ class Setting:
         group: ``launch``, ``mesh`` (the axis sizes), or ``fsdp`` / ``deepspeed`` (options
             of that strategy).
         minimum: the smallest valid number.
-        aliases: other accepted flags (only where Accelerate's users type them).
+        aliases: other accepted flags, as Accelerate's or torchrun's users type them
+            (``--master-addr``, ``--main_process_ip``); both their dash and underscore
+            spellings are accepted, and ``--help`` names them after the help text.
+        metavar: the placeholder in ``--help`` (empty: ``N`` for a whole number,
+            ``SECONDS`` for a number, the choices when closed).
         environ: the ``DISTLIB_*`` variable the launcher reads when no flag or config sets
             the setting (and that the ranks receive).
         question: what ``distlib config`` asks, or None when it does not ask.
@@ -98,6 +103,7 @@ class Setting:
     plan_field: str | None = None
     strategy_option: tuple[str, str] | None = None
     mesh_axis: str | None = None
+    metavar: str = ""
 
     def __post_init__(self) -> None:
         if self.ask_when not in ASK_WHEN:
@@ -135,25 +141,30 @@ TABLE: tuple[Setting, ...] = (
                  "machine, else 1)",
             question="How many processes in total, across all machines?", ask_order=7),
     Setting(name="nproc_per_node", kind=int, default=None, plan_field="nproc_per_node",
-            help="ranks on each machine (alternative to --num-processes)"),
-    Setting(name="num_machines", kind=str, default="1",
+            help="ranks on each machine (alternative to --num-processes; default: "
+                 "--num-processes / machines)"),
+    Setting(name="num_machines", kind=str, default="1", aliases=("--nnodes",), metavar="N",
             help="number of machines, or MIN:MAX for an elastic job",
             question="How many machines take part?", ask_order=2),
     Setting(name="machine_rank", kind=int, default=0, plan_field="machine_rank",
-            help="rank of this machine (0 hosts the rendezvous)",
+            help="rank of this machine (0 hosts the rendezvous)", aliases=("--node-rank",),
             question="Rank of this machine (0 hosts the rendezvous)?",
             ask_when="several machines", ask_order=3),
     Setting(name="main_address", kind=str, default="127.0.0.1", plan_field="main_address",
-            help="address of machine 0", question="Address of machine 0?",
+            help="address of machine 0", aliases=("--main_process_ip", "--master-addr"),
+            metavar="ADDR", question="Address of machine 0?",
             ask_when="several machines", ask_order=4),
     Setting(name="main_port", kind=int, default=None, plan_field="main_port",
             help="rendezvous port on machine 0 (0: pick a free one; default 0 on one "
                  "machine, 29500 on several)",
             question="Port on machine 0?", ask_when="several machines", ask_order=5,
-            offer=29500),
+            offer=29500, aliases=("--main_process_port", "--master-port"), metavar="PORT"),
     Setting(name="rdzv_backend", kind=str, default="static", choices=RDZV_BACKENDS,
             plan_field="rdzv_backend", help="rendezvous backend",
             question="Rendezvous backend?", ask_when="several machines", ask_order=6),
+    Setting(name="rdzv_id", kind=str, default="distlib", plan_field="run_id", metavar="ID",
+            help="the job id every machine of one job gives the rendezvous (torchrun's "
+                 "--rdzv-id; it keeps two c10d jobs on one address apart)"),
     Setting(name="max_restarts", kind=int, default=0, plan_field="max_restarts",
             help="restart the whole group this many times after a failure"),
     Setting(name="monitor_interval", kind=float, default=0.1, plan_field="monitor_interval_s",
@@ -162,17 +173,18 @@ TABLE: tuple[Setting, ...] = (
             help="run on CPUs even when GPUs are present",
             question="Run on CPUs only, even if GPUs are present?", ask_order=1),
     Setting(name="gpu_ids", kind=str, default="all", plan_field="gpu_ids",
-            help="GPUs to use on this machine, e.g. 0,1 (default: all)",
+            help="GPUs to use on this machine, e.g. 0,1 (default: all)", metavar="LIST",
             question="Which GPUs on this machine (e.g. 0,1)?", ask_when="gpus", ask_order=8),
     Setting(name="precision", kind=str, default="no", choices=("no", "fp16", "bf16", "fp8"),
             plan_field="precision", environ="DISTLIB_PRECISION", help="mixed precision",
+            aliases=("--mixed_precision",),
             question="Mixed precision?", ask_order=21),
     Setting(name="strategy", kind=str, default=None,
             choices=("single", "ddp", "fsdp", "deepspeed", "xla"), plan_field="strategy",
             environ="DISTLIB_STRATEGY",
             help="how the model is distributed (default: fsdp for a tp/cp mesh, ddp for several ranks, else single)",
             question="Distribution strategy?", ask_order=9, offer="auto"),
-    Setting(name="timeout", kind=int, default=None, minimum=1,
+    Setting(name="timeout", kind=int, default=None, minimum=1, metavar="SECONDS",
             plan_field="collective_timeout_s", environ="DISTLIB_TIMEOUT",
             help="seconds the rendezvous and each collective may wait (default "
                  f"{DEFAULT_TIMEOUT_S})"),
@@ -214,7 +226,7 @@ TABLE: tuple[Setting, ...] = (
           question="FSDP: keep parameters on the CPU?", ask_when="fsdp", ask_order=11,
           offer=False),
     _fsdp("wrap_classes", str, "comma-separated module classes that become FSDP units, or "
-          "auto: the classes in the model's _no_split_modules",
+          "auto: the classes in the model's _no_split_modules", metavar="NAMES",
           question="FSDP: module classes to shard separately (comma-separated)?",
           ask_when="fsdp", ask_order=12, offer=""),
     _fsdp("min_num_params", int, "wrap modules with at least this many parameters"),
@@ -240,7 +252,7 @@ TABLE: tuple[Setting, ...] = (
           offer=1),
     _mesh("tp", "mesh: tensor-parallel size (ranks that split each layer; default 1)",
           question="FSDP: tensor-parallel size (tp)?", ask_when="fsdp", ask_order=17, offer=1),
-    _ds("deepspeed_config_file", "config", str, "a DeepSpeed JSON config"),
+    _ds("deepspeed_config_file", "config", str, "a DeepSpeed JSON config", metavar="PATH"),
     _ds("zero_stage", "zero_stage", int, "ZeRO stage", choices=(0, 1, 2, 3),
         question="DeepSpeed: ZeRO stage?", ask_when="deepspeed", ask_order=18, offer=2),
     _ds("offload_optimizer_device", "offload_optimizer", str, "where optimizer states live",
@@ -251,11 +263,12 @@ TABLE: tuple[Setting, ...] = (
         ask_order=20, offer="none"),
     _ds("gradient_accumulation_steps", "gradient_accumulation_steps", int,
         "micro-steps per optimizer step"),
-    _ds("gradient_clipping", "gradient_clipping", float, "clip gradients to this norm"),
+    _ds("gradient_clipping", "gradient_clipping", float, "clip gradients to this norm",
+        metavar="NORM"),
     _ds("offload_optimizer_nvme_path", "offload_optimizer_nvme_path", str,
-        "folder for optimizer states offloaded to NVMe"),
+        "folder for optimizer states offloaded to NVMe", metavar="PATH"),
     _ds("offload_param_nvme_path", "offload_param_nvme_path", str,
-        "folder for parameters offloaded to NVMe"),
+        "folder for parameters offloaded to NVMe", metavar="PATH"),
     _ds("zero3_save_16bit_model", "gather_16bit_weights_on_save", bool,
         "under ZeRO-3, gather 16-bit weights when DeepSpeed saves the model"),
 )

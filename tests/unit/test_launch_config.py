@@ -131,7 +131,7 @@ def test_bad_config_files_name_key_value_and_choices(tmp_path: Path, data, words
 @pytest.mark.parametrize(("values", "words"), [
     ({"cpu": True, "strategy": "xla"}, ["strategy", "'xla'", "cpu"]),
     ({"cpu": True, "gpu_ids": "0,1"}, ["gpu_ids", "'0,1'", "--cpu"]),
-    ({"strategy": "ddp", "zero_stage": 3}, ["zero_stage", "'deepspeed'", "'ddp'"]),
+    ({"strategy": "ddp", "zero_stage": 3}, ["--zero-stage 3", "--strategy deepspeed", "'ddp'"]),
     ({"num_processes": 3, "num_machines": "2"}, ["multiple", "3"]),
 ])
 def test_impossible_combinations(values: dict, words: list[str]) -> None:
@@ -289,7 +289,7 @@ def _sample(setting) -> object:
     given = {"num_machines": "2", "main_address": "10.0.0.7", "gpu_ids": "0,1",
              "fsdp_wrap_classes": "Linear", "deepspeed_config_file": "ds.json",
              "offload_optimizer_nvme_path": "/nvme/o", "offload_param_nvme_path": "/nvme/p",
-             "main_port": 29400, "machine_rank": 1}
+             "main_port": 29400, "machine_rank": 1, "rdzv_id": "job7"}
     if setting.name in given:
         return given[setting.name]
     if setting.mesh_axis is not None:
