@@ -129,7 +129,8 @@ def _deepspeed_config(config: str | Mapping[str, Any] | None) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         why = getattr(error, "strerror", None) or str(error)
         msg = (f"self-test: `deepspeed_config_file` must name a readable JSON file, but got "
-               f"{config!r} ({why}). Fix the path in the config file or --deepspeed-config-file.")
+               f"{config!r} ({why}). Fix the file, or its path (the config key "
+               "`deepspeed_config_file`, --deepspeed-config-file).")
         raise ConfigError(msg) from None
     if not isinstance(loaded, dict):
         msg = (f"self-test: `deepspeed_config_file` must hold a JSON object, but got a "
