@@ -321,3 +321,24 @@ def test_distlib_test_refuses_a_missing_backend_before_launching(
     assert f"no `{module}` in this Python" in lines[0]
     assert lines[0].endswith(f"Install it: {install}")
     assert "ModuleNotFoundError" not in done.stderr and "TORCH IMPORTED" not in done.stderr
+
+
+def test_without_transformers_the_mlp_carries_every_wrap_class(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # a test extra, not a dependency
+    strategy = FSDP(wrap_classes="A,B,C,D,E,F")
+    name, mlp, _, vocab = _checks._tiny_model(2, plan_self_test(strategy))
+    modules = dict(mlp.named_modules())
+    assert name == "mlp"
+    assert {type(modules[n]).__name__ for n in plan_units(mlp, strategy)} == set("ABCDEF")
+    assert mlp(torch.zeros(2, 3, dtype=torch.long)).shape == (2, 3, vocab)
+    _, plain, _, _ = _checks._tiny_model(2)
+    assert sorted(plain.state_dict()) == ["down.bias", "down.weight", "embed.weight",
+                                          "head.bias", "head.weight", "up.bias", "up.weight"]
+
+
+def test_the_no_torch_sentinel_sees_torch(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
+    done = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert "TORCH IMPORTED" in done.stderr
