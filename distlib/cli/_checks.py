@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import shutil
 import tempfile
@@ -25,6 +26,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 import distlib as dl
+from distlib.cli._selftest import (
+    DEFAULT_ACCUMULATION,
+    DEFAULT_MAX_NORM,
+    SelfTestPlan,
+    plan_self_test,
+)
 from distlib.env import Env, detect
 from distlib.errors import (
     CheckpointError,
@@ -34,7 +41,10 @@ from distlib.errors import (
     StrategyError,
 )
 from distlib.runtime import process_group
+from distlib.strategies.fsdp import FSDP
+from distlib.strategies.single import Single
 from distlib.topology import DATA_AXES, Mesh
+from distlib.training.fsdp import plan_units
 
 __all__ = ["check_all_gather", "check_all_reduce", "check_broadcast", "check_mesh",
            "check_save_load", "check_sharded_loader", "check_training", "run_checks"]
@@ -119,9 +129,46 @@ def check_sharded_loader(env: Env) -> str:
     return ", ".join(report)
 
 
-def _net(seed: int) -> torch.nn.Module:
+def _named_as(module: torch.nn.Module, name: str) -> None:
+    """Make ``module`` an instance of a class called ``name`` (built now, a subclass of its
+    own class): how the toy models carry a user's FSDP ``wrap_classes``."""
+    cls = type(module)
+    module.__class__ = type(name, (cls,), {"__module__": __name__, "__qualname__": name})
+
+
+def _name_units(model: torch.nn.Module, candidates: Sequence[str],
+                plan: SelfTestPlan) -> torch.nn.Module:
+    """Give the ``candidates`` (submodule names) the plan's unit classes, in turn; for
+    ``wrap_classes="auto"`` also list them in ``_no_split_modules``, unless the model has its
+    own list (a transformers model). Returns the model, changed in place."""
+    classes = plan.unit_classes
+    if not classes or (plan.no_split_modules and getattr(model, "_no_split_modules", None)):
+        return model
+    modules = dict(model.named_modules())
+    for i, name in enumerate(candidates):
+        _named_as(modules[name], classes[i % len(classes)])
+    if plan.no_split_modules:
+        model._no_split_modules = list(classes)  # type: ignore[assignment]
+    return model
+
+
+def _net(seed: int, plan: SelfTestPlan | None = None) -> torch.nn.Module:
+    """The training and checkpoint checks' MLP: ``Linear(8, 16), Tanh, Linear(16, 1)``, with
+    more Linear pairs when the plan names more than two unit classes (each Linear takes one)."""
+    plan = plan or SelfTestPlan(strategy=Single())
+    pairs = max(1, math.ceil(len(plan.unit_classes) / 2))
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    layers: list[torch.nn.Module] = []
+    for i in range(pairs):
+        last = i == pairs - 1
+        layers += [torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1 if last else 8)]
+        layers += [] if last else [torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers)
+    return _name_units(model, _linears(model), plan)
+
+
+def _linears(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def _on_main(env: Env, work: Callable[[str], Any]) -> Any:
@@ -153,25 +200,42 @@ def _full_weights(model: Any, env: Env, folder: str) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _net_plan(env: Env) -> str | dict[str, str]:
-    """How `_net` splits over a tp axis: its two Linears, column- then row-wise ("auto", the
-    default, where there is no tp axis: wrap refuses a plan without one)."""
-    return {"0": "colwise", "2": "rowwise"} if env.mesh.tp > 1 else "auto"
+def _net_plan(env: Env, model: torch.nn.Module) -> str | dict[str, str]:
+    """How `_net` splits over a tp axis: its Linears, column- then row-wise in pairs ("auto",
+    the default, where there is no tp axis: wrap refuses a plan without one)."""
+    if env.mesh.tp == 1:
+        return "auto"
+    return {name: ("colwise", "rowwise")[i % 2] for i, name in enumerate(_linears(model))}
 
 
-def _train(strategy: Any, env: Env, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    model = _net(0)
+def _units_text(model: torch.nn.Module, strategy: Any) -> str:
+    """``", 2 FSDP units (Block)"``: the units FSDP makes of the model ("" for no unit)."""
+    if not isinstance(strategy, FSDP):
+        return ""
+    modules = dict(model.named_modules())
+    units = plan_units(model, strategy)
+    classes = sorted({type(modules[name]).__name__ for name in units})
+    if not units:
+        return ""
+    return f", {len(units)} FSDP unit{'s' if len(units) > 1 else ''} ({', '.join(classes)})"
+
+
+def _train(strategy: Any, env: Env, batches: list[tuple[torch.Tensor, torch.Tensor]],
+           plan: SelfTestPlan) -> tuple[Any, str]:
+    """Train `_net` on ``batches`` under ``strategy``; the model and its FSDP units' text."""
+    model = _net(0, plan)
+    units = _units_text(model, strategy)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer = dl.wrap(model, strategy, env=env, optimizer=optimizer,
-                               tp_plan=_net_plan(env))
-    for (x, y), micro in dl.accumulate(batches, steps=2):
+                               tp_plan=_net_plan(env, model))
+    for (x, y), micro in dl.accumulate(batches, steps=plan.accumulation_steps):
         loss = torch.nn.functional.mse_loss(model(x.to(env.device)), y.to(env.device))
         dl.backward(loss, model, micro)
         if micro.sync:
-            dl.clip_grad_norm(model, 1.0)
+            dl.clip_grad_norm(model, plan.max_norm)
             optimizer.step()
             optimizer.zero_grad()
-    return model
+    return model, units
 
 
 def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -184,33 +248,43 @@ def check_training(env: Env) -> str:
     """4 steps of the configured strategy and precision must match `distlib.Single` here.
 
     Each data-parallel rank trains on its slice of the same global batches (2 micro-batches
-    per step; the ranks of one tp/cp group share a slice, and with ``tp > 1`` the two Linears
-    are split column- then row-wise); the weights must equal those of one process trained on
-    the whole batches.
+    per step, or the strategy's accumulation steps; the ranks of one tp/cp group share a
+    slice, and with ``tp > 1`` the Linears are split column- then row-wise); the weights must
+    equal those of one process trained on the whole batches. Under `distlib.Single` with
+    several ranks each rank trains alone: its weights must equal one process trained on its
+    own slice. The model takes the strategy's options (`distlib.cli._selftest`).
     """
+    plan = plan_self_test(env.strategy)
+    steps = plan.accumulation_steps
     g = torch.Generator().manual_seed(1)
     dp_size, dp_rank = env.mesh.dp_size, env.mesh.dp_rank(env.rank)
     rows = 4 * dp_size  # rows of one global micro-batch; 4 per data-parallel rank
-    x, y = torch.randn(8 * rows, 8, generator=g), torch.randn(8 * rows, 1, generator=g)
+    x, y = (torch.randn(4 * steps * rows, 8, generator=g),
+            torch.randn(4 * steps * rows, 1, generator=g))
     whole = list(zip(torch.split(x, rows), torch.split(y, rows), strict=True))
     mine = [(bx[4 * dp_rank:4 * dp_rank + 4], by[4 * dp_rank:4 * dp_rank + 4])
             for bx, by in whole]
-    model = _train(env.strategy, env, mine)
-    alone = dl.unwrap(_train(dl.Single(), _one_replica(env), whole))
-    want = {k: v.detach().float().cpu() for k, v in alone.state_dict().items()}
+    model, units = _train(plan.strategy, env, mine, plan)
+    alone = isinstance(env.strategy, Single) and dp_size > 1  # no gradient sync, by choice
+    reference, _ = _train(dl.Single(), _one_replica(env), mine if alone else whole, plan)
+    want = {k: v.detach().float().cpu() for k, v in dl.unwrap(reference).state_dict().items()}
 
     def compare(folder: str) -> float:
         got = _full_weights(model, env, folder)
         return _worst(got, want) if env.is_main else 0.0
 
-    worst = _on_main(env, compare)
+    worst = _on_main(env, compare) if not alone else _worst(
+        {k: v.detach().float().cpu() for k, v in dl.unwrap(model).state_dict().items()}, want)
     tol = 1e-5 if str(env.precision) == "no" else 3e-2
     label = f"{env.strategy.name}/{env.precision}"
     if not worst <= tol:
         raise _differ(StrategyError, "training", f"the largest weight difference of {label} after 4 steps "
                       "from one process", f"{worst:.2e}", f"<= {tol:g}",
                       "Gradients were not synchronised or averaged like one process's.")
-    return f"{label}: 4 steps match 1 process (diff {worst:.1e})"
+    how = " (each rank alone: single)" if alone else ""
+    if (steps, plan.max_norm) != (DEFAULT_ACCUMULATION, DEFAULT_MAX_NORM):
+        units += f", {steps} micro-steps a step, clip {plan.max_norm:g}"
+    return f"{label}: 4 steps match 1 process{how} (diff {worst:.1e}{units})"
 
 
 def _one_replica(env: Env) -> Env:
@@ -225,34 +299,49 @@ _TINY_PLAN = {"up": "colwise", "down": "rowwise"}
 
 
 class _TinyLM(torch.nn.Module):
-    """The model when transformers is missing: embedding, a colwise/rowwise pair, a head."""
+    """The model when transformers is missing: embedding, a colwise/rowwise pair, a head
+    (and ``extra`` square Linears after the embedding, to carry more FSDP unit classes)."""
 
-    def __init__(self, vocab: int, width: int) -> None:
+    def __init__(self, vocab: int, width: int, extra: int = 0) -> None:
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, 16)
+        if extra:
+            self.extra = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(extra)))
         self.up = torch.nn.Linear(16, width)
         self.down = torch.nn.Linear(width, 16)
         self.head = torch.nn.Linear(16, vocab)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.down(torch.relu(self.up(self.embed(input_ids)))))  # type: ignore[no-any-return]
+        hidden = self.embed(input_ids)
+        if hasattr(self, "extra"):
+            hidden = self.extra(hidden)
+        return self.head(self.down(torch.relu(self.up(hidden))))  # type: ignore[no-any-return]
 
 
-def _tiny_model(tp: int) -> tuple[str, torch.nn.Module, str | dict[str, str], int]:
+def _tiny_model(tp: int, plan: SelfTestPlan | None = None
+                ) -> tuple[str, torch.nn.Module, str | dict[str, str], int]:
     """``(name, model, tp_plan, vocab)``: a tiny transformers Llama with its own plan (2 query
     heads per kv head, ``max(tp, 2)`` kv heads, so the tp size divides them), else `_TinyLM`
-    with a hand-written plan. Seeded: every rank and the reference build the same weights."""
+    with a hand-written plan. Seeded: every rank and the reference build the same weights.
+    Its layers take the plan's FSDP unit classes (more layers when it names more classes)."""
+    plan = plan or SelfTestPlan(strategy=Single())
+    count = len(plan.unit_classes)
     t = max(tp, 2)
     vocab = 32 * t
     torch.manual_seed(0)
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:  # a test extra, not a dependency
-        return "mlp", _TinyLM(vocab, 16 * t), dict(_TINY_PLAN), vocab
+        mlp = _TinyLM(vocab, 16 * t, extra=max(0, count - 4))
+        names = ["embed", "up", "down", "head", *(f"extra.{i}" for i in range(count - 4))]
+        return "mlp", _name_units(mlp, names, plan), dict(_TINY_PLAN), vocab
+    layers = max(2, count)
     config = LlamaConfig(vocab_size=vocab, hidden_size=16 * t, intermediate_size=32 * t,
-                         num_hidden_layers=2, num_attention_heads=2 * t,
+                         num_hidden_layers=layers, num_attention_heads=2 * t,
                          num_key_value_heads=t)
-    return "llama", LlamaForCausalLM(config), "auto", vocab
+    llama = _name_units(LlamaForCausalLM(config), [f"model.layers.{i}" for i in range(layers)],
+                        plan)
+    return "llama", llama, "auto", vocab
 
 
 def _logits(name: str, model: Any, inputs: torch.Tensor, positions: torch.Tensor) -> Any:
@@ -282,13 +371,13 @@ def _mesh_losses(name: str, model: Any, optimizer: Any, env: Env, batches: list[
     return losses
 
 
-def _wrap_on_mesh(env: Env) -> tuple[str, Any, Any, int]:
+def _wrap_on_mesh(env: Env, test: SelfTestPlan) -> tuple[str, Any, Any, int]:
     """The tiny model wrapped under the Env's mesh and strategy, or the refusal, naming the
     mesh (cp > 1 off CUDA, a strategy that cannot hold a tp axis, heads, ...)."""
-    name, model, plan, vocab = _tiny_model(env.mesh.tp)
+    name, model, plan, vocab = _tiny_model(env.mesh.tp, test)
     optimizer = torch.optim.SGD(model.parameters(), lr=_MESH_LR)
     try:  # a plan only with a tp axis ("auto", the default, is one with none)
-        model, optimizer = dl.wrap(model, env, optimizer=optimizer,
+        model, optimizer = dl.wrap(model, test.strategy, env=env, optimizer=optimizer,
                                    tp_plan=plan if env.mesh.tp > 1 else "auto")
     except DistlibError as error:
         msg = (f"distlib test mesh: wrap must accept the mesh {env.mesh} under strategy "
@@ -314,7 +403,8 @@ def check_mesh(env: Env) -> str:
     mesh = env.mesh
     if mesh.is_data_parallel_only:
         return f"skipped: no tp/cp axis (mesh {mesh}; training covers data parallelism)"
-    name, model, optimizer, vocab = _wrap_on_mesh(env)
+    test = plan_self_test(env.strategy)
+    name, model, optimizer, vocab = _wrap_on_mesh(env, test)
     g = torch.Generator().manual_seed(3)
     rows, seq = _MESH_ROWS * mesh.dp_size, 8 * mesh.cp  # cp splits seq into 2 * cp chunks
     two = [torch.randint(0, vocab, (rows, seq + 1), generator=g) for _ in range(2)]
@@ -325,7 +415,7 @@ def check_mesh(env: Env) -> str:
     every = dl.gather_object({"rank": env.rank, "losses": mine}, env)
     got = torch.tensor([r["losses"] for r in every]).mean(dim=0)  # each slice tp*cp times
     single = _one_replica(env)
-    _, alone, _, _ = _tiny_model(mesh.tp)
+    _, alone, _, _ = _tiny_model(mesh.tp, test)
     alone, alone_optimizer = dl.wrap(alone, single, optimizer=torch.optim.SGD(
         alone.parameters(), lr=_MESH_LR))
     want = torch.tensor(_mesh_losses(name, alone, alone_optimizer, single, whole, vocab))
@@ -350,11 +440,13 @@ def check_save_load(env: Env) -> str:
     One step of a small model is saved; a differently initialised copy loads it and must hold
     exactly the same weights, and the saved values must come back.
     """
+    plan = plan_self_test(env.strategy)
+
     def build(seed: int) -> tuple[Any, Any]:
-        net = _net(seed)
+        net = _net(seed, plan)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        return dl.wrap(net, env, optimizer=optimizer,  # type: ignore[no-any-return]
-                       tp_plan=_net_plan(env))
+        return dl.wrap(net, plan.strategy, env=env,  # type: ignore[no-any-return]
+                       optimizer=optimizer, tp_plan=_net_plan(env, net))
 
     model, optimizer = build(0)
     dl.backward(model(torch.ones(4, 8, device=env.torch_device)).float().pow(2).mean(), model)

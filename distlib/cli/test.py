@@ -1,5 +1,10 @@
 """``distlib test``: launch the self-test under the current config and print what each rank saw.
 
+Before anything starts, a strategy or precision whose package is missing is refused in one
+line naming its install command (`distlib.launcher._backends`). The checks fit the
+strategy's model-specific options to their toy models (`distlib.cli._selftest`); what they
+cannot fit is listed as "not checked: needs your model", not failed.
+
 The test is a list of checks, each named ``"module:function"`` (the built-in ones are in
 `distlib.cli._checks`). A check runs in every rank, inside the joined process group, as
 ``function(env) -> str``: it returns a short detail for the table and raises to fail (the
@@ -15,16 +20,20 @@ import functools
 import importlib
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from distlib.cli._args import spellings
+from distlib.cli._selftest import plan_self_test
 from distlib.cli.launch import add_setting_arguments, resolve_from_args
-from distlib.errors import LaunchError
+from distlib.errors import ConfigError, LaunchError
+from distlib.launcher._backends import missing_backend
 from distlib.launcher.config import to_plan
 from distlib.launcher.launcher import launch_plan
+from distlib.launcher.plan import LaunchPlan
+from distlib.strategies.base import parse_strategy
 
-__all__ = ["CHECKS", "RUNNER", "add_arguments", "format_report", "run"]
+__all__ = ["CHECKS", "RUNNER", "add_arguments", "format_report", "not_checked", "run"]
 
 # The built-in checks and the rank-side runner are named "module:function" like a user's
 # --check, and loaded by name in the ranks: importing them here (they import torch) would make
@@ -67,9 +76,10 @@ def _details(short: list[str], reports: Mapping[int, Mapping[str, Any]]) -> list
     return lines
 
 
-def format_report(reports: Mapping[int, Mapping[str, Any]]) -> tuple[str, bool]:
-    """The table (one row per rank, one column per check), each check's details, the failures,
-    and whether everything passed."""
+def format_report(reports: Mapping[int, Mapping[str, Any]],
+                  notes: Sequence[str] = ()) -> tuple[str, bool]:
+    """The table (one row per rank, one column per check), each check's details, the options
+    not checked (``notes``, not failures), the failures, and whether everything passed."""
     names = [c["name"] for c in next(iter(reports.values()))["checks"]] if reports else []
     short = [n.rpartition(":")[2].removeprefix("check_") for n in names]
     head = ["rank", "world", "local", "node", "device", "backend", "strategy", "precision"]
@@ -89,6 +99,8 @@ def format_report(reports: Mapping[int, Mapping[str, Any]]) -> tuple[str, bool]:
              for row in [header, *rows]]
     ok = bool(reports) and not failed
     lines += _details(short, reports)
+    lines += [f"  {'not checked'.ljust(max(map(len, short), default=0))}  {note}"
+              for note in notes]
     lines += [f"  {line}" for line in failed]
     lines.append(f"distlib test: PASSED ({len(reports)} ranks, {len(names)} checks each)" if ok
                  else f"distlib test: FAILED ({len(failed)} failed checks)")
@@ -103,10 +115,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run this check too (repeatable)")
 
 
+def not_checked(plan: LaunchPlan) -> tuple[str, ...]:
+    """The options of the plan's strategy the self-test leaves to the user's model.
+
+    Raises:
+        ConfigError: a DeepSpeed config file that is not a readable JSON object.
+
+    Example:
+        >>> print(*not_checked(LaunchPlan(nproc_per_node=2, strategy="fsdp",
+        ...                               strategy_options={"activation_checkpointing": True})))
+        fsdp_activation_checkpointing: wrap applies it to FSDP units, and with no fsdp_wrap_classes and no fsdp_min_num_params no model has any
+    """
+    if plan.strategy is None:  # each rank's default: Single, DDP or FSDP, without options
+        return ()
+    strategy = parse_strategy(plan.strategy, plan.strategy_options, source="distlib test")
+    return plan_self_test(strategy).not_checked
+
+
 def run(args: argparse.Namespace) -> int:
-    """Launch the checks under the resolved config; print the table; 0 when all passed."""
+    """Launch the checks under the resolved config; print the table; 0 when all passed.
+
+    Raises:
+        ConfigError: the strategy's or precision's package is missing (before anything
+            starts), or the settings are wrong.
+    """
     resolved, path = resolve_from_args(args, os.environ)
     plan = to_plan(resolved)
+    missing = missing_backend(plan)
+    if missing is not None:
+        raise ConfigError(missing)
+    notes = not_checked(plan)
     if plan.collective_timeout_s is None:  # a broken check must not wait 30 minutes
         plan = dataclasses.replace(plan, collective_timeout_s=120)
     print(f"distlib test: config {path or '(none: flags and defaults)'}", flush=True)
@@ -115,6 +153,6 @@ def run(args: argparse.Namespace) -> int:
     except LaunchError as error:
         print(f"{error}\ndistlib test: FAILED (the launch itself failed)", file=sys.stderr)
         return 1
-    text, ok = format_report(result.returns)
+    text, ok = format_report(result.returns, notes)
     print(text)
     return 0 if ok else 1
