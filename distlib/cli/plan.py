@@ -158,10 +158,12 @@ def _model_order(infos: Iterable[Any]) -> list[Any]:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, right: Sequence[int] = (),
-           indent: str = "") -> list[str]:
-    """Columns that line up: each as wide as its widest cell, two spaces apart; the columns
-    in ``right`` aligned right (numbers)."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+           indent: str = "", minimum: Sequence[int] = ()) -> list[str]:
+    """Columns that line up: each as wide as its widest cell (or ``minimum``), two spaces
+    apart; the columns in ``right`` aligned right (numbers)."""
+    least = list(minimum) + [0] * (len(header) - len(minimum))
+    widths = [max(least[i], *(len(row[i]) for row in [header, *rows]))
+              for i in range(len(header))]
     return [(indent + "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
                                 for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
              ).rstrip() for row in [header, *rows]]
@@ -239,9 +241,10 @@ def _print_mesh_plan(plan: ParallelPlan, as_json: bool) -> None:
           f"(master weights and gradients keep the parameters' dtype)   optimizer: "
           f"{plan.optimizer}")
     print(f"model: {plan.num_parameters:,} parameters, {_human(plan.total_param_bytes)} unsharded")
-    print(f"\n{'per rank':<12} {'bytes':>14}")
-    for name, size in rows:
-        print(f"  {name:<10} {size:>14,}  {_human(size)}")
+    print()
+    print("\n".join(_table(("per rank", "bytes", "size"),
+                           [(name, f"{size:,}", _human(size)) for name, size in rows],
+                           right=(1, 2), indent="  ", minimum=(10, 13))))
     factors = ", ".join(f"{axis} {factor:.3g}" for axis, factor in plan.shard_factors)
     print(f"\nshard factors: {factors}\nchecks:")
     for check in plan.checks:

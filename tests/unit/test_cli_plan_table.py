@@ -146,3 +146,22 @@ def test_table_pads_every_column() -> None:
     assert _table(("a", "bb"), [("long name", "1"), ("x", "22")], right=(1,)) == [
         "a          bb", "long name   1", "x          22"]
     assert _table(("module", "device"), [], indent="  ") == ["  module  device"]
+
+
+def test_the_mesh_table_lines_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 16,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+              "vocab_size": 128256}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", "--mesh", "dp_shard=2,tp=2", "--model-config", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["per", "rank"])
+    header, rows = lines[start], lines[start + 1:start + 5]
+    assert header.split() == ["per", "rank", "bytes", "size"]
+    assert [row.split()[0] for row in rows] == ["parameters", "gradients", "optimizer", "total"]
+    sizes = [" ".join(row.split()[-2:]) for row in rows]
+    assert len({len(size) for size in sizes}) > 1, sizes  # sizes of different widths ...
+    assert len({len(row) for row in [header, *rows]}) == 1, [header, *rows]  # ... end together
+    bytes_end = header.index("bytes") + len("bytes")
+    for row in rows:  # ... and the bytes column ends where its header does
+        assert row[bytes_end - 1].isdigit() and row[bytes_end] == " ", row
