@@ -48,7 +48,8 @@ def _top_parser() -> argparse.ArgumentParser:
     from distlib import __version__
 
     parser.add_argument("--version", action="version", version=f"distlib {__version__}")
-    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND",
+                        help="one of the commands below")
     return parser
 
 
