@@ -46,8 +46,8 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
     existing.write_text("num_processes: 1\n")
     counts = ["--num-processes", "3", "--num-machines", "2", "--main-port", "1234"]
     return {
-        "env": ([], {"DISTLIB_CONFIG_FILE": str(tmp_path / "missing.yaml")},
-                "DISTLIB_CONFIG_FILE must name an existing file"),
+        "env": (["--config-file", str(tmp_path / "missing.yaml")], {},
+                "error: --config-file must name an existing file"),
         "plan": ([], {}, "must be given a CHECKPOINT (a device map) or --mesh"),
         "launch": ([*counts, "--dry-run", "x.py"], {}, "must be a multiple"),
         "config": (["--config-file", str(existing)], {}, "must not exist yet"),
