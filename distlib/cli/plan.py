@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import warnings
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from distlib.big_model.device_map import infer_device_map
 from distlib.big_model.empty import init_empty_weights
-from distlib.big_model.files import checkpoint_tensors
+from distlib.big_model.files import CheckpointReader, checkpoint_files
 from distlib.big_model.sizes import layout_from_tensors
 from distlib.cli._args import spellings
 from distlib.errors import ConfigError, DeviceMapError
@@ -32,7 +35,7 @@ _MESH_OPTIONS = {"precision": "--precision", "optimizer": "--optimizer", "seq_le
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add this command's options."""
-    parser.add_argument("checkpoint", nargs="?", default=None,
+    parser.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT",
                         help="a .safetensors/.bin file, an index .json or a folder (device-map "
                              "mode; not with --mesh)")
     parser.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
@@ -42,20 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --mesh: the compute precision (default no)")
     parser.add_argument("--optimizer", default=None, choices=tuple(OPTIMIZERS),
                         help="with --mesh: whose states to count (default adamw)")
-    parser.add_argument(*spellings("--seq-len"), type=int, default=None,
-                        help="with --mesh: the sequence length, checked against cp")
-    parser.add_argument(*spellings("--num-processes"), type=int, default=None,
-                        help="with --mesh: the world size (needed when a size is -1)")
+    parser.add_argument(*spellings("--seq-len"), type=int, default=None, metavar="N",
+                        help="with --mesh: the sequence length, checked against cp (default: "
+                             "not checked)")
+    parser.add_argument(*spellings("--num-processes"), type=int, default=None, metavar="N",
+                        help="with --mesh: the world size (needed when a size is -1; default: "
+                             "the mesh's product)")
     parser.add_argument(*spellings("--tp-plan"), default=None, metavar="JSON",
                         help="with --mesh: {module pattern: style} (default: the model's own)")
-    parser.add_argument(*spellings("--max-memory"), default=None,
+    parser.add_argument(*spellings("--max-memory"), default=None, metavar="DEVICE=SIZE,...",
                         help="budgets such as 'cuda:0=20GiB,cuda:1=20GiB,cpu=30GiB' "
                              "(default: this machine's free memory)")
-    parser.add_argument("--dtype", default=None, help="dtype the weights will be loaded in (bf16)")
+    parser.add_argument("--dtype", default=None, metavar="DTYPE",
+                        help="dtype the weights will be loaded in, such as bf16, fp16 or "
+                             "float32 (default: each tensor's own)")
     parser.add_argument(*spellings("--no-split"), nargs="+", default=None, metavar="CLASS",
                         help="classes to keep whole; without --model-config, name patterns "
                              "such as 'model.layers.*'")
-    parser.add_argument(*spellings("--model-config"), default=None,
+    parser.add_argument(*spellings("--model-config"), default=None, metavar="PATH",
                         help="a transformers config (file or folder) to build the empty model "
                              "for class names, no-split defaults and ties")
     parser.add_argument("--mode", default=None,
@@ -102,25 +109,64 @@ def plan_checkpoint(checkpoint: str, max_memory: dict[str, Any] | None = None, d
         if no_split is None:
             no_split = list(getattr(model, "_no_split_modules", None) or ())
     else:
-        infos = checkpoint_tensors(checkpoint)
-        model = layout_from_tensors(_model_order(infos.values()))
+        # the shards in their numbered order (an index lists its tensors sorted as text)
+        files = sorted(checkpoint_files(checkpoint), key=lambda f: _numbered(os.path.basename(f)))
+        model = layout_from_tensors(_model_order(CheckpointReader(files).infos().values()))
     return infer_device_map(model, max_memory, no_split or (), dtype, mode=mode,
                             keep_in_fp32_modules=None if model_config else ())
 
 
-def _natural(name: str) -> list[tuple[int, int | str]]:
-    """Sort key: numbered blocks in numeric order (``layers.2`` before ``layers.10``)."""
-    return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
+def _numbered(name: str) -> list[tuple[int, int | str]]:
+    """Sort key: the numbers in a name as numbers (``model-2-of-10`` before ``model-10-of-10``)."""
+    return [(0, int(part)) if part.isdigit() else (1, part)
+            for part in re.split(r"(\d+)", name) if part]
 
 
-def _model_order(infos: Any) -> list[Any]:
-    """Guess the definition order from names alone: the backbone (the top-level module with
-    the most tensors) first, then the smaller ones such as heads; numbers as numbers."""
-    counts: dict[str, int] = {}
+def _model_order(infos: Iterable[Any]) -> list[Any]:
+    """The tensors in the checkpoint's own module order: each module where it first appears
+    in the files (the shards in their numbered order, each file's tensors by offset), except
+    that numbered siblings (the entries of a ``ModuleList`` or ``Sequential``) keep their
+    numbers' order, which is their order in the model (``layers.2`` before ``layers.10``, as a
+    file that sorts names as text does not). Nothing else is reordered.
+
+    Example:
+        >>> from distlib.big_model.sizes import TensorInfo
+        >>> names = ["wte.w", "h.10.w", "h.2.w", "h.2.b", "ln_f.w", "h.0.w", "lm_head.w"]
+        >>> [i.name for i in _model_order(TensorInfo(name=n, numel=1, dtype="float32")
+        ...                                for n in names)]
+        ['wte.w', 'h.0.w', 'h.2.w', 'h.2.b', 'h.10.w', 'ln_f.w', 'lm_head.w']
+    """
+    infos = list(infos)
+    children: dict[tuple[str, ...], dict[str, None]] = {}
     for info in infos:
-        top = info.name.split(".")[0]
-        counts[top] = counts.get(top, 0) + 1
-    return sorted(infos, key=lambda i: (-counts[i.name.split(".")[0]], _natural(i.name)))
+        parts = tuple(info.name.split("."))
+        for depth in range(len(parts)):
+            children.setdefault(parts[:depth], {})[parts[depth]] = None
+    place: dict[tuple[str, ...], int] = {}
+    for parent, seen in children.items():
+        names = list(seen)
+        slots = [i for i, name in enumerate(names) if name.isdigit()]
+        for i, name in zip(slots, sorted((names[i] for i in slots), key=int), strict=True):
+            names[i] = name
+        place.update({(*parent, name): i for i, name in enumerate(names)})
+
+    def key(info: Any) -> list[int]:
+        parts = tuple(info.name.split("."))
+        return [place[parts[:depth + 1]] for depth in range(len(parts))]
+
+    return sorted(infos, key=key)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, right: Sequence[int] = (),
+           indent: str = "", minimum: Sequence[int] = ()) -> list[str]:
+    """Columns that line up: each as wide as its widest cell (or ``minimum``), two spaces
+    apart; the columns in ``right`` aligned right (numbers)."""
+    least = list(minimum) + [0] * (len(header) - len(minimum))
+    widths = [max(least[i], *(len(row[i]) for row in [header, *rows]))
+              for i in range(len(header))]
+    return [(indent + "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                                for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+             ).rstrip() for row in [header, *rows]]
 
 
 def _human(size: float) -> str:
@@ -195,9 +241,10 @@ def _print_mesh_plan(plan: ParallelPlan, as_json: bool) -> None:
           f"(master weights and gradients keep the parameters' dtype)   optimizer: "
           f"{plan.optimizer}")
     print(f"model: {plan.num_parameters:,} parameters, {_human(plan.total_param_bytes)} unsharded")
-    print(f"\n{'per rank':<12} {'bytes':>14}")
-    for name, size in rows:
-        print(f"  {name:<10} {size:>14,}  {_human(size)}")
+    print()
+    print("\n".join(_table(("per rank", "bytes", "size"),
+                           [(name, f"{size:,}", _human(size)) for name, size in rows],
+                           right=(1, 2), indent="  ", minimum=(10, 13))))
     factors = ", ".join(f"{axis} {factor:.3g}" for axis, factor in plan.shard_factors)
     print(f"\nshard factors: {factors}\nchecks:")
     for check in plan.checks:
@@ -223,8 +270,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _refuse(args, _MESH_OPTIONS, "without --mesh (they plan a mesh)")
     if args.checkpoint is None:
-        msg = ("distlib plan must be given a CHECKPOINT (a device map) or --mesh (a parallel "
-               "plan), but got neither. Try 'distlib plan --mesh dp_shard=2,tp=2 "
+        msg = ("distlib plan: the command must be given a CHECKPOINT (a device map) or --mesh "
+               "(a parallel plan), but got neither. Try 'distlib plan --mesh dp_shard=2,tp=2 "
                "--model-config config.json'.")
         raise ConfigError(msg)
     max_memory = parse_max_memory(args.max_memory) if args.max_memory else None
@@ -236,13 +283,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"device_map": plan.as_dict(),
                           "usage": {str(d): b for d, b in plan.usage}}, indent=2))
         return 0
-    width = max((len(n) for n, _ in plan.entries), default=4)
-    print(f"{'module':<{width}}  device")
-    for name, device in plan.entries:
-        print(f"{name or '(whole model)':<{width}}  {device}")
+    print("\n".join(_table(("module", "device"), [(name or "(whole model)", str(device))
+                                                 for name, device in plan.entries])))
     print("\nper device:")
-    for device, size in plan.usage:
-        print(f"  {device!s:<6} {_human(size)}")
+    print("\n".join(_table(("device", "bytes", "size"),
+                           [(str(d), f"{b:,}", _human(b)) for d, b in plan.usage],
+                           right=(1, 2), indent="  ")))
     for warning in caught:
         print(f"\nwarning: {warning.message}")
     return 0
