@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from distlib.cli._args import Formatter, spellings
+from distlib.cli._args import Formatter, Parser, spellings
 from distlib.errors import DistlibError
 
 __all__ = ["error_line", "main"]
@@ -55,8 +55,7 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def _command_parser(command: str, text: str) -> argparse.ArgumentParser:
     """The parser of one subcommand (its module adds the options)."""
-    return argparse.ArgumentParser(prog=f"distlib {command}", description=text,
-                                   formatter_class=Formatter)
+    return Parser(prog=f"distlib {command}", description=text, formatter_class=Formatter)
 
 
 def error_line(command: str, error: BaseException | str) -> str:

@@ -20,10 +20,11 @@ from typing import Any
 
 from distlib.cli._args import Parser, Switch, spellings
 from distlib.errors import ConfigError
+from distlib.launcher._backends import missing_backend
 from distlib.launcher._environ import child_environ, rank_threads
 from distlib.launcher.config import ConfigFile, ignored_settings, resolve_sources, to_plan
 from distlib.launcher.launcher import check_port, free_port, root_cause_message, run_plan
-from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan, mesh_text
+from distlib.launcher.plan import DEFAULT_TIMEOUT_S, LaunchPlan, mesh_text, plan_output
 from distlib.launcher.settings import SETTINGS, TABLE, THREADS_DEFAULT, Setting
 from distlib.strategies import FSDP, DeepSpeed
 from distlib.topology import AXES, Mesh
@@ -60,7 +61,8 @@ def alias_forms(setting: Setting) -> tuple[str, ...]:
     """
     forms = []
     for alias in setting.aliases:
-        forms += [alias, "--" + alias[2:].replace("_", "-"), "--" + alias[2:].replace("-", "_")]
+        forms += [alias] if not alias.startswith("--") else [  # "-q" has one spelling
+            alias, "--" + alias[2:].replace("_", "-"), "--" + alias[2:].replace("-", "_")]
     return tuple(dict.fromkeys(f for f in forms if f not in spellings(setting.flag)))
 
 
@@ -122,7 +124,8 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         group = groups[setting.group]
         kwargs: dict[str, Any] = {"dest": setting.name, "default": None, "help": _help(setting)}
         if setting.kind is bool:
-            action = group.add_argument(*Switch.flags(setting.flag), action=Switch, **kwargs)
+            action = group.add_argument(*Switch.flags(setting.flag), *alias_forms(setting),
+                                        action=Switch, **kwargs)
             action.shown = Switch.flags(setting.flag)[:2]  # type: ignore[attr-defined]
             continue
         kwargs["type"] = _whole_number(setting.flag) if setting.kind is int else setting.kind
@@ -283,7 +286,10 @@ def dry_run_text(resolved: Mapping[str, tuple[Any, str]], plan: LaunchPlan,
                "strategy": ("auto: fsdp (tensor/context parallel mesh)"
                             if plan.mesh is not None and not plan.mesh.is_data_parallel_only
                             else "auto: ddp for several ranks, else single"),
-               "timeout": f"{DEFAULT_TIMEOUT_S} s", "stall_timeout": "off"}
+               "timeout": f"{DEFAULT_TIMEOUT_S} s", "stall_timeout": "off",
+               "rank_prefix": "auto: " + ("on" if plan_output(plan, plan.world_size).prefix
+                                          else "off (the ranks keep the terminal)"),
+               "tee": "3 (both streams)" if plan.log_dir else "(no --log-dir)"}
     ignored = ignored_settings(resolved)
     if plan.world_size is not None:
         derived["num_processes"] = plan.world_size
@@ -406,6 +412,9 @@ def _run(args: argparse.Namespace, agent: Any) -> int:
     if args.dry_run:
         print(dry_run_text(resolved, plan, command, config, os.environ))
         return 0
+    missing = missing_backend(plan)  # one line naming the extra, before any process starts
+    if missing is not None:
+        raise ConfigError(missing)
     check_port(plan)
     if plan.main_port == 0:
         plan = dataclasses.replace(plan, main_port=free_port())

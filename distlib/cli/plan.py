@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(*spellings("--max-memory"), default=None, metavar="DEVICE=SIZE,...",
                         help="budgets such as 'cuda:0=20GiB,cuda:1=20GiB,cpu=30GiB' "
                              "(default: this machine's free memory)")
-    parser.add_argument("--dtype", default=None, metavar="DTYPE",
+    parser.add_argument("--dtype", default=None, metavar="NAME",
                         help="dtype the weights will be loaded in, such as bf16, fp16 or "
                              "float32 (default: each tensor's own)")
     parser.add_argument(*spellings("--no-split"), nargs="+", default=None, metavar="CLASS",

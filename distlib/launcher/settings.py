@@ -201,10 +201,11 @@ TABLE: tuple[Setting, ...] = (
     Setting(name="num_threads", kind=int, default=None, minimum=1, plan_field="num_threads",
             aliases=("--num-cpu-threads-per-process",),
             help=f"threads each rank's torch uses (default: {THREADS_DEFAULT})"),
-    Setting(name="log_dir", kind=str, default=None, plan_field="log_dir",
+    Setting(name="log_dir", kind=str, default=None, plan_field="log_dir", metavar="PATH",
             help="also write each rank's stdout and stderr to DIR/rank_N.log (N: the global "
                  "rank); the console still shows them"),
     Setting(name="ranks_filter", kind=str, default="all", plan_field="ranks_filter",
+            metavar="LIST",
             help="ranks whose output the console shows, e.g. 0 or 0,2 (default: all); the "
                  "others still run and still write to --log-dir"),
     Setting(name="rank_prefix", kind=bool, default=None, plan_field="rank_prefix",

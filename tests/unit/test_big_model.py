@@ -229,4 +229,4 @@ def test_plan_command_reads_headers_only(tmp_path: Any, capsys: pytest.CaptureFi
     assert list(out["device_map"])[:2] == ["model.layers.0", "model.layers.1"]  # numeric order
     assert cli_main(["plan", str(tmp_path), "--max-memory", "cpu=1GB", "--dtype", "bf16"]) == 0
     text = capsys.readouterr().out
-    assert "model  cpu" in text and "23.44 KiB" in text
+    assert "\nmodel   cpu\n" in text and "23.44 KiB" in text

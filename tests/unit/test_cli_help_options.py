@@ -23,11 +23,7 @@ PLACEHOLDERS = {"N", "PATH", "SECONDS", "ADDR", "PORT", "HOST:PORT", "ID", "LIST
 
 # Subcommands whose parsers other modules own and that still show argparse's placeholders;
 # strict: once fixed, the xfail fails and the entry must go.
-NOT_YET = {"env": "distlib/cli/env.py: --config-file shows CONFIG_FILE, not PATH",
-           "plan": "distlib/cli/plan.py: --seq-len, --num-processes, --max-memory, --dtype, "
-                   "--model-config show argparse's SEQ_LEN, ...",
-           "merge-weights": "distlib/cli/merge_weights.py: --max-shard-size shows "
-                            "MAX_SHARD_SIZE, not SIZE"}
+NOT_YET: dict[str, str] = {}  # commands whose parsers still break the rule (none)
 
 
 def _parsers(command: str) -> list[tuple[str, argparse.ArgumentParser]]:

@@ -177,7 +177,7 @@ def test_questionnaire_asks_again_then_fails_on_bad_answers() -> None:
     values = ask(io.StringIO("perhaps\nyes\n\n\n\nno\n"), out, num_gpus=0)
     assert values["cpu"] is True and "true or false" in out.getvalue()
     with pytest.raises(ConfigError):
-        ask(io.StringIO("x\ny\nz\n"), io.StringIO(), num_gpus=0)
+        ask(io.StringIO("x\nmaybe\nz\n"), io.StringIO(), num_gpus=0)
 
 
 def test_config_default_refuses_to_overwrite_without_force(tmp_path: Path, capsys) -> None:
@@ -289,7 +289,8 @@ def _sample(setting) -> object:
     given = {"num_machines": "2", "main_address": "10.0.0.7", "gpu_ids": "0,1",
              "fsdp_wrap_classes": "Linear", "deepspeed_config_file": "ds.json",
              "offload_optimizer_nvme_path": "/nvme/o", "offload_param_nvme_path": "/nvme/p",
-             "main_port": 29400, "machine_rank": 1, "rdzv_id": "job7"}
+             "main_port": 29400, "machine_rank": 1, "rdzv_id": "job7",
+             "log_dir": "logs", "ranks_filter": "1"}
     if setting.name in given:
         return given[setting.name]
     if setting.mesh_axis is not None:
@@ -308,6 +309,8 @@ def _context(setting) -> dict[str, object]:
         return {"strategy": "fsdp"}
     if setting.group != "launch":
         return {"strategy": setting.group}
+    if setting.name in ("tee", "redirects"):  # the streams they name go to the log files
+        return {"log_dir": "logs"}
     return {"num_machines": "2"} if setting.name == "machine_rank" else {}
 
 
@@ -320,6 +323,8 @@ def _plan_value(plan, setting) -> object:
         return plan.nproc_per_node * plan.max_machines
     if setting.name == "num_machines":
         return str(plan.max_machines)
+    if setting.name == "ranks_filter":  # "1" is read into the ranks (1,)
+        return ",".join(map(str, plan.ranks_filter))
     return getattr(plan, setting.plan_field)
 
 

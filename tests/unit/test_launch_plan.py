@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pickle
 
 import pytest
 
@@ -105,7 +106,9 @@ def test_payload_ships_module_functions_by_reference_and_closures_by_value() -> 
     assert loads(dumps(lambda y: y * factor))(2) == 10
     namespace: dict = {"__name__": "not_a_module"}
     exec("import os\ndef joined(x):\n    return os.path.join('b', x)\n", namespace)
-    assert b"not_a_module" not in dumps(namespace["joined"])  # shipped as code
+    with pytest.raises(pickle.PicklingError):  # by reference it could not travel ...
+        pickle.dumps(namespace["joined"])
+    assert b"cloudpickle" in dumps(namespace["joined"])  # ... so it is shipped by value
     assert loads(dumps(namespace["joined"]))("c") == os.path.join("b", "c")
 
 
