@@ -32,7 +32,7 @@ __all__ = ["PEAK_FLOPS", "StepMeter", "peak_flops_of"]
 # Dense (no sparsity) bf16 tensor-core FLOP/s of one device, matched against
 # torch.cuda.get_device_name() by the longest name it contains. Sources: NVIDIA's data sheets
 # (H100/H200 SXM 989.5 TFLOPS, H100 PCIe 756, H100 NVL 835, A100 312, L40S 362.05, L4 121,
-# A10 125, B200 2250; V100 and T4 have no bf16: their fp16 125 and 65), AMD's (MI300X and
+# B200 2250; V100 and T4 have no bf16: their fp16 125 and 65), AMD's (MI300X and
 # MI325X 1307.4), and torchtitan's get_peak_flops (torchtitan/tools/utils.py), which uses the
 # same numbers. Other precisions or clocks: pass StepMeter(peak_flops=...).
 PEAK_FLOPS: dict[str, float] = {
@@ -45,7 +45,6 @@ PEAK_FLOPS: dict[str, float] = {
     "A800": 312e12,
     "L40S": 362.05e12,
     "L4": 121e12,
-    "A10": 125e12,
     "B200": 2250e12,
     "MI300X": 1307.4e12,
     "MI325X": 1307.4e12,
