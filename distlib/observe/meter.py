@@ -1,6 +1,6 @@
 """The step meter: step time, samples/s, tokens/s, MFU and peak memory, over every rank.
 
-`StepMeter.step` costs a clock read and a memory read per step; only every ``log_every``
+`StepMeter.step` costs a few additions per step; only every ``log_every``
 steps (and at `StepMeter.summary`) does it exchange anything: one all-gather of six numbers
 per rank, so ranks are never synchronised just to be measured. Every rank must call `step`
 the same number of times (the report is a collective).
@@ -15,6 +15,7 @@ on a CPU, or a device not in the table, MFU is None unless ``peak_flops`` is giv
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,6 +27,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from distlib.collectives import gather
 from distlib.env import Env
 from distlib.errors import ConfigError
+
+try:
+    import resource
+except ImportError:  # Windows: psutil's current RSS instead of the peak
+    resource = None  # type: ignore[assignment]
 
 __all__ = ["PEAK_FLOPS", "StepMeter", "peak_flops_of"]
 
@@ -72,13 +78,20 @@ def _device_peak(env: Env) -> float | None:
     return None
 
 
+def _peak_rss() -> int:
+    """The process's peak resident set size in bytes (its current RSS where no peak is kept)."""
+    if resource is None:  # Windows
+        return int(psutil.Process().memory_info().rss)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
 def _memory_reader(env: Env) -> Callable[[], int]:
-    """This rank's peak memory so far: CUDA's max allocated bytes, else the process's RSS."""
+    """This rank's peak memory so far: CUDA's max allocated bytes, else the process's peak RSS."""
     if env.device.startswith("cuda") and torch.cuda.is_available():
         device = torch.device(env.device)
         return lambda: int(torch.cuda.max_memory_allocated(device))
-    process = psutil.Process()
-    return lambda: int(process.memory_info().rss)
+    return _peak_rss
 
 
 def _check_count(call: str, name: str, value: object, *, optional: bool = False) -> None:
@@ -100,7 +113,8 @@ class StepMeter:
         peak_flops: one device's peak FLOP/s (default: `PEAK_FLOPS` for the GPU, else None).
         log_every: report every this many steps (`step` returns ``{}`` in between).
         clock: seconds as a float (default ``time.perf_counter``); injectable for tests.
-        memory: bytes of peak memory so far (default: CUDA max allocated, or RSS on CPU).
+        memory: bytes of peak memory so far, read at each report (default: CUDA's max
+            allocated, or the process's peak RSS on a CPU).
 
     A report (a plain dict for `Trackers.log`): ``step_time_s`` (the slowest rank's mean over
     the window), ``samples_per_s`` and ``tokens_per_s`` (the whole job's, data-parallel ranks
@@ -118,8 +132,8 @@ class StepMeter:
         >>> report["step_time_s"], report["samples_per_s"], report["tokens_per_s"], report["mfu"]
         (1.0, 8.0, 64.0, 0.5)
 
-    Effects: reads the clock and the memory each step; every ``log_every`` steps and in
-    `summary`, one all-gather over the world (and a CUDA synchronize on GPUs).
+    Effects: every ``log_every`` steps and in `summary`, reads the clock and the memory and
+    does one all-gather over the world (and a CUDA synchronize on GPUs).
     """
 
     def __init__(self, env: Env, *, num_params: int | None = None,
@@ -191,11 +205,10 @@ class StepMeter:
         Raises:
             ConfigError: ``samples`` or ``tokens`` not an int >= 0.
 
-        Effects: a clock and a memory read; every ``log_every`` steps one all-gather.
+        Effects: every ``log_every`` steps a clock and a memory read and one all-gather.
         """
         _check_count("StepMeter.step()", "samples", samples)
         _check_count("StepMeter.step()", "tokens", tokens, optional=True)
-        self._peak_memory = max(self._peak_memory, self._memory())
         flops = self._step_flops(samples, tokens)
         if flops is None:
             self._start = self._clock()
@@ -220,6 +233,7 @@ class StepMeter:
         return self._report(list(self._total), self._total[3] > 0)
 
     def _report(self, local: list[float], with_tokens: bool) -> dict[str, Any]:
+        self._peak_memory = max(self._peak_memory, self._memory())
         row = torch.tensor([[*local, float(self._peak_memory)]], dtype=torch.float64)
         rows = gather(row.to(self.env.device), self.env, check=False).cpu().tolist()
         seconds = max(r[0] for r in rows) or float("nan")
