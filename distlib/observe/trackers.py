@@ -128,11 +128,15 @@ def _plain_values(metrics: Mapping[str, Any], env: Env, reduce: str) -> dict[str
             raise ConfigError(msg)
     if not tensors:
         return plain
-    stacked = torch.stack([t.float().reshape(()) for t in tensors.values()])
+    if reduce == "main" and not env.is_main:
+        return plain  # nothing is written here: no need to read the tensors
+    # one tensor, one exchange; on env.device, where the backend (NCCL) needs it
+    device = env.device if reduce == "mean" else next(iter(tensors.values())).device
+    stacked = torch.stack([t.float().reshape(()).to(device) for t in tensors.values()])
     if reduce == "mean":
         stacked = reduce_tensors(stacked, env, op="mean")
-    elif not env.is_main:
-        return plain
+    if not env.is_main:
+        return plain  # nothing is written here: skip the device-to-host copy
     return {**plain, **dict(zip(tensors, stacked.tolist(), strict=True))}
 
 

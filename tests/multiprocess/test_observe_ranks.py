@@ -86,3 +86,51 @@ def test_trackers_meter_profile_and_any_rank_over_two_ranks(tmp_path: pathlib.Pa
 
     # any_rank: only rank 1 says True -> all True; nobody -> all False
     assert main["any"] == other["any"] == [True, False, True]
+
+
+TRAIN = '''
+import json, os, sys
+import torch
+import distlib as dl
+
+env = dl.detect()
+torch.manual_seed(0)
+model = dl.wrap(torch.nn.Linear(8, 1), env)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+meter = dl.StepMeter(env, log_every=4, num_params=9)
+out = sys.argv[1]
+with dl.init_trackers(env, ["jsonl"], project_dir=out, config={"lr": 0.1}) as run:
+    for step in range(100):
+        x = torch.randn(16, 8)
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        dl.backward(loss, model)
+        optimizer.step(); optimizer.zero_grad()
+        report = meter.step(samples=16, tokens=16 * 8)
+        run.log({"loss": loss.detach(), **report}, step=step)
+        if report:
+            dl.main_print(env, f"step {step}: {report['tokens_per_s']:.0f} tokens/s")
+        # rank 1 alone wants to stop at step 9: every rank must stop with it
+        if dl.any_rank(env.rank == 1 and step == 9, env):
+            break
+with open(os.path.join(out, f"stopped{env.rank}"), "w") as f:
+    f.write(str(step))
+'''
+
+
+def test_a_users_script_under_distlib_launch(tmp_path: pathlib.Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "train.py").write_text(TRAIN)
+    root = pathlib.Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "distlib", "launch", "--cpu",
+                           "--num-processes", "2", "train.py", str(tmp_path)], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(tmp_path / f"stopped{r}").read_text() for r in (0, 1)] == ["9", "9"]
+    rows = [json.loads(x) for x in (tmp_path / "distlib" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(10))  # one writer: rank 0
+    assert [("tokens_per_s" in r) for r in rows] == [s in (3, 7) for s in range(10)]
+    assert done.stdout.count("tokens/s") == 2  # printed once (by rank 0) per report
