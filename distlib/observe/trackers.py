@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -27,7 +28,7 @@ from distlib.env import Env
 from distlib.errors import ConfigError
 from distlib.observe._builtin import BUILTIN, check_installed, is_installed
 
-__all__ = ["Tracker", "Trackers", "init_trackers"]
+__all__ = ["AccelerateTracker", "Tracker", "Trackers", "init_trackers"]
 
 _ACCELERATE_ALL = ("tensorboard", "wandb", "mlflow", "aim")
 _REDUCE = ("mean", "main")
@@ -109,6 +110,31 @@ class Trackers:
         self.close()
 
 
+class AccelerateTracker:
+    """A tracker written for Accelerate (``accelerate.tracking.GeneralTracker``: ``log``,
+    ``store_init_configuration``, ``finish``) seen through the `Tracker` protocol."""
+
+    __slots__ = ("name", "tracker")
+
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+        self.name = str(getattr(tracker, "name", type(tracker).__name__))
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        self.tracker.log(dict(metrics), step=step)
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        self.tracker.store_init_configuration(dict(config))
+
+    def close(self) -> None:
+        self.tracker.finish()
+
+
+def _is_accelerate_tracker(item: object) -> bool:
+    return all(callable(getattr(item, m, None)) for m in ("log", "store_init_configuration",
+                                                          "finish"))
+
+
 def _plain_values(metrics: Mapping[str, Any], env: Env, reduce: str) -> dict[str, Any]:
     """Numbers as they are; one-element tensors reduced (``"mean"``) or read (``"main"``)."""
     plain: dict[str, Any] = {}
@@ -147,6 +173,8 @@ def _names(trackers: str | Tracker | Sequence[str | Tracker] | None) -> list[str
         trackers = [trackers]
     out: list[str | Tracker] = []
     for item in trackers:
+        if isinstance(item, Enum) and isinstance(item.value, str):  # Accelerate's LoggerType
+            item = item.value
         if item == "all":
             out += [n for n in _ACCELERATE_ALL if is_installed(n)]
         else:
@@ -163,7 +191,7 @@ def _check(item: object) -> None:
         raise ConfigError(msg)
     if isinstance(item, str):
         check_installed(item)  # on every rank, so that every rank stops, not only the main one
-    elif not isinstance(item, Tracker):
+    elif not isinstance(item, Tracker) and not _is_accelerate_tracker(item):
         msg = (f"init_trackers(): each tracker must be a name or an object with "
                f"log(metrics, step), log_config(config) and close(), but got "
                f"{type(item).__name__} {item!r:.60}. Implement the distlib.Tracker protocol.")
@@ -181,7 +209,7 @@ def init_trackers(env: Env, trackers: str | Tracker | Sequence[str | Tracker] | 
         env: this process's Env; only ``env.is_main`` builds and writes.
         trackers: names (``"tensorboard"``, ``"mlflow"``, ``"wandb"``, ``"aim"``, ``"jsonl"``,
             ``"all"``), `Tracker` objects, or a list of both; Accelerate's ``log_with`` value
-            works as is.
+            works as is (its ``LoggerType`` names and its ``GeneralTracker`` subclasses too).
         project_dir: the folder they write under (default ``./runs``): TensorBoard and JSONL
             in ``<project_dir>/<project_name>``, MLflow's SQLite store, W&B's ``wandb/``
             and Aim's repository in ``<project_dir>``.
@@ -232,8 +260,12 @@ def init_trackers(env: Env, trackers: str | Tracker | Sequence[str | Tracker] | 
             if isinstance(item, str):
                 builder, _ = BUILTIN[item]
                 built.append(builder(folder, project_name, kwargs.get(item, {})))
-            else:
+            elif isinstance(item, Tracker):
                 built.append(item)
+            else:  # Accelerate's GeneralTracker: Accelerator starts it lazily, as here
+                if callable(getattr(item, "start", None)):
+                    item.start()
+                built.append(AccelerateTracker(item))
     result = Trackers(env, built, reduce=reduce)
     if config is not None:
         result.log_config(config)

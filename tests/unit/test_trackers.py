@@ -221,3 +221,41 @@ def test_jsonl_imports_no_tracker_library(tmp_path: pathlib.Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.split() == ["[]", "[]"]
+
+
+def test_accelerates_names_and_its_own_tracker_classes(tmp_path: pathlib.Path) -> None:
+    from accelerate.tracking import GeneralTracker
+    from accelerate.utils import LoggerType
+
+    class Theirs(GeneralTracker):  # written for Accelerate, unchanged
+        name = "theirs"
+        requires_logging_directory = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[Any] = []
+
+        @property
+        def tracker(self) -> Any:
+            return self.seen
+
+        def start(self) -> None:
+            self.seen.append("start")
+
+        def store_init_configuration(self, values: dict[str, Any]) -> None:
+            self.seen.append(("config", values))
+
+        def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+            self.seen.append((step, values))
+
+        def finish(self) -> None:
+            self.seen.append("finish")
+
+    theirs = Theirs()
+    _write_a_run([LoggerType.TENSORBOARD, theirs], tmp_path)
+    assert list((tmp_path / "distlib").glob("events.out.tfevents.*"))
+    assert theirs.seen[:3] == ["start", ("config", {"lr": 0.5, "opt": {"b": 2}}),
+                               (1, {"loss": 4.0, "lr": 0.5})]
+    assert theirs.seen[-1] == "finish"
+    with pytest.raises(ConfigError, match="'comet_ml'"):
+        dl.init_trackers(Env(), [LoggerType.COMETML], project_dir=tmp_path)
