@@ -31,6 +31,9 @@ _EXPORTS: dict[str, str] = {
     "backward": "distlib.training.step",
     **dict.fromkeys(("plan_parallelism", "ParallelPlan", "TensorPlan"), "distlib.training.plan"),
     "clip_grad_norm": "distlib.training.step", "seed": "distlib.training.step",
+    "any_rank": "distlib.training.agree",
+    **dict.fromkeys(("Tracker", "Trackers", "init_trackers"), "distlib.observe.trackers"),
+    "StepMeter": "distlib.observe.meter", "profile": "distlib.observe.profiling",
     "launch": "distlib.launcher.launcher", "LaunchResult": "distlib.launcher.launcher",
     "shard": "distlib.data", "split_between_processes": "distlib.data",
     "ShardPlan": "distlib.data", "skip_first_batches": "distlib.data",
@@ -84,6 +87,11 @@ if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (mypy --str
     from distlib.launcher.launcher import launch as launch
     from distlib.log import main_print as main_print
     from distlib.metrics import gather_metrics as gather_metrics
+    from distlib.observe.meter import StepMeter as StepMeter
+    from distlib.observe.profiling import profile as profile
+    from distlib.observe.trackers import Tracker as Tracker
+    from distlib.observe.trackers import Trackers as Trackers
+    from distlib.observe.trackers import init_trackers as init_trackers
     from distlib.precision import Precision as Precision
     from distlib.strategies.ddp import DDP as DDP
     from distlib.strategies.deepspeed import DeepSpeed as DeepSpeed
@@ -93,6 +101,7 @@ if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (mypy --str
     from distlib.topology import Mesh as Mesh
     from distlib.training.accumulation import MicroStep as MicroStep
     from distlib.training.accumulation import accumulate as accumulate
+    from distlib.training.agree import any_rank as any_rank
     from distlib.training.cp import context_parallel as context_parallel
     from distlib.training.memory import free_memory as free_memory
     from distlib.training.plan import ParallelPlan as ParallelPlan

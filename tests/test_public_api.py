@@ -33,6 +33,9 @@ DOCUMENTED = {
     "launch", "LaunchResult",
     # N-D parallelism (issue 14): the plan before any process starts, and the values it returns
     "plan_parallelism", "ParallelPlan", "TensorPlan", "context_parallel",
+    # observing (issue 16): trackers (Trackers is what init_trackers returns), the meter,
+    # profiles, and ranks that stop together
+    "Tracker", "Trackers", "init_trackers", "StepMeter", "profile", "any_rank",
 }
 
 # Documented names whose issue has not landed yet; each issue removes its names when it lands.
