@@ -57,9 +57,13 @@ def profile(env: Env, folder: str | os.PathLike[str], *, wait: int = 1, warmup: 
     Args:
         env: this process's Env (its rank names the trace; its device picks the activities).
         folder: one folder for every rank's traces (created if missing).
-        wait, warmup, active, repeat: ``torch.profiler.schedule``'s steps to skip, to warm up
-            and to record, and how many such cycles (0: as many as the block runs).
-        record_shapes, profile_memory, with_stack: as ``torch.profiler.profile``.
+        wait: ``torch.profiler.schedule``'s steps to skip at the start of each cycle.
+        warmup: its steps traced but not recorded, after ``wait``.
+        active: its steps recorded, after ``warmup``.
+        repeat: how many such cycles (0: as many as the block runs).
+        record_shapes: as ``torch.profiler.profile``.
+        profile_memory: as ``torch.profiler.profile``.
+        with_stack: as ``torch.profiler.profile``.
         memory_snapshot_on_oom: on CUDA, record the allocator's history and dump it when a
             ``torch.OutOfMemoryError`` leaves the block (the error is raised again).
         **kwargs: more ``torch.profiler.profile`` keywords (``with_flops``, ``activities``...).
