@@ -88,7 +88,9 @@ def _plan_fsdp(strategy: FSDP) -> SelfTestPlan:
         if unit_only:
             notes.append(f"{', '.join(unit_only)}: wrap applies it to FSDP units, "
                          "and with no fsdp_wrap_classes and no fsdp_min_num_params no model "
-                         "has any")
+                         "has any (wrap refuses it on yours unless it has units)")
+            strategy = dataclasses.replace(strategy, activation_checkpointing=False,
+                                           forward_prefetch=False)
     return SelfTestPlan(strategy=strategy, unit_classes=classes, no_split_modules=auto,
                         not_checked=tuple(notes))
 

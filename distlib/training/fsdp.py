@@ -197,6 +197,25 @@ def _chain_forward_prefetch(units: list[Any]) -> None:
         unit.set_modules_to_forward_prefetch([following])
 
 
+def _check_units_for_options(model: torch.nn.Module, strategy: FSDP, units: list[str]) -> None:
+    """Refuse options that act on FSDP units when the model has too few to act on.
+
+    Activation checkpointing wraps each unit; forward prefetch chains one unit to the next.
+    With no units (or one, for prefetch) they would do nothing, silently.
+    """
+    idle = [f"{name} (needs {least} unit{'s' if least > 1 else ''})"
+            for name, least in (("activation_checkpointing", 1), ("forward_prefetch", 2))
+            if getattr(strategy, name) and len(units) < least]
+    if idle:
+        msg = (f"wrap(): FSDP {' and '.join(idle)} acts on FSDP units, so wrap_classes or "
+               f"min_num_params must name them, but got {len(units)} unit(s) in a "
+               f"{type(model).__name__} (wrap_classes={strategy.wrap_classes!r}, "
+               f"min_num_params={strategy.min_num_params}). Set wrap_classes to the model's "
+               "repeated block (its decoder layer class, or 'auto' for a transformers model), or "
+               "turn the option off.")
+        raise StrategyError(msg)
+
+
 def apply(model: torch.nn.Module, strategy: FSDP, env: Env, *, optimizer: Any = None,
           scheduler: Any = None, tp_plan: str | Mapping[str, Any] = "auto",
           compile: Mapping[str, Any] | None = None) -> tuple[Any, Any, Any]:
@@ -240,6 +259,7 @@ def apply(model: torch.nn.Module, strategy: FSDP, env: Env, *, optimizer: Any = 
     meshed = mesh_env(strategy, env)
     plan = plan_tensor_parallel(model, tp_plan, env.mesh.tp) if env.mesh.tp > 1 else None
     units = plan_units(model, strategy)
+    _check_units_for_options(model, strategy, units)
     before = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     scaler = place_with_precision(model, env, autocast=False)
     if strategy.sync_module_states:

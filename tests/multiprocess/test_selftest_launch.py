@@ -93,7 +93,8 @@ def test_activation_checkpointing_without_units_is_reported_not_checked(tmp_path
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[-2] == (
         "  not checked     fsdp_activation_checkpointing: wrap applies it to FSDP units, and "
-        "with no fsdp_wrap_classes and no fsdp_min_num_params no model has any")
+        "with no fsdp_wrap_classes and no fsdp_min_num_params no model has any (wrap "
+        "refuses it on yours unless it has units)")
     assert done.stdout.splitlines()[-1] == "distlib test: PASSED (2 ranks, 7 checks each)"
 
 

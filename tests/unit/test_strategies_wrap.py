@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from typing import Any
 
 import pytest
@@ -396,3 +397,26 @@ def test_context_parallel_is_a_no_op_at_cp_1_and_refused_on_cpu() -> None:
           dl.training.context_parallel(env, [ids], [1])):
         pass
     assert not dl.runtime.is_initialized()
+
+
+@pytest.mark.parametrize(("strategy", "named"), [
+    (dl.FSDP(activation_checkpointing=True), "activation_checkpointing (needs 1 unit)"),
+    (dl.FSDP(forward_prefetch=True), "forward_prefetch (needs 2 units)"),
+    (dl.FSDP(min_num_params=10**9, activation_checkpointing=True, forward_prefetch=True),
+     "activation_checkpointing (needs 1 unit) and forward_prefetch (needs 2 units)"),
+])
+def test_fsdp_refuses_unit_options_the_model_gives_nothing_to_act_on(
+        group: None, strategy: dl.FSDP, named: str) -> None:
+    """A setting wrap cannot honour (no units to checkpoint or prefetch) is refused, not ignored."""
+    with pytest.raises(StrategyError, match=re.escape(named)) as caught:
+        dl.wrap(_net(), strategy, env=dl.Env())
+    assert "Set wrap_classes" in str(caught.value) and "Sequential" in str(caught.value)
+
+
+def test_fsdp_unit_options_apply_when_the_model_has_units(group: None) -> None:
+    strategy = dl.FSDP(wrap_classes=("Block",), activation_checkpointing=True,
+                       forward_prefetch=True)
+    reference = weights(_run(dl.Single()))
+    got = weights(_run(strategy))
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=1e-5, atol=1e-6)
