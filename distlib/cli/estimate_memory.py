@@ -27,7 +27,7 @@ from distlib.big_model.files import CheckpointReader, checkpoint_files
 from distlib.big_model.sizes import Layout, dtype_size, layout_from_tensors, layout_of, module_sizes
 from distlib.cli._args import spellings
 from distlib.cli.plan import _empty_model, _human, _model_order, _numbered, _table
-from distlib.errors import ConfigError
+from distlib.errors import CheckpointError, ConfigError
 from distlib.topology import Mesh, parse_mesh
 from distlib.training.plan import OPTIMIZERS, STRATEGIES, RankMemory, _resolve, plan_rank_memory
 
@@ -175,7 +175,8 @@ def _config_source(path: str) -> _Source:
         raise ConfigError(msg) from error
     alias = getattr(config_class, "attribute_map", {}).get("hidden_size", "hidden_size")
     if "hidden_size" not in data and alias not in data:
-        msg = (f"{_CALL}: a config must give hidden_size (or {alias}), but got none in "
+        also = f" (or {alias})" if alias != "hidden_size" else ""
+        msg = (f"{_CALL}: a config must give hidden_size{also}, but got none in "
                f"{path!r} (transformers would fill in a default, not your model's). Add the "
                "model's hidden_size to the config.")
         raise ConfigError(msg)
@@ -194,7 +195,14 @@ def _module_source(model: Any) -> _Source:
 
 
 def _checkpoint_source(path: str) -> _Source:
-    files = sorted(checkpoint_files(path), key=lambda f: _numbered(os.path.basename(f)))
+    try:
+        found = checkpoint_files(path)
+    except CheckpointError as error:
+        msg = (f"{_CALL}: PATH must be a config.json, a folder holding one, or a checkpoint "
+               f"(.safetensors/.bin file, index .json or a folder of them), but got {path!r}, "
+               "which is none of these. Point at the model's folder or its config.json.")
+        raise ConfigError(msg) from error
+    files = sorted(found, key=lambda f: _numbered(os.path.basename(f)))
     infos = _model_order(CheckpointReader(files).infos().values())
     layout = layout_from_tensors(infos)
     # from headers a class is a name pattern: each numbered block (layers.*) is one layer
