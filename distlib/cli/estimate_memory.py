@@ -317,15 +317,18 @@ def estimate_memory(model_or_source: Any, *, num_processes: int | None = None,
 
 def _print(estimate: MemoryEstimate, source: str) -> None:
     mesh = estimate.mesh
+    ranks = f"{mesh.world_size} rank{'s' if mesh.world_size != 1 else ''} ({mesh})"
     print(f"Memory to train {source!r}: {estimate.num_parameters:,} parameters, optimizer "
-          f"{estimate.optimizer}, per rank over {mesh.world_size} rank"
-          f"{'s' if mesh.world_size != 1 else ''} ({mesh})")
-    header = ("dtype", "largest layer", "total size", "training (1 rank)",
-              *(f"{s} / rank" for s in STRATEGIES))
-    rows = [(r.dtype, _human(r.largest_layer_bytes), _human(r.total_bytes),
-             _human(r.training_bytes), *(_human(m.total_bytes) for m in r.strategies))
-            for r in estimate.rows]
-    print("\n".join(_table(header, rows, right=tuple(range(1, len(header))))))
+          f"{estimate.optimizer}")
+    print("\n".join(_table(("dtype", "largest layer", "total size", "training (1 rank)"),
+                           [(r.dtype, _human(r.largest_layer_bytes), _human(r.total_bytes),
+                             _human(r.training_bytes)) for r in estimate.rows],
+                           right=(1, 2, 3))))
+    print(f"\nper rank over {ranks}:")
+    print("\n".join(_table(("dtype", *STRATEGIES),
+                           [(r.dtype, *(_human(m.total_bytes) for m in r.strategies))
+                            for r in estimate.rows],
+                           right=tuple(range(1, len(STRATEGIES) + 1)), indent="  ")))
     print("\nper rank: parameters + gradients + optimizer states")
     detail = [(r.dtype, m.strategy, _human(m.param_bytes), _human(m.grad_bytes),
                _human(m.optimizer_bytes), _human(m.total_bytes))
@@ -333,8 +336,7 @@ def _print(estimate: MemoryEstimate, source: str) -> None:
     print("\n".join(_table(("dtype", "strategy", "parameters", "gradients", "optimizer", "total"),
                            detail, right=(2, 3, 4, 5), indent="  ")))
     print("\nlargest layer: " + ", ".join(estimate.rows[0].largest_layer)
-          + " (FSDP gathers one such layer at a time, in the compute dtype; activations are "
-            "not counted)")
+          + "\n  (FSDP gathers one at a time, in the compute dtype; activations are not counted)")
     if mesh.world_size == 1:
         print("hint: pass --num-processes N or --mesh dp_shard=4,tp=2 to split over ranks")
 

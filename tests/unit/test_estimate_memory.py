@@ -98,17 +98,21 @@ def test_the_command_prints_a_table_a_user_can_read(llama: pathlib.Path) -> None
     text = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120,
                           check=True).stdout
     lines = text.splitlines()
-    assert "per rank over 4 ranks (dp_shard=4)" in lines[0]
-    header = re.split(r"\s{2,}", lines[1].strip())
-    assert header == ["dtype", "largest layer", "total size", "training (1 rank)",
-                      *(f"{s} / rank" for s in STRATEGIES)]
-    table = {cells[0]: cells[1:] for line in lines[2:6]
+    assert lines[0].endswith("parameters, optimizer adamw")
+    assert re.split(r"\s{2,}", lines[1].strip()) == ["dtype", "largest layer", "total size",
+                                                     "training (1 rank)"]
+    sizes = {cells[0]: cells[1:] for line in lines[2:6]
              if (cells := re.split(r"\s{2,}", line.strip()))}
-    assert list(table) == ["float32", "float16", "bfloat16", "bf16-mixed"]
+    assert list(sizes) == ["float32", "float16", "bfloat16", "bf16-mixed"]
+    assert lines[7] == "per rank over 4 ranks (dp_shard=4):"
+    assert re.split(r"\s{2,}", lines[8].strip()) == ["dtype", *STRATEGIES]
+    ranks = {cells[0]: cells[1:] for line in lines[9:13]
+             if (cells := re.split(r"\s{2,}", line.strip()))}
+    assert list(ranks) == list(sizes)
     as_json = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True,
                                         env=env, timeout=120, check=True).stdout)
     for row in as_json["dtypes"]:
-        cells = table[row["dtype"]]
+        cells = sizes[row["dtype"]] + ranks[row["dtype"]]
         numbers = [row["largest_layer_bytes"], row["total_bytes"], row["training_bytes"],
                    *(row["per_rank"][s]["total"] for s in STRATEGIES)]
         for cell, number in zip(cells, numbers, strict=True):
