@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import distlib as dl
 from distlib.cli import main
@@ -293,3 +295,26 @@ def test_unknown_choices_are_refused_by_the_parser(llama: pathlib.Path, argv: li
 def test_bad_python_arguments_are_named(call: Any, fragment: str) -> None:
     with pytest.raises((ConfigError, StrategyError), match=re.escape(fragment)):
         call()
+
+
+@settings(max_examples=40, deadline=None)
+@given(replicate=st.sampled_from([1, 2, 3]), shard=st.sampled_from([1, 2, 4, 5]),
+       tp=st.sampled_from([1, 2]), precision=st.sampled_from(["no", "bf16"]),
+       optimizer=st.sampled_from(["adamw", "sgd", "sgd_momentum"]))
+def test_sharding_more_never_holds_more(replicate: int, shard: int, tp: int, precision: str,
+                                        optimizer: str) -> None:
+    mesh = Mesh(dp_replicate=replicate, dp_shard=shard, tp=tp)
+    got = {s: plan_rank_memory(dict(LLAMA), mesh, strategy=s, precision=precision,
+                               optimizer=optimizer) for s in STRATEGIES}
+    assert got["ddp"].total_bytes >= got["zero1"].total_bytes >= got["zero2"].total_bytes \
+        >= got["zero3"].total_bytes
+    assert got["zero2"].param_bytes == got["zero1"].param_bytes
+    assert got["zero3"].grad_bytes == got["zero2"].grad_bytes
+    if precision == "no":  # without DeepSpeed's half copies ZeRO-3 is FSDP over every dp rank
+        flat = plan_parallelism(dict(LLAMA), Mesh(dp_shard=replicate * shard, tp=tp),
+                                optimizer=optimizer)
+        assert got["zero3"].total_bytes == flat.rank_bytes
+        # FSDP plans the mesh itself (HSDP), or every dp rank when the mesh shards nothing
+        own = plan_parallelism(dict(LLAMA), mesh, optimizer=optimizer) if shard > 1 else flat
+        assert got["fsdp"].total_bytes == own.rank_bytes
+    assert got["ddp"].mesh.dp_replicate == replicate * shard and got["ddp"].mesh.tp == tp
