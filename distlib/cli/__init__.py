@@ -27,6 +27,7 @@ __all__ = ["error_line", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("distlib.cli.env", "print versions, devices, the detected Env and config"),
     "plan": ("distlib.cli.plan", "plan a device map from a checkpoint's headers, or a parallel mesh (--mesh)"),
+    "estimate-memory": ("distlib.cli.estimate_memory", "memory per rank to train a model: each dtype and strategy, from shapes only"),
     "launch": ("distlib.cli.launch", "run a script or module in N ranks (any setup)"),
     "config": ("distlib.cli.config", "write the launch config (questions or defaults)"),
     "test": ("distlib.cli.test", "launch a self-test under the config and report it"),

@@ -20,6 +20,15 @@ The rules (the same ones `wrap` applies):
   master weights, so they change no persistent byte; the plan records the compute dtype.
 * AdamW/Adam keep two states in the parameter dtype plus a 4-byte ``step`` per tensor (as
   ``torch.optim`` does); SGD keeps none, SGD with momentum one.
+* ``dtype_bytes`` holds every parameter in that many bytes (a model cast to half: 2), and
+  its gradients and optimizer states with it, as ``torch.optim`` keeps them.
+
+`plan_rank_memory` puts the strategies on these rules (`STRATEGIES`): DDP replicates over the
+data-parallel ranks; ZeRO stages 1, 2 and 3 shard the optimizer states, then the gradients,
+then the parameters over them (DeepSpeed under ``bf16``/``fp16`` keeps half parameters and
+gradients and an fp32 master copy with the optimizer's fp32 states, 2 + 2 + 12 bytes per Adam
+parameter before sharding); FSDP is the planner's ``dp_shard`` (FSDP2: fp32 masters, half
+compute only).
 
 This module imports no torch; a module's layer types are read through torch only when one is
 given.
@@ -38,8 +47,8 @@ from distlib.errors import ConfigError, StrategyError
 from distlib.precision import Precision, parse_precision
 from distlib.topology import Mesh
 
-__all__ = ["CONFIG_MODEL_TYPES", "OPTIMIZERS", "TP_STYLES", "ParallelPlan", "TensorPlan",
-           "check_parallelism", "plan_parallelism"]
+__all__ = ["CONFIG_MODEL_TYPES", "OPTIMIZERS", "STRATEGIES", "TP_STYLES", "ParallelPlan",
+           "RankMemory", "TensorPlan", "check_parallelism", "plan_parallelism", "plan_rank_memory"]
 
 # optimizer -> (states the size of the parameter, bytes of scalar state per tensor)
 OPTIMIZERS: dict[str, tuple[int, int]] = {"adamw": (2, 4), "adam": (2, 4), "sgd": (0, 0),
@@ -201,18 +210,20 @@ def check_parallelism(model: Any, mesh: Mesh, *, tp_plan: Any = "auto", seq_len:
 
 def plan_parallelism(model_or_config: Any, mesh: Mesh, *, precision: object = "no",
                      optimizer: str = "adamw", tp_plan: Any = "auto", seq_len: int | None = None,
-                     world_size: int | None = None) -> ParallelPlan:
+                     world_size: int | None = None, dtype_bytes: int | None = None) -> ParallelPlan:
     """Plan what each rank of ``mesh`` holds for a model, after `check_parallelism`'s checks.
 
     Args:
-        model_or_config: an ``nn.Module`` (built under ``init_empty_weights`` costs nothing)
-            or a transformers config (dict or ``PretrainedConfig``) of a supported layout.
+        model_or_config: an ``nn.Module`` (built under ``init_empty_weights`` costs nothing),
+            a transformers config (dict or ``PretrainedConfig``) of a supported layout, or a
+            sequence of ``(name, shape, itemsize)`` (a checkpoint's headers).
         mesh: the mesh; resolved, or resolved here against ``world_size``.
         precision: ``"no"``, ``"fp16"``, ``"bf16"`` or ``"fp8"``.
         optimizer: one of ``adamw``, ``adam``, ``sgd``, ``sgd_momentum``.
         tp_plan: ``"auto"`` or ``{module pattern: style}`` (see `TP_STYLES`).
         seq_len: the sequence length (checked against ``cp``).
         world_size: the job's ranks, to resolve or check the mesh.
+        dtype_bytes: bytes per element every parameter is held in (None: each one's own).
 
     Returns:
         The frozen `ParallelPlan`.
@@ -234,8 +245,14 @@ def plan_parallelism(model_or_config: Any, mesh: Mesh, *, precision: object = "n
         msg = (f"{call}: optimizer must be one of {', '.join(OPTIMIZERS)}, but got "
                f"{optimizer!r}. Name the optimizer whose states to count.")
         raise ConfigError(msg)
+    if dtype_bytes is not None and (isinstance(dtype_bytes, bool) or dtype_bytes not in (1, 2, 4, 8)):
+        msg = (f"{call}: dtype_bytes must be 1, 2, 4, 8 or None, but got {dtype_bytes!r}. Give "
+               "the bytes of one element of the dtype the parameters are held in.")
+        raise ConfigError(msg)
     mesh, checks, unchecked, tensors = _check(model_or_config, mesh, tp_plan, seq_len,
                                               world_size, call)
+    if dtype_bytes is not None:
+        tensors = tuple(dataclasses.replace(t, itemsize=dtype_bytes) for t in tensors)
     num = sum(t.numel for t in tensors)
     total = sum(t.numel * t.itemsize for t in tensors)
     local = sum(math.prod(t.local_shape) * t.itemsize for t in tensors)
@@ -248,6 +265,97 @@ def plan_parallelism(model_or_config: Any, mesh: Mesh, *, precision: object = "n
                         optimizer_bytes=states * params + scalar * len(tensors),
                         shard_factors=factors, tensors=tensors, checks=checks,
                         unchecked=unchecked)
+
+
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankMemory:
+    """The bytes one rank holds under a strategy: parameters, gradients, optimizer states.
+
+    Attributes:
+        strategy: one of `STRATEGIES`.
+        mesh: the mesh the strategy shards over (DDP and ZeRO: the data-parallel ranks).
+        param_bytes: parameters one rank allocates.
+        grad_bytes: gradients one rank allocates.
+        optimizer_bytes: optimizer states (with any fp32 master copy) one rank allocates.
+    """
+
+    strategy: str
+    mesh: Mesh
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """Parameters, gradients and optimizer states of one rank."""
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+
+def plan_rank_memory(model_or_config: Any, mesh: Mesh, *, strategy: str = "fsdp",
+                     precision: object = "no", optimizer: str = "adamw",
+                     dtype_bytes: int | None = None, tp_plan: Any = "auto",
+                     world_size: int | None = None) -> RankMemory:
+    """Per-rank bytes under one strategy, from `plan_parallelism`'s plans (pure).
+
+    The data-parallel ranks are ``dp_replicate * dp_shard`` of ``mesh``; ``tp`` and ``cp`` stay.
+    ``fsdp`` plans ``mesh`` itself (HSDP when ``dp_replicate > 1``), or shards over every
+    data-parallel rank when ``dp_shard`` is 1. ``ddp`` replicates; ``zero1``..``zero3`` take
+    the replicated plan's bytes for what they keep whole and the sharded plan's for the rest.
+
+    Args:
+        model_or_config: what `plan_parallelism` takes.
+        mesh: the mesh (its data-parallel size is what the strategies shard over).
+        strategy: one of `STRATEGIES`.
+        precision: the compute precision; under ``bf16``/``fp16`` ZeRO keeps DeepSpeed's half
+            parameters and gradients plus fp32 masters.
+        optimizer: one of `OPTIMIZERS`.
+        dtype_bytes: bytes the parameters are held in (None: their own).
+        tp_plan: as for `plan_parallelism`.
+        world_size: the job's ranks, to resolve or check the mesh.
+
+    Raises:
+        ConfigError: a malformed strategy, mesh, precision or optimizer.
+        StrategyError: the mesh cannot split this model.
+
+    Examples:
+        >>> cfg = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        ...        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 128}
+        >>> [plan_rank_memory(cfg, Mesh(dp_shard=2), strategy=s).total_bytes
+        ...  for s in ("ddp", "zero1", "zero2", "zero3")]
+        [1446996, 1085268, 904404, 723540]
+    """
+    call = "plan_rank_memory()"
+    if strategy not in STRATEGIES:
+        msg = (f"{call}: strategy must be one of {', '.join(STRATEGIES)}, but got "
+               f"{strategy!r}. Name how the data-parallel ranks split the model.")
+        raise ConfigError(msg)
+    resolved = _resolve(mesh, world_size, call)
+    dp = resolved.dp_replicate * resolved.dp_shard
+    whole = Mesh(dp_replicate=dp, dp_shard=1, cp=resolved.cp, tp=resolved.tp)
+    split = (resolved if strategy == "fsdp" and resolved.dp_shard > 1 else
+             Mesh(dp_replicate=1, dp_shard=dp, cp=resolved.cp, tp=resolved.tp))
+    prec = parse_precision(precision)
+    half = strategy.startswith("zero") and prec.value in ("bf16", "fp16")
+
+    def plan(on: Mesh, size: int | None) -> ParallelPlan:
+        return plan_parallelism(model_or_config, on, precision=prec, optimizer=optimizer,
+                                tp_plan=tp_plan, dtype_bytes=size)
+
+    replicated = plan(whole, 2 if half else dtype_bytes)
+    sharded = plan(split, 2 if half else dtype_bytes) if strategy != "ddp" else replicated
+    states, scalar = OPTIMIZERS[optimizer]
+    if half:  # DeepSpeed: an fp32 master and fp32 states per parameter, sharded from stage 1
+        master = plan(split, 4)
+        optimizer_bytes = (1 + states) * master.param_bytes + scalar * len(master.tensors)
+    else:
+        optimizer_bytes = (replicated if strategy == "ddp" else sharded).optimizer_bytes
+    params = (sharded if strategy in ("zero3", "fsdp") else replicated).param_bytes
+    grads = (sharded if strategy in ("zero2", "zero3", "fsdp") else replicated).grad_bytes
+    return RankMemory(strategy=strategy, mesh=split if strategy != "ddp" else whole,
+                      param_bytes=params, grad_bytes=grads, optimizer_bytes=optimizer_bytes)
 
 
 def _check(model: Any, mesh: Mesh, tp_plan: Any, seq_len: int | None, world_size: int | None,
@@ -307,6 +415,8 @@ def _resolve(mesh: Mesh, world_size: int | None, call: str) -> Mesh:
 def _meta_of(model: Any, call: str) -> _Meta:
     if hasattr(model, "named_parameters"):
         return _module_meta(model)
+    if isinstance(model, (list, tuple)):
+        return _headers_meta(model, call)
     if isinstance(model, Mapping) or hasattr(model, "to_dict"):
         config = dict(model) if isinstance(model, Mapping) else {
             **model.to_dict(), "base_model_tp_plan": getattr(model, "base_model_tp_plan", None)}
@@ -359,6 +469,25 @@ def _config_meta(cfg: dict[str, Any], call: str) -> _Meta:
         "model.embed_tokens": "embedding_rowwise", **{f"model.{k}": v for k, v in auto.items()},
         "lm_head": "colwise_gather_output"}
     return _Meta(tuple(out), sizes, plan)
+
+
+def _headers_meta(tensors: Any, call: str) -> _Meta:
+    """``(name, shape, itemsize)`` entries (a checkpoint's headers): 2-D tensors count as
+    linear layers for a ``tp_plan``; there is no plan of the model's own."""
+    out: list[tuple[str, tuple[int, ...], int, str]] = []
+    for entry in tensors:
+        ok = (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], str)
+              and isinstance(entry[1], (list, tuple))
+              and all(isinstance(d, int) and d >= 0 for d in entry[1])
+              and isinstance(entry[2], int) and entry[2] > 0)
+        if not ok:
+            msg = (f"{call}: each tensor entry must be (name, shape, itemsize) with a str name, "
+                   f"int dims >= 0 and an int itemsize > 0, but got {entry!r}. Give a "
+                   "checkpoint's headers as such triples.")
+            raise ConfigError(msg)
+        name, shape, itemsize = entry
+        out.append((name, tuple(shape), itemsize, "linear" if len(shape) == 2 else "other"))
+    return _Meta(tuple(out), {}, None)
 
 
 def _module_meta(model: Any) -> _Meta:
