@@ -54,6 +54,7 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
         "test": (counts, {}, "must be a multiple"),
         "merge-weights": ([str(tmp_path / "no-checkpoint"), str(tmp_path / "out")], {},
                           "does not exist"),
+        "estimate-memory": ([str(tmp_path / "missing.json")], {}, "does not exist"),
     }
 
 
