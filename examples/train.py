@@ -183,16 +183,16 @@ def main() -> None:
         print(f"{env.strategy.name if args.strategy is None else args.strategy}, "
               f"{env.world_size} process(es), precision {env.precision}: loss {first:.3f} -> "
               f"{last:.3f} (uniform guess: {math.log(len(chars)):.3f}) in {seconds:.1f} s")
-        print(throughput(summary, env))
+        print(throughput(summary, env, peak))
         print(f"metrics: {Path(args.run_dir) / 'train' / 'metrics.jsonl'}")
         print(f"sample: {written!r}")
 
 
-def throughput(summary: dict[str, object], env: dl.Env) -> str:
-    """The meter's summary as one line: tokens/s, samples/s, GFLOP/s per rank and MFU."""
+def throughput(summary: dict[str, object], env: dl.Env, peak: float | None) -> str:
+    """The meter's summary as two lines: tokens/s, samples/s, GFLOP/s per rank; MFU."""
     tflops, mfu = summary["tflops_per_rank"], summary["mfu"]
     if isinstance(mfu, float):
-        shown = f"MFU {mfu:.1%}"
+        shown = f"MFU {mfu:.1%}" + ("" if peak is None else f" of {peak / 1e12:g} TFLOP/s")
     elif env.device.startswith("cuda"):
         shown = "MFU n/a on this GPU (pass --peak-tflops)"
     else:
@@ -200,7 +200,7 @@ def throughput(summary: dict[str, object], env: dl.Env) -> str:
     per_rank = (f"{tflops * 1e3:,.2f} GFLOP/s per rank" if isinstance(tflops, float)
                 else "FLOPs n/a")
     return (f"throughput: {summary['tokens_per_s']:,.0f} tokens/s, "
-            f"{summary['samples_per_s']:,.0f} samples/s, {per_rank}; {shown}")
+            f"{summary['samples_per_s']:,.0f} samples/s, {per_rank}\n{shown}")
 
 
 if __name__ == "__main__":

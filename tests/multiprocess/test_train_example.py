@@ -27,13 +27,13 @@ CONTEXT = 24  # examples/train.py's CONTEXT (checked below)
 def _throughput(stdout: str, *, mfu: bool) -> tuple[float, float]:
     """The throughput line: tokens/s is CONTEXT characters per sample; MFU only with a peak."""
     match = re.search(r"^throughput: ([\d,]+) tokens/s, ([\d,]+) samples/s, ([\d.,]+) GFLOP/s "
-                      r"per rank; (.*)$", stdout, re.MULTILINE)
+                      r"per rank\n(MFU .*)$", stdout, re.MULTILINE)
     assert match, stdout
     tokens, samples, gflops = (float(g.replace(",", "")) for g in match.groups()[:3])
     assert tokens > 0 and gflops > 0, match.group(0)
     assert abs(tokens - CONTEXT * samples) <= CONTEXT, match.group(0)  # rounding of samples/s
     if mfu:
-        assert re.fullmatch(r"MFU \d+\.\d%", match.group(4)), match.group(0)
+        assert re.fullmatch(r"MFU \d+\.\d% of 0\.5 TFLOP/s", match.group(4)), match.group(0)
     else:
         assert match.group(4) == "MFU n/a on CPU (pass --peak-tflops)", match.group(0)
     return tokens, gflops
