@@ -9,6 +9,7 @@ window plan is pure; counting is the one effect (one all-reduce per window).
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -210,10 +211,11 @@ def _count_window(window: list[Any], count: Count, env: Env, step: int) -> int:
     counts = []
     for index, batch in enumerate(window):
         value = count(batch)
-        integral = (isinstance(value, int) and not isinstance(value, bool)) or (
+        number = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        integral = number or (
             isinstance(value, torch.Tensor) and value.numel() == 1
             and not value.is_floating_point() and not value.is_complex())
-        if not integral or (isinstance(value, int) and value < 0):
+        if not integral or (number and value < 0):
             shown = (f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
                      if isinstance(value, torch.Tensor) else repr(value))
             msg = (f"accumulate(): count(batch) must return an int >= 0 or a one-element "

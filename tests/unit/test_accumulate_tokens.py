@@ -53,6 +53,10 @@ def test_counts_may_be_integer_tensors_and_the_env_comes_from_the_loader() -> No
     assert [m.num_items for _, m in out] == [3, 3]
     out = list(dl.accumulate(labels, 1, count=lambda b: (b != -100).sum(dim=1), env=dl.Env()))
     assert [m.num_items for _, m in out] == [2, 1]
+    np = pytest.importorskip("numpy")
+    out = list(dl.accumulate(labels, 2, count=lambda b: np.int64((b != -100).sum()),
+                             env=dl.Env()))
+    assert [m.num_items for _, m in out] == [3, 3]
 
 
 @pytest.mark.parametrize("value", [2.5, "3", None, -1, True, [1, 2], torch.tensor(2.0),
