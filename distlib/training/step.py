@@ -91,13 +91,16 @@ def _refuse_a_mean(loss: Any) -> None:
     if node is None:
         return
     name = node.name()
-    if name in _MEAN_NODES or getattr(node, "_saved_reduction", None) == _MEAN_REDUCTION:
-        msg = (f"backward(): loss must be summed over the batch's items when micro.num_items is "
-               f"set (accumulate(..., count=...)), but got a loss made by {name} (a mean or a "
-               f"division). backward divides by micro.num_items itself: pass e.g. "
-               f"F.cross_entropy(logits, labels, reduction=\"sum\", ignore_index=-100), or "
-               f"leave count= out of accumulate for per-batch means.")
-        raise ConfigError(msg)
+    if getattr(node, "_saved_reduction", None) == _MEAN_REDUCTION:
+        name += " with reduction='mean'"
+    elif name not in _MEAN_NODES:
+        return
+    msg = (f"backward(): loss must be summed over the batch's items when micro.num_items is "
+           f"set (accumulate(..., count=...)), but got a loss made by {name} (a mean or a "
+           f"division). backward divides by micro.num_items itself: pass e.g. "
+           f"F.cross_entropy(logits, labels, reduction=\"sum\", ignore_index=-100), or "
+           f"leave count= out of accumulate for per-batch means.")
+    raise ConfigError(msg)
 
 
 def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0) -> Any:
