@@ -7,14 +7,17 @@ A quick run (CI):           python examples/train.py --quick
 
 The model reads the previous CONTEXT characters and predicts the next one. The loss starts near
 ln(vocabulary size) and falls as the model learns the text; the main rank shows a progress bar
-and, at the end, a sample the model writes from the text's first CONTEXT characters: once
-trained, it continues the text ("Four score and seven years ago our fathers brought ...").
-The distlib lines are marked "# dl".
+and, at the end, the job's throughput (tokens/s: the characters the model reads, CONTEXT per
+sample; MFU with --peak-tflops, as a CPU has no known peak) and a sample the model writes from
+the text's first CONTEXT characters: once trained, it continues the text ("Four score and seven
+years ago our fathers brought ..."). The loss, the learning rate and the step meter's reports
+go to a JSON-lines tracker: <run-dir>/train/metrics.jsonl. The distlib lines are marked "# dl".
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import time
@@ -107,6 +110,10 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--quick", action="store_true", help="a short run (40 steps) for CI")
+    parser.add_argument("--run-dir", default="runs", help="where the tracker writes (train/...)")
+    parser.add_argument("--log-every", type=int, default=10, help="steps between logged losses")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="one device's peak TFLOP/s, for MFU (looked up on known GPUs)")
     args = parser.parse_args()
     steps = 40 if args.quick else args.steps
 
@@ -126,39 +133,74 @@ def main() -> None:
     model, optimizer, scheduler = dl.wrap(model, strategy_from(args), env=env,     # dl
                                           optimizer=optimizer, scheduler=scheduler)
 
+    peak = None if args.peak_tflops is None else args.peak_tflops * 1e12
+    meter = dl.StepMeter(env, log_every=args.log_every, peak_flops=peak)           # dl
+    run = dl.init_trackers(env, ["jsonl"], project_dir=args.run_dir,               # dl
+                           project_name="train", config=vars(args))
+    # The first optimizer step's model FLOPs, all its micro-batches, forward and backward.
+    counting = contextlib.ExitStack()
+    counting.enter_context(meter.count_flops())                                    # dl
+
     bar = tqdm(total=steps, disable=not env.is_main, desc="train", unit="step")
     first = last = None
-    step, epoch, start = 0, 0, time.perf_counter()
+    step, epoch, rows, start = 0, 0, 0, time.perf_counter()
     while step < steps:
         loader.set_epoch(epoch)
         for (x, y), micro in dl.accumulate(loader, steps=args.accumulate):         # dl
             loss = nn.functional.cross_entropy(model(x), y)
             dl.backward(loss, model, micro)                                        # dl
+            rows += len(x)
             if not micro.sync:
                 continue
+            counting.close()  # the first step is counted; closing again does nothing
             dl.clip_grad_norm(model, 1.0)                                          # dl
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
             step += 1
-            if step % 10 == 0 or step in (1, steps):
+            # Every log_every steps the meter reports (one all-gather); {} in between.
+            report = meter.step(samples=rows, tokens=rows * CONTEXT)                # dl
+            if report:
+                run.log(report, step=step)                                         # dl
+            rows = 0
+            if step % args.log_every == 0 or step in (1, steps):
                 mean = float(dl.reduce(loss.detach(), env))                        # dl
                 first = mean if first is None else first
                 last = mean
+                run.log({"loss": mean, "lr": scheduler.get_last_lr()[0]}, step=step)  # dl
                 bar.set_postfix(loss=f"{mean:.3f}")
             bar.update(1)
             if step == steps:
                 break
         epoch += 1
     bar.close()
+    seconds = time.perf_counter() - start
+    summary = meter.summary()  # every timed step, over the ranks (every rank calls it)  # dl
+    run.close()                                                                    # dl
     # The prompt is the text's first CONTEXT characters: a trained model continues the text.
     written = sample(model, chars, env, text[:CONTEXT], 60)
     if env.is_main:
         print(f"{env.strategy.name if args.strategy is None else args.strategy}, "
               f"{env.world_size} process(es), precision {env.precision}: loss {first:.3f} -> "
-              f"{last:.3f} (uniform guess: {math.log(len(chars)):.3f}) in "
-              f"{time.perf_counter() - start:.1f} s")
+              f"{last:.3f} (uniform guess: {math.log(len(chars)):.3f}) in {seconds:.1f} s")
+        print(throughput(summary, env, peak))
+        print(f"metrics: {Path(args.run_dir) / 'train' / 'metrics.jsonl'}")
         print(f"sample: {written!r}")
+
+
+def throughput(summary: dict[str, object], env: dl.Env, peak: float | None) -> str:
+    """The meter's summary as two lines: tokens/s, samples/s, GFLOP/s per rank; MFU."""
+    tflops, mfu = summary["tflops_per_rank"], summary["mfu"]
+    if isinstance(mfu, float):
+        shown = f"MFU {mfu:.1%}" + ("" if peak is None else f" of {peak / 1e12:g} TFLOP/s")
+    elif env.device.startswith("cuda"):
+        shown = "MFU n/a on this GPU (pass --peak-tflops)"
+    else:
+        shown = "MFU n/a on CPU (pass --peak-tflops)"
+    per_rank = (f"{tflops * 1e3:,.2f} GFLOP/s per rank" if isinstance(tflops, float)
+                else "FLOPs n/a")
+    return (f"throughput: {summary['tokens_per_s']:,.0f} tokens/s, "
+            f"{summary['samples_per_s']:,.0f} samples/s, {per_rank}\n{shown}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
-"""Accumulation windows: `MicroStep` and `accumulate` (pure; no torch).
+"""Accumulation windows: `MicroStep` and `accumulate`.
 
 `accumulate` tells each batch where it sits in its window; `backward` divides by the window's
-size and lets the strategy skip the gradient sync except on a window's last batch.
+size (or, when ``accumulate`` counts tokens, by the window's token count over the data-parallel
+ranks) and lets the strategy skip the gradient sync except on a window's last batch. The
+window plan is pure; counting is the one effect (one all-reduce per window).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+import numbers
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from distlib.collectives import reduce
+from distlib.env import Env, detect
 from distlib.errors import ConfigError
 
 __all__ = ["MicroStep", "accumulate", "plan_window"]
@@ -29,10 +36,16 @@ class MicroStep:
             optimizer should step.
         next_sync: True when the next batch will be a window's last batch (or is unknown);
             DDP uses it to prepare the next forward.
+        num_items: the valid items (tokens) of the whole window, summed over this window's
+            batches on every data-parallel rank, when ``accumulate(..., count=...)`` counts
+            them; None otherwise. ``loss_sum / num_items`` is the token mean of the window's
+            global batch; `backward` then divides a summed loss by it (and not by ``size``).
 
     Examples:
         >>> MicroStep(step=0, index=1, size=2, sync=True, next_sync=False).sync
         True
+        >>> MicroStep(step=0, index=0, size=1, sync=True, num_items=37).num_items
+        37
     """
 
     step: int
@@ -40,10 +53,13 @@ class MicroStep:
     size: int
     sync: bool
     next_sync: bool = True
+    num_items: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("step", "index", "size"):
+        for name in ("step", "index", "size", "num_items"):
             value = getattr(self, name)
+            if name == "num_items" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 msg = (f"MicroStep(): {name} must be an int >= 0, but got {value!r}. Take the "
                        "MicroStep that accumulate() yields rather than building one.")
@@ -92,7 +108,14 @@ def _pass_length(loader: Iterable[Any], taken: int) -> int | None:
         return None
 
 
-def accumulate(loader: Iterable[Any], steps: int = 1) -> Iterator[tuple[Any, MicroStep]]:
+Count = Callable[[Any], Any]
+
+_COUNT_FIX = ('Return the batch\'s valid items, e.g. count=lambda b: (b["labels"] != -100).sum() '
+              "(padding labelled -100).")
+
+
+def accumulate(loader: Iterable[Any], steps: int = 1, *, count: Count | None = None,
+               env: Env | None = None) -> Iterator[tuple[Any, MicroStep]]:
     """Yield ``(batch, micro)`` with ``micro.sync`` on each window's last batch.
 
     A window is ``steps`` batches; the loader's last batch always ends a window, so no
@@ -100,15 +123,48 @@ def accumulate(loader: Iterable[Any], steps: int = 1) -> Iterator[tuple[Any, Mic
     window of ``steps`` half-batches gives the gradient of one batch of twice the size. When
     the loader has no ``len()``, the last window is still closed but divides by ``steps``.
 
+    **Counting tokens.** With padding, batches hold different numbers of valid tokens and the
+    mean of per-batch means is not the token mean. With ``count``, ``accumulate`` reads each
+    window ahead, calls ``count(batch)`` on its batches, and sums the counts over the window
+    and over the data-parallel ranks (one all-reduce per window, `distlib.reduce` with
+    ``op="sum"``): every micro-step of the window carries that total as ``micro.num_items``.
+    Pass `backward` the loss *summed* over the batch's tokens (``reduction="sum"``); it
+    divides by ``num_items`` (and not by the window's size), so the step's gradient is the
+    token mean of the whole global batch. The window's batches are held in memory meanwhile.
+
     Args:
         loader: any iterable of batches (a ``DataLoader``, a sharded loader, a list).
         steps: batches per optimizer step.
+        count: ``count(batch) -> int`` (or a one-element integer tensor): the batch's valid
+            items, e.g. ``lambda b: (b["labels"] != -100).sum()``. None: no counting.
+        env: the Env whose data-parallel ranks share the count; default: the loader's own
+            (a `shard`-ed loader), else `detect`. Only used with ``count``.
+
+    Raises:
+        ConfigError: ``steps`` is not an int >= 1, ``count`` is not callable, or ``count``
+            returns something that is not a count (also a ``ValueError``).
 
     Examples:
         >>> [(b, m.sync) for b, m in accumulate("abcde", steps=2)]
         [('a', False), ('b', True), ('c', False), ('d', True), ('e', True)]
+        >>> [(b, m.num_items) for b, m in accumulate(["ab", "c", "def"], 2, count=len,
+        ...                                          env=Env())]
+        [('ab', 3), ('c', 3), ('def', 3)]
     """
     steps = _check_steps(steps)
+    if count is None:
+        return _plain(loader, steps)
+    if not callable(count):
+        msg = (f"accumulate(): count must be a function count(batch) -> int, but got "
+               f"{count!r}. {_COUNT_FIX}")
+        raise ConfigError(msg)
+    if env is None:
+        own = getattr(loader, "env", None)
+        env = own if isinstance(own, Env) else detect()
+    return _counted(loader, steps, count, env)
+
+
+def _plain(loader: Iterable[Any], steps: int) -> Iterator[tuple[Any, MicroStep]]:
     it = iter(loader)
     ahead = list(itertools.islice(it, 1))
     total = _pass_length(loader, len(ahead))
@@ -126,3 +182,51 @@ def accumulate(loader: Iterable[Any], steps: int = 1) -> Iterator[tuple[Any, Mic
         yield batch, MicroStep(step=step, index=index, size=size, sync=sync,
                                next_sync=next_sync)
         position += 1
+
+
+def _counted(loader: Iterable[Any], steps: int, count: Count,
+             env: Env) -> Iterator[tuple[Any, MicroStep]]:
+    """Windows read whole before their first batch is yielded, each with its global count."""
+    it = iter(loader)
+    ahead = list(itertools.islice(it, steps + 1))  # a window and the next one's first batch
+    step = 0
+    while ahead:
+        window = ahead[:steps]
+        num_items = _count_window(window, count, env, step)
+        ahead = ahead[steps:]
+        ahead.extend(itertools.islice(it, steps + 1 - len(ahead)))
+        size = len(window)
+        for index, batch in enumerate(window):
+            # After a window's last batch, the next window's first batch ends that window
+            # when it holds one batch (one left, or steps == 1).
+            last = index == size - 1
+            next_sync = (len(ahead) <= 1 or steps == 1) if last else index == size - 2
+            yield batch, MicroStep(step=step, index=index, size=size, sync=last,
+                                   next_sync=next_sync, num_items=num_items)
+        step += 1
+
+
+def _count_window(window: list[Any], count: Count, env: Env, step: int) -> int:
+    """The window's valid items on every data-parallel rank: one all-reduce."""
+    counts = []
+    for index, batch in enumerate(window):
+        value = count(batch)
+        number = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        integral = number or (
+            isinstance(value, torch.Tensor) and value.numel() == 1
+            and not value.is_floating_point() and not value.is_complex())
+        if not integral or (number and value < 0):
+            shown = (f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+                     if isinstance(value, torch.Tensor) else repr(value))
+            msg = (f"accumulate(): count(batch) must return an int >= 0 or a one-element "
+                   f"integer tensor, but got {shown} for batch {index} of window {step}. "
+                   f"{_COUNT_FIX}")
+            raise ConfigError(msg)
+        counts.append(torch.as_tensor(value).reshape(()).to(torch.int64))
+    local = torch.stack([c.to(env.torch_device) for c in counts]).sum()
+    total = int(reduce(local, env, op="sum").item())
+    if total < 0:
+        msg = (f"accumulate(): count(batch) must return counts >= 0, but the counts of window "
+               f"{step} sum to {total}. {_COUNT_FIX}")
+        raise ConfigError(msg)
+    return total

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from distlib.env import Env
+from distlib.errors import ConfigError
 from distlib.precision import compute_dtype
 from distlib.strategies._validate import OptionTypeError
 from distlib.training.accumulation import MicroStep
@@ -39,13 +40,21 @@ def backward(loss: Any, model: Any, micro: MicroStep | None = None) -> None:
     strategy skip the gradient sync except on ``micro.sync`` (DDP ``no_sync``, FSDP2
     ``set_requires_gradient_sync``, DeepSpeed's accumulation boundary).
 
+    When ``micro.num_items`` is set (``accumulate(..., count=...)``), ``loss`` must be the
+    loss *summed* over this batch's items (``reduction="sum"``): backward divides it by
+    ``num_items``, the window's items on every data-parallel rank, instead of by the window's
+    size, and multiplies it by the data-parallel size that the strategy's gradient average
+    divides by. The step's gradient is then the token mean of the whole global batch. Do not
+    divide by ``num_items`` yourself: a loss that ends in a mean or a division is refused.
+
     Args:
-        loss: a scalar tensor.
+        loss: a scalar tensor (a sum over the items when ``micro.num_items`` is set).
         model: the model returned by ``wrap`` (a plain module works too: plain backward).
         micro: the `MicroStep` from `accumulate`; None means a window of one batch.
 
     Raises:
         StrategyError: fp16 and a model wrapped without its optimizer.
+        ConfigError: ``micro.num_items`` is set and ``loss`` is a mean or already divided.
 
     Examples:
         >>> import torch, distlib as dl
@@ -57,13 +66,41 @@ def backward(loss: Any, model: Any, micro: MicroStep | None = None) -> None:
     Effects: accumulates into the parameters' ``.grad``; collectives across the ranks on
     sync steps.
     """
-    if micro is not None and micro.size > 1:
-        loss = loss / micro.size
     wrapped = wrapped_of(model)
+    if micro is not None and micro.num_items is not None:
+        _refuse_a_mean(loss)
+        dp_size = 1 if wrapped is None else wrapped.env.mesh.dp_size
+        # A window without any item has a zero sum: its gradient is zero, not NaN.
+        loss = loss * (dp_size / max(micro.num_items, 1))
+    elif micro is not None and micro.size > 1:
+        loss = loss / micro.size
     if wrapped is None:
         loss.backward()
         return
     wrapped.backward(loss, micro)
+
+
+# Autograd's name for the node that made a mean (``.mean()``, ``reduction="mean"``) or a quotient.
+_MEAN_NODES = frozenset({"MeanBackward0", "MeanBackward1", "DivBackward0", "DivBackward1"})
+_MEAN_REDUCTION = 1  # at::Reduction::Mean, saved by the loss nodes (NllLoss, MseLoss, ...)
+
+
+def _refuse_a_mean(loss: Any) -> None:
+    """Refuse a loss that is already a mean or a quotient when backward divides by num_items."""
+    node = getattr(loss, "grad_fn", None)
+    if node is None:
+        return
+    name = node.name()
+    if getattr(node, "_saved_reduction", None) == _MEAN_REDUCTION:
+        name += " with reduction='mean'"
+    elif name not in _MEAN_NODES:
+        return
+    msg = (f"backward(): loss must be summed over the batch's items when micro.num_items is "
+           f"set (accumulate(..., count=...)), but got a loss made by {name} (a mean or a "
+           f"division). backward divides by micro.num_items itself: pass e.g. "
+           f"F.cross_entropy(logits, labels, reduction=\"sum\", ignore_index=-100), or "
+           f"leave count= out of accumulate for per-batch means.")
+    raise ConfigError(msg)
 
 
 def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0) -> Any:

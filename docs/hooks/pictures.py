@@ -1,8 +1,9 @@
 """mkdocs hook: draw the docs' pictures from distlib's own code at build time.
 
 Each picture is computed by the function it shows — the shard planner, the device-map planner,
-the launch plan and the agent, the mesh — and drawn with matplotlib into an SVG that is added
-to the site as a generated file (``pictures/NAME.svg``). Nothing is committed: change the
+the launch plan and the agent, the mesh, the example's training run (its tracker's file) — and
+drawn with matplotlib into an SVG that is added to the site as a generated file
+(``pictures/NAME.svg``). Nothing is committed: change the
 code and the next build draws what it now does. ``python docs/hooks/pictures.py DIR`` writes
 the SVGs into DIR, to look at them without building the site.
 """
@@ -289,11 +290,59 @@ def draw_mesh() -> Any:
     return fig
 
 
+# --- (e) the example's loss curve, from its tracker's own file ------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CURVE_STEPS = 100
+
+
+def draw_loss_curve() -> Any:
+    """examples/train.py for CURVE_STEPS steps in one process; its metrics.jsonl, drawn."""
+    import json
+    import math
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), "--steps",
+                        str(CURVE_STEPS), "--log-every", "1", "--run-dir", folder],
+                       cwd=folder, env=environ, check=True, capture_output=True, timeout=600)
+        path = pathlib.Path(folder) / "train" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    losses = [(r["step"], r["loss"], r["lr"]) for r in rows if "loss" in r]
+    text = (ROOT / "examples" / "data" / "public_domain.txt").read_text(encoding="utf-8")
+    fig, ax = plt.subplots(figsize=(9.2, 4.2))
+    fig.subplots_adjust(0.08, 0.13, 0.9, 0.88)
+    steps, loss, lr = zip(*losses, strict=True)
+    ax.plot(steps, loss, color=PALETTE[0], linewidth=1.6, label="loss (rank mean)")
+    guess = math.log(len(set(text)))
+    ax.axhline(guess, color="#999999", linestyle=":", linewidth=1.0)
+    ax.text(steps[-1], guess, f"uniform guess ln({len(set(text))}) = {guess:.2f}", ha="right",
+            va="bottom", fontsize=8.5, color="#666666")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss", color=PALETTE[0])
+    ax.set_ylim(0, guess * 1.15)
+    twin = ax.twinx()
+    twin.plot(steps, lr, color=PALETTE[1], linestyle="--", linewidth=1.2)
+    twin.set_ylabel("learning rate (OneCycle)", color=PALETTE[1])
+    twin.set_ylim(0, max(lr) * 1.15)
+    for side in (ax, twin):
+        side.spines["top"].set_visible(False)
+    ax.set_title(f"python examples/train.py --steps {CURVE_STEPS} --log-every 1 (one process): "
+                 f"the loss and lr its \"jsonl\" tracker wrote ({len(losses)} rows)",
+                 fontsize=9.5, loc="left")
+    return fig
+
+
 PICTURES: dict[str, Callable[[], Any]] = {
     "shard": draw_shard,
     "device_map": draw_device_map,
     "process_tree": draw_process_tree,
     "mesh": draw_mesh,
+    "loss_curve": draw_loss_curve,
 }
 
 
