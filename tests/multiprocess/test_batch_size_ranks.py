@@ -174,3 +174,44 @@ def test_a_users_script_under_distlib_launch(tmp_path: pathlib.Path) -> None:
     output = done.stdout + done.stderr
     assert "ValueError: the labels do not match the logits" in output
     assert "rank 0: trained" not in output and "rank 1: trained" not in output
+
+
+def _out_of_memory_while_the_other_rank_is_in_a_collective(env: Any) -> dict[str, Any]:
+    import torch
+
+    import distlib as dl
+
+    def train(batch_size: int) -> int:
+        if env.rank == 1:  # runs out before the step's collective ...
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        dl.reduce(torch.ones(3), env, op="sum")  # ... which rank 0 waits in, alone
+        return batch_size
+
+    try:
+        dl.find_executable_batch_size(train, env, 8)()
+    except Exception as exc:  # what each rank raised is the result
+        return {"error": type(exc).__name__, "message": str(exc)}
+    return {}
+
+
+def test_the_limit_an_out_of_memory_while_a_peer_is_in_a_collective_ends_at_the_timeout(
+) -> None:
+    began = time.monotonic()
+    result = spawn(_out_of_memory_while_the_other_rank_is_in_a_collective, world_size=2,
+                   timeout_s=120, collective_timeout_s=4)
+    assert time.monotonic() - began < 60
+    # both wait with the same timeout; whichever ends first, no rank retries on its own:
+    # - rank 1 (waiting for a verdict rank 0, inside its collective, never posts) says so,
+    #   and its exit then ends rank 0's wait with gloo's own error;
+    # - or rank 0's collective times out first: it posts that failure, and rank 1 names it
+    assert result[1]["error"] == "CollectiveError"
+    message = result[1]["message"]
+    waited = ("find_executable_batch_size(): every rank must report how its attempt at "
+              "batch_size=8 ended, but got DistStoreError: ")
+    named = ("find_executable_batch_size(): every rank's attempt must succeed or run out of "
+             "memory, but at batch_size=8 got rank 0: ")
+    assert message.startswith((waited, named)), message
+    if message.startswith(waited):
+        assert "see the training guide" in message
+    assert result[0]["error"] == "RuntimeError"
+    assert "find_executable_batch_size" not in result[0]["message"]
