@@ -306,7 +306,7 @@ def _attempt(fn: Callable[..., T], size: int, agreement: _Agreement, args: tuple
         msg = (f"find_executable_batch_size(): every rank must report how its attempt at "
                f"batch_size={size} ended, but got {_summary(exc)} while this rank waited for "
                "the others. A rank still inside a collective of fn (such as DDP's gradient "
-               "all-reduce, after this rank ran out of memory before it) never reports: run "
+               "all-reduce, when a rank ran out of memory before it) never reports: run "
                "the step so that every rank leaves it together (see the training guide).")
         raise CollectiveError(msg) from exc
     if failure is not None:
