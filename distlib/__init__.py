@@ -31,7 +31,7 @@ _EXPORTS: dict[str, str] = {
     "backward": "distlib.training.step",
     **dict.fromkeys(("plan_parallelism", "ParallelPlan", "TensorPlan"), "distlib.training.plan"),
     "clip_grad_norm": "distlib.training.step", "seed": "distlib.training.step",
-    "any_rank": "distlib.training.agree",
+    "any_rank": "distlib.training.agree", "find_executable_batch_size": "distlib.training.agree",
     **dict.fromkeys(("Tracker", "Trackers", "init_trackers"), "distlib.observe.trackers"),
     "StepMeter": "distlib.observe.meter", "profile": "distlib.observe.profiling",
     "launch": "distlib.launcher.launcher", "LaunchResult": "distlib.launcher.launcher",
@@ -102,6 +102,9 @@ if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (mypy --str
     from distlib.training.accumulation import MicroStep as MicroStep
     from distlib.training.accumulation import accumulate as accumulate
     from distlib.training.agree import any_rank as any_rank
+    from distlib.training.agree import (
+        find_executable_batch_size as find_executable_batch_size,
+    )
     from distlib.training.cp import context_parallel as context_parallel
     from distlib.training.memory import free_memory as free_memory
     from distlib.training.plan import ParallelPlan as ParallelPlan

@@ -36,6 +36,8 @@ DOCUMENTED = {
     # observing (issue 16): trackers (Trackers is what init_trackers returns), the meter,
     # profiles, and ranks that stop together
     "Tracker", "Trackers", "init_trackers", "StepMeter", "profile", "any_rank",
+    # a batch size every rank agrees on (issue 16 item 4)
+    "find_executable_batch_size",
 }
 
 # Documented names whose issue has not landed yet; each issue removes its names when it lands.
