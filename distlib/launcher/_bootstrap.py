@@ -209,9 +209,27 @@ def _watch(rank: str) -> Any:
     return watch_rank(folder, rank, float(stall) if stall else None)
 
 
+def whole_lines() -> None:
+    """Make each line this rank prints reach stdout or stderr in one write.
+
+    Ranks run unbuffered (``python -u``), so ``print`` hands over its text and its newline in
+    separate writes, and another rank's line can land in between: ``{"rank": 0{"rank": 1}``.
+    Line buffering keeps ``print`` prompt (the line goes out at its newline) and the line whole
+    (one write, which a pipe keeps in one piece up to ``PIPE_BUF``).
+
+    Effects: reconfigures ``sys.stdout`` and ``sys.stderr`` of this process.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):  # a closed or foreign stream
+                reconfigure(line_buffering=True, write_through=False)
+
+
 def main(argv: Sequence[str]) -> int:
     """Run one rank's target; return its exit code."""
     die_with_parent()
+    whole_lines()
     kind, rest = argv[0], list(argv[1:])
     replicas = os.environ.get("DISTLIB_XLA_REPLICAS")
     if replicas:
