@@ -276,7 +276,7 @@ def estimate_memory(model_or_source: Any, *, num_processes: int | None = None,
         >>> row.total_bytes, row.largest_layer_bytes, row.largest_layer
         (616, 440, ('0',))
         >>> [(m.strategy, m.total_bytes) for m in row.strategies]
-        [('ddp', 2480), ('zero1', 1864), ('zero2', 1556), ('zero3', 1248), ('fsdp', 1248)]
+        [('ddp', 2480), ('zero1', 1852), ('zero2', 1852), ('zero3', 1852), ('fsdp', 1248)]
     """
     call = "estimate_memory()"
     bad = [d for d in dtypes if d not in DTYPES] if not isinstance(dtypes, str) else [dtypes]

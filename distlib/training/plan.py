@@ -24,10 +24,14 @@ The rules (the same ones `wrap` applies):
   its gradients and optimizer states with it, as ``torch.optim`` keeps them.
 
 `plan_rank_memory` puts the strategies on these rules (`STRATEGIES`): DDP replicates over the
-data-parallel ranks; ZeRO stages 1, 2 and 3 shard the optimizer states, then the gradients,
-then the parameters over them (DeepSpeed under ``bf16``/``fp16`` keeps half parameters and
-gradients and an fp32 master copy with the optimizer's fp32 states, 2 + 2 + 12 bytes per Adam
-parameter before sharding); FSDP is the planner's ``dp_shard`` (FSDP2: fp32 masters, half
+data-parallel ranks; ZeRO is DeepSpeed's layout, as measured on DeepSpeed 0.19 (fp32): every
+stage keeps an fp32 master partition (a copy even in fp32 training) with the optimizer's fp32
+states and one ``step``, and reduces the gradients into this rank's partition (stage 1 too,
+with DeepSpeed's default ``contiguous_gradients``); stages 1 and 2 keep the whole parameters,
+stage 3 a partition, and stage 3 holds its gradient partition besides the fp32 copy its step
+makes. Under ``bf16``/``fp16`` it keeps half parameters and gradients (stage 1: whole) and the
+fp32 master with its states, 2 + 2 + 12 bytes per Adam parameter before sharding, as in the
+ZeRO paper (not measured). FSDP is the planner's ``dp_shard`` (FSDP2: fp32 masters, half
 compute only).
 
 This module imports no torch; a module's layer types are read through torch only when one is
@@ -303,7 +307,9 @@ def plan_rank_memory(model_or_config: Any, mesh: Mesh, *, strategy: str = "fsdp"
     The data-parallel ranks are ``dp_replicate * dp_shard`` of ``mesh``; ``tp`` and ``cp`` stay.
     ``fsdp`` plans ``mesh`` itself (HSDP when ``dp_replicate > 1``), or shards over every
     data-parallel rank when ``dp_shard`` is 1. ``ddp`` replicates; ``zero1``..``zero3`` take
-    the replicated plan's bytes for what they keep whole and the sharded plan's for the rest.
+    the replicated plan's bytes for what they keep whole and the sharded plan's for the rest,
+    with DeepSpeed's fp32 master partition (in fp32 too) and, outside half precision, the
+    gradients DeepSpeed holds at its step (the partition; stage 3 also its fp32 copy).
 
     Args:
         model_or_config: what `plan_parallelism` takes.
@@ -323,9 +329,9 @@ def plan_rank_memory(model_or_config: Any, mesh: Mesh, *, strategy: str = "fsdp"
     Examples:
         >>> cfg = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         ...        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 128}
-        >>> [plan_rank_memory(cfg, Mesh(dp_shard=2), strategy=s).total_bytes
+        >>> [plan_rank_memory(cfg, Mesh(dp_shard=8), strategy=s).total_bytes
         ...  for s in ("ddp", "zero1", "zero2", "zero3")]
-        [1446996, 1085268, 904404, 723540]
+        [1446996, 542596, 542596, 271300]
     """
     call = "plan_rank_memory()"
     if strategy not in STRATEGIES:
@@ -347,15 +353,32 @@ def plan_rank_memory(model_or_config: Any, mesh: Mesh, *, strategy: str = "fsdp"
     replicated = plan(whole, 2 if half else dtype_bytes)
     sharded = plan(split, 2 if half else dtype_bytes) if strategy != "ddp" else replicated
     states, scalar = OPTIMIZERS[optimizer]
-    if half:  # DeepSpeed: an fp32 master and fp32 states per parameter, sharded from stage 1
-        master = plan(split, 4)
-        optimizer_bytes = (1 + states) * master.param_bytes + scalar * len(master.tensors)
-    else:
-        optimizer_bytes = (replicated if strategy == "ddp" else sharded).optimizer_bytes
     params = (sharded if strategy in ("zero3", "fsdp") else replicated).param_bytes
     grads = (sharded if strategy in ("zero2", "zero3", "fsdp") else replicated).grad_bytes
+    if strategy.startswith("zero"):
+        # DeepSpeed clones an fp32 master partition even when training in fp32, and steps one
+        # flat partition per group (one ``step`` scalar); its states are fp32 like the master.
+        master = plan(split, 4)
+        optimizer_bytes = (1 + states) * master.param_bytes + scalar
+        if not half:  # measured (fp32, DeepSpeed 0.19): see _zero_grad_bytes
+            grads = _zero_grad_bytes(strategy, sharded.grad_bytes, master.param_bytes)
+    else:
+        optimizer_bytes = (replicated if strategy == "ddp" else sharded).optimizer_bytes
     return RankMemory(strategy=strategy, mesh=split if strategy != "ddp" else whole,
                       param_bytes=params, grad_bytes=grads, optimizer_bytes=optimizer_bytes)
+
+
+def _zero_grad_bytes(strategy: str, partition: int, fp32_partition: int) -> int:
+    """Gradient bytes a ZeRO rank holds at the optimizer step outside half precision.
+
+    With DeepSpeed's default ``contiguous_gradients`` every stage (1 included) reduces the
+    gradients into this rank's partition during the backward, and the step hands the inner
+    optimizer an fp32 flat copy of it: stages 1 and 2 reuse the partition when it is fp32
+    already, stage 3 keeps its partition buffer besides the copy.
+    """
+    if strategy == "zero3" or partition != fp32_partition:
+        return partition + fp32_partition
+    return partition
 
 
 def _check(model: Any, mesh: Mesh, tp_plan: Any, seq_len: int | None, world_size: int | None,

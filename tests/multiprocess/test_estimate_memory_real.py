@@ -1,8 +1,13 @@
-"""The estimate against a real run: two gloo ranks train one AdamW step under DDP, then FSDP2.
+"""The estimate against a real run: two gloo ranks train one AdamW step under DDP, FSDP2 and
+DeepSpeed ZeRO stages 1, 2 and 3.
 
 Each rank sums the bytes it really holds after the step — its parameters (an FSDP2 shard's
 local tensor), their ``.grad`` and every optimizer state tensor — and the estimate that
 `estimate_memory` gives for the same model and 2 ranks in fp32 must be within 10% of it.
+Under DeepSpeed the rank's bytes are read inside the inner optimizer's step, where the most
+is alive: the model's parameters (stage 3: each one's ``ds_tensor`` partition), the fp32
+master partition and its gradient, DeepSpeed's gradient partition buffers and the states,
+each storage counted once.
 """
 
 from __future__ import annotations
@@ -56,9 +61,73 @@ def _both(env: dl.Env) -> dict[str, dict[str, int]]:
     return {name: _one_step(env, name) for name in ("ddp", "fsdp")}
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+class _Storages:
+    """Bytes by kind, each storage counted once (the first kind that names it keeps it)."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.bytes = {"parameters": 0, "gradients": 0, "optimizer": 0}
+
+    def add(self, kind: str, tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in self.seen:
+                self.seen.add(storage.data_ptr())
+                self.bytes[kind] += storage.nbytes()
+
+
+def _zero_step(env: dl.Env, stage: int) -> dict[str, int]:
+    env = dataclasses.replace(env, strategy=dl.DeepSpeed(zero_stage=stage))
+    model = build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = dl.wrap(model, env, optimizer=optimizer)
+    zero = optimizer.engine.optimizer  # DeepSpeedZeroOptimizer or ..._Stage3
+    inner, found = zero.optimizer, _Storages()
+    step, seen = inner.step, {}
+
+    def measuring_step(*args: Any, **kwargs: Any) -> Any:
+        params = list(optimizer.engine.module.parameters())
+        masters = [p for group in inner.param_groups for p in group["params"]]
+        found.add("parameters", [getattr(p, "ds_tensor", p) for p in params] + params)
+        found.add("gradients", [p.grad for p in masters + params if p.grad is not None])
+        found.add("gradients", _tensors([getattr(zero, name, None) for name in (
+            "grads_in_partition", "grad_partitions_flat_buffer", "averaged_gradients")]))
+        found.add("optimizer", masters)
+        out = step(*args, **kwargs)
+        found.add("optimizer", _tensors(list(inner.state.values())))
+        seen["states"] = sum(len(_tensors(list(s.values()))) for s in inner.state.values())
+        return out
+
+    inner.step = measuring_step
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(env.rank))
+    dl.backward(model(input_ids=ids, labels=ids).loss, model)
+    optimizer.step()
+    return {**found.bytes, "num_states": seen.get("states", 0),
+            "stage": int(optimizer.engine.zero_optimization_stage())}
+
+
 @pytest.fixture(scope="module")
 def measured() -> dict[int, dict[str, dict[str, int]]]:
     return spawn(_both, world_size=2, timeout_s=240).returns  # type: ignore[no-any-return]
+
+
+def _zero_stages(env: dl.Env) -> dict[str, dict[str, int]]:
+    return {f"zero{stage}": _zero_step(env, stage) for stage in (1, 2, 3)}
+
+
+@pytest.fixture(scope="module")
+def zero_measured() -> dict[int, dict[str, dict[str, int]]]:
+    return spawn(_zero_stages, world_size=2, timeout_s=400).returns  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +160,32 @@ def test_fsdp_holds_about_half_of_ddp(measured: dict[int, dict[str, dict[str, in
     fsdp = sum(measured[0]["fsdp"][k] for k in ("parameters", "gradients", "optimizer"))
     assert 0.45 < fsdp / ddp < 0.55
     assert 0.45 < estimated["fsdp"].total_bytes / estimated["ddp"].total_bytes < 0.55
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+def test_the_zero_estimate_is_within_10_percent_of_deepspeed(
+        zero_measured: dict[int, dict[str, dict[str, int]]], estimated: dict[str, Any],
+        strategy: str) -> None:
+    plan = estimated[strategy]
+    for rank in (0, 1):
+        got = zero_measured[rank][strategy]
+        assert got["stage"] == int(strategy[-1]) and got["num_states"] == 3  # one flat Adam
+        real = got["parameters"] + got["gradients"] + got["optimizer"]
+        assert abs(plan.total_bytes - real) <= 0.10 * real, (strategy, rank, plan, got)
+        for kind, estimate in (("parameters", plan.param_bytes), ("gradients", plan.grad_bytes),
+                               ("optimizer", plan.optimizer_bytes)):
+            assert abs(estimate - got[kind]) <= 0.10 * got[kind], (strategy, rank, kind, got)
+
+
+def test_zero_partitions_what_its_stage_says(
+        zero_measured: dict[int, dict[str, dict[str, int]]],
+        measured: dict[int, dict[str, dict[str, int]]]) -> None:
+    ddp = measured[0]["ddp"]
+    zero = zero_measured[0]
+    # stages 1 and 2 keep the whole model, stage 3 half of it; every stage half the states,
+    # plus an fp32 master half of the model (a copy even in fp32 training)
+    assert zero["zero1"]["parameters"] == zero["zero2"]["parameters"] == ddp["parameters"]
+    assert zero["zero3"]["parameters"] == ddp["parameters"] // 2
+    for stage in ("zero1", "zero2", "zero3"):
+        assert zero[stage]["optimizer"] == pytest.approx(1.5 * ddp["parameters"], rel=0.01)
+    assert zero["zero1"]["gradients"] == zero["zero2"]["gradients"] == ddp["gradients"] // 2
