@@ -24,15 +24,14 @@ The rules (the same ones `wrap` applies):
   its gradients and optimizer states with it, as ``torch.optim`` keeps them.
 
 `plan_rank_memory` puts the strategies on these rules (`STRATEGIES`): DDP replicates over the
-data-parallel ranks; ZeRO is DeepSpeed's layout, as measured on DeepSpeed 0.19 (fp32): every
+data-parallel ranks; ZeRO is DeepSpeed's layout: every
 stage keeps an fp32 master partition (a copy even in fp32 training) with the optimizer's fp32
-states and one ``step``, and reduces the gradients into this rank's partition (stage 1 too,
-with DeepSpeed's default ``contiguous_gradients``); stages 1 and 2 keep the whole parameters,
-stage 3 a partition, and stage 3 holds its gradient partition besides the fp32 copy its step
-makes. Under ``bf16``/``fp16`` it keeps half parameters and gradients (stage 1: whole) and the
-fp32 master with its states, 2 + 2 + 12 bytes per Adam parameter before sharding, as in the
-ZeRO paper (not measured). FSDP is the planner's ``dp_shard`` (FSDP2: fp32 masters, half
-compute only).
+states and one ``step``, and holds the gradients as this rank's fp32 partition at the step
+(stage 1 too: DeepSpeed's default ``contiguous_gradients`` reduces them into the partition
+during the backward); stages 1 and 2 keep the whole parameters (half under ``bf16``/``fp16``),
+stage 3 a partition, and stage 3 keeps its gradient partition buffer besides the fp32 copy
+its step makes (measured on DeepSpeed 0.19, fp32 and bf16). FSDP is the planner's
+``dp_shard`` (FSDP2: fp32 masters, half compute only).
 
 This module imports no torch; a module's layer types are read through torch only when one is
 given.
@@ -308,15 +307,15 @@ def plan_rank_memory(model_or_config: Any, mesh: Mesh, *, strategy: str = "fsdp"
     ``fsdp`` plans ``mesh`` itself (HSDP when ``dp_replicate > 1``), or shards over every
     data-parallel rank when ``dp_shard`` is 1. ``ddp`` replicates; ``zero1``..``zero3`` take
     the replicated plan's bytes for what they keep whole and the sharded plan's for the rest,
-    with DeepSpeed's fp32 master partition (in fp32 too) and, outside half precision, the
-    gradients DeepSpeed holds at its step (the partition; stage 3 also its fp32 copy).
+    with DeepSpeed's fp32 master partition (in fp32 too) and the gradients it holds at its
+    step (the fp32 partition; stage 3 also its partition buffer).
 
     Args:
         model_or_config: what `plan_parallelism` takes.
         mesh: the mesh (its data-parallel size is what the strategies shard over).
         strategy: one of `STRATEGIES`.
         precision: the compute precision; under ``bf16``/``fp16`` ZeRO keeps DeepSpeed's half
-            parameters and gradients plus fp32 masters.
+            parameters (and stage 3's half gradient partition) plus fp32 masters.
         optimizer: one of `OPTIMIZERS`.
         dtype_bytes: bytes the parameters are held in (None: their own).
         tp_plan: as for `plan_parallelism`.
@@ -360,8 +359,7 @@ def plan_rank_memory(model_or_config: Any, mesh: Mesh, *, strategy: str = "fsdp"
         # flat partition per group (one ``step`` scalar); its states are fp32 like the master.
         master = plan(split, 4)
         optimizer_bytes = (1 + states) * master.param_bytes + scalar
-        if not half:  # measured (fp32, DeepSpeed 0.19): see _zero_grad_bytes
-            grads = _zero_grad_bytes(strategy, sharded.grad_bytes, master.param_bytes)
+        grads = _zero_grad_bytes(strategy, sharded.grad_bytes, master.param_bytes)
     else:
         optimizer_bytes = (replicated if strategy == "ddp" else sharded).optimizer_bytes
     return RankMemory(strategy=strategy, mesh=split if strategy != "ddp" else whole,
@@ -369,16 +367,14 @@ def plan_rank_memory(model_or_config: Any, mesh: Mesh, *, strategy: str = "fsdp"
 
 
 def _zero_grad_bytes(strategy: str, partition: int, fp32_partition: int) -> int:
-    """Gradient bytes a ZeRO rank holds at the optimizer step outside half precision.
+    """Gradient bytes a ZeRO rank holds at the optimizer step (measured: DeepSpeed 0.19).
 
     With DeepSpeed's default ``contiguous_gradients`` every stage (1 included) reduces the
-    gradients into this rank's partition during the backward, and the step hands the inner
-    optimizer an fp32 flat copy of it: stages 1 and 2 reuse the partition when it is fp32
-    already, stage 3 keeps its partition buffer besides the copy.
+    gradients into this rank's partition during the backward, and its step hands the inner
+    optimizer the partition in fp32 (in fp32 and in bf16 alike, the only gradient left);
+    stage 3 keeps its gradient partition buffer, in the parameters' dtype, besides that copy.
     """
-    if strategy == "zero3" or partition != fp32_partition:
-        return partition + fp32_partition
-    return partition
+    return fp32_partition + (partition if strategy == "zero3" else 0)
 
 
 def _check(model: Any, mesh: Mesh, tp_plan: Any, seq_len: int | None, world_size: int | None,

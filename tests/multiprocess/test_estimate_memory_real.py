@@ -122,7 +122,10 @@ def measured() -> dict[int, dict[str, dict[str, int]]]:
 
 
 def _zero_stages(env: dl.Env) -> dict[str, dict[str, int]]:
-    return {f"zero{stage}": _zero_step(env, stage) for stage in (1, 2, 3)}
+    return {f"zero{stage}-{dtype}": _zero_step(dataclasses.replace(env, precision=precision),
+                                                stage)
+            for dtype, precision in (("float32", "no"), ("bf16-mixed", "bf16"))
+            for stage in (1, 2, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +133,16 @@ def zero_measured() -> dict[int, dict[str, dict[str, int]]]:
     return spawn(_zero_stages, world_size=2, timeout_s=400).returns  # type: ignore[no-any-return]
 
 
-@pytest.fixture(scope="module")
-def estimated() -> dict[str, Any]:
+def _estimate(dtype: str) -> dict[str, Any]:
     with dl.init_empty_weights():
         model = build()
-    row = estimate_memory(model, num_processes=2, dtypes=["float32"]).rows[0]
+    row = estimate_memory(model, num_processes=2, dtypes=[dtype]).rows[0]
     return {m.strategy: m for m in row.strategies}
+
+
+@pytest.fixture(scope="module")
+def estimated() -> dict[str, Any]:
+    return _estimate("float32")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -162,13 +169,14 @@ def test_fsdp_holds_about_half_of_ddp(measured: dict[int, dict[str, dict[str, in
     assert 0.45 < estimated["fsdp"].total_bytes / estimated["ddp"].total_bytes < 0.55
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
 @pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
 def test_the_zero_estimate_is_within_10_percent_of_deepspeed(
-        zero_measured: dict[int, dict[str, dict[str, int]]], estimated: dict[str, Any],
-        strategy: str) -> None:
-    plan = estimated[strategy]
+        zero_measured: dict[int, dict[str, dict[str, int]]], strategy: str,
+        dtype: str) -> None:
+    plan = _estimate(dtype)[strategy]
     for rank in (0, 1):
-        got = zero_measured[rank][strategy]
+        got = zero_measured[rank][f"{strategy}-{dtype}"]
         assert got["stage"] == int(strategy[-1]) and got["num_states"] == 3  # one flat Adam
         real = got["parameters"] + got["gradients"] + got["optimizer"]
         assert abs(plan.total_bytes - real) <= 0.10 * real, (strategy, rank, plan, got)
@@ -180,12 +188,22 @@ def test_the_zero_estimate_is_within_10_percent_of_deepspeed(
 def test_zero_partitions_what_its_stage_says(
         zero_measured: dict[int, dict[str, dict[str, int]]],
         measured: dict[int, dict[str, dict[str, int]]]) -> None:
-    ddp = measured[0]["ddp"]
-    zero = zero_measured[0]
-    # stages 1 and 2 keep the whole model, stage 3 half of it; every stage half the states,
-    # plus an fp32 master half of the model (a copy even in fp32 training)
-    assert zero["zero1"]["parameters"] == zero["zero2"]["parameters"] == ddp["parameters"]
-    assert zero["zero3"]["parameters"] == ddp["parameters"] // 2
-    for stage in ("zero1", "zero2", "zero3"):
-        assert zero[stage]["optimizer"] == pytest.approx(1.5 * ddp["parameters"], rel=0.01)
-    assert zero["zero1"]["gradients"] == zero["zero2"]["gradients"] == ddp["gradients"] // 2
+    model = measured[0]["ddp"]["parameters"]  # the fp32 model's bytes
+    zero = {name.removesuffix("-float32"): got for name, got in zero_measured[0].items()
+            if name.endswith("-float32")}
+    half = {name.removesuffix("-bf16-mixed"): got for name, got in zero_measured[0].items()
+            if name.endswith("-bf16-mixed")}
+    # stages 1 and 2 keep the whole model, stage 3 half of it (bf16: half as many bytes);
+    # every stage half the states plus an fp32 master half of the model (a copy even in fp32)
+    assert zero["zero1"]["parameters"] == zero["zero2"]["parameters"] == model
+    assert zero["zero3"]["parameters"] == model // 2
+    assert half["zero1"]["parameters"] == half["zero2"]["parameters"] == model // 2
+    assert half["zero3"]["parameters"] == model // 4
+    for got in (*zero.values(), *half.values()):
+        assert got["optimizer"] == pytest.approx(1.5 * model, rel=0.01)
+    # the gradients at the step: this rank's fp32 partition, in every stage (1 included);
+    # stage 3 also keeps its gradient partition buffer in the parameters' dtype
+    for got in (zero, half):
+        assert got["zero1"]["gradients"] == got["zero2"]["gradients"] == model // 2
+    assert zero["zero3"]["gradients"] == model
+    assert half["zero3"]["gradients"] == model // 2 + model // 4
