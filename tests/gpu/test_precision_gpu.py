@@ -7,13 +7,12 @@ machine, see ``tests/gpu/device_check.sh``).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import distlib as dl
+from tests.gpu.test_train_gpu import nccl_group  # noqa: F401 (a fixture)
 from tests.models import net, weights
 
 pytestmark = [pytest.mark.gpu,
@@ -66,18 +65,8 @@ def test_compiled_model_trains_like_eager() -> None:
         torch.testing.assert_close(weights(compiled)[key], value, rtol=1e-3, atol=1e-4)
 
 
-@pytest.fixture
-def one_gpu_group() -> Iterator[None]:
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
-                            device_id=torch.device("cuda:0"))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def test_tensor_parallel_styles_on_a_one_gpu_mesh(one_gpu_group: None) -> None:
+@pytest.mark.usefixtures("nccl_group")
+def test_tensor_parallel_styles_on_a_one_gpu_mesh() -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 

@@ -21,8 +21,6 @@ import os
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -30,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
+from tests.test_reference import build_site
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -62,18 +62,6 @@ class Visit:
     errors: list[str] = field(default_factory=list)
 
 
-def _build(folder: pathlib.Path) -> pathlib.Path:
-    pytest.importorskip("mkdocs", reason="mkdocs is in the docs extra: the docs session runs "
-                        "this test")
-    environ = {**os.environ, "NO_MKDOCS_2_WARNING": "1",
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
-                           str(folder)], cwd=ROOT, env=environ, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stdout}{done.stderr}"
-    return folder
-
-
 def _chromium() -> str:
     found = os.environ.get("DISTLIB_CHROMIUM") or shutil.which("chromium") or shutil.which(
         "chromium-browser")
@@ -89,7 +77,7 @@ def _chromium() -> str:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     given = os.environ.get("DISTLIB_SITE_DIR")
-    return pathlib.Path(given) if given else _build(tmp_path_factory.mktemp("site"))
+    return pathlib.Path(given) if given else build_site(tmp_path_factory.mktemp("site"))
 
 
 def _pages(site: pathlib.Path) -> list[str]:
