@@ -124,7 +124,7 @@ def not_checked(plan: LaunchPlan) -> tuple[str, ...]:
     Example:
         >>> print(*not_checked(LaunchPlan(nproc_per_node=2, strategy="fsdp",
         ...                               strategy_options={"activation_checkpointing": True})))
-        fsdp_activation_checkpointing: wrap applies it to FSDP units, and with no fsdp_wrap_classes and no fsdp_min_num_params no model has any
+        fsdp_activation_checkpointing: wrap applies it to FSDP units, and with no fsdp_wrap_classes and no fsdp_min_num_params no model has any (wrap refuses it on yours unless it has units)
     """
     if plan.strategy is None:  # each rank's default: Single, DDP or FSDP, without options
         return ()
