@@ -441,10 +441,9 @@ def _observe(watch: _Watch, tails: _Tails) -> None:
         tails.start(agent._pcontext)
         return pids
 
-    def stop_all(agent: Any, death_sig: signal.Signals = signal.SIGTERM,
-                 timeout: int = 30) -> None:
-        try:
-            shutdown(agent, death_sig, timeout)
+    def stop_all(agent: Any, *args: Any, **kwargs: Any) -> None:
+        try:  # torch's own arguments, whatever its version takes (2.9: death_sig only)
+            shutdown(agent, *args, **kwargs)
         finally:
             tails.stop()
 
