@@ -8,6 +8,7 @@ in bytes, one update per tensor, into a `distlib._progress.ByteBar` (main rank, 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from distlib.big_model.files import (
     checkpoint_files,
 )
 from distlib.big_model.offload import OFFLOAD_ATTR, offload_tensor, write_offload_index
+from distlib.big_model.sharded import sharded_reader, stream_shards
 from distlib.big_model.sizes import TensorInfo, dtype_name, keep_in_fp32_of, tied_groups
 from distlib.env import Env, Hardware, detect
 from distlib.errors import CheckpointError
@@ -129,6 +131,14 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
     ``distlib_offload`` attribute for `dispatch` (the checkpoint's own safetensors bytes when
     the dtype matches, else a copy written once to ``offload_folder``).
 
+    A model whose parameters are DTensors (after `wrap` with FSDP2 and/or tensor
+    parallelism, typically still on the meta device) is loaded shard by shard: each rank
+    reads only the slices its shards hold (safetensors byte ranges, straight into its local
+    shards on the mesh's device; ``.bin``/``.pt``: rank 0 reads and broadcasts tensor by
+    tensor), so no rank holds the full model. Every rank of the mesh must call it; the
+    process group is the DTensors' own. ``device_map`` and ``offload_folder`` are refused
+    there (see `distlib.big_model.sharded`).
+
     Args:
         model: the module to fill (usually built under `init_empty_weights`).
         checkpoint: a ``.safetensors``/``.bin``/``.pt`` file, an index ``.json`` or a folder.
@@ -153,13 +163,15 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
         ``model``, modified in place.
 
     Raises:
-        CheckpointError: the files are missing, corrupt, unsafe or do not match the model.
+        CheckpointError: the files are missing, corrupt, unsafe or do not match the model;
+            ``device_map``/``offload_folder`` for a model with DTensor parameters.
         DeviceMapError: ``device_map`` names a GPU (or MPS) this machine does not have.
         TypeError: ``progress`` is not True, False, None or a callable.
 
     Effects: reads the files; moves tensors to devices; may write ``offload_folder``; sets the
     model's parameters and buffers and its ``distlib_offload`` attribute; the main rank may
-    print a progress bar to stderr.
+    print a progress bar to stderr. A sharded model: collectives over the default group for
+    ``.bin``/``.pt`` files.
 
     Examples:
         >>> import os, tempfile, torch
@@ -175,7 +187,9 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
     if not callable(progress):
         progress = check_progress(progress, "load_checkpoint()")
     files = checkpoint_files(checkpoint)
-    reader = CheckpointReader(files)
+    # DTensor parameters (dl.wrap with FSDP2/TP): each rank reads only its shards
+    sharded = sharded_reader(model, files, device_map, offload_folder)
+    reader = sharded or CheckpointReader(files)
     infos = reader.infos()
     expected, empty = _model_tensors(model)
     groups = {n: g for g in tied_groups(model) for n in g}
@@ -193,13 +207,16 @@ def load_checkpoint(model: Any, checkpoint: str | os.PathLike[str],
         check_devices_exist(dmap, *visible_devices(), source="load_checkpoint()")
     stream = (model, reader, expected, groups, dmap, _resolve_dtype(dtype),
               keep_in_fp32_of(model, keep_in_fp32_modules), offload_folder)
+    into: Callable[..., None] = _stream_into
+    if sharded is not None:
+        into = functools.partial(stream_shards, target_dtype=_target_dtype)
     if callable(progress):
         tick = progress
-        _stream_into(*stream, lambda _: tick(1), copy)
+        into(*stream, lambda _: tick(1), copy)
         return model
     with ByteBar("loading weights", progress=progress, main=_is_main(progress, env)) as bar:
         bar.grow(reader.nbytes())
-        _stream_into(*stream, bar.update, copy)
+        into(*stream, bar.update, copy)
     return model
 
 
