@@ -148,7 +148,8 @@ def _boxes(runs: tuple[Runs, ...]) -> Iterator[tuple[tuple[slice, ...], tuple[sl
             return
         at = 0
         for begin, end in runs[dim]:
-            yield from product(dim + 1, (*src, slice(begin, end)), (*dst, slice(at, at + end - begin)))
+            inside = slice(at, at + end - begin)
+            yield from product(dim + 1, (*src, slice(begin, end)), (*dst, inside))
             at += end - begin
     yield from product(0, (), ())
 
@@ -175,21 +176,14 @@ class ShardedReader:
     """
 
     def __init__(self, files: Sequence[str], home: Any) -> None:
-        import torch.distributed as dist
-
         self.files, self.home = tuple(files), home
         self.headers = {f: read_safetensors_header(f) for f in files
                         if f.endswith(".safetensors")}
         torch_files = [f for f in files if f not in self.headers]
-        self.rank = dist.get_rank()
-        self.torch = CheckpointReader(torch_files) if torch_files and self.rank == 0 else None
-        listed: list[Any] = [None]
+        self.torch: CheckpointReader | None = None
+        self.broadcast: list[tuple[str, tuple[int, ...], str]] = []
         if torch_files:
-            if self.torch is not None:
-                listed[0] = [(name, tuple(t.shape), dtype_name(t.dtype))
-                             for file in torch_files for name, t in self.torch.torch[file].items()]
-            dist.broadcast_object_list(listed, src=0)
-        self.broadcast: list[tuple[str, tuple[int, ...], str]] = listed[0] or []
+            self.torch, self.broadcast = _open_on_rank_0(torch_files)
 
     def infos(self) -> dict[str, TensorInfo]:
         """Name -> `TensorInfo` of every tensor in the checkpoint (headers only)."""
@@ -228,6 +222,31 @@ class ShardedReader:
             dist.broadcast(buffer, src=0)
             yield name, buffer
             del buffer
+
+
+def _open_on_rank_0(files: Sequence[str]) -> tuple[CheckpointReader | None,
+                                                   list[tuple[str, tuple[int, ...], str]]]:
+    """Rank 0's reader of the torch files, and (name, shape, dtype) of each, on every rank.
+
+    A file rank 0 refuses (unsafe, corrupt) is refused on every rank with rank 0's message,
+    so that no rank waits for a broadcast that never comes.
+    """
+    import torch.distributed as dist
+
+    reader, listed, failure = None, [], None
+    if dist.get_rank() == 0:
+        try:
+            reader = CheckpointReader(files)
+            listed = [(name, tuple(t.shape), dtype_name(t.dtype))
+                      for file in files for name, t in reader.torch[file].items()]
+        except CheckpointError as exc:
+            failure = str(exc)
+    message: list[Any] = [(listed, failure)]
+    dist.broadcast_object_list(message, src=0)
+    listed, failure = message[0]
+    if failure is not None:
+        raise CheckpointError(failure)
+    return reader, listed
 
 
 def _dropper(mapped: Any, src: OffloadSource) -> Callable[[], None]:

@@ -17,6 +17,7 @@ without the sharded path) does not fit under the bound.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import pathlib
@@ -27,6 +28,7 @@ import pytest
 import torch
 
 import distlib as dl
+from distlib.errors import CheckpointError
 from distlib.testing import spawn
 from distlib.topology import Mesh
 
@@ -129,10 +131,22 @@ def _memory(env: dl.Env, folder: str) -> dict[str, int]:
     return {"growth": peak - before, "share": share}
 
 
+def _refusal(env: dl.Env, folder: str) -> str:
+    """The error every rank gets for a .bin only rank 0 opens (and refuses): no rank hangs."""
+    env = dataclasses.replace(env, mesh=Mesh(dp_shard=2), strategy=dl.FSDP())
+    model = dl.wrap(empty_model(True, 67), env)
+    try:
+        dl.load_checkpoint(model, os.path.join(folder, "unsafe"))
+    except CheckpointError as exc:
+        return str(exc)
+    return "loaded"
+
+
 def _all(env: dl.Env, folder: str) -> dict[str, Any]:
     results: dict[str, Any] = {"memory": _memory(env, folder)}  # first: a clean peak
     for name in SCENARIOS:
         results[name] = _scenario(env, folder, name)
+    results["unsafe"] = _refusal(env, folder)
     return results
 
 
@@ -149,6 +163,9 @@ def _save(folder: pathlib.Path) -> dict[str, int]:
     (folder / "bin").mkdir()
     state.pop("lm_head.weight")  # stored once, as transformers does for tied weights
     torch.save(state, folder / "bin" / "pytorch_model.bin")
+    (folder / "unsafe").mkdir()  # an object weights_only refuses
+    torch.save({**state, "extra": argparse.Namespace(run="code")},
+               folder / "unsafe" / "pytorch_model.bin")
     shapes = {n: tuple(p.shape) for n, p in empty_model(False, BIG_VOCAB, **BIG)
               .state_dict().items()}
     g = torch.Generator().manual_seed(0)
@@ -212,6 +229,13 @@ def test_each_rank_holds_its_own_shard(run: dict[str, Any]) -> None:
     assert ranks[0][tp]["placements"] == ["_StridedShard", "Shard"]
     assert [ranks[r][tp]["local_rows"] for r in (0, 1)] == [16, 16]  # q_proj 32 rows split
     assert ranks[0]["hsdp, tied, .bin"]["placements"] == ["Replicate", "Shard"]
+
+
+def test_a_file_rank_0_refuses_is_refused_on_every_rank(run: dict[str, Any]) -> None:
+    messages = [run["ranks"][rank]["unsafe"] for rank in (0, 1)]
+    assert messages[0] == messages[1]
+    assert "must hold only tensors (it is opened with weights_only=True)" in messages[0]
+    assert "argparse.Namespace" in messages[0]
 
 
 def test_peak_memory_is_the_share_plus_one_tensor(run: dict[str, Any]) -> None:
