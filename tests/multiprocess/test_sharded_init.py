@@ -1,6 +1,7 @@
 """Two gloo ranks build a model on the meta device, wrap it, and load only their own shards.
 
-One launch runs every scenario, as a user would write it: ``init_empty_weights`` -> ``dl.wrap``
+One launch of 2 ranks runs every scenario (and one of 4 ranks FSDP2 over tensor parallelism),
+as a user would write it: ``init_empty_weights`` -> ``dl.wrap``
 (FSDP2, tensor parallel, HSDP) -> ``dl.load_checkpoint`` of a transformers checkpoint saved
 with ``save_pretrained`` (one safetensors file, shards with an index) or a ``.bin``. Each rank
 returns the full weights (gathered from its shards), the loss before and after one SGD step,
@@ -50,6 +51,11 @@ SCENARIOS: dict[str, tuple[str, bool, int, dict[str, int], dict[str, Any], str |
     "fsdp, .bin": ("bin", True, 67, {"dp_shard": 2}, {}, None),
     "fsdp, bf16": ("tied", True, 67, {"dp_shard": 2}, {}, "bfloat16"),
 }
+# 4 ranks, its own launch: FSDP2 over tensor parallelism, (_StridedShard, Shard) placements;
+# the embedding's 66 rows split 33/33 by tp, then 17/16 by FSDP2
+FOUR_RANKS = {"fsdp2 x tp2, untied, index": ("index", False, 66, {"dp_shard": 2, "tp": 2},
+                                              {"wrap_classes": "auto"}, None)}
+ALL = {**SCENARIOS, **FOUR_RANKS}
 
 BIG_VOCAB = 8000
 BIG = {"hidden_size": 1024, "intermediate_size": 2816,
@@ -93,7 +99,7 @@ def _full(model: Any) -> dict[str, torch.Tensor]:
 
 
 def _scenario(env: dl.Env, folder: str, name: str) -> dict[str, Any]:
-    files, tied, vocab, sizes, options, dtype = SCENARIOS[name]
+    files, tied, vocab, sizes, options, dtype = ALL[name]
     env = dataclasses.replace(env, mesh=Mesh(**sizes), strategy=dl.FSDP(**options))
     model = empty_model(tied, vocab)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
@@ -176,37 +182,43 @@ def _save(folder: pathlib.Path) -> dict[str, int]:
     return {"total": sum(sizes), "largest": max(sizes)}
 
 
+def _four(env: dl.Env, folder: str) -> dict[str, Any]:
+    return {name: _scenario(env, folder, name) for name in FOUR_RANKS}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, transformers: Any) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("sharded")
     sizes = _save(folder)
     ranks = spawn(_all, str(folder), world_size=2, timeout_s=240).returns
-    return {"folder": folder, "sizes": sizes, "ranks": ranks}
+    four = spawn(_four, str(folder), world_size=4, timeout_s=240).returns
+    return {"folder": folder, "sizes": sizes, "ranks": ranks, "four": four}
 
 
 def one_process(folder: pathlib.Path, name: str) -> tuple[Any, Any]:
     """The reference: a plain load of the same files into one process's model."""
-    files, tied, vocab, _, _, dtype = SCENARIOS[name]
+    files, tied, vocab, _, _, dtype = ALL[name]
     model = dl.load_checkpoint(empty_model(tied, vocab), folder / files,
                                dtype=None if dtype is None else getattr(torch, dtype))
     return model, torch.optim.SGD(model.parameters(), lr=LR)
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("name", [*SCENARIOS, *FOUR_RANKS])
 def test_sharded_load_equals_a_full_load(run: dict[str, Any], name: str) -> None:
     model, optimizer = one_process(run["folder"], name)
     expected = {n: p.detach() for n, p in model.named_parameters()}
-    for rank in (0, 1):
-        got = run["ranks"][rank][name]
+    ranks = run["four"] if name in FOUR_RANKS else run["ranks"]
+    for rank in ranks:
+        got = ranks[rank][name]
         assert got["full"].keys() == expected.keys()
         for key, value in expected.items():
             assert got["full"][key].dtype == value.dtype, key
             assert torch.equal(got["full"][key], value), (rank, key)
         # the non-persistent rotary buffer, real under init_empty_weights, stayed as built
         assert torch.equal(got["inv_freq"], model.model.rotary_emb.inv_freq)
-        assert got["tied"] == SCENARIOS[name][1]
-    if SCENARIOS[name][5] is None:
-        vocab = SCENARIOS[name][2]
+        assert got["tied"] == ALL[name][1]
+    if ALL[name][5] is None:
+        vocab = ALL[name][2]
         ids = batch(vocab)
         first = model(input_ids=ids, labels=ids).loss
         first.backward()
@@ -214,8 +226,8 @@ def test_sharded_load_equals_a_full_load(run: dict[str, Any], name: str) -> None
         with torch.no_grad():
             second = model(input_ids=ids, labels=ids).loss
         want = torch.tensor([first.item(), second.item()])
-        for rank in (0, 1):
-            got = torch.tensor(run["ranks"][rank][name]["losses"])
+        for rank in ranks:
+            got = torch.tensor(ranks[rank][name]["losses"])
             torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
         assert want[1] < want[0]  # the step moved the weights: the check is not vacuous
 
@@ -229,6 +241,10 @@ def test_each_rank_holds_its_own_shard(run: dict[str, Any]) -> None:
     assert ranks[0][tp]["placements"] == ["_StridedShard", "Shard"]
     assert [ranks[r][tp]["local_rows"] for r in (0, 1)] == [16, 16]  # q_proj 32 rows split
     assert ranks[0]["hsdp, tied, .bin"]["placements"] == ["Replicate", "Shard"]
+    four = run["four"]
+    name = "fsdp2 x tp2, untied, index"
+    assert four[0][name]["placements"] == ["_StridedShard", "Shard"]
+    assert [four[r][name]["embed_rows"] for r in range(4)] == [17, 17, 16, 16]
 
 
 def test_a_file_rank_0_refuses_is_refused_on_every_rank(run: dict[str, Any]) -> None:
@@ -248,3 +264,4 @@ def test_peak_memory_is_the_share_plus_one_tensor(run: dict[str, Any]) -> None:
         assert memory["growth"] > 0.9 * memory["share"]  # the shards are really resident
     # the bound is tight enough to catch a rank that loads everything
     assert max(run["ranks"][r]["memory"]["share"] for r in (0, 1)) + bound_margin < sizes["total"]
+
