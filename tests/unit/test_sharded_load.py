@@ -237,3 +237,9 @@ def test_a_model_without_dtensors_takes_the_plain_path(folder: pathlib.Path) -> 
     assert not is_sharded(net)
     dl.load_checkpoint(net, os.fspath(folder), device_map={"": "cpu"})
     assert torch.equal(net.fc.weight, weights()["fc.weight"])
+
+
+def test_progress_counts_every_tensor(mesh: Any, folder: pathlib.Path) -> None:
+    ticks: list[int] = []
+    dl.load_checkpoint(sharded(mesh), folder, progress=ticks.append)
+    assert ticks == [1] * len(weights())
