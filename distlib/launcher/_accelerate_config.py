@@ -453,9 +453,11 @@ _FSDP: dict[str, Handler] = {
     "fsdp_backward_prefetch_policy": _backward_prefetch,
     "fsdp_use_orig_params": _use_orig_params,
     "fsdp_cpu_ram_efficient_loading": _flag(
-        None, "every rank loads the checkpoint itself, as distlib does", "be false",
-        "distlib cannot make only rank 0 load a checkpoint (transformers decides that before "
-        "the process group exists). Set it to false; with fsdp_sync_module_states: true every "
+        None, "every rank reads the checkpoint itself, only its own shards", "be false",
+        "distlib cannot make transformers load on rank 0 only (it decides that before the "
+        "process group exists); instead build the model under dl.init_empty_weights(), "
+        "dl.wrap it, then dl.load_checkpoint(model, folder) reads only each rank's shards "
+        "(docs/big_training.md). Set it to false; with fsdp_sync_module_states: true every "
         "rank still starts from rank 0's weights."),
     "fsdp_ignored_modules": _empty_or("be null", "distlib shards every module; drop the key, "
                                       "or keep such modules outside the wrapped model.",

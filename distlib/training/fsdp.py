@@ -182,11 +182,15 @@ def _rebind(optimizer: Any, before: dict[int, str], model: Any) -> None:
 
 
 def _broadcast_from_rank0(model: Any) -> None:
-    """Give every rank rank 0's parameters and buffers (Accelerate's sync_module_states)."""
+    """Give every rank rank 0's parameters and buffers (Accelerate's sync_module_states).
+
+    Meta tensors (a model built under `init_empty_weights`) have nothing to send: every rank
+    fills them later from the checkpoint (`load_checkpoint` reads each rank's shards).
+    """
     with torch.no_grad():
         seen: set[int] = set()
         for tensor in [*model.parameters(), *model.buffers()]:
-            if id(tensor) not in seen:
+            if id(tensor) not in seen and not tensor.is_meta:
                 seen.add(id(tensor))
                 dist.broadcast(tensor.data, src=0)
 

@@ -150,17 +150,37 @@ def full_state_of(module: torch.nn.Module, env: Env) -> dict[str, torch.Tensor]:
     return state if env.is_main else {}
 
 
+def _move_unless_meta(model: torch.nn.Module, device: torch.device) -> None:
+    """``model.to(device)``, leaving meta tensors where they are (`load_checkpoint` fills them).
+
+    A model built under `init_empty_weights` keeps its real buffers (rotary ``inv_freq``);
+    they move, its meta parameters stay meta until a (sharded) load gives them storage.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    if not any(t.is_meta for t in tensors):
+        model.to(device)
+        return
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.is_meta and param.device != device:
+                param.data = param.data.to(device)
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if not buffer.is_meta and buffer.device != device:
+                    setattr(module, name, buffer.to(device))
+
+
 def place_with_precision(model: torch.nn.Module, env: Env, *, autocast: bool = True) -> Any:
     """Move ``model`` to the Env's device and run its forward in the Env's precision.
 
     Returns the GradScaler for fp16, else None. With ``autocast=False`` only the scaler is
     made (FSDP2 casts through its own policy).
 
-    Effects: moves ``model`` in place; for bf16/fp16 replaces its ``forward`` attribute with
-    an `AutocastForward` (outputs come back in fp32).
+    Effects: moves ``model`` in place (meta tensors stay meta); for bf16/fp16 replaces its
+    ``forward`` attribute with an `AutocastForward` (outputs come back in fp32).
     """
     precision = check_supported(env.precision, env.device)
-    model.to(env.torch_device)
+    _move_unless_meta(model, env.torch_device)
     if precision is Precision.FP8:
         convert_fp8(model)
     dtype = compute_dtype(precision)

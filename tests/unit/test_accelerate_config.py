@@ -176,6 +176,7 @@ def test_each_refused_file_names_every_refused_key(name: str) -> None:
 
 def test_refusals_say_why_and_what_to_do() -> None:
     cases = {"latest_fsdp.yaml": ["fsdp_cpu_ram_efficient_loading", "True", "false",
+                                  "dl.load_checkpoint", "docs/big_training.md",
                                   "fsdp_sync_module_states"],
              "fsdp_no_shard.yaml": ["'NO_SHARD'", "MULTI_GPU", "DDP"],
              "dynamo.yaml": ["'INDUCTOR'", "compile={'backend': 'inductor', 'mode': "
