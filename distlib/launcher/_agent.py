@@ -103,6 +103,10 @@ def _fork(plan: LaunchPlan, command: Sequence[str]) -> bool:
     return _visible_gpus(plan) == 0
 
 
+_CONSOLE_CLOSED = ("(its console was closed: the reader of the job's output went away, as "
+                   "`distlib launch x.py | head` does; it ended quietly)")
+
+
 def _no_traceback(exitcode: int, output: str = "") -> str:
     if exitcode < 0:
         return f"(stopped by signal {-exitcode}; no Python traceback)"
@@ -336,6 +340,8 @@ class _Watch:
         self.last_failed = attempt
         for rank, failure in result.failures.items():
             self.exits.setdefault((attempt, int(rank)), int(failure.exitcode))
+        if self.records(attempt, "console_closed.json"):
+            agent._remaining_restarts = 0  # nobody reads the output any more: end, as `| head` asks
         total = group.spec.max_restarts + 1
         if total == 1:
             return
@@ -356,6 +362,7 @@ class _Watch:
         then a timed-out rank, then ranks that only lost a peer; ranks the launcher stopped last.
         """
         recorded = self.records(attempt, "error.json")
+        closed = self.records(attempt, "console_closed.json")
         exits = {rank: code for (a, rank), code in self.exits.items() if a == attempt}
         order = list(exits)
         rows = []
@@ -380,8 +387,10 @@ class _Watch:
                          "signal": -exitcode if exitcode < 0 and died and not traceback else 0,
                          "where": info.get("distlib_where", ""),
                          "collective": info.get("distlib_collective", ""),
+                         "console_closed": rank in closed,
                          "message": "" if traceback else (
                              "(stopped by the launcher after the stall report)" if stopped
+                             else _CONSOLE_CLOSED if rank in closed
                              else _no_traceback(exitcode, _where_output(self.output, rank))),
                          "order": key})
         rows.sort(key=lambda row: (row["order"], row["rank"]))
