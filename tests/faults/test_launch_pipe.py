@@ -1,9 +1,10 @@
 """``distlib launch loud.py | head``: a reader that stops early ends the job quietly.
 
 The ranks print into the launcher's stdout; when ``head`` has read its lines and gone, their
-next write fails with a broken pipe. That is no rank failure: the job ends with exit status
-141 (a shell's for SIGPIPE, as ``yes | head``) and nothing on stderr, restarts or not. A
-broken pipe of the script's own (a pipe it opened) is still the root cause, traceback and all.
+next write fails with a broken pipe (or, when the agent copies their output to the console,
+the agent's does). That is no rank failure: the job ends with exit status 141 (a shell's for
+SIGPIPE, as ``yes | head``) and nothing on stderr, restarts or not. A broken pipe of the
+script's own (a pipe it opened) is still the root cause, traceback and all.
 """
 
 from __future__ import annotations
@@ -68,12 +69,16 @@ def _piped_into_head(tmp_path: Path, script: str, options: tuple[str, ...] = (),
     return head.stdout.splitlines(), code, stderr
 
 
-@pytest.mark.parametrize("options", [(), ("--max-restarts", "2"), ("--start-method", "spawn")],
-                         ids=["fork", "restarts", "spawn"])
+@pytest.mark.parametrize("options", [
+    (), ("--max-restarts", "2"), ("--start-method", "spawn"),
+    ("--rank-prefix",),  # the agent copies the output (the ranks write to files)
+    ("--rank-prefix", "--max-restarts", "2", "--start-method", "spawn")],
+    ids=["fork", "restarts", "spawn", "captured", "captured-restarts-spawn"])
 def test_a_closed_pipe_ends_the_launch_quietly(tmp_path: Path, options: tuple[str, ...]) -> None:
     start = time.monotonic()
     lines, code, stderr = _piped_into_head(tmp_path, LOUD, options)
-    assert lines == ["rank 0 line 0", "rank 0 line 1", "rank 0 line 2"]
+    head = "[rank 0] " if "--rank-prefix" in options else ""
+    assert lines == [f"{head}rank 0 line {i}" for i in range(3)]
     assert code == BROKEN_PIPE_EXIT, stderr
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
     assert "restarting" not in stderr and "root cause" not in stderr, stderr
