@@ -9,7 +9,7 @@ its own numbers (widths, seeds, learning rates, clipping) by passing them. Impor
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -17,7 +17,8 @@ from torch.utils.data import IterableDataset
 
 import distlib as dl
 
-__all__ = ["Block", "Stream", "net", "train", "train_steps", "weights"]
+__all__ = ["Block", "Stream", "causal_lm_loss", "clipped_losses", "net", "tiny_llama", "train",
+           "train_steps", "weights"]
 
 
 class Block(torch.nn.Module):
@@ -60,6 +61,55 @@ def net(*widths: int, seed: int | None = 0,
             layers.append(_ACTIVATIONS[hidden]())
     layers.append(torch.nn.Linear(*pairs[-1]))
     return torch.nn.Sequential(*layers)
+
+
+def tiny_llama(*, vocab: int = 64, kv_heads: int = 2, seed: int = 0) -> torch.nn.Module:
+    """The tiny transformers Llama that the mesh tests train, seeded with ``seed`` first.
+
+    2 layers, hidden size 32, 4 attention heads and ``kv_heads`` key-value heads: 2 allow tp 2
+    at most, 4 allow tp 4.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=kv_heads)
+    return LlamaForCausalLM(config)
+
+
+def causal_lm_loss(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """A transformers causal LM's own loss of predicting ``ids`` from ``ids``."""
+    return model(input_ids=ids, labels=ids).loss  # type: ignore[no-any-return]
+
+
+def clipped_losses(model: Any, optimizer: Any, batches: Iterable[torch.Tensor],
+                   loss_of: Callable[[Any, torch.Tensor], torch.Tensor], *, max_norm: float,
+                   env: dl.Env | None = None) -> list[float]:
+    """One step per global batch of ids: the loss, backward, clipping to ``max_norm``, the
+    optimizer's step and ``zero_grad``; each step's loss.
+
+    With ``env=None`` one process takes the whole batch through plain autograd and torch's
+    clipping (the reference). With an Env, this rank takes its data-parallel rows of each batch
+    (the ranks of a tp group take the same rows) through ``dl.backward`` and
+    ``dl.clip_grad_norm``: the mean of the ranks' losses is the global batch's loss.
+    """
+    losses = []
+    for ids in batches:
+        if env is None:
+            loss = loss_of(model, ids)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        else:
+            per = ids.shape[0] // env.mesh.dp_size
+            dp_rank = env.mesh.dp_rank(env.rank)
+            loss = loss_of(model, ids[dp_rank * per:(dp_rank + 1) * per])
+            dl.backward(loss, model)
+            dl.clip_grad_norm(model, max_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.item()))
+    return losses
 
 
 def weights(model: Any) -> dict[str, torch.Tensor]:

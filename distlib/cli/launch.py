@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from distlib.cli import BROKEN_PIPE_EXIT
 from distlib.cli._args import Parser, Switch, spellings
 from distlib.errors import ConfigError
 from distlib.launcher._backends import missing_backend
@@ -428,6 +429,8 @@ def _run(args: argparse.Namespace, agent: Any) -> int:
             return 130
     if outcome.ok:
         return 0
+    if any(f.console_closed for f in outcome.failures):
+        return BROKEN_PIPE_EXIT  # the reader went away (`| head`): end quietly, as `yes` does
     print(root_cause_message("distlib launch", outcome.failures, outcome.stopped_by,
                              every_traceback=plan.debug, outcome=outcome), file=sys.stderr)
     codes = [f.exitcode for f in outcome.failures if f.exitcode > 0]

@@ -1,4 +1,8 @@
-"""``distlib merge-weights CHECKPOINT OUT``: a `save_state` checkpoint's model as safetensors."""
+"""``distlib merge-weights CHECKPOINT OUT``: a `save_state` checkpoint's model as safetensors.
+
+torch and the checkpoint code are imported when the command runs, so ``--help`` answers
+without them (as every ``distlib`` subcommand does).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,13 @@ import argparse
 import os
 import sys
 
-import torch
-
 from distlib._progress import is_shown
-from distlib.checkpoint.export import merge_weights
 from distlib.cli._args import Switch, spellings
 
 __all__ = ["add_arguments", "run"]
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# --dtype's choices -> the torch dtype each names (an attribute of torch)
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +39,14 @@ def run(args: argparse.Namespace) -> int:
     Effects: writes ``args.out`` (atomically); prints one line, and progress bars to stderr
     when it is a terminal (or ``--progress``).
     """
+    import torch
+
+    from distlib.checkpoint.export import merge_weights
+
     progress = is_shown(args.progress, main=True, stream=sys.stderr)
+    dtype = None if args.dtype is None else getattr(torch, _DTYPES[args.dtype])
     out = merge_weights(args.checkpoint, args.out, name=args.name,
-                        max_shard_size=args.max_shard_size, dtype=_DTYPES.get(args.dtype or ""),
-                        progress=progress)
+                        max_shard_size=args.max_shard_size, dtype=dtype, progress=progress)
     files = sorted(os.listdir(out))
     print(f"wrote {len(files)} file(s) to {out}: {', '.join(files)}")
     return 0

@@ -3,6 +3,9 @@
 Two modes of one command: ``distlib plan CHECKPOINT`` plans the device map a checkpoint would
 get, from its headers; ``distlib plan --mesh dp_shard=2,tp=2 --model-config CFG`` plans a
 parallel mesh (`plan_parallelism`): each rank's bytes and the mesh's divisibility checks.
+
+The planners are imported when the command runs (importing ``distlib.big_model`` or
+``distlib.training`` imports torch), so ``distlib plan --help`` answers without torch.
 """
 
 from __future__ import annotations
@@ -13,16 +16,14 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from distlib.big_model.device_map import infer_device_map
-from distlib.big_model.empty import init_empty_weights
-from distlib.big_model.files import CheckpointReader, checkpoint_files
-from distlib.big_model.sizes import layout_from_tensors
 from distlib.cli._args import spellings
 from distlib.errors import ConfigError, DeviceMapError
 from distlib.topology import parse_mesh
-from distlib.training.plan import CONFIG_MODEL_TYPES, OPTIMIZERS, ParallelPlan, plan_parallelism
+
+if TYPE_CHECKING:
+    from distlib.training.plan import ParallelPlan
 
 __all__ = ["add_arguments", "parse_max_memory", "plan_checkpoint", "plan_mesh", "run"]
 
@@ -31,6 +32,9 @@ _MAP_OPTIONS = {"max_memory": "--max-memory", "dtype": "--dtype", "no_split": "-
                 "mode": "--mode"}
 _MESH_OPTIONS = {"precision": "--precision", "optimizer": "--optimizer", "seq_len": "--seq-len",
                  "num_processes": "--num-processes", "tp_plan": "--tp-plan"}
+# --optimizer's choices: the keys of distlib.training.plan.OPTIMIZERS (a unit test holds them
+# equal), named here so that --help needs no torch
+OPTIMIZER_NAMES = ("adamw", "adam", "sgd", "sgd_momentum")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dp_replicate, dp_shard, cp, tp); needs --model-config")
     parser.add_argument("--precision", default=None, choices=("no", "fp16", "bf16", "fp8"),
                         help="with --mesh: the compute precision (default no)")
-    parser.add_argument("--optimizer", default=None, choices=tuple(OPTIMIZERS),
+    parser.add_argument("--optimizer", default=None, choices=OPTIMIZER_NAMES,
                         help="with --mesh: whose states to count (default adamw)")
     parser.add_argument(*spellings("--seq-len"), type=int, default=None, metavar="N",
                         help="with --mesh: the sequence length, checked against cp (default: "
@@ -92,6 +96,8 @@ def parse_max_memory(text: str) -> dict[str, str]:
 def _empty_model(config_path: str) -> Any:
     import transformers  # optional: only with --model-config
 
+    from distlib.big_model.empty import init_empty_weights
+
     config = transformers.AutoConfig.from_pretrained(config_path)
     with init_empty_weights():
         try:
@@ -104,6 +110,10 @@ def plan_checkpoint(checkpoint: str, max_memory: dict[str, Any] | None = None, d
                     no_split: list[str] | None = None, model_config: str | None = None,
                     mode: str = "sequential") -> Any:
     """Return the `DeviceMap` for a checkpoint, reading headers (or a config) only."""
+    from distlib.big_model.device_map import infer_device_map
+    from distlib.big_model.files import CheckpointReader, checkpoint_files
+    from distlib.big_model.sizes import layout_from_tensors
+
     if model_config is not None:
         model: Any = _empty_model(model_config)
         if no_split is None:
@@ -209,6 +219,8 @@ def plan_mesh(model_config: str, mesh: str, *, precision: str = "no", optimizer:
     Layouts the planner counts (`CONFIG_MODEL_TYPES`) are read from the JSON alone; any other
     is built empty through transformers and planned from its parameters' shapes.
     """
+    from distlib.training.plan import CONFIG_MODEL_TYPES, plan_parallelism
+
     config = _read_config(model_config)
     plan: Any = "auto"
     if tp_plan is not None:

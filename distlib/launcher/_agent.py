@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -103,6 +104,10 @@ def _fork(plan: LaunchPlan, command: Sequence[str]) -> bool:
     return _visible_gpus(plan) == 0
 
 
+_CONSOLE_CLOSED = ("(its console was closed: the reader of the job's output went away, as "
+                   "`distlib launch x.py | head` does; it ended quietly)")
+
+
 def _no_traceback(exitcode: int, output: str = "") -> str:
     if exitcode < 0:
         return f"(stopped by signal {-exitcode}; no Python traceback)"
@@ -123,20 +128,44 @@ def _where_output(output: OutputPlan, rank: int) -> str:
 
 class _OnePrefix:
     """A console stream that writes a line once prefixed: ``[rank 1] [rank 1] x`` (a line
-    `distlib.log.RankLogger` already prefixed) becomes ``[rank 1] x``."""
+    `distlib.log.RankLogger` already prefixed) becomes ``[rank 1] x``. When the console's
+    reader goes away (``| head``), it sets ``closed`` and drops what follows."""
 
-    def __init__(self, dst: Any, heads: Mapping[int, str]) -> None:
+    def __init__(self, dst: Any, heads: Mapping[int, str], closed: threading.Event) -> None:
         self.dst, self.heads = dst, tuple(h for h in set(heads.values()) if h)
+        self.closed = closed
 
     def write(self, text: str) -> int:
         for head in self.heads:
             if text.startswith(head + head):
                 text = text[len(head):]
                 break
-        return int(self.dst.write(text))
+        if self.closed.is_set():
+            return len(text)
+        try:
+            return int(self.dst.write(text))
+        except BrokenPipeError:
+            self._close()
+            return len(text)
 
     def flush(self) -> None:
-        self.dst.flush()
+        if not self.closed.is_set():
+            try:
+                self.dst.flush()
+            except BrokenPipeError:
+                self._close()
+
+    def _close(self) -> None:
+        """Point the console's descriptor at /dev/null, so that what the stream still holds
+        leaves quietly at exit, and tell the agent (`_observe` ends the ranks).
+
+        Effects: replaces a file descriptor (1 or 2) of the agent process.
+        """
+        self.closed.set()
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.dst.fileno())
+            os.close(devnull)
 
 
 class _Tails:
@@ -153,6 +182,7 @@ class _Tails:
         self.running: list[Any] = []
         self.files: list[tuple[Any, str]] = []  # (a rank's log, its error file)
         self.opened = False  # the log files: truncated by the first attempt, then appended
+        self.console_closed = threading.Event()  # the console's reader went away
 
     def start(self, pcontext: Any) -> None:
         """Tail the redirect files of ``pcontext`` (torch's process context).
@@ -170,7 +200,7 @@ class _Tails:
         for paths, stream, dst in console:
             shown = {local: path for local, path in paths.items()
                      if path and out.shows(ranks[local], stream)}
-            once: Any = _OnePrefix(dst, heads)
+            once: Any = _OnePrefix(dst, heads, self.console_closed)
             self.running.append(TailLog("rank", shown, once, heads).start())
         if out.log_dir is None:
             return
@@ -236,6 +266,7 @@ class _Watch:
         self.hang: dict[int, dict[str, Any]] = {}  # attempt -> the hang report
         self.attempts: list[str] = []
         self.last_failed = 0
+        self.console_closed = False  # the agent's console lost its reader; it ended the ranks
 
     def folders(self, attempt: int) -> dict[int, str]:
         """Each rank's folder of ``attempt`` (torch's error-file folder), by local rank."""
@@ -323,6 +354,20 @@ class _Watch:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(live[rank][0], signal.SIGKILL)
 
+    def close_console(self, group: Any) -> None:
+        """End the ranks after the console (which the agent copies their output to) lost its
+        reader: a rank that wrote to it directly would have ended at its next write.
+
+        Effects: sends SIGTERM to every rank of ``group``, once.
+        """
+        if self.console_closed:
+            return
+        self.console_closed = True
+        for worker in group.workers:
+            if worker.id:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(worker.id), signal.SIGTERM)
+
     def after(self, agent: Any, group: Any, result: Any) -> None:
         """After a failed check: print the attempt's line when the job restarts.
 
@@ -336,6 +381,8 @@ class _Watch:
         self.last_failed = attempt
         for rank, failure in result.failures.items():
             self.exits.setdefault((attempt, int(rank)), int(failure.exitcode))
+        if self.console_closed or self.records(attempt, "console_closed.json"):
+            agent._remaining_restarts = 0  # nobody reads the output any more: end, as `| head` asks
         total = group.spec.max_restarts + 1
         if total == 1:
             return
@@ -356,6 +403,7 @@ class _Watch:
         then a timed-out rank, then ranks that only lost a peer; ranks the launcher stopped last.
         """
         recorded = self.records(attempt, "error.json")
+        closed = self.records(attempt, "console_closed.json")
         exits = {rank: code for (a, rank), code in self.exits.items() if a == attempt}
         order = list(exits)
         rows = []
@@ -380,8 +428,10 @@ class _Watch:
                          "signal": -exitcode if exitcode < 0 and died and not traceback else 0,
                          "where": info.get("distlib_where", ""),
                          "collective": info.get("distlib_collective", ""),
+                         "console_closed": rank in closed or self.console_closed,
                          "message": "" if traceback else (
                              "(stopped by the launcher after the stall report)" if stopped
+                             else _CONSOLE_CLOSED if rank in closed or self.console_closed
                              else _no_traceback(exitcode, _where_output(self.output, rank))),
                          "order": key})
         rows.sort(key=lambda row: (row["order"], row["rank"]))
@@ -431,6 +481,8 @@ def _observe(watch: _Watch, tails: _Tails) -> None:
     start, shutdown = LocalElasticAgent._start_workers, LocalElasticAgent._shutdown
 
     def monitor(agent: Any, group: Any) -> Any:
+        if tails.console_closed.is_set():
+            watch.close_console(group)
         watch.before(agent, group)
         result = original(agent, group)
         watch.after(agent, group, result)

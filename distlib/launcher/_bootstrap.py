@@ -4,7 +4,8 @@
 stores its return value; ``script PATH ARGS...`` and ``module NAME ARGS...`` run a script or a
 module as ``__main__``, like ``python PATH`` / ``python -m NAME``. When the target raises, the
 traceback goes to the error file torch's elastic agent gave this rank, so the launcher can
-print it once as the job's root cause.
+print it once as the job's root cause. A rank whose console went away (``distlib launch
+x.py | head``: the reader closed the pipe) ends quietly instead, as ``yes | head`` does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import os
 import re
 import runpy
+import select
+import signal
 import sys
 import time
 import traceback
@@ -24,7 +27,10 @@ from typing import Any
 from distlib.launcher._hang import describe, watch_rank, write_json
 from distlib.launcher._payload import dumps, loads
 
-__all__ = ["main"]
+__all__ = ["CONSOLE_CLOSED_EXIT", "console_closed", "main"]
+
+# The exit code of a rank whose console went away: a shell's for a process SIGPIPE ended.
+CONSOLE_CLOSED_EXIT = 128 + signal.SIGPIPE
 
 
 def die_with_parent() -> None:
@@ -51,9 +57,20 @@ _PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "remote 
 
 
 def is_secondary(exc: BaseException) -> bool:
-    """True when the exception says a *peer* died (so another rank holds the root cause)."""
+    """True when the exception says a *peer* died (so another rank holds the root cause).
+
+    Python's own ``BrokenPipeError`` counts only when torch.distributed raised it: a pipe of
+    the script's own that lost its reader is the script's failure.
+    """
+    if isinstance(exc, BrokenPipeError) and not _raised_in_torch_distributed(exc):
+        return False
     text = f"{type(exc).__name__}: {exc}"
     return any(sign in text for sign in _PEER_SIGNS)
+
+
+def _raised_in_torch_distributed(exc: BaseException) -> bool:
+    inside = os.path.join("torch", "distributed", "")
+    return any(inside in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
 
 
 _TIMEOUT_SIGNS = re.compile(r"timed out|timeout|DistTimeoutError", re.IGNORECASE)
@@ -67,8 +84,7 @@ def is_timeout(exc: BaseException) -> bool:
     """
     if not _TIMEOUT_SIGNS.search(f"{type(exc).__name__}: {exc}"):
         return False
-    inside = os.path.join("torch", "distributed", "")
-    return any(inside in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
+    return _raised_in_torch_distributed(exc)
 
 
 def _where(exc: BaseException) -> tuple[str, str]:
@@ -226,6 +242,40 @@ def whole_lines() -> None:
                 reconfigure(line_buffering=True, write_through=False)
 
 
+def console_closed() -> bool:
+    """True when this process's stdout or stderr is a pipe whose reader has gone away.
+
+    Linux and macOS report an error condition (``POLLERR``) on the write end of a pipe with no
+    reader left; a file, a terminal or a live pipe report none.
+
+    Example:
+        >>> console_closed()  # a test's stdout: a file or a live pipe
+        False
+    """
+    poll = select.poll()
+    for fd in (1, 2):
+        with contextlib.suppress(OSError, ValueError):
+            poll.register(fd, select.POLLOUT)
+    with contextlib.suppress(OSError):
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    return False
+
+
+def _end_quietly(rank: str) -> int:
+    """End a rank whose console went away: no traceback, and none at exit when Python
+    flushes what is still buffered; the agent learns why from the rank's note.
+
+    Effects: points this process's file descriptors 1 and 2 at /dev/null; leaves a record.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+    _note("console_closed.json", {"rank": int(rank)})
+    return CONSOLE_CLOSED_EXIT
+
+
 def main(argv: Sequence[str]) -> int:
     """Run one rank's target; return its exit code."""
     die_with_parent()
@@ -243,6 +293,11 @@ def main(argv: Sequence[str]) -> int:
         if exc.code in (0, None):
             _note("finished.json", {"rank": int(rank), "time_ns": time.time_ns()})
         raise
+    except BrokenPipeError as exc:
+        if console_closed():
+            return _end_quietly(rank)
+        _record(exc)
+        return 1
     except BaseException as exc:
         _record(exc)
         return 1

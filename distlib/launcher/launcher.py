@@ -59,6 +59,7 @@ class Failure:
     signal: int = 0  # it was killed by this signal before the launcher stopped anything
     where: str = ""  # where it raised: "train.py:50 waiting in all_reduce"
     collective: str = ""  # the collective it was in when it raised, if any
+    console_closed: bool = False  # it ended because the reader of its stdout went away
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -51,7 +51,8 @@ from distlib.precision import Precision, parse_precision
 from distlib.topology import Mesh
 
 __all__ = ["CONFIG_MODEL_TYPES", "OPTIMIZERS", "STRATEGIES", "TP_STYLES", "ParallelPlan",
-           "RankMemory", "TensorPlan", "check_parallelism", "plan_parallelism", "plan_rank_memory"]
+           "RankMemory", "TensorPlan", "auto_tp_plan", "check_parallelism", "plan_parallelism",
+           "plan_rank_memory"]
 
 # optimizer -> (states the size of the parameter, bytes of scalar state per tensor)
 OPTIMIZERS: dict[str, tuple[int, int]] = {"adamw": (2, 4), "adam": (2, 4), "sgd": (0, 0),
@@ -509,6 +510,39 @@ def _headers_meta(tensors: Any, call: str) -> _Meta:
     return _Meta(tuple(out), {}, None)
 
 
+def auto_tp_plan(model: Any) -> dict[str, Any] | None:
+    """The tensor-parallel plan ``tp_plan="auto"`` means for ``model``; None when it has none.
+
+    The one reader of a model's own plan, for the planner here and for `wrap`'s
+    ``distlib.training.tp``: transformers' ``model._tp_plan`` (full module names), else its
+    ``config.base_model_tp_plan``, whose names are the base model's (prefixed here by
+    ``model.base_model_prefix`` when the model holds its base model under that name).
+
+    Examples:
+        >>> from types import SimpleNamespace as Model
+        >>> auto_tp_plan(Model(_tp_plan={"lm_head": "colwise_rep"}))
+        {'lm_head': 'colwise_rep'}
+        >>> plan = {"layers.*.mlp.up_proj": "colwise"}
+        >>> auto_tp_plan(Model(_tp_plan={}, config=Model(base_model_tp_plan=plan),
+        ...                    base_model_prefix="model", model=Model()))
+        {'model.layers.*.mlp.up_proj': 'colwise'}
+        >>> auto_tp_plan(Model(config=Model(base_model_tp_plan=plan)))  # the base model itself
+        {'layers.*.mlp.up_proj': 'colwise'}
+        >>> auto_tp_plan(Model()) is None
+        True
+    """
+    own = getattr(model, "_tp_plan", None)
+    if own:
+        return dict(own)
+    config_plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
+    if not config_plan:
+        return None
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and hasattr(model, prefix):
+        return {f"{prefix}.{pattern}": style for pattern, style in config_plan.items()}
+    return dict(config_plan)
+
+
 def _module_meta(model: Any) -> _Meta:
     import torch  # a module was given: torch is already imported
 
@@ -522,8 +556,7 @@ def _module_meta(model: Any) -> _Meta:
     config = getattr(model, "config", None)
     sizes = {k: v for k in {*_ROLES.values(), "hidden_size"}
              if isinstance(v := getattr(config, k, None), int)}
-    auto = getattr(model, "_tp_plan", None) or None
-    return _Meta(tuple(out), sizes, dict(auto) if auto else None)
+    return _Meta(tuple(out), sizes, auto_tp_plan(model))
 
 
 def _styles(tp_plan: Any, meta: _Meta, tp: int, call: str) -> dict[str, str]:

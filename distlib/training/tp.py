@@ -29,6 +29,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from distlib.errors import StrategyError
+from distlib.training.plan import auto_tp_plan
 
 __all__ = ["AUTO_PLAN", "STYLE_NAMES", "apply_tensor_parallel", "plan_tensor_parallel"]
 
@@ -51,20 +52,15 @@ _PLAN_EXAMPLE = ("e.g. wrap(model, env, tp_plan={'layers.*.fc1': 'colwise', "
 
 
 def _auto_plan(model: torch.nn.Module) -> dict[str, Any]:
-    """The model's own plan: transformers' ``model._tp_plan`` (full names), else the config's."""
-    own = getattr(model, "_tp_plan", None)
-    if own:
-        return dict(own)
-    config_plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
-    if config_plan:
-        prefix = getattr(model, "base_model_prefix", "")
-        if prefix and hasattr(model, prefix):
-            return {f"{prefix}.{pattern}": style for pattern, style in config_plan.items()}
-        return dict(config_plan)
-    msg = (f"wrap(): tp_plan='auto' must find the model's own tensor-parallel plan "
-           f"(transformers' model._tp_plan or config.base_model_tp_plan), but got a "
-           f"{type(model).__name__} without one. Pass a plan, {_PLAN_EXAMPLE}.")
-    raise StrategyError(msg)
+    """The model's own plan (`auto_tp_plan`: transformers' ``model._tp_plan``, else the
+    config's), or an error naming what was looked for."""
+    plan = auto_tp_plan(model)
+    if plan is None:
+        msg = (f"wrap(): tp_plan='auto' must find the model's own tensor-parallel plan "
+               f"(transformers' model._tp_plan or config.base_model_tp_plan), but got a "
+               f"{type(model).__name__} without one. Pass a plan, {_PLAN_EXAMPLE}.")
+        raise StrategyError(msg)
+    return plan
 
 
 def _style(pattern: str, style: object) -> ParallelStyle:

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo  # its import sets TORCHINDUCTOR_CACHE_DIR; do it before the leak check
-from torch.nn import functional as F
 
 import distlib as dl
 from distlib.testing import spawn
+from tests.batches import padded_token_batches, token_loss
 from tests.models import weights
 
 pytestmark = pytest.mark.multiprocess
@@ -28,21 +28,7 @@ def _lm() -> torch.nn.Module:
 
 
 def _batches(rank: int) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(100 + rank)
-    out = []
-    for rows in VALID[rank]:
-        ids = torch.randint(0, VOCAB, (len(rows), T), generator=g)
-        labels = torch.randint(0, VOCAB, (len(rows), T), generator=g)
-        for r, v in enumerate(rows):
-            labels[r, v:] = -100
-        out.append({"ids": ids, "labels": labels})
-    return out
-
-
-def _loss(model: Any, batch: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
-    logits = model(batch["ids"])
-    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
-                           reduction=reduction)
+    return padded_token_batches(VALID[rank], vocab=VOCAB, tokens=T, seed=100 + rank)
 
 
 def _step(env: Any, strategy: Any, counted: bool) -> dict[str, Any]:
@@ -55,7 +41,7 @@ def _step(env: Any, strategy: Any, counted: bool) -> dict[str, Any]:
     count = (lambda b: (b["labels"] != -100).sum()) if counted else None
     for batch, micro in dl.accumulate(_batches(env.rank), STEPS, count=count, env=env):
         seen.append(micro.num_items)
-        loss = _loss(model, batch, "sum" if counted else "mean")
+        loss = token_loss(model, batch, "sum" if counted else "mean")
         dl.backward(torch.nan_to_num(loss), model, micro)
         if micro.sync:
             opt.step()
@@ -76,7 +62,7 @@ def _reference() -> dict[str, torch.Tensor]:
     model = _lm()
     every = [b for rank in (0, 1) for b in _batches(rank)]
     whole = {k: torch.cat([b[k] for b in every]) for k in ("ids", "labels")}
-    _loss(model, whole, "mean").backward()
+    token_loss(model, whole, "mean").backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 

@@ -1,6 +1,6 @@
 """A checkpoint saved under one mesh resumes under another, in one process, and as safetensors.
 
-One 4-rank launch: the tiny Llama of test_mesh_train (4 attention heads, 2 kv heads) trains 2
+One 4-rank launch: the tiny Llama of tests/models.py (4 attention heads, 2 kv heads) trains 2
 steps under (dp_shard 2 x tp 2) with FSDP2 and AdamW and saves its state; the same model then
 takes 2 more steps, the reference. In the same ranks a fresh model is wrapped under each other
 mesh, (dp_shard 4), (dp_replicate 2 x tp 2) and the saving mesh again, and loads the
@@ -28,7 +28,7 @@ from distlib.cli import main
 from distlib.errors import CheckpointError
 from distlib.testing import spawn
 from distlib.topology import Mesh
-from tests.models import weights
+from tests.models import causal_lm_loss, clipped_losses, tiny_llama, weights
 
 pytestmark = pytest.mark.multiprocess
 
@@ -46,43 +46,21 @@ AXES = {"dp_shard4": ("dp_shard",), "dp_replicate2 x tp2": ("dp_replicate", "dp_
         "dp_shard2 x tp2 again": ("dp_shard", "tp"), "tp4 (4 kv heads)": ("dp_shard", "tp")}
 
 
-def build(kv_heads: int = 2) -> torch.nn.Module:
-    """The tiny Llama (4 heads; 2 kv heads unless told), seeded."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=kv_heads)
-    return LlamaForCausalLM(config)
-
-
 def batches() -> list[torch.Tensor]:
     """Four global batches: two to train before the save, two after it."""
     g = torch.Generator().manual_seed(3)
     return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=g) for _ in range(4)]
 
 
-def step(model: Any, optimizer: Any, ids: torch.Tensor) -> float:
-    """One step on ``ids`` (this rank's rows of the global batch): AdamW after clipping."""
-    loss = model(input_ids=ids, labels=ids).loss
-    dl.backward(loss, model)
-    dl.clip_grad_norm(model, MAX_NORM)
-    optimizer.step()
-    optimizer.zero_grad()
-    return float(loss.item())
-
-
 def _steps(env: dl.Env, model: Any, optimizer: Any, chunks: list[torch.Tensor]) -> list[float]:
-    per = BATCH // env.mesh.dp_size
-    dp_rank = env.mesh.dp_rank(env.rank)
-    return [step(model, optimizer, ids[dp_rank * per:(dp_rank + 1) * per]) for ids in chunks]
+    """This rank's steps on its rows of each global batch: AdamW after clipping."""
+    return clipped_losses(model, optimizer, chunks, causal_lm_loss, max_norm=MAX_NORM, env=env)
 
 
 def _wrapped(env: dl.Env, sizes: dict[str, Any], kv_heads: int) -> tuple[dl.Env, Any, Any]:
     """A fresh model and AdamW wrapped by FSDP under the mesh ``sizes``."""
     env = dataclasses.replace(env, mesh=Mesh(**sizes), strategy=dl.FSDP())
-    model = build(kv_heads)
+    model = tiny_llama(vocab=VOCAB, kv_heads=kv_heads)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     model, optimizer = dl.wrap(model, env, optimizer=optimizer)
     return env, model, optimizer
@@ -160,34 +138,23 @@ def test_the_steps_after_the_save_move_the_weights_past_the_tolerance(
     moved = max((got["reference weights"][k] - got["saved"][k]).abs().max().item()
                 for k in got["saved"])
     assert moved > 1e-3
-    initial = build(kv_heads).state_dict()
+    initial = tiny_llama(vocab=VOCAB, kv_heads=kv_heads).state_dict()
     assert max((got["saved"][k] - initial[k]).abs().max().item() for k in got["saved"]) > 1e-3
-
-
-def _one_process_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[float]:
-    losses = []
-    for ids in batches()[2:]:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def test_one_process_loads_the_mesh_checkpoint(ranks: dict[int, Any],
                                                folder: pathlib.Path) -> None:
     checkpoint = folder / "state2"
     got = ranks[0][2]
-    model = build()
+    model = tiny_llama(vocab=VOCAB)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     # The RNG states are per rank: one process cannot take four ranks' states, and says so.
     with pytest.raises(CheckpointError, match=r"world size must equal.*1 now and 4.*rng=False"):
         dl.load_state(checkpoint, dl.Env(), model=model)
     dl.load_state(checkpoint, dl.Env(), rng=False, model=model, optimizer=optimizer)
     torch.testing.assert_close(weights(model), got["saved"], rtol=0, atol=0)
-    losses = torch.tensor(_one_process_steps(model, optimizer))
+    losses = torch.tensor(clipped_losses(model, optimizer, batches()[2:], causal_lm_loss,
+                                         max_norm=MAX_NORM))
     torch.testing.assert_close(losses, _mean_losses(ranks, lambda r: r[2]["reference"]),
                                rtol=1e-5, atol=0)
     torch.testing.assert_close(weights(model), got["reference weights"], rtol=1e-5, atol=1e-7)
@@ -202,7 +169,7 @@ def test_merge_weights_gives_the_full_weights(ranks: dict[int, Any], folder: pat
     assert sorted(merged) == sorted(saved)
     assert all(type(t) is torch.Tensor for t in merged.values())  # plain tensors, no DTensor
     torch.testing.assert_close(merged, saved, rtol=0, atol=0)
-    model = build()  # and a plain model loads them as it loads its own
+    model = tiny_llama(vocab=VOCAB)  # and a plain model loads them as it loads its own
     model.load_state_dict(merged)
     torch.testing.assert_close(weights(model), saved, rtol=0, atol=0)
 

@@ -19,6 +19,7 @@ import torch
 import distlib as dl
 from distlib.testing import spawn
 from distlib.topology import Mesh
+from tests.models import causal_lm_loss, clipped_losses, tiny_llama
 
 pytestmark = pytest.mark.multiprocess
 
@@ -52,15 +53,10 @@ class MLP(torch.nn.Module):
 
 
 def build(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
     if kind == "mlp":
+        torch.manual_seed(0)
         return MLP()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4 if kind == "llama-mha" else 2)
-    return LlamaForCausalLM(config)
+    return tiny_llama(vocab=VOCAB, kv_heads=4 if kind == "llama-mha" else 2)
 
 
 def batches() -> list[torch.Tensor]:
@@ -70,41 +66,27 @@ def batches() -> list[torch.Tensor]:
     return [two[i % 2] for i in range(STEPS)]
 
 
-def loss_of(kind: str, model: Any, ids: torch.Tensor) -> torch.Tensor:
-    if kind == "mlp":
+def loss_of(kind: str) -> Any:
+    """The loss of a batch of ids for ``kind``: next-token cross-entropy for the MLP."""
+    if kind != "mlp":
+        return causal_lm_loss
+
+    def mlp_loss(model: Any, ids: torch.Tensor) -> torch.Tensor:
         logits = model(ids[:, :-1])
         return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
-    return model(input_ids=ids, labels=ids).loss  # type: ignore[no-any-return]
+    return mlp_loss
 
 
 def one_process(kind: str) -> list[float]:
     """The reference: the whole batch in one process, plain autograd and SGD."""
     model = build(kind)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    losses = []
-    for ids in batches():
-        loss = loss_of(kind, model, ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return clipped_losses(model, optimizer, batches(), loss_of(kind), max_norm=MAX_NORM)
 
 
 def _steps(kind: str, env: dl.Env, model: Any, optimizer: Any,
            chunks: list[torch.Tensor]) -> list[float]:
-    per = BATCH // env.mesh.dp_size
-    dp_rank = env.mesh.dp_rank(env.rank)
-    losses = []
-    for ids in chunks:
-        loss = loss_of(kind, model, ids[dp_rank * per:(dp_rank + 1) * per])
-        dl.backward(loss, model)
-        dl.clip_grad_norm(model, MAX_NORM)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return clipped_losses(model, optimizer, chunks, loss_of(kind), max_norm=MAX_NORM, env=env)
 
 
 def _train(env: dl.Env, kind: str, sizes: dict[str, int], options: dict[str, Any],

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 import distlib as dl
 from distlib.errors import ConfigError
 from distlib.training.accumulation import MicroStep
+from tests.batches import padded_token_batches, token_loss
 
 VOCAB, T = 11, 6
 
@@ -96,25 +97,6 @@ def _lm() -> torch.nn.Module:
                                torch.nn.Linear(8, VOCAB))
 
 
-def _padded_batches(valid: list[list[int]], seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """One batch per entry: rows of T tokens whose first ``v`` labels are valid."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for rows in valid:
-        ids = torch.randint(0, VOCAB, (len(rows), T), generator=g)
-        labels = torch.randint(0, VOCAB, (len(rows), T), generator=g)
-        for r, v in enumerate(rows):
-            labels[r, v:] = -100
-        out.append({"ids": ids, "labels": labels})
-    return out
-
-
-def _sum_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(batch["ids"])
-    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum",
-                           ignore_index=-100)
-
-
 def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -123,13 +105,13 @@ def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
 def test_token_weighted_accumulation_equals_one_big_batch(wrapped: bool) -> None:
     # Three micro-batches with 1, 11 and 4 valid tokens: the mean of per-batch means is not
     # the token mean; the counted window is.
-    batches = _padded_batches([[1, 0], [6, 5], [2, 2]])
+    batches = padded_token_batches([[1, 0], [6, 5], [2, 2]], vocab=VOCAB, tokens=T)
     model = _lm()
     model = dl.wrap(model, dl.Env()) if wrapped else model
     for batch, micro in dl.accumulate(batches, 3, count=lambda b: (b["labels"] != -100).sum(),
                                       env=dl.Env()):
         assert micro.num_items == 16
-        dl.backward(_sum_loss(model, batch), model, micro)
+        dl.backward(token_loss(model, batch, "sum"), model, micro)
     got = _grads(model)
 
     reference = _lm()
@@ -157,7 +139,7 @@ def test_token_weighted_accumulation_equals_one_big_batch(wrapped: bool) -> None
 ])
 def test_backward_refuses_a_mean_when_it_divides_by_num_items(make: Any) -> None:
     model = _lm()
-    batch = _padded_batches([[3]])[0]
+    batch = padded_token_batches([[3]], vocab=VOCAB, tokens=T)[0]
     micro = MicroStep(step=0, index=0, size=1, sync=True, num_items=3)
     logits = model(batch["ids"]).flatten(0, 1)
     labels = batch["labels"].flatten().clamp(min=0)
@@ -170,8 +152,8 @@ def test_backward_refuses_a_mean_when_it_divides_by_num_items(make: Any) -> None
 
 def test_a_window_without_tokens_gives_zero_gradients_not_nan() -> None:
     model = _lm()
-    (batch, micro), = dl.accumulate(_padded_batches([[0, 0]]), 1,
+    (batch, micro), = dl.accumulate(padded_token_batches([[0, 0]], vocab=VOCAB, tokens=T), 1,
                                     count=lambda b: (b["labels"] != -100).sum(), env=dl.Env())
     assert micro.num_items == 0
-    dl.backward(_sum_loss(model, batch), model, micro)
+    dl.backward(token_loss(model, batch, "sum"), model, micro)
     assert all(torch.equal(g, torch.zeros_like(g)) for g in _grads(model))

@@ -21,22 +21,13 @@ from distlib.cli import main
 from distlib.cli.config import ABORTED, QUESTIONS, ask, check_answer
 from distlib.errors import ConfigError
 from distlib.launcher.settings import SETTINGS
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _environ(tmp_path: Path) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DISTLIB_")}
-    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
-                                                          environ.get("PYTHONPATH")]))
-    environ["XDG_CACHE_HOME"] = str(tmp_path / "cache")
-    return environ
+from tests.child_env import child_environ
 
 
 def _config(tmp_path: Path, path: Path, **more: object) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "distlib", "config", "--config-file",
                              str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_environ(tmp_path), cwd=tmp_path,
+                            env=child_environ(tmp_path), cwd=tmp_path,
                             **more)  # type: ignore[call-overload]
 
 
@@ -216,7 +207,7 @@ def test_an_existing_file_is_refused_before_torch_is_imported(tmp_path: Path) ->
             f"         main(['config', 'default', '--config-file', {str(path)!r}])]\n"
             "print(codes, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, env=_environ(tmp_path), stdin=subprocess.DEVNULL)
+                          timeout=120, env=child_environ(tmp_path), stdin=subprocess.DEVNULL)
     assert done.stdout.split("\n")[-2] == "[2, 2] False", done.stdout + done.stderr
     assert done.stderr.count("distlib config: error: the config file must not exist yet") == 2
     assert "Pass --force" in done.stderr and path.read_text() == "num_processes: 1\n"

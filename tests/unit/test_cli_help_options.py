@@ -1,6 +1,7 @@
 """Every option of every ``distlib`` subcommand has help and a placeholder a user can read
 (``N``, ``PATH``, ``SECONDS``... never argparse's ``NUM_PROCESSES``); the launcher settings
-show their defaults in ``--help``."""
+show their defaults in ``--help``; every subcommand's ``--help`` answers without importing
+torch."""
 
 from __future__ import annotations
 
@@ -24,6 +25,25 @@ PLACEHOLDERS = {"N", "PATH", "SECONDS", "ADDR", "PORT", "HOST:PORT", "ID", "LIST
 # Subcommands whose parsers other modules own and that still show argparse's placeholders;
 # strict: once fixed, the xfail fails and the entry must go.
 NOT_YET: dict[str, str] = {}  # commands whose parsers still break the rule (none)
+
+# Subcommands whose --help still imports torch through a module this test does not own;
+# strict as above: once torch-free, the xfail fails and the entry must go.
+TORCH_IN_HELP: dict[str, str] = {
+    "estimate-memory": "distlib/cli/estimate_memory.py imports distlib.big_model and "
+                       "distlib.training (both import torch) at module level",
+}
+
+# One child per subcommand (a fresh interpreter: torch imported by one --help cannot hide
+# another's): the help goes to stdout, then whether torch was imported.
+_HELP_IMPORTS = """\
+import sys
+from distlib.cli import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+print("TORCH", "torch" in sys.modules)
+"""
 
 
 def _parsers(command: str) -> list[tuple[str, argparse.ArgumentParser]]:
@@ -83,3 +103,23 @@ def test_launch_help_reads_as_a_user_meets_it() -> None:
     for argparse_word in ("PROCESSES", "NODE ", "MACHINES", "ADDRESS", "--num_processes",
                           "--master_addr"):
         assert argparse_word not in out, argparse_word
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=TORCH_IN_HELP[a[0]]))
+    if a[0] in TORCH_IN_HELP else a
+    for a in [["--help"], *([c, "--help"] for c in COMMANDS), ["config", "default", "--help"]]],
+    ids=" ".join)
+def test_every_help_answers_without_importing_torch(argv: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-c", _HELP_IMPORTS.format(argv=argv)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.startswith("usage: distlib"), done.stdout + done.stderr
+    assert done.stdout.rstrip().endswith("TORCH False"), f"{' '.join(argv)} imported torch"
+
+
+def test_the_plan_optimizer_choices_are_the_planners() -> None:
+    # distlib plan names its --optimizer choices itself (its --help must not import torch)
+    from distlib.cli.plan import OPTIMIZER_NAMES
+    from distlib.training.plan import OPTIMIZERS
+
+    assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES

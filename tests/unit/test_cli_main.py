@@ -11,23 +11,13 @@ from pathlib import Path
 import pytest
 
 from distlib.cli import BROKEN_PIPE_EXIT, COMMANDS, error_line, main
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _environ(tmp_path: Path) -> dict[str, str]:
-    """A child's environment: this checkout first on the path, no config file anywhere."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DISTLIB_")}
-    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
-                                                          environ.get("PYTHONPATH")]))
-    environ["XDG_CACHE_HOME"] = str(tmp_path / "cache")
-    return environ
+from tests.child_env import child_environ
 
 
 def _distlib(tmp_path: Path, *argv: str, **more: object) -> subprocess.CompletedProcess[str]:
     streams = more or {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     return subprocess.run([sys.executable, "-m", "distlib", *argv], text=True, timeout=120,
-                          env=_environ(tmp_path), cwd=tmp_path,
+                          env=child_environ(tmp_path), cwd=tmp_path,
                           **streams)  # type: ignore[call-overload]
 
 
@@ -116,7 +106,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     # as users meet it: `distlib plan ... | head -n 1`
     plan = ["plan", str(_big_checkpoint(tmp_path)), "--max-memory", "cpu=10KB"]
     writer = subprocess.Popen([sys.executable, "-m", "distlib", *plan], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=_environ(tmp_path), cwd=tmp_path)
+                              stderr=subprocess.PIPE, env=child_environ(tmp_path), cwd=tmp_path)
     head = subprocess.run(["head", "-n", "1"], stdin=writer.stdout, capture_output=True,
                           text=True, timeout=120)
     assert writer.stdout is not None and writer.stderr is not None
