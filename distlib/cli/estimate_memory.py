@@ -20,16 +20,16 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from distlib.big_model.device_map import _Planner
-from distlib.big_model.files import CheckpointReader, checkpoint_files
-from distlib.big_model.sizes import Layout, dtype_size, layout_from_tensors, layout_of, module_sizes
 from distlib.cli._args import spellings
-from distlib.cli.plan import _empty_model, _human, _model_order, _numbered, _table
+from distlib.cli.plan import OPTIMIZER_NAMES, _empty_model, _human, _model_order, _numbered, _table
 from distlib.errors import CheckpointError, ConfigError
 from distlib.topology import Mesh, parse_mesh
-from distlib.training.plan import OPTIMIZERS, STRATEGIES, RankMemory, _resolve, plan_rank_memory
+
+if TYPE_CHECKING:  # the planners import torch: imported where they run, so --help needs none
+    from distlib.big_model.sizes import Layout
+    from distlib.training.plan import RankMemory
 
 __all__ = ["DTYPES", "DtypeEstimate", "MemoryEstimate", "add_arguments", "estimate_memory",
            "run"]
@@ -124,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="DTYPE",
                         help=f"the rows, of {', '.join(DTYPES)} (default: "
                              f"{' '.join(_DEFAULT_DTYPES)})")
-    parser.add_argument("--optimizer", default="adamw", choices=tuple(OPTIMIZERS),
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZER_NAMES,
                         help="whose states to count (default adamw)")
     parser.add_argument(*spellings("--tp-plan"), default=None, metavar="JSON",
                         help="{module pattern: style} when tp > 1 (default: the model's own)")
@@ -190,11 +190,16 @@ def _config_source(path: str) -> _Source:
 
 
 def _module_source(model: Any) -> _Source:
+    from distlib.big_model.sizes import layout_of
+
     no_split = tuple(getattr(model, "_no_split_modules", None) or ())
     return _Source(layout_of(model), no_split, model)
 
 
 def _checkpoint_source(path: str) -> _Source:
+    from distlib.big_model.files import CheckpointReader, checkpoint_files
+    from distlib.big_model.sizes import dtype_size, layout_from_tensors
+
     try:
         found = checkpoint_files(path)
     except CheckpointError as error:
@@ -239,6 +244,9 @@ def _recast(layout: Layout, dtype: str) -> Layout:
 def _largest_layer(layout: Layout, dtype: str, no_split: Sequence[str]) -> tuple[int, tuple[str, ...]]:
     """The largest layer, by the device-map planner's rule (a module without children or a
     no-split class; the root's own tensors), in ``dtype``."""
+    from distlib.big_model.device_map import _Planner
+    from distlib.big_model.sizes import module_sizes
+
     sizes = module_sizes(_recast(layout, dtype))
     planner = _Planner(layout, sizes, {"cpu": 0}, frozenset(no_split))
     return planner.max_size, tuple(sorted(planner.max_names))
@@ -278,6 +286,9 @@ def estimate_memory(model_or_source: Any, *, num_processes: int | None = None,
         >>> [(m.strategy, m.total_bytes) for m in row.strategies]
         [('ddp', 2480), ('zero1', 1852), ('zero2', 1852), ('zero3', 1852), ('fsdp', 1248)]
     """
+    from distlib.big_model.sizes import dtype_size, module_sizes
+    from distlib.training.plan import STRATEGIES, _resolve, plan_rank_memory
+
     call = "estimate_memory()"
     bad = [d for d in dtypes if d not in DTYPES] if not isinstance(dtypes, str) else [dtypes]
     if bad or not dtypes:
@@ -316,6 +327,8 @@ def estimate_memory(model_or_source: Any, *, num_processes: int | None = None,
 
 
 def _print(estimate: MemoryEstimate, source: str) -> None:
+    from distlib.training.plan import STRATEGIES
+
     mesh = estimate.mesh
     ranks = f"{mesh.world_size} rank{'s' if mesh.world_size != 1 else ''} ({mesh})"
     print(f"Memory to train {source!r}: {estimate.num_parameters:,} parameters, optimizer "

@@ -28,10 +28,7 @@ NOT_YET: dict[str, str] = {}  # commands whose parsers still break the rule (non
 
 # Subcommands whose --help still imports torch through a module this test does not own;
 # strict as above: once torch-free, the xfail fails and the entry must go.
-TORCH_IN_HELP: dict[str, str] = {
-    "estimate-memory": "distlib/cli/estimate_memory.py imports distlib.big_model and "
-                       "distlib.training (both import torch) at module level",
-}
+TORCH_IN_HELP: dict[str, str] = {}  # (none)
 
 # One child per subcommand (a fresh interpreter: torch imported by one --help cannot hide
 # another's): the help goes to stdout, then whether torch was imported.

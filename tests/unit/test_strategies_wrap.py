@@ -371,6 +371,15 @@ def test_the_auto_plan_is_the_transformers_models_own() -> None:
         n for n in plan if n not in ("lm_head", "model.embed_tokens")}
 
 
+def test_the_mesh_planner_reads_the_auto_plan_wrap_applies() -> None:
+    # one reader (auto_tp_plan): a model whose plan is only its config's is planned as applied
+    model = _llama()
+    model._tp_plan = {}
+    applied = plan_tensor_parallel(model, "auto", 2)
+    planned = dl.training.plan.plan_parallelism(model, Mesh(dp_shard=1, tp=2))
+    assert {t.name.rpartition(".")[0] for t in planned.tensors if t.style} == set(applied)
+
+
 def test_hybrid_shard_is_dp_replicate_num_nodes() -> None:
     env = dl.Env(world_size=8, rank=0, local_world_size=4, num_nodes=2, mesh=Mesh(tp=2))
     assert fsdp_module.mesh_env(dl.FSDP(hybrid_shard=True), env).mesh == Mesh(
