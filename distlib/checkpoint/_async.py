@@ -1,0 +1,159 @@
+"""Async saves: the handle of a save that commits in the background, and waiting for it.
+
+``save_state(..., async_save=True)`` stages the tensors to CPU memory, writes the small files,
+starts ``torch.distributed.checkpoint.async_save`` and returns a `SaveHandle`; a thread of the
+handle's own waits for DCP's write, then the main rank writes the manifest and swaps the folder
+into place (the commit), and the ranks exchange the outcome over a gloo group made for that
+save (the training loop's collectives keep the default group to themselves).
+
+Where the pending save is remembered: on the objects it saved. Each unwrapped model and each
+torch optimizer passed gets an attribute holding a weak reference to the handle, so a later
+`save_state` or `load_state` given any of them waits for it first; nothing is kept in a
+registry, and a finished handle that nobody holds is freed. The handle also waits for its
+thread at interpreter exit (``atexit``), so a forgotten save still commits; a save cut short
+by a kill never looks complete, as the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import pathlib
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["SaveHandle", "remember", "wait_pending"]
+
+_ATTRIBUTE = "_distlib_pending_save"
+
+
+class SaveHandle:
+    """A save started by ``save_state(..., async_save=True)``: the commit happens in the background.
+
+    The tensors were staged to CPU memory before `save_state` returned, so training may change
+    the model and optimizer at once. ``path`` is complete only once the handle is done and
+    `wait` returned it: until then it holds the previous checkpoint (or nothing).
+
+    Attributes:
+        path: the checkpoint folder being written.
+
+    Examples:
+        >>> import torch, distlib as dl, tempfile, os
+        >>> model = torch.nn.Linear(2, 2)
+        >>> folder = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> handle = dl.save_state(folder, dl.Env(), async_save=True, model=model, step=1)
+        >>> handle.wait() == handle.path, handle.done()
+        (True, True)
+    """
+
+    __slots__ = ("__weakref__", "_error", "_finish", "_holders", "_reported", "_thread", "_waited",
+                 "path")
+
+    def __init__(self, path: pathlib.Path, work: Callable[[], None],
+                 finish: Callable[[], None]) -> None:
+        """Start ``work`` (DCP's write, then the commit) in the handle's thread.
+
+        Args:
+            path: the checkpoint folder.
+            work: what the thread runs; what it raises is the save's error.
+            finish: what `wait` runs once on every rank after the thread ended (the ranks
+                meet, then the save's process group is destroyed).
+
+        Effects: starts a thread; registers an ``atexit`` hook that joins it.
+        """
+        self.path = path
+        self._error: BaseException | None = None
+        self._reported = False
+        self._waited = False
+        self._finish = finish
+        self._holders: list[Any] = []
+        self._thread = threading.Thread(target=self._run, args=(work,), daemon=False,
+                                        name=f"distlib-async-save-{path.name}")
+        self._thread.start()
+        atexit.register(self._thread.join)
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            self._error = exc
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"SaveHandle(path={str(self.path)!r}, {state})"
+
+    def done(self) -> bool:
+        """Whether the save has finished (committed or failed); never blocks.
+
+        Returns:
+            True once the background write and the commit are over on this rank.
+        """
+        return not self._thread.is_alive()
+
+    def wait(self) -> pathlib.Path:
+        """Block until the save is committed; call it on every rank (the ranks meet here).
+
+        Returns:
+            The checkpoint folder, complete.
+
+        Raises:
+            CheckpointError: the save failed on any rank (as the synchronous `save_state`
+                raises it, on every rank), or the disk filled up.
+
+        Effects: joins the handle's thread; the first call meets the other ranks and
+        destroys the save's gloo process group.
+        """
+        self._join()
+        self._reported = True
+        if self._error is not None:
+            raise self._error
+        return self.path
+
+    def _join(self) -> None:
+        self._thread.join()
+        with contextlib.suppress(ValueError):  # already unregistered
+            atexit.unregister(self._thread.join)
+        for obj in self._holders:  # forget this save on the objects it saved
+            ref = getattr(obj, _ATTRIBUTE, None)
+            if isinstance(ref, weakref.ref) and ref() is self:
+                delattr(obj, _ATTRIBUTE)
+        self._holders.clear()
+        if not self._waited:
+            self._waited = True
+            self._finish()
+
+    def _wait_unreported(self) -> None:
+        """Wait; raise the save's error only if no `wait` has raised it yet."""
+        self._join()
+        if self._error is not None and not self._reported:
+            self._reported = True
+            raise self._error
+
+
+def _targets(objects: Iterable[Any]) -> list[Any]:
+    return [obj for obj in objects if obj is not None]
+
+
+def wait_pending(objects: Iterable[Any]) -> None:
+    """Wait for the async saves still pending on any of ``objects`` (unwrapped models,
+    torch optimizers); a failure nobody has seen yet is raised here.
+
+    Effects: may block until those saves commit (see `SaveHandle.wait`).
+    """
+    for obj in _targets(objects):
+        ref = getattr(obj, _ATTRIBUTE, None)
+        handle = ref() if isinstance(ref, weakref.ref) else None
+        if isinstance(handle, SaveHandle):
+            handle._wait_unreported()
+
+
+def remember(handle: SaveHandle, objects: Iterable[Any]) -> None:
+    """Note ``handle`` on each of ``objects``, weakly, for `wait_pending`.
+
+    Effects: sets an attribute on each object.
+    """
+    for obj in _targets(objects):
+        setattr(obj, _ATTRIBUTE, weakref.ref(handle))
+        handle._holders.append(obj)
