@@ -412,12 +412,14 @@ def _all_or_none(env: Env, work: Callable[[], Any], staging: pathlib.Path, path:
     if full:
         msg = folders.disk_full_message(full[0], staging, path, needed, "save_state()")
         raise CheckpointError(msg) from own
-    if own is not None:
+    if own is not None and isinstance(own, Exception):
         raise own
+    # DCP's CheckpointException is a BaseException (an `except Exception` would miss it):
+    # every rank raises a CheckpointError naming the first rank that failed, from it.
     msg = (f"save_state(): every rank must write its part of {staging}, but rank "
            f"{failures[0].rank} failed ({failures[0].text}). See that rank's error; the partial "
            "save was removed.")
-    raise CheckpointError(msg)
+    raise CheckpointError(msg) from own
 
 
 def _collect(objects: Mapping[str, Any], kinds: Mapping[str, str], env: Env,
