@@ -1,10 +1,12 @@
 """Async saves: the handle of a save that commits in the background, and waiting for it.
 
-``save_state(..., async_save=True)`` stages the tensors to CPU memory, writes the small files,
-starts ``torch.distributed.checkpoint.async_save`` and returns a `SaveHandle`; a thread of the
-handle's own waits for DCP's write, then the main rank writes the manifest and swaps the folder
-into place (the commit), and the ranks exchange the outcome over a gloo group made for that
-save (the training loop's collectives keep the default group to themselves).
+``save_state(..., async_save=True)`` does what ``torch.distributed.checkpoint.async_save``
+does, in two halves: it stages the tensors to CPU memory with DCP's ``DefaultStager`` and
+writes the small files before returning a `SaveHandle`; the handle's own thread (one that
+`SaveHandle.wait` can join, unlike DCP's executor) runs DCP's ``save`` on the staged copy,
+then the main rank writes the manifest and swaps the folder into place (the commit), and the
+ranks exchange each outcome over a gloo group made for that save (the training loop's
+collectives keep the default group to themselves).
 
 Where the pending save is remembered: on the objects it saved. Each unwrapped model and each
 torch optimizer passed gets an attribute holding a weak reference to the handle, so a later

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import state_dict_saver
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -328,7 +329,7 @@ def _check_async(env: Env, kinds: Mapping[str, str], progress: bool | None) -> N
         raise ValueError(msg)
     if env.backend == "xla":
         msg = (f"{call}: async_save must run where DCP's background writer can, but got "
-               f"backend {env.backend!r}: XLA tensors are copied out through the graph. Pass "
+               f"backend '{env.backend.value}': XLA tensors are copied out through the graph. Pass "
                "async_save=False under XLA.")
         raise ValueError(msg)
     if progress:
@@ -344,24 +345,34 @@ def _save_async(path: pathlib.Path, staging: pathlib.Path, env: Env, state: Mapp
     """Stage and start the DCP write, write the small files; the commit runs in the handle."""
     group = dist.new_group(backend="gloo") if env.is_distributed else None
 
+    stager = DefaultStager(StagingOptions(False, False, False, False))  # CPU copies, here
+
     def start() -> Any:
         write_small(None)
-        if not state:
-            return None
-        with folders.quiet_single_process():  # stages to CPU memory here, writes in a thread
-            return state_dict_saver.async_save(dict(state), checkpoint_id=staging / "dcp",
-                                  no_dist=not env.is_distributed, process_group=group)
+        return stager.stage(dict(state)) if state else None
 
     try:
-        future = _all_or_none(env, start, staging, path, needed)
+        staged = _all_or_none(env, start, staging, path, needed)
     except BaseException:
+        stager.close()
         if group is not None:
             dist.destroy_process_group(group)
         raise
 
+    def write() -> None:
+        # DCP's async_save, its second half: save() from a thread, on the save's own group.
+        # One process: DCP warns that it runs in one process, which is what distlib asked.
+        quiet = contextlib.nullcontext() if env.is_distributed else folders.quiet_single_process()
+        try:
+            if staged is not None:
+                with quiet:
+                    state_dict_saver.save(staged, checkpoint_id=staging / "dcp",
+                                          no_dist=not env.is_distributed, process_group=group)
+        finally:
+            stager.close()
+
     def work() -> None:
-        upload = getattr(future, "upload_completion", future)
-        _all_or_none(env, lambda: upload and upload.result(), staging, path, needed, group)
+        _all_or_none(env, write, staging, path, needed, group)
         _all_or_none(env, finish, staging, path, needed, group)
 
     def meet() -> None:
