@@ -23,10 +23,19 @@ import contextlib
 import pathlib
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["SaveHandle", "remember", "wait_pending"]
+import torch.distributed as dist
+from torch.distributed.checkpoint import state_dict_saver
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from distlib.checkpoint import _folder as folders
+from distlib.checkpoint._commit import all_or_none
+from distlib.collectives import barrier
+from distlib.env import Env
+
+__all__ = ["SaveHandle", "check_async", "remember", "save_async", "wait_pending"]
 
 _ATTRIBUTE = "_distlib_pending_save"
 
@@ -159,3 +168,79 @@ def remember(handle: SaveHandle, objects: Iterable[Any]) -> None:
     for obj in _targets(objects):
         setattr(obj, _ATTRIBUTE, weakref.ref(handle))
         handle._holders.append(obj)
+
+
+def check_async(env: Env, kinds: Mapping[str, str], progress: bool | None) -> None:
+    """Refuse what an async save cannot serve (DeepSpeed engines, XLA, a progress bar).
+
+    Raises:
+        ValueError: one of those, named.
+    """
+    call = "save_state()"
+    engines = sorted(n for n, k in kinds.items() if k in ("engine", "engine-optimizer"))
+    if engines:
+        msg = (f"{call}: async_save must save through torch.distributed.checkpoint, but got "
+               f"DeepSpeed engine objects {engines}, which save themselves synchronously. "
+               "Pass async_save=False for DeepSpeed.")
+        raise ValueError(msg)
+    if env.backend == "xla":
+        msg = (f"{call}: async_save must run where DCP's background writer can, but got "
+               f"backend '{env.backend.value}': XLA tensors are copied out through the graph. "
+               "Pass async_save=False under XLA.")
+        raise ValueError(msg)
+    if progress:
+        msg = (f"{call}: progress must be False or None with async_save=True, but got "
+               "progress=True: the write happens in the background, where no bar is drawn. "
+               "Drop progress=True, or save synchronously.")
+        raise ValueError(msg)
+
+
+def save_async(path: pathlib.Path, staging: pathlib.Path, env: Env, state: Mapping[str, Any],
+               needed: int, write_small: Callable[[None], None],
+               finish: Callable[[], None], holders: list[Any]) -> SaveHandle:
+    """Stage the tensors and write the small files (``write_small(None)``: no bar) on every
+    rank; return the handle whose thread writes the staged copy, then runs ``finish`` (the
+    commit) on every rank.
+
+    Effects: creates a gloo process group (distributed) and the handle's thread; writes into
+    ``staging``; notes the handle on ``holders``.
+    """
+    group = dist.new_group(backend="gloo") if env.is_distributed else None
+    stager = DefaultStager(StagingOptions(False, False, False, False))  # CPU copies, here
+
+    def start() -> Any:
+        write_small(None)
+        return stager.stage(dict(state)) if state else None
+
+    try:
+        staged = all_or_none(env, start, staging, path, needed)
+    except BaseException:
+        stager.close()
+        if group is not None:
+            dist.destroy_process_group(group)
+        raise
+
+    def write() -> None:
+        # DCP's async_save, its second half: save() from a thread, on the save's own group.
+        # One process: DCP warns that it runs in one process, which is what distlib asked.
+        quiet = contextlib.nullcontext() if env.is_distributed else folders.quiet_single_process()
+        try:
+            if staged is not None:
+                with quiet:
+                    state_dict_saver.save(staged, checkpoint_id=staging / "dcp",
+                                          no_dist=not env.is_distributed, process_group=group)
+        finally:
+            stager.close()
+
+    def work() -> None:
+        all_or_none(env, write, staging, path, needed, group)
+        all_or_none(env, finish, staging, path, needed, group)
+
+    def meet() -> None:
+        if group is not None:
+            barrier(env)  # every rank's thread is over: the group may go
+            dist.destroy_process_group(group)
+
+    handle = SaveHandle(path, work, meet)
+    remember(handle, holders)
+    return handle

@@ -17,24 +17,22 @@ non-tensor entries with ``weights_only=True`` (`distlib._safe_unpickle.read_dcp`
 DeepSpeed engine's files are scanned for globals before DeepSpeed loads them.
 
 The folder format (staging, manifest, swap) is `distlib.checkpoint._folder`'s, the RNG files
-`distlib.checkpoint.rng`'s; what depends on the strategy is asked of `_wrapped`.
+`distlib.checkpoint.rng`'s; what depends on the strategy is asked of `_wrapped`. Each step of
+a save runs on every rank, all or none (`_commit`); ``async_save=True`` hands the write and the
+commit to a `SaveHandle` (`_async`); ``keep_last`` / ``keep_best`` are `_keep`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import os
 import pathlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, overload
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint import state_dict_saver
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -48,7 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
 from distlib._progress import ByteBar, check_progress
 from distlib._safe_unpickle import load_torch_file
 from distlib.checkpoint import _folder as folders
-from distlib.checkpoint._async import SaveHandle, remember, wait_pending
+from distlib.checkpoint._async import SaveHandle, check_async, save_async, wait_pending
+from distlib.checkpoint._commit import all_or_none, exchange
 from distlib.checkpoint._counting import CountingSavePlanner, read_dcp_counting
 from distlib.checkpoint._folder import FORMAT
 from distlib.checkpoint._keep import check_keep, remove_older
@@ -64,7 +63,7 @@ from distlib.checkpoint._wrapped import (
     _tied_names,
 )
 from distlib.checkpoint.rng import load_rng_state, save_rng_state
-from distlib.collectives import barrier, gather_object
+from distlib.collectives import barrier
 from distlib.data import ShardedLoader
 from distlib.env import Env
 from distlib.errors import CheckpointError
@@ -253,14 +252,14 @@ def save_state(path: str | os.PathLike[str], env: Env, *, progress: bool | None 
     kinds = _classify(objects, call)
     check_keep(path, keep_last, keep_best, _values(objects, kinds))
     if async_save:
-        _check_async(env, kinds, progress)
+        check_async(env, kinds, progress)
     wait_pending(_holders(objects, kinds))
     folders.refuse_foreign(path)
     staging = path.parent / f".{path.name}.partial"
     state, small = _collect(objects, kinds, env, call)
     needed = folders.tensor_bytes(state, small)
     refusal = folders.prepare_staging(staging, path, needed) if env.is_main else None
-    refusals = [r for r in _exchange(env, refusal) if r is not None]
+    refusals = [r for r in exchange(env, refusal) if r is not None]
     if refusals:
         raise CheckpointError(refusals[0])
     manifest = _manifest(env, objects, kinds, state, small, rng)
@@ -278,8 +277,8 @@ def save_state(path: str | os.PathLike[str], env: Env, *, progress: bool | None 
             save_rng_state(staging, env.rank)
 
     if async_save:
-        return _save_async(path, staging, env, state, needed, write_small, finish,
-                           _holders(objects, kinds))
+        return save_async(path, staging, env, state, needed, write_small, finish,
+                          _holders(objects, kinds))
     desc = "saving state" if env.world_size == 1 else f"saving state (rank {env.rank}'s part)"
     with ByteBar(desc, progress=progress, main=env.is_main) as bar:
         def write() -> None:
@@ -291,8 +290,8 @@ def save_state(path: str | os.PathLike[str], env: Env, *, progress: bool | None 
                                           planner=CountingSavePlanner(bar))
             write_small(bar)
 
-        _all_or_none(env, write, staging, path, needed)
-    _all_or_none(env, finish, staging, path, needed)
+        all_or_none(env, write, staging, path, needed)
+    all_or_none(env, finish, staging, path, needed)
     return path
 
 
@@ -316,121 +315,6 @@ def _holders(objects: Mapping[str, Any], kinds: Mapping[str, str]) -> list[Any]:
         elif kinds[name] == "optimizer":
             held.append(_inner_optimizer(obj))
     return held
-
-
-def _check_async(env: Env, kinds: Mapping[str, str], progress: bool | None) -> None:
-    """Refuse what an async save cannot serve."""
-    call = "save_state()"
-    engines = sorted(n for n, k in kinds.items() if k in ("engine", "engine-optimizer"))
-    if engines:
-        msg = (f"{call}: async_save must save through torch.distributed.checkpoint, but got "
-               f"DeepSpeed engine objects {engines}, which save themselves synchronously. "
-               "Pass async_save=False for DeepSpeed.")
-        raise ValueError(msg)
-    if env.backend == "xla":
-        msg = (f"{call}: async_save must run where DCP's background writer can, but got "
-               f"backend '{env.backend.value}': XLA tensors are copied out through the graph. Pass "
-               "async_save=False under XLA.")
-        raise ValueError(msg)
-    if progress:
-        msg = (f"{call}: progress must be False or None with async_save=True, but got "
-               "progress=True: the write happens in the background, where no bar is drawn. "
-               "Drop progress=True, or save synchronously.")
-        raise ValueError(msg)
-
-
-def _save_async(path: pathlib.Path, staging: pathlib.Path, env: Env, state: Mapping[str, Any],
-                needed: int, write_small: Callable[[ByteBar | None], None],
-                finish: Callable[[], None], holders: list[Any]) -> SaveHandle:
-    """Stage and start the DCP write, write the small files; the commit runs in the handle."""
-    group = dist.new_group(backend="gloo") if env.is_distributed else None
-
-    stager = DefaultStager(StagingOptions(False, False, False, False))  # CPU copies, here
-
-    def start() -> Any:
-        write_small(None)
-        return stager.stage(dict(state)) if state else None
-
-    try:
-        staged = _all_or_none(env, start, staging, path, needed)
-    except BaseException:
-        stager.close()
-        if group is not None:
-            dist.destroy_process_group(group)
-        raise
-
-    def write() -> None:
-        # DCP's async_save, its second half: save() from a thread, on the save's own group.
-        # One process: DCP warns that it runs in one process, which is what distlib asked.
-        quiet = contextlib.nullcontext() if env.is_distributed else folders.quiet_single_process()
-        try:
-            if staged is not None:
-                with quiet:
-                    state_dict_saver.save(staged, checkpoint_id=staging / "dcp",
-                                          no_dist=not env.is_distributed, process_group=group)
-        finally:
-            stager.close()
-
-    def work() -> None:
-        _all_or_none(env, write, staging, path, needed, group)
-        _all_or_none(env, finish, staging, path, needed, group)
-
-    def meet() -> None:
-        if group is not None:
-            barrier(env)  # every rank's thread is over: the group may go
-            dist.destroy_process_group(group)
-
-    handle = SaveHandle(path, work, meet)
-    remember(handle, holders)
-    return handle
-
-
-def _exchange(env: Env, value: Any, group: Any = None) -> list[Any]:
-    """Every rank's ``value``, in rank order; the one sync point of each step of a save.
-
-    ``group``: an async save's own gloo group (its thread must not share the default group
-    with the training loop's collectives). Under XLA objects cannot be exchanged: the ranks
-    only wait for each other, and a rank's failure is raised by that rank alone (the launcher
-    then ends the job).
-    """
-    if group is not None:
-        out: list[Any] = [None] * env.world_size
-        dist.all_gather_object(out, value, group=group)
-        return out
-    if env.backend == "xla":
-        barrier(env)
-        return [value]
-    return gather_object([value], env)
-
-
-def _all_or_none(env: Env, work: Callable[[], Any], staging: pathlib.Path, path: pathlib.Path,
-                 needed: int, group: Any = None) -> Any:
-    """Run one step of a save on every rank; if any rank fails, every rank raises and the
-    partial folder is removed (a full disk is a `CheckpointError` that says so)."""
-    result, own, failure = None, None, None
-    try:
-        result = work()
-    except (Exception, CheckpointException) as exc:  # DCP's error is a BaseException
-        own = exc
-        failure = folders.describe_failure(exc, env.rank, staging, needed)
-    failures = [f for f in _exchange(env, failure, group) if f is not None]
-    if not failures:
-        return result
-    if env.is_main:
-        with contextlib.suppress(OSError):
-            folders.remove_folder(staging)
-    full = [f for f in failures if f.disk_full]
-    if full:
-        msg = folders.disk_full_message(full[0], staging, path, needed, "save_state()")
-        raise CheckpointError(msg) from own
-    if own is not None and isinstance(own, Exception):
-        raise own
-    # DCP's CheckpointException is a BaseException (an `except Exception` would miss it):
-    # every rank raises a CheckpointError naming the first rank that failed, from it.
-    msg = (f"save_state(): every rank must write its part of {staging}, but rank "
-           f"{failures[0].rank} failed ({failures[0].text}). See that rank's error; the partial "
-           "save was removed.")
-    raise CheckpointError(msg) from own
 
 
 def _collect(objects: Mapping[str, Any], kinds: Mapping[str, str], env: Env,

@@ -24,10 +24,9 @@ from hypothesis import strategies as st
 
 import distlib as dl
 from distlib.checkpoint import SaveHandle, is_checkpoint, latest_checkpoint
-from distlib.checkpoint._async import _ATTRIBUTE
+from distlib.checkpoint._async import _ATTRIBUTE, check_async
 from distlib.checkpoint._folder import MANIFEST, old_of
 from distlib.checkpoint._keep import plan_removals, series_prefix
-from distlib.checkpoint.state import _check_async
 from distlib.errors import CheckpointError
 
 ENV = dl.Env()
@@ -315,9 +314,9 @@ def test_load_rng_must_be_a_bool_or_none(tmp_path: pathlib.Path, rng: Any) -> No
 
 def test_async_save_refuses_deepspeed_and_xla() -> None:
     with pytest.raises(ValueError, match=r"async_save .* DeepSpeed engine objects \['engine'\]"):
-        _check_async(ENV, {"engine": "engine", "step": "value"}, None)
+        check_async(ENV, {"engine": "engine", "step": "value"}, None)
     with pytest.raises(ValueError, match=r"DeepSpeed engine objects \['opt'\]"):
-        _check_async(ENV, {"opt": "engine-optimizer"}, None)
+        check_async(ENV, {"opt": "engine-optimizer"}, None)
     with pytest.raises(ValueError, match=r"async_save .* backend 'xla'"):
-        _check_async(dl.Env(backend="xla"), {"model": "model"}, None)
-    _check_async(ENV, {"model": "model", "optimizer": "optimizer"}, False)
+        check_async(dl.Env(backend="xla"), {"model": "model"}, None)
+    check_async(ENV, {"model": "model", "optimizer": "optimizer"}, False)
