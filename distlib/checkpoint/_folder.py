@@ -417,6 +417,10 @@ def _manifest_problem(manifest: Mapping[str, Any]) -> str:
         return f"world_size is {manifest.get('world_size')!r}"
     if "dp_size" in manifest and (not _is_int(manifest["dp_size"]) or manifest["dp_size"] < 1):
         return f"dp_size is {manifest['dp_size']!r}"
+    if "saved_at_ns" in manifest and not _is_int(manifest["saved_at_ns"]):
+        return f"saved_at_ns is {manifest['saved_at_ns']!r:.40}"
+    if "rng" in manifest and not isinstance(manifest["rng"], bool):
+        return f"rng is {manifest['rng']!r:.40}"
     if not isinstance(kinds, dict) or not all(isinstance(v, str) for v in kinds.values()):
         return f"kinds is {kinds!r:.80}"
     if not isinstance(manifest.get("values"), dict) or not isinstance(models, dict):

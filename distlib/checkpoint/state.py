@@ -17,21 +17,24 @@ non-tensor entries with ``weights_only=True`` (`distlib._safe_unpickle.read_dcp`
 DeepSpeed engine's files are scanned for globals before DeepSpeed loads them.
 
 The folder format (staging, manifest, swap) is `distlib.checkpoint._folder`'s, the RNG files
-`distlib.checkpoint.rng`'s; what depends on the strategy is asked of `_wrapped`.
+`distlib.checkpoint.rng`'s; what depends on the strategy is asked of `_wrapped`. Each step of
+a save runs on every rank, all or none (`_commit`); ``async_save=True`` hands the write and the
+commit to a `SaveHandle` (`_async`); ``keep_last`` / ``keep_best`` are `_keep`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
+import fnmatch
 import os
 import pathlib
-from collections.abc import Callable, Mapping
-from typing import Any
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, overload
 
 import torch
 from torch.distributed.checkpoint import state_dict_saver
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     get_state_dict,
@@ -43,8 +46,11 @@ from torch.distributed.checkpoint.state_dict import (
 from distlib._progress import ByteBar, check_progress
 from distlib._safe_unpickle import load_torch_file
 from distlib.checkpoint import _folder as folders
+from distlib.checkpoint._async import SaveHandle, check_async, save_async, wait_pending
+from distlib.checkpoint._commit import all_or_none, exchange
 from distlib.checkpoint._counting import CountingSavePlanner, read_dcp_counting
 from distlib.checkpoint._folder import FORMAT
+from distlib.checkpoint._keep import check_keep, remove_older
 from distlib.checkpoint._wrapped import (
     _check_own_files,
     _inner_optimizer,
@@ -57,7 +63,7 @@ from distlib.checkpoint._wrapped import (
     _tied_names,
 )
 from distlib.checkpoint.rng import load_rng_state, save_rng_state
-from distlib.collectives import barrier, gather_object
+from distlib.collectives import barrier
 from distlib.data import ShardedLoader
 from distlib.env import Env
 from distlib.errors import CheckpointError
@@ -157,27 +163,53 @@ def _scalers(objects: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, 
     return out
 
 
+@overload
 def save_state(path: str | os.PathLike[str], env: Env, *, progress: bool | None = None,
-               **objects: Any) -> pathlib.Path:
+               async_save: Literal[False] = False, keep_last: int | None = None,
+               keep_best: tuple[str, str] | None = None, rng: bool = True,
+               **objects: Any) -> pathlib.Path: ...
+
+
+@overload
+def save_state(path: str | os.PathLike[str], env: Env, *, progress: bool | None = None,
+               async_save: Literal[True], keep_last: int | None = None,
+               keep_best: tuple[str, str] | None = None, rng: bool = True,
+               **objects: Any) -> SaveHandle: ...
+
+
+def save_state(path: str | os.PathLike[str], env: Env, *, progress: bool | None = None,
+               async_save: bool = False, keep_last: int | None = None,
+               keep_best: tuple[str, str] | None = None, rng: bool = True,
+               **objects: Any) -> pathlib.Path | SaveHandle:
     """Save models, optimizers, schedulers, loaders, RNG states and plain values, atomically.
 
     Call it on every rank with the same names. Models and optimizers are saved sharded
     through ``torch.distributed.checkpoint`` (any strategy: single, DDP, FSDP2), DeepSpeed
     engines through their own checkpointing; the GradScaler of an fp16 model is saved with it;
     objects with ``state_dict`` (schedulers, a sharded loader's position) and plain JSON values
-    (``step=10``) are saved by rank 0; every rank saves its RNG states.
+    (``step=10``) are saved by rank 0; every rank saves its RNG states (unless ``rng=False``).
 
     Args:
         path: the checkpoint folder (on a file system all ranks share).
         env: this process's Env.
         progress: a progress bar in bytes on stderr, on the main rank only (counting that
             rank's part of the tensors): True shows it, False never, None (the default) when
-            stderr is a terminal and the save has lasted 2 seconds.
-        **objects: what to save, by name; ``load_state`` takes the same names (not
-            ``progress``: that is the switch above).
+            stderr is a terminal and the save has lasted 2 seconds. Not with ``async_save``.
+        async_save: return a `SaveHandle` once the tensors are staged to CPU memory; DCP
+            writes them in the background and the checkpoint is committed (manifest, swap,
+            housekeeping) when every rank's write finished. Not for DeepSpeed engines or XLA.
+        keep_last: after the save commits, keep only this many of the newest checkpoints of
+            ``path``'s series (siblings named like ``path`` but for a trailing number:
+            ``step_100``, ``step_200``), this one included; None keeps all.
+        keep_best: ``(name, "min" | "max")``: a number saved in the same call (``loss=0.3``);
+            the series' checkpoint with the best value is never removed by ``keep_last``.
+        rng: save every rank's RNG states (False: a model-only save has no use for them).
+        **objects: what to save, by name; ``load_state`` takes the same names (not the
+            keywords above).
 
     Returns:
-        The checkpoint folder.
+        The checkpoint folder; with ``async_save=True`` a `SaveHandle` (``.wait()`` returns
+        the folder once committed).
 
     Raises:
         CheckpointError: an object cannot be saved (its type, or an optimizer whose model is
@@ -185,16 +217,23 @@ def save_state(path: str | os.PathLike[str], env: Env, *, progress: bool | None 
             (a save replaces the folder whole); the disk cannot hold the new copy (checked before writing from the
             tensors' sizes) or filled up while writing (the partial folder is then removed):
             the message names the folder and the bytes needed and free. Every rank raises
-            when any rank's part failed.
-        TypeError: ``progress`` is not True, False or None.
+            when any rank's part failed; an async save raises it from ``wait()``. An earlier
+            async save of the same objects that failed unseen raises here.
+        TypeError: ``progress``, ``async_save``, ``rng``, ``keep_last`` or ``keep_best`` is
+            not of its type.
+        ValueError: ``keep_last`` < 1, or ``path``'s name has no trailing number to find its
+            series by; ``keep_best`` without ``keep_last`` or naming no saved number;
+            ``async_save`` with a progress bar, a DeepSpeed engine or XLA.
 
-    Effects: joins the process group; writes ``.<name>.partial`` beside ``path`` and renames
+    Effects: joins the process group; first waits for a pending async save of the same
+    objects; writes ``.<name>.partial`` beside ``path`` and renames
     it to ``path`` when complete (the previous checkpoint is removed only after that; a save
     cut short at any point, any number of times in a row, leaves the last complete checkpoint
     in ``path`` or ``.<name>.old``, where `load_state` finds it); files are created as
     ``open()`` creates them (0644 under umask 022). Under XLA the model and optimizer tensors
     are copied to the CPU first (the graph runs). The main rank may print a progress bar to
-    stderr.
+    stderr. With ``keep_last`` the main rank removes older checkpoints of the series. An async
+    save creates a gloo process group and a thread, both gone after ``wait()``.
 
     Examples:
         >>> import torch, distlib as dl, tempfile, os
@@ -206,74 +245,76 @@ def save_state(path: str | os.PathLike[str], env: Env, *, progress: bool | None 
     """
     call = "save_state()"
     progress = check_progress(progress, call)
+    _check_flag(async_save, "async_save", call)
+    _check_flag(rng, "rng", call)
     initialize(env)
     path = pathlib.Path(os.path.abspath(path))
-    folders.refuse_foreign(path)
     kinds = _classify(objects, call)
+    check_keep(path, keep_last, keep_best, _values(objects, kinds))
+    if async_save:
+        check_async(env, kinds, progress)
+    wait_pending(_holders(objects, kinds))
+    folders.refuse_foreign(path)
     staging = path.parent / f".{path.name}.partial"
     state, small = _collect(objects, kinds, env, call)
     needed = folders.tensor_bytes(state, small)
     refusal = folders.prepare_staging(staging, path, needed) if env.is_main else None
-    refusals = [r for r in _exchange(env, refusal) if r is not None]
+    refusals = [r for r in exchange(env, refusal) if r is not None]
     if refusals:
         raise CheckpointError(refusals[0])
-
-    desc = "saving state" if env.world_size == 1 else f"saving state (rank {env.rank}'s part)"
-    with ByteBar(desc, progress=progress, main=env.is_main) as bar:
-        def write() -> dict[str, Any]:
-            manifest = _save_parts(staging, env, objects, kinds, state, small, bar)
-            save_rng_state(staging, env.rank)
-            return manifest
-
-        manifest = _all_or_none(env, write, staging, path, needed)
+    manifest = _manifest(env, objects, kinds, state, small, rng)
 
     def finish() -> None:
         if env.is_main:
             folders.write_manifest(staging, manifest)
             folders.swap_into_place(staging, path)
+            if keep_last is not None:
+                remove_older(path, keep_last, keep_best)
 
-    _all_or_none(env, finish, staging, path, needed)
+    def write_small(bar: ByteBar | None) -> None:
+        _save_small(staging, env, objects, kinds, small, bar)
+        if rng:
+            save_rng_state(staging, env.rank)
+
+    if async_save:
+        return save_async(path, staging, env, state, needed, write_small, finish,
+                          _holders(objects, kinds))
+    desc = "saving state" if env.world_size == 1 else f"saving state (rank {env.rank}'s part)"
+    with ByteBar(desc, progress=progress, main=env.is_main) as bar:
+        def write() -> None:
+            bar.grow(folders.tensor_bytes(small) if env.is_main and small else 0)
+            if state:
+                with folders.quiet_single_process():
+                    state_dict_saver.save(dict(state), checkpoint_id=staging / "dcp",
+                                          no_dist=not env.is_distributed,
+                                          planner=CountingSavePlanner(bar))
+            write_small(bar)
+
+        all_or_none(env, write, staging, path, needed)
+    all_or_none(env, finish, staging, path, needed)
     return path
 
 
-def _exchange(env: Env, value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order; the one sync point of each step of a save.
-
-    Under XLA objects cannot be exchanged: the ranks only wait for each other, and a rank's
-    failure is raised by that rank alone (the launcher then ends the job).
-    """
-    if env.backend == "xla":
-        barrier(env)
-        return [value]
-    return gather_object([value], env)
+def _check_flag(value: Any, name: str, call: str) -> None:
+    if not isinstance(value, bool):
+        msg = (f"{call}: {name} must be True or False, but got {value!r} "
+               f"({type(value).__name__}). Pass {name}=True or {name}=False.")
+        raise TypeError(msg)
 
 
-def _all_or_none(env: Env, work: Callable[[], Any], staging: pathlib.Path, path: pathlib.Path,
-                 needed: int) -> Any:
-    """Run one step of a save on every rank; if any rank fails, every rank raises and the
-    partial folder is removed (a full disk is a `CheckpointError` that says so)."""
-    result, own, failure = None, None, None
-    try:
-        result = work()
-    except (Exception, CheckpointException) as exc:  # DCP's error is a BaseException
-        own = exc
-        failure = folders.describe_failure(exc, env.rank, staging, needed)
-    failures = [f for f in _exchange(env, failure) if f is not None]
-    if not failures:
-        return result
-    if env.is_main:
-        with contextlib.suppress(OSError):
-            folders.remove_folder(staging)
-    full = [f for f in failures if f.disk_full]
-    if full:
-        msg = folders.disk_full_message(full[0], staging, path, needed, "save_state()")
-        raise CheckpointError(msg) from own
-    if own is not None:
-        raise own
-    msg = (f"save_state(): every rank must write its part of {staging}, but rank "
-           f"{failures[0].rank} failed ({failures[0].text}). See that rank's error; the partial "
-           "save was removed.")
-    raise CheckpointError(msg)
+def _values(objects: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, Any]:
+    return {n: o for n, o in objects.items() if kinds[n] == "value"}
+
+
+def _holders(objects: Mapping[str, Any], kinds: Mapping[str, str]) -> list[Any]:
+    """The objects a pending async save is remembered on: unwrapped models, torch optimizers."""
+    held: list[Any] = []
+    for name, obj in objects.items():
+        if kinds[name] == "model":
+            held.append(unwrap(obj))
+        elif kinds[name] == "optimizer":
+            held.append(_inner_optimizer(obj))
+    return held
 
 
 def _collect(objects: Mapping[str, Any], kinds: Mapping[str, str], env: Env,
@@ -285,39 +326,36 @@ def _collect(objects: Mapping[str, Any], kinds: Mapping[str, str], env: Env,
     return state, small
 
 
-def _save_parts(staging: pathlib.Path, env: Env, objects: Mapping[str, Any],
-                kinds: Mapping[str, str], state: Mapping[str, Any],
-                small: Mapping[str, Any], bar: ByteBar) -> dict[str, Any]:
-    """Write every part but the RNG states and the manifest; return the manifest.
-
-    ``bar`` counts the DCP tensors (this rank's part) and ``objects.pt``'s tensors; a DeepSpeed
-    engine's own files are not counted.
-    """
-    small_bytes = folders.tensor_bytes(small) if env.is_main and small else 0
-    bar.grow(small_bytes)
-    if state:
-        with folders.quiet_single_process():
-            state_dict_saver.save(dict(state), checkpoint_id=staging / "dcp",
-                                  no_dist=not env.is_distributed,
-                                  planner=CountingSavePlanner(bar))
+def _save_small(staging: pathlib.Path, env: Env, objects: Mapping[str, Any],
+                kinds: Mapping[str, str], small: Mapping[str, Any], bar: ByteBar | None) -> None:
+    """Write the DeepSpeed engines' own files and ``objects.pt`` (its tensors count in ``bar``;
+    an engine's files are not counted)."""
     for name, obj in objects.items():
         if kinds[name] == "engine":
             _save_itself(obj, staging / "deepspeed" / name)
     if env.is_main and small:
         with open(staging / "objects.pt", "wb") as handle:
             torch.save(dict(small), handle)
-        bar.update(small_bytes)
+        if bar is not None:
+            bar.update(folders.tensor_bytes(small))
+
+
+def _manifest(env: Env, objects: Mapping[str, Any], kinds: Mapping[str, str],
+              state: Mapping[str, Any], small: Mapping[str, Any], rng: bool) -> dict[str, Any]:
+    """What the manifest says; ``saved_at_ns`` orders a series (`distlib.checkpoint._keep`)."""
     return {
         "format": FORMAT,
+        "saved_at_ns": time.time_ns(),
         "world_size": env.world_size,
         "dp_size": env.mesh.dp_size,  # the ranks batches were dealt over (a loader's position)
         "strategy": env.strategy.name,
         "kinds": dict(kinds),
-        "values": {n: o for n, o in objects.items() if kinds[n] == "value"},
+        "values": _values(objects, kinds),
         "models": {n: {"tensors": folders.describe_tensors(state[n]),
                        "tied": _tied_names(objects[n])}
                    for n in objects if kinds[n] == "model"},
         "objects": sorted(small),
+        "rng": rng,
     }
 
 
@@ -354,25 +392,71 @@ def _check_model(name: str, expected: Mapping[str, Any], state: Mapping[str, Any
         raise CheckpointError(msg)
 
 
+def _check_exclude(exclude: Any, manifest: Mapping[str, Any], state: Mapping[str, Any],
+                   kinds: Mapping[str, str]) -> tuple[str, ...]:
+    """The glob patterns of ``exclude``, each matching some model key (saved or passed)."""
+    call = "load_state()"
+    if isinstance(exclude, str) or not isinstance(exclude, Sequence) or not all(
+            isinstance(p, str) for p in exclude):
+        msg = (f"{call}: exclude must be a tuple of glob patterns over model keys, but got "
+               f"{exclude!r}. Pass e.g. exclude=('lm_head.*',) (a tuple, even of one).")
+        raise TypeError(msg)
+    keys = {k for name, kind in kinds.items() if kind == "model"
+            for k in [*manifest["models"][name]["tensors"], *state.get(name, {})]}
+    for pattern in exclude:
+        if not fnmatch.filter(keys, pattern):
+            near = sorted(keys)[:8]
+            msg = (f"{call}: every exclude pattern must match a model key, but got {pattern!r}, "
+                   f"which matches none of the {len(keys)} keys (e.g. {near}). Check the "
+                   "pattern against the model's state_dict() keys.")
+            raise ValueError(msg)
+    return tuple(exclude)
+
+
+def _drop(state: dict[str, Any], patterns: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in state.items()
+            if not any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+
+
+def _exclude_keys(state: dict[str, Any], kinds: Mapping[str, str],
+                  patterns: tuple[str, ...]) -> None:
+    """Drop the excluded model keys, and their optimizers' state, from the DCP request."""
+    for name, value in state.items():
+        if kinds[name] == "model":
+            state[name] = _drop(value, patterns)
+        elif kinds[name] == "optimizer" and isinstance(value.get("state"), dict):
+            value["state"] = _drop(value["state"], patterns)
+
+
 def _load_dcp(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str, str],
-              manifest: Mapping[str, Any], env: Env, progress: bool | None) -> None:
+              manifest: Mapping[str, Any], env: Env, progress: bool | None,
+              exclude: Any) -> None:
     state = _on_cpu(_dcp_state(objects, kinds, "load_state()"), env)
+    patterns = _check_exclude(exclude, manifest, state, kinds)
     if not state:
         return
+    _exclude_keys(state, kinds, patterns)
     for name in state:
         if kinds[name] == "model":
-            _check_model(name, manifest["models"][name]["tensors"], state[name], path)
+            expected = _drop(manifest["models"][name]["tensors"], patterns)
+            _check_model(name, expected, state[name], path)
+    groups = {n: [list(g["params"]) for g in v["param_groups"]]
+              for n, v in state.items() if kinds[n] == "optimizer" and "param_groups" in v}
     with ByteBar("loading state", progress=progress, main=env.is_main) as bar:
         read_dcp_counting(state, path / "dcp", no_dist=not is_initialized(), call="load_state()",
                           bar=bar)
+    for name, params in groups.items():  # the saved groups' lists name the saved model's keys
+        for group, own in zip(state[name]["param_groups"], params, strict=False):
+            group["params"] = own
+    options = StateDictOptions(strict=not patterns)
     for name, (module, optimizers) in _pairs(objects, kinds, "load_state()").items():
         if len(optimizers) == 1:
             set_state_dict(module, optimizers[0][1], model_state_dict=state[name],
-                           optim_state_dict=state[optimizers[0][0]])
+                           optim_state_dict=state[optimizers[0][0]], options=options)
             continue
-        set_model_state_dict(module, state[name])
+        set_model_state_dict(module, state[name], options=options)
         for opt_name, optimizer in optimizers:
-            set_optimizer_state_dict(module, optimizer, state[opt_name])
+            set_optimizer_state_dict(module, optimizer, state[opt_name], options=options)
 
 
 def _load_small(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[str, str],
@@ -404,8 +488,9 @@ def _load_small(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[s
         obj.load_state_dict(saved[name])
 
 
-def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
-               progress: bool | None = None, **objects: Any) -> dict[str, Any]:
+def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool | None = None,
+               progress: bool | None = None, exclude: Sequence[str] = (),
+               **objects: Any) -> dict[str, Any]:
     """Restore what `save_state` saved into the objects passed, by name.
 
     Models and optimizers load through ``torch.distributed.checkpoint``, so a checkpoint
@@ -415,10 +500,15 @@ def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
     Args:
         path: the checkpoint folder.
         env: this process's Env.
-        rng: restore this rank's RNG states (python, numpy, torch, CUDA).
+        rng: restore this rank's RNG states (python, numpy, torch, CUDA): None (the
+            default) when the checkpoint holds them (not one saved with ``rng=False``), True
+            requires them, False keeps the current ones.
         progress: a progress bar in bytes on stderr, on the main rank only (the model and
             optimizer tensors it reads): True shows it, False never, None (the default) when
             stderr is a terminal and the load has lasted 2 seconds.
+        exclude: glob patterns (``fnmatch``) over model keys that are neither loaded nor
+            required, with their optimizer state (``("lm_head.*",)``: a new head on a saved
+            body); each must match a key of the checkpoint or of a model passed.
         **objects: the objects to fill, under the names they were saved with (a subset is
             fine).
 
@@ -428,19 +518,27 @@ def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
     Raises:
         CheckpointError: the folder is not a complete checkpoint, a name was not saved, a
             model's keys or shapes differ (named in the message), a file is truncated, or the
-            world size differs where it matters.
-        TypeError: ``progress`` is not True, False or None.
+            world size differs where it matters; ``rng=True`` but the checkpoint holds no
+            RNG states.
+        TypeError: ``progress`` or ``rng`` is not True, False or None; ``exclude`` is not a
+            sequence of strings.
+        ValueError: an ``exclude`` pattern matches no model key (the pattern is named).
 
-    Effects: joins the process group; loads state into the objects in place; the main rank
-    may print a progress bar to stderr.
+    Effects: joins the process group; first waits for a pending async save of the same
+    objects; loads state into the objects in place; the main rank may print a progress bar
+    to stderr.
     """
-    progress = check_progress(progress, "load_state()")
+    call = "load_state()"
+    progress = check_progress(progress, call)
+    if rng is not None:
+        _check_flag(rng, "rng", call)
     initialize(env)
+    kinds = _classify(objects, call)
+    wait_pending(_holders(objects, kinds))
     folder = folders.resolve(path)
     manifest = folders.read_manifest(folder)
-    kinds = _classify(objects, "load_state()")
     _check_names(manifest, objects, kinds, folder)
-    _load_dcp(folder, objects, kinds, manifest, env, progress)
+    _load_dcp(folder, objects, kinds, manifest, env, progress, exclude)
     for name, obj in objects.items():
         if kinds[name] == "engine":
             _check_own_files(folder / "deepspeed" / name)
@@ -449,7 +547,12 @@ def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool = True,
                        f"{folder / 'deepspeed' / name}, but DeepSpeed found no checkpoint there.")
                 raise CheckpointError(msg)
     _load_small(folder, objects, kinds, manifest, env)
-    if rng:
+    saved_rng = manifest.get("rng", True)
+    if rng and not saved_rng:
+        msg = (f"{call}: rng must be None or False for a checkpoint saved with rng=False, but "
+               f"got rng=True and {folder} holds no RNG states. Drop rng=True.")
+        raise CheckpointError(msg)
+    if saved_rng and rng is not False:
         load_rng_state(folder, env, manifest)
     barrier(env)
     return dict(manifest["values"])
