@@ -49,6 +49,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Observing", ("init_trackers", "Tracker", "Trackers", "StepMeter",
                    "distlib.observe.meter.PEAK_FLOPS", "profile")),
     ("Checkpoints", ("save_state", "load_state", "save_model",
+                     "distlib.checkpoint.SaveHandle", "distlib.checkpoint.latest_checkpoint",
                      "distlib.checkpoint.export.export_weights",
                      "distlib.checkpoint.export.merge_weights")),
     ("Big models", ("init_empty_weights", "init_on_device", "infer_device_map", "DeviceMap",
