@@ -192,6 +192,8 @@ def skip_first_batches(loader: Any, num_batches: int) -> ShardedLoader:
                f"{num_batches}. The loader already starts where the saved job stopped, and "
                "that job's step counts are not this job's: drop the skip_first_batches call.")
         raise ShardingError(msg)
+    if num_batches != at.next_start:
+        at.dataset_state = None  # a dataset state loaded for another step: replay instead
     view = ShardedLoader(loader.source, loader.env, split_batches=loader.split_batches,
                          even_batches=loader.even_batches,
                          device_placement=loader.device_placement, start_batch=num_batches)
