@@ -20,18 +20,23 @@ default mesh they are simply the job's ranks. The rules (the same batches Accele
 * Loaders whose batch sampler has no ``batch_size`` (variable-size batches) are planned in
   whole batches: rank ``r`` gets batch ``step * world_size + r``, and missing batches of the last
   step are the first batches of the pass, repeated.
+* A *unit* is a sample, or a batch for variable-size batches. ``start_sample`` re-deals a pass
+  from a unit on (a resume saved at another data-parallel size): units ``start_sample..`` are
+  planned as a pass of their own, steps counted from 0 and padding looped back to its start;
+  `resume_point` says where a saved global position lands in a plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any, NamedTuple
 
 from distlib.errors import ShardingError
 
-__all__ = ["ShardPlan", "StepInfo", "count_batches", "keep_index"]
+__all__ = ["Resume", "ShardPlan", "StepInfo", "count_batches", "keep_index", "plan_resume",
+           "resume_point"]
 
 
 class StepInfo(NamedTuple):
@@ -75,6 +80,9 @@ class ShardPlan:
         even_batches: complete the last step by looping back to the start of the pass.
         start_batch: the first step to yield (resuming mid-epoch).
         batch_sizes: the sizes of the loader's batches this pass (variable-size batches only).
+        start_sample: units of the pass (samples; batches for variable sizes) consumed before
+            this plan: the rest is dealt as a pass of its own (a resume re-dealt to another
+            number of ranks). Counts, positions and steps are those of the rest.
 
     Examples:
         >>> plan = ShardPlan(num_samples=10, batch_size=2, world_size=2, rank=1)
@@ -93,6 +101,7 @@ class ShardPlan:
     even_batches: bool = True
     start_batch: int = 0
     batch_sizes: tuple[int, ...] | None = None
+    start_sample: int = 0
 
     def __post_init__(self) -> None:
         call = "ShardPlan()"
@@ -116,7 +125,7 @@ class ShardPlan:
                    f"(the {self.world_size} data-parallel ranks), but got {self.batch_size}. "
                    f"Use a batch size of k * {self.world_size}, or split_batches=False.")
             raise ShardingError(msg)
-        for name in ("start_batch", "num_samples"):
+        for name in ("start_batch", "num_samples", "start_sample"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 msg = f"{call}: {name} must be >= 0, but got {value}."
@@ -146,13 +155,14 @@ class ShardPlan:
         return self.per_rank * self.world_size
 
     def _units(self) -> int:
+        """Units of the pass this plan deals: those after ``start_sample``."""
         if self.batch_sizes is not None and self.variable:
-            return len(self.batch_sizes)
+            return max(0, len(self.batch_sizes) - self.start_sample)
         if self.num_samples is None:
             msg = ("ShardPlan: num_samples must be known to count batches, but got None. The "
                    "dataset has no __len__: iterate the loader instead of calling len().")
             raise ShardingError(msg)
-        return self.num_samples
+        return max(0, self.num_samples - self.start_sample)
 
     def counts(self, rank: int | None = None) -> tuple[int, int]:
         """``(steps in a full pass, batches the rank gets in a full pass)``."""
@@ -172,7 +182,8 @@ class ShardPlan:
     # -- positions (for tests and reasoning; the loader streams with iter_batches) ------
     def _offsets(self) -> list[int]:
         sizes = self.batch_sizes or ()
-        out = [0]
+        out = [sum(sizes[:self.start_sample])]
+        sizes = sizes[self.start_sample:]
         for size in sizes:
             out.append(out[-1] + size)
         return out
@@ -181,18 +192,18 @@ class ShardPlan:
         """Positions in the pass's sample order that each rank reads at ``step``."""
         if self.variable:
             return self._variable_positions(step)
-        n, g, big_g = self._units(), self.per_rank, self.per_step
+        n, g, big_g, at = self._units(), self.per_rank, self.per_step, self.start_sample
         base = min(n, big_g)
         out = []
         for r in range(self.world_size):
             first = step * big_g + r * g
-            pos = [p if p < n else (p - n) % base for p in range(first, first + g)
+            pos = [at + (p if p < n else (p - n) % base) for p in range(first, first + g)
                    if p < n or self.pads]
             out.append(tuple(pos))
         return tuple(out)
 
     def _variable_positions(self, step: int) -> tuple[tuple[int, ...], ...]:
-        offsets, nb, w = self._offsets(), len(self.batch_sizes or ()), self.world_size
+        offsets, nb, w = self._offsets(), self._units(), self.world_size
         out = []
         for r in range(w):
             b = step * w + r
@@ -206,23 +217,30 @@ class ShardPlan:
         positions = self.step_positions(step)
         rows = tuple(len(p) for p in positions)
         if self.variable:
-            nb, w = len(self.batch_sizes or ()), self.world_size
-            sizes = self.batch_sizes or ()
+            nb, w = self._units(), self.world_size
+            sizes = (self.batch_sizes or ())[self.start_sample:]
             return StepInfo(rows, sum(sizes[b] for b in range(step * w, min(nb, step * w + w))))
         n = self._units()
         return StepInfo(rows, max(0, min(self.per_step, n - step * self.per_step)))
 
     # -- streaming ----------------------------------------------------------------------
-    def iter_batches(self, stream: Iterable[Any]) -> Iterator[tuple[list[Any], StepInfo]]:
+    def iter_batches(self, stream: Iterable[Any], *,
+                     advanced: bool = False) -> Iterator[tuple[list[Any], StepInfo]]:
         """Yield this rank's batches from ``start_batch`` on, with each step's `StepInfo`.
 
         ``stream`` is the pass's samples (indices or elements) in order, or its batches for
-        variable-size batches. Only the first global batch is kept for padding, so memory
-        stays O(global batch) whatever the pass length.
+        variable-size batches; its first ``start_sample`` units are skipped. With
+        ``advanced`` the stream already starts at step ``start_batch`` of the plan (a dataset
+        restored to that point): nothing is skipped, and padding loops back to where it starts.
+        Only the first global batch is kept for padding, so memory stays O(global batch)
+        whatever the pass length.
         """
+        it, first = iter(stream), self.start_batch if advanced else 0
+        if self.start_sample and not advanced:
+            it = islice(it, self.start_sample, None)
         if self.variable:
-            return self._iter_variable(iter(stream))
-        return self._iter_fixed(iter(stream))
+            return self._iter_variable(it, step=first)
+        return self._iter_fixed(it, step=first)
 
     def iter_dealt(self, batches: Iterable[Sequence[Any]]) -> Iterator[tuple[list[Any],
                                                                             StepInfo]]:
@@ -234,7 +252,16 @@ class ShardPlan:
         if self.variable or self.split_batches:
             return self.iter_batches(chain.from_iterable(batches) if not self.variable
                                      else batches)
-        return self._iter_dealt(iter(batches))
+        it, skip = iter(batches), self.start_sample
+        while skip:  # whole batches before the start; one that straddles it is cut
+            batch = next(it, None)
+            if batch is None:
+                return iter(())
+            if len(batch) > skip:
+                rest = chain(list(batch)[skip:], chain.from_iterable(it))
+                return self._iter_fixed(rest)
+            skip -= len(batch)
+        return self._iter_dealt(it)
 
     def _iter_dealt(self, it: Iterator[Sequence[Any]]) -> Iterator[tuple[list[Any], StepInfo]]:
         w, size = self.world_size, self.per_rank
@@ -277,10 +304,10 @@ class ShardPlan:
             if n < big_g:
                 return
 
-    def _iter_variable(self, it: Iterator[Any]) -> Iterator[tuple[list[Any], StepInfo]]:
+    def _iter_variable(self, it: Iterator[Any], *,
+                       step: int = 0) -> Iterator[tuple[list[Any], StepInfo]]:
         w = self.world_size
         base: list[Any] | None = None
-        step = 0
         while True:
             group = [list(b) for b in islice(it, w)]
             k = len(group)
@@ -300,6 +327,97 @@ class ShardPlan:
             step += 1
             if k < w:
                 return
+
+
+def resume_point(position: int, plan: ShardPlan) -> tuple[int, int]:
+    """Where a saved global position lands in ``plan``: ``(start_batch, start_sample)``.
+
+    ``position`` counts the units of the pass already consumed (by a job at any number of
+    ranks). A position on a step boundary of ``plan`` is that step of the whole pass (the
+    batches and padding of a job that ran at this size from the start); any other position
+    re-deals the rest of the pass from there.
+
+    Examples:
+        >>> plan = ShardPlan(num_samples=20, batch_size=2, world_size=3)   # G = 6
+        >>> resume_point(12, plan), resume_point(8, plan)   # saved at 2 ranks, step 3 and 2
+        ((2, 0), (0, 8))
+    """
+    if position % plan.per_step == 0:
+        return position // plan.per_step, 0
+    return 0, position
+
+
+class Resume(NamedTuple):
+    """Where a loaded position resumes: the epoch, the start step and unit, the saved size."""
+
+    epoch: int
+    start_batch: int
+    start_sample: int
+    saved_dp_size: int | None
+
+
+def _count(state: Mapping[str, Any], key: str, call: str, *, optional: bool = False) -> Any:
+    value = state.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        msg = (f"{call}: state[{key!r}] must be an int >= 0, but got {value!r}. Pass a dict "
+               "that the loader's state_dict() returned.")
+        raise ShardingError(msg)
+    return value
+
+
+def plan_resume(state: Mapping[str, Any], plan: ShardPlan, num_units: int | None, *,
+                call: str) -> Resume:
+    """Check a saved loader state against ``plan`` and say where its next pass starts.
+
+    A state with a global ``"position"`` resumes at any number of ranks (`resume_point`); it
+    must count the same unit (samples, or batches for variable sizes) over a pass of the same
+    length. At the saving job's size and batch size, its own ``start_batch`` (and
+    ``start_sample``) are resumed as they are. An older state (``epoch`` and ``start_batch`` only) counts steps of the saving job,
+    so it resumes only at its own data-parallel size (``"dp_size"``, when known).
+
+    Examples:
+        >>> plan = ShardPlan(batch_size=2, world_size=3)
+        >>> saved = {"epoch": 1, "start_batch": 2, "position": 8, "unit": "samples",
+        ...          "num_units": 20, "dp_size": 2}
+        >>> plan_resume(saved, plan, 20, call="load")
+        Resume(epoch=1, start_batch=0, start_sample=8, saved_dp_size=2)
+    """
+    if not isinstance(state, Mapping):
+        msg = (f"{call}: state must be a dict from the loader's state_dict(), but got "
+               f"{type(state).__name__}.")
+        raise ShardingError(msg)
+    epoch, start = _count(state, "epoch", call), _count(state, "start_batch", call)
+    saved_dp = _count(state, "dp_size", call, optional=True)
+    if "position" not in state:  # saved before positions were global: steps of its own size
+        if saved_dp is not None and saved_dp != plan.world_size:
+            msg = (f"{call}: a state without a global 'position' (saved by an older distlib) "
+                   f"must be loaded at the data-parallel size it was saved at, but got "
+                   f"{plan.world_size} now and {saved_dp} when saved. Resume at {saved_dp} "
+                   "data-parallel ranks, or start the epoch afresh.")
+            raise ShardingError(msg)
+        return Resume(epoch, start, 0, saved_dp)
+    position = _count(state, "position", call)
+    unit = "batches" if plan.variable else "samples"
+    if state.get("unit") != unit:
+        msg = (f"{call}: state['unit'] must be {unit!r} (this loader counts its pass in "
+               f"{unit}), but got {state.get('unit')!r}. A loader of fixed-size batches and "
+               "one of variable-size batches cannot resume each other's pass.")
+        raise ShardingError(msg)
+    saved_units = _count(state, "num_units", call, optional=True)
+    if None not in (saved_units, num_units) and saved_units != num_units:
+        msg = (f"{call}: the pass must hold as many {unit} as when saved, but got "
+               f"{num_units} now and {saved_units} when saved. Resume with the same dataset "
+               "(and the same batch sampler drop_last and batch size when it drops a tail).")
+        raise ShardingError(msg)
+    same = (saved_dp == plan.world_size and state.get("batch_size") == plan.batch_size
+            and state.get("split_batches") == plan.split_batches)
+    if same:  # the saving job's own steps: resume them as saved
+        return Resume(epoch, start, _count(state, "start_sample", call, optional=True) or 0,
+                      saved_dp)
+    start_batch, start_sample = resume_point(position, plan)
+    return Resume(epoch, start_batch, start_sample, saved_dp)
 
 
 def keep_index(steps: Sequence[StepInfo], rank_stride: int | None = None) -> list[int]:

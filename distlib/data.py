@@ -30,7 +30,7 @@ from torch.utils.data import (
 )
 
 from distlib import _xla
-from distlib._shard_plan import ShardPlan, StepInfo, count_batches
+from distlib._shard_plan import ShardPlan, StepInfo, count_batches, plan_resume
 from distlib._tree import map_tree
 from distlib.collectives import broadcast
 from distlib.env import Env
@@ -71,6 +71,10 @@ class _Cursor:
     done: bool = False
     pending: bool = True  # no pass started since construction or load_state_dict
     infos: list[StepInfo] = dataclasses.field(default_factory=list)
+    next_sample: int = 0  # units of the pass before the next pass's plan (a re-dealt resume)
+    pass_sample: int = 0
+    locked: bool = False  # the next pass is a resume that no step count can express
+    dataset_state: Any = None  # an iterable dataset's own state, restored by the next pass
 
     @property
     def idle(self) -> bool:
@@ -181,6 +185,15 @@ def skip_first_batches(loader: Any, num_batches: int) -> ShardedLoader:
                f"(len(loader)), but got {num_batches}. Skip resume_step % len(loader) batches "
                "and start at epoch resume_step // len(loader).")
         raise ShardingError(msg)
+    at = loader._at
+    if at.pending and at.locked and num_batches != at.next_start:
+        msg = (f"{call}: num_batches must be {at.next_start}, the step load_state_dict resumed "
+               f"at (re-dealt to {loader._plan.world_size} data-parallel ranks), but got "
+               f"{num_batches}. The loader already starts where the saved job stopped, and "
+               "that job's step counts are not this job's: drop the skip_first_batches call.")
+        raise ShardingError(msg)
+    if num_batches != at.next_start:
+        at.dataset_state = None  # a dataset state loaded for another step: replay instead
     view = ShardedLoader(loader.source, loader.env, split_batches=loader.split_batches,
                          even_batches=loader.even_batches,
                          device_placement=loader.device_placement, start_batch=num_batches)
@@ -210,6 +223,7 @@ class ShardedLoader:
         self.dataset = dataloader.dataset
         self.batch_size = dataloader.batch_size
         self.iterable = isinstance(self.dataset, IterableDataset)
+        _refuse_loaded_state(dataloader)
         self._kwargs = {k: getattr(dataloader, k) for k in _KEPT if hasattr(dataloader, k)}
         if self.iterable:
             self._batches, per_loader, self._by_list = None, dataloader.batch_size, False
@@ -239,7 +253,7 @@ class ShardedLoader:
         # Worker seeds come from this generator, not the global RNG (unless the user gave one).
         self._workers_generator = (torch.Generator() if self._kwargs.get("generator") is None
                                    else None)
-        self._inner: dict[int | str, Any] = {}
+        self._inner: dict[str, Any] = {}
 
     # -- public surface -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -298,34 +312,95 @@ class ShardedLoader:
             return False, []
         return False, [at.infos[at.yielded - 1]]
 
-    def state_dict(self) -> dict[str, int]:
-        """The position to resume from: ``{"epoch": e, "start_batch": k}`` (and the loader's
-        ``"seed"`` once one is chosen, so a resumed epoch has the same order and worker seeds)."""
-        at = self._at
-        # Resumed (or new) and not iterated yet: the pass to come; else where this one is.
-        done_or_at = 0 if at.done else at.pass_start + at.yielded
-        start = at.next_start if at.pending else done_or_at
-        state = {"epoch": at.epoch, "start_batch": start}
-        return state if at.seed is None else state | {"seed": at.seed}
+    def state_dict(self) -> dict[str, Any]:
+        """The position to resume from, at this or any other number of data-parallel ranks.
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Resume the next pass at ``state["start_batch"]`` of epoch ``state["epoch"]``.
+        ``"epoch"`` and ``"start_batch"`` (the next step of this pass at this size, counted
+        from ``"start_sample"``, the unit a re-dealt resume started the pass at, else 0);
+        ``"position"``, the units of the pass
+        consumed by all ranks together (samples, or batches for variable-size batches: see
+        ``"unit"``), which is what `load_state_dict` resumes from; what it was dealt with
+        (``"dp_size"``, ``"batch_size"``, ``"split_batches"``, ``"drop_last"``,
+        ``"even_batches"``, and the pass length ``"num_units"``, None when unknown); the
+        loader's ``"seed"`` once one is chosen; and ``"dataset"``, an iterable dataset's own
+        ``state_dict()`` at this step boundary, where it can be taken (see `load_state_dict`).
+
+        Examples:
+            >>> import torch
+            >>> loader = shard(torch.utils.data.DataLoader(list(range(10)), batch_size=2),
+            ...                Env(rank=1, world_size=2, local_rank=1, local_world_size=2))
+            >>> _ = next(iter(loader))
+            >>> state = loader.state_dict()
+            >>> state["start_batch"], state["position"], state["unit"], state["dp_size"]
+            (1, 4, 'samples', 2)
+        """
+        at, plan = self._at, self._plan
+        if at.pending:
+            start, sample = at.next_start, at.next_sample
+        elif at.done:
+            start, sample = 0, 0
+        else:
+            start, sample = at.pass_start + at.yielded, at.pass_sample
+        units = self._units_or_none()
+        position = sample + start * plan.per_step
+        state: dict[str, Any] = {
+            "epoch": at.epoch, "start_batch": start, "start_sample": sample,
+            "position": position if units is None else min(position, units),
+            "unit": "batches" if plan.variable else "samples", "num_units": units,
+            "dp_size": plan.world_size, "batch_size": plan.batch_size,
+            "split_batches": plan.split_batches, "drop_last": plan.drop_last,
+            "even_batches": plan.even_batches}
+        if at.seed is not None:
+            state["seed"] = at.seed
+        dataset = self._dataset_state(at)
+        return state if dataset is None else state | {"dataset": dataset}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume the next pass where ``state`` (from `state_dict`) says the saved job was.
+
+        At the saving job's data-parallel size the next pass is step ``start_batch`` of the
+        saved epoch, as saved. At another size the rest of the epoch's sample order (the same
+        order: the same seed and epoch) is dealt to this job's ranks from the saved global
+        position: a position on a step boundary of this job is that step of a whole pass;
+        any other starts a pass of its own there (its steps counted from 0, a short last step
+        padded from its own start). Across the two jobs every sample of the epoch is read
+        exactly once, except with ``drop_last``, where the tail left out is the one this job's
+        global batch leaves (it may differ from the saving job's). Variable-size batches
+        resume the same way, counted in whole batches. A state of an older distlib (no
+        ``"position"``) resumes at its own size only.
 
         A saved ``"seed"`` replaces the loader's, so the resumed pass draws nothing from the
-        global RNG (whose saved state `load_state` restores) and repeats the saved order.
+        global RNG (whose saved state `load_state` restores) and repeats the saved order. A
+        saved ``"dataset"`` state is given to the iterable dataset's ``load_state_dict`` before
+        the next pass, which then reads on from there instead of replaying the stream.
+
+        Raises:
+            ShardingError: a field that is not a count, a pass of another length or unit, or
+                an older state at another data-parallel size.
+
+        Effects: sets the loader's next pass (and forwards ``set_epoch`` as `set_epoch`).
         """
-        self.set_epoch(int(state["epoch"]))
-        self._at.next_start = int(state["start_batch"])
-        self._at.pending = True
+        call = "ShardedLoader.load_state_dict()"
+        resume = plan_resume(state, self._plan, self._units_or_none(), call=call)
+        self.set_epoch(resume.epoch)
+        at = self._at
+        at.next_start, at.next_sample, at.pending = resume.start_batch, resume.start_sample, True
+        redealt = resume.saved_dp_size not in (None, self._plan.world_size)
+        at.locked = redealt or resume.start_sample > 0
+        at.dataset_state = state.get("dataset") if self._keeps_dataset_state() else None
         if state.get("seed") is not None:
-            self._at.seed = int(state["seed"])
+            at.seed = int(state["seed"])
 
     def __iter__(self) -> Iterator[Any]:
         at = self._at
         start, at.next_start, at.pending = at.next_start, 0, False
         at.pass_start, at.infos, at.yielded, at.done = start, [], 0, False
+        at.pass_sample, at.next_sample, at.locked = at.next_sample, 0, False
+        restored, at.dataset_state = at.dataset_state, None
         self._start_pass()
-        inner = self._inner_loader(start)
+        if restored is not None:  # the dataset reads on from the saved step: nothing replayed
+            self.dataset.load_state_dict(restored)
+        inner = self._inner_loader(start, advanced=restored is not None)
         if self.device_placement and self.env.backend == "xla":
             with contextlib.closing(self._xla_batches(inner)) as batches:
                 for batch in batches:  # counted as the user gets it; torch_xla reads ahead
@@ -377,7 +452,41 @@ class ShardedLoader:
     def _pass_length(self) -> int:
         """Batches the current pass yields in all (between passes: the next pass)."""
         at = self._at
-        return max(0, len(self) - (at.next_start if at.idle else at.pass_start))
+        start, sample = ((at.next_start, at.next_sample) if at.idle
+                         else (at.pass_start, at.pass_sample))
+        if not sample:
+            return max(0, len(self) - start)
+        plan = self._plan
+        rest = max(0, self._num_units() - sample)
+        return max(0, count_batches(rest, plan.per_step, plan.per_rank, plan.rank,
+                                    drop_last=plan.drop_last, pad=plan.pads)[1] - start)
+
+    def _units_or_none(self) -> int | None:
+        """The pass length in units, or None for a dataset without a length."""
+        try:
+            return self._num_units()
+        except UnsizedLoaderError:
+            return None
+
+    def _keeps_dataset_state(self) -> bool:
+        """Whether the dataset's own state is taken at step boundaries: an iterable dataset
+        with ``state_dict`` and ``load_state_dict``, read in this process (no workers, whose
+        copies of the dataset this process cannot see) and not read ahead by torch_xla."""
+        dataset = self.dataset
+        return (self.iterable and callable(getattr(dataset, "state_dict", None))
+                and callable(getattr(dataset, "load_state_dict", None))
+                and not int(self._kwargs.get("num_workers") or 0)
+                and not (self.device_placement and self.env.backend == "xla"))
+
+    def _dataset_state(self, at: _Cursor) -> Any:
+        """The dataset's state at the position saved; None when the resume replays."""
+        if not self._keeps_dataset_state():
+            return None
+        if at.pending:
+            return at.dataset_state  # loaded and not yet read from: hand it on
+        if at.done or not at.yielded:
+            return None  # the next pass starts afresh (or from a start_batch: replayed)
+        return self.dataset.state_dict()
 
     def _xla_batches(self, inner: Any) -> Generator[Any, None, None]:
         """This pass's batches through torch_xla's parallel device loader (split over the SPMD
@@ -426,16 +535,17 @@ class ShardedLoader:
             return self._kwargs
         return self._kwargs | {"generator": self._workers_generator}
 
-    def _inner_loader(self, start: int) -> Any:
+    def _inner_loader(self, start: int, *, advanced: bool = False) -> Any:
         kwargs = self._loader_kwargs()
         if self.iterable:
-            if start not in self._inner:
-                plan = _replace(self._plan, start)
-                wrapped = _IterableShard(self.dataset, plan)
-                self._inner[start] = DataLoader(
+            key = f"{start}/{self._at.pass_sample}/{advanced}"
+            if key not in self._inner:
+                plan = _replace(self._plan, start, self._at.pass_sample)
+                wrapped = _IterableShard(self.dataset, plan, advanced)
+                self._inner[key] = DataLoader(
                     wrapped, batch_size=plan.per_rank, drop_last=False,
                     **(kwargs | {"collate_fn": _TaggedCollate(kwargs["collate_fn"])}))
-            return self._inner[start]
+            return self._inner[key]
         # One DataLoader for every pass (persistent workers stay up): its batch sampler reads
         # the pass's start and epoch from this loader each time it is iterated.
         if "map" not in self._inner:
@@ -501,8 +611,20 @@ def _check_spmd_batch(env: Env, batch_size: int | None) -> None:
         raise ShardingError(msg)
 
 
-def _replace(plan: ShardPlan, start: int) -> ShardPlan:
-    return dataclasses.replace(plan, start_batch=start)
+def _replace(plan: ShardPlan, start: int, sample: int = 0) -> ShardPlan:
+    return dataclasses.replace(plan, start_batch=start, start_sample=sample)
+
+
+def _refuse_loaded_state(dataloader: Any) -> None:
+    """A torchdata ``StatefulDataLoader`` whose own ``load_state_dict`` was called holds a
+    position that the rebuilt loader would not honour: refuse it rather than start over."""
+    if getattr(dataloader, "next_iter_state", None) is not None:
+        msg = ("shard(): a StatefulDataLoader must not hold a state loaded with its own "
+               f"load_state_dict, but got one ({type(dataloader).__name__}.next_iter_state is "
+               "set). shard() rebuilds the loader, so save and load the sharded loader "
+               "instead: loader = dl.shard(raw, env); loader.load_state_dict(saved) (or pass "
+               "it to dl.save_state / dl.load_state).")
+        raise ShardingError(msg)
 
 
 class _RankBatches:
@@ -523,7 +645,9 @@ class _RankBatches:
 
     def __iter__(self) -> Iterator[Any]:
         loader = self.loader
-        plan, source = _replace(loader._plan, loader._at.pass_start), loader._pass_batches()
+        at = loader._at
+        plan = _replace(loader._plan, at.pass_start, at.pass_sample)
+        source = loader._pass_batches()
         infos, single = loader._at.infos, loader._batches is None
         steps = plan.iter_batches(source) if single else plan.iter_dealt(source)
         for batch, info in steps:
@@ -537,11 +661,11 @@ class _RankBatches:
 class _IterableShard(IterableDataset):  # type: ignore[type-arg]
     """An iterable dataset's samples for one rank, each tagged with its step's layout."""
 
-    def __init__(self, dataset: Any, plan: ShardPlan) -> None:
-        self.dataset, self.plan = dataset, plan
+    def __init__(self, dataset: Any, plan: ShardPlan, advanced: bool) -> None:
+        self.dataset, self.plan, self.advanced = dataset, plan, advanced
 
     def __iter__(self) -> Iterator[tuple[Any, StepInfo]]:
-        for batch, info in self.plan.iter_batches(self.dataset):
+        for batch, info in self.plan.iter_batches(self.dataset, advanced=self.advanced):
             for item in batch:
                 yield item, info
 

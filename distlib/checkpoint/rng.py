@@ -2,11 +2,15 @@
 
 A checkpoint holds one file per rank, ``rng/rank<r>.pt``, with the python, numpy (when
 installed), torch and CUDA (when initialised) generator states. The file is read with
-``weights_only=True`` and its layout is checked before anything is restored.
+``weights_only=True`` and its layout is checked before anything is restored. At the saving
+job's world size each rank gets its own saved states back; at another, every rank seeds its
+generators from `derived_seed`: rank 0's saved torch state and the new rank, so a resume
+repeats itself and no two ranks draw the same numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import random
 from collections.abc import Mapping
@@ -18,8 +22,8 @@ from distlib._safe_unpickle import load_torch_file
 from distlib.env import Env
 from distlib.errors import CheckpointError
 
-__all__ = ["capture_rng_state", "check_rng_state", "load_rng_state", "restore_rng_state",
-           "rng_file", "save_rng_state"]
+__all__ = ["capture_rng_state", "check_rng_state", "derived_seed", "load_rng_state",
+           "restore_rng_state", "rng_file", "save_rng_state", "seed_rng_state"]
 
 
 def rng_file(folder: pathlib.Path, rank: int) -> pathlib.Path:
@@ -105,22 +109,37 @@ def save_rng_state(folder: pathlib.Path, rank: int) -> None:
         torch.save(capture_rng_state(), handle)
 
 
-def load_rng_state(path: pathlib.Path, env: Env, manifest: Mapping[str, Any]) -> None:
-    """Restore this rank's states from the checkpoint folder ``path`` (read as ``load_state``).
+def derived_seed(saved_torch_state: torch.Tensor, rank: int) -> int:
+    """The seed of rank ``rank`` resumed at another world size: a hash of the saved job's
+    rank-0 torch generator state and the new rank (the same on every resume, one per rank).
 
-    Raises:
-        CheckpointError: the world size differs from the saving job's, or the file is
-            truncated, unsafe or not an RNG state file.
-
-    Effects: sets the global generator states.
+    Examples:
+        >>> state = torch.Generator().manual_seed(0).get_state()
+        >>> derived_seed(state, 1) == derived_seed(state, 1) != derived_seed(state, 2)
+        True
     """
-    if manifest["world_size"] != env.world_size:
-        msg = (f"load_state(): the world size must equal the saving job's to restore each "
-               f"rank's random state, but got {env.world_size} now and "
-               f"{manifest['world_size']} in {path}. Pass rng=False to keep the current "
-               "random state.")
-        raise CheckpointError(msg)
-    file = rng_file(path, env.rank)
+    digest = hashlib.sha256(b"distlib-rng-reshard")
+    digest.update(saved_torch_state.numpy().tobytes())
+    digest.update(rank.to_bytes(8, "little"))
+    return int.from_bytes(digest.digest()[:8], "little")
+
+
+def seed_rng_state(seed: int) -> None:
+    """Seed the python, numpy, torch and every CUDA generator from ``seed``.
+
+    Effects: sets the python, numpy, torch and CUDA global generator states.
+    """
+    random.seed(seed)
+    torch.manual_seed(seed)  # CUDA's generators too, when there are devices
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed % 2**32)
+
+
+def _read_rng_file(path: pathlib.Path, rank: int) -> dict[str, Any]:
+    file = rng_file(path, rank)
     state = load_torch_file(file, file=str(file), call="load_state()",
                             what="a complete RNG state file", fix="Pass rng=False to skip it.")
     try:
@@ -129,4 +148,26 @@ def load_rng_state(path: pathlib.Path, env: Env, manifest: Mapping[str, Any]) ->
         msg = (f"load_state(): {file} must hold the RNG states save_state writes, but {exc}. "
                "The checkpoint is damaged; pass rng=False to skip it.")
         raise CheckpointError(msg) from None
-    restore_rng_state(state)
+    return dict(state)
+
+
+def load_rng_state(path: pathlib.Path, env: Env, manifest: Mapping[str, Any]) -> None:
+    """Restore this rank's states from the checkpoint folder ``path`` (read as ``load_state``).
+
+    At the saving job's world size rank ``r`` gets the states it saved. At another world
+    size there is no saved state for the new ranks to take: every rank seeds its python,
+    numpy, torch and CUDA generators with `derived_seed` of the saving job's rank-0 torch
+    state and its own rank, so the resumed job draws the same numbers on every resume and
+    different ones on each rank (not those of the saving job: the numerics after such a
+    resume match a run at the new size only up to these fresh random draws).
+
+    Raises:
+        CheckpointError: the file is truncated, unsafe or not an RNG state file.
+
+    Effects: sets the global generator states.
+    """
+    if manifest["world_size"] != env.world_size:
+        saved = _read_rng_file(path, 0)
+        seed_rng_state(derived_seed(saved["torch"], env.rank))
+        return
+    restore_rng_state(_read_rng_file(path, env.rank))

@@ -476,16 +476,15 @@ def _load_small(path: pathlib.Path, objects: Mapping[str, Any], kinds: Mapping[s
                "The checkpoint is damaged or was not written by save_state.")
         raise CheckpointError(msg)
     for name, obj in wanted.items():
-        # A loader's position counts batches dealt over the data-parallel ranks (older
-        # checkpoints, from before meshes, dealt over every rank).
-        saved_dp = manifest.get("dp_size", manifest["world_size"])
-        if isinstance(obj, ShardedLoader) and saved_dp != env.mesh.dp_size:
-            msg = (f"load_state(): the number of data-parallel ranks must equal the saving job's "
-                   f"to resume loader {name!r} mid-epoch, but got {env.mesh.dp_size} now "
-                   f"(mesh {env.mesh}) and {saved_dp} in {path}. Resume with the same data-parallel "
-                   "size, or leave the loader out and start the epoch afresh.")
-            raise CheckpointError(msg)
-        obj.load_state_dict(saved[name])
+        state = saved[name]
+        if isinstance(obj, ShardedLoader) and isinstance(state, Mapping) \
+                and "dp_size" not in state:
+            # An older loader state counts steps dealt over the saving job's data-parallel
+            # ranks (every rank, before meshes): say how many, so that the loader refuses
+            # another size instead of resuming elsewhere in the epoch. Newer states carry a
+            # global position, which the loader re-deals at any data-parallel size.
+            state = {**state, "dp_size": manifest.get("dp_size", manifest["world_size"])}
+        obj.load_state_dict(state)
 
 
 def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool | None = None,
@@ -495,7 +494,9 @@ def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool | None = Non
 
     Models and optimizers load through ``torch.distributed.checkpoint``, so a checkpoint
     saved under one strategy or world size loads under another (FSDP2 -> single, 2 -> 4
-    ranks); a sharded loader's position and the RNG states need the same world size.
+    ranks); a sharded loader resumes its epoch at any data-parallel size, every sample read
+    once (its ``load_state_dict``), and at another world size each rank's RNG is seeded
+    from the checkpoint and its rank (`distlib.checkpoint.rng`).
 
     Args:
         path: the checkpoint folder.
@@ -517,9 +518,10 @@ def load_state(path: str | os.PathLike[str], env: Env, *, rng: bool | None = Non
 
     Raises:
         CheckpointError: the folder is not a complete checkpoint, a name was not saved, a
-            model's keys or shapes differ (named in the message), a file is truncated, or the
-            world size differs where it matters; ``rng=True`` but the checkpoint holds no
-            RNG states.
+            model's keys or shapes differ (named in the message), or a file is truncated;
+            ``rng=True`` but the checkpoint holds no RNG states.
+        ShardingError: a loader's saved position cannot resume here (another pass length, or
+            an older distlib's position at another data-parallel size).
         TypeError: ``progress`` or ``rng`` is not True, False or None; ``exclude`` is not a
             sequence of strings.
         ValueError: an ``exclude`` pattern matches no model key (the pattern is named).

@@ -1,4 +1,5 @@
-"""A sharded loader's randomness, length and resume in one process (issue 11, items 2-4, 8).
+"""A sharded loader's randomness, length and resume in one process (issue 11, items 2-4, 8;
+issue 17, parts 3 and 6: another data-parallel size, iterable datasets' own state, RNG).
 
 The shuffle seed of a loader without a generator is one draw from the global torch RNG; after
 that no pass draws from it (worker seeds come from a private generator), so a resumed run sees
@@ -7,7 +8,8 @@ the RNG stream of one that never stopped. ``len()`` is the epoch, ``remaining`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import pathlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -16,11 +18,13 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     Dataset,
+    IterableDataset,
     RandomSampler,
     Sampler,
 )
 
 import distlib as dl
+from distlib.checkpoint import rng
 from distlib.data import skip_first_batches
 from distlib.env import Env
 from distlib.errors import ShardingError
@@ -266,7 +270,8 @@ def test_skip_first_batches_mid_pass_state_and_unread_samples() -> None:
     view = dl.shard(DataLoader(data, batch_size=2), fake_env(1, 2)).skip_first_batches(2)
     it = iter(view)
     assert next(it).tolist() == [10, 11]
-    assert view.state_dict() == {"epoch": 0, "start_batch": 3}  # a save here resumes after it
+    state = view.state_dict()
+    assert (state["epoch"], state["start_batch"], state["position"]) == (0, 3, 12)  # after it
     assert list(it) == [] and data.read == [10, 11]
 
 
@@ -295,3 +300,230 @@ def test_skip_first_batches_refuses_other_objects_and_allows_unsized_streams() -
     unsized = dl.shard(DataLoader(Stream(7, sized=False), batch_size=2), ONE)
     assert _flat(skip_first_batches(unsized, 2)) == [4, 5, 6]
     assert _flat(skip_first_batches(unsized, 9)) == []  # no length to check: nothing left
+
+
+# -- issue 17, part 3: resume at another data-parallel size ---------------------------------
+
+def _shuffled(n: int = 20, batch: int = 2, **kw: Any) -> DataLoader[Any]:
+    return DataLoader(list(range(n)), batch_size=batch, shuffle=True,
+                      generator=torch.Generator().manual_seed(4), **kw)
+
+
+def _saved_at(world: int, steps: int, make: Callable[[], Any] = _shuffled,
+              **kw: Any) -> tuple[dict[str, Any], list[int]]:
+    """Rank 0's state after ``steps`` steps at ``world`` ranks, and what all ranks read."""
+    seen: list[int] = []
+    states = []
+    for rank in range(world):
+        loader = dl.shard(make(), fake_env(rank, world), **kw)
+        it = iter(loader)
+        for _ in range(steps):
+            seen.extend(_flat([next(it)]))
+        states.append(loader.state_dict())
+    return states[0], seen
+
+
+def test_len_remaining_and_position_after_a_resume_at_another_size() -> None:
+    state, before = _saved_at(2, 3)  # 12 of 20 samples read
+    assert (state["position"], state["dp_size"], state["num_units"]) == (12, 2, 20)
+    aligned = dl.shard(_shuffled(), fake_env(0, 3))  # G = 6: 12 is step 2 of a pass at 3
+    aligned.load_state_dict(state)
+    assert (len(aligned), aligned.remaining, aligned.state_dict()["start_batch"]) == (4, 2, 2)
+    redealt = dl.shard(_shuffled(), fake_env(1, 4))  # G = 8: 12 is inside step 1
+    redealt.load_state_dict(state)
+    assert (len(redealt), redealt.remaining) == (3, 1)  # 8 samples left: one step of 8
+    assert redealt.state_dict()["position"] == 12
+    batch = next(iter(redealt))
+    assert redealt.position == (0, 0, False)  # steps count from the re-dealt point
+    after = redealt.state_dict()
+    assert (after["start_sample"], after["start_batch"], after["position"]) == (12, 1, 20)
+    rest = [i for r in range(4) for i in _flat(_resumed(state, r, 4))]
+    assert sorted(before + rest) == list(range(20)) and batch.tolist() == rest[2:4]
+
+
+def _resumed(state: dict[str, Any], rank: int, world: int, **kw: Any) -> Any:
+    loader = dl.shard(_shuffled(), fake_env(rank, world), **kw)
+    loader.load_state_dict(state)
+    return loader
+
+
+def test_same_size_resumes_as_saved_and_old_states_still_load() -> None:
+    state, _ = _saved_at(2, 3)
+    old = {"epoch": state["epoch"], "start_batch": 3, "seed": state["seed"]}
+    straight = [_flat(_resumed(s, 1, 2)) for s in (state, old)]
+    assert straight[0] == straight[1] == _flat(dl.shard(_shuffled(), fake_env(1, 2),
+                                                        start_batch=3))
+    with pytest.raises(ShardingError, match=r"older distlib\) must be loaded at the "
+                                            r"data-parallel size it was saved at, but got 3 "
+                                            r"now and 2 when saved"):
+        _resumed(old | {"dp_size": 2}, 0, 3)  # load_state tells the loader the saved size
+
+
+@pytest.mark.parametrize(("change", "rule"), [
+    ({"epoch": -1}, r"state\['epoch'\] must be an int >= 0, but got -1"),
+    ({"start_batch": "3"}, r"state\['start_batch'\] must be an int >= 0, but got '3'"),
+    ({"position": True}, r"state\['position'\] must be an int >= 0, but got True"),
+    ({"position": 1.5}, r"state\['position'\] must be an int >= 0, but got 1.5"),
+    ({"dp_size": 0.5}, r"state\['dp_size'\] must be an int >= 0, but got 0.5"),
+    ({"start_sample": -2}, r"state\['start_sample'\] must be an int >= 0, but got -2"),
+    ({"unit": "batches"}, r"state\['unit'\] must be 'samples' .* but got 'batches'"),
+    ({"num_units": 22}, r"as many samples as when saved, but got 20 now and 22 when saved"),
+])
+def test_load_state_dict_refuses_states_it_cannot_resume(change: dict[str, Any],
+                                                         rule: str) -> None:
+    state, _ = _saved_at(2, 3)
+    loader = dl.shard(_shuffled(), fake_env(0, 2))
+    with pytest.raises(ShardingError, match=rule) as info:
+        loader.load_state_dict(state | change)
+    assert "ShardedLoader.load_state_dict()" in str(info.value)
+    assert loader.remaining == 5  # left as it was
+    with pytest.raises(ShardingError, match=r"must be a dict .* but got list"):
+        loader.load_state_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_skip_first_batches_refuses_the_saving_jobs_step_count() -> None:
+    state, _ = _saved_at(2, 3)
+    loader = _resumed(state, 0, 3)  # resumes at step 2 of a pass at 3
+    with pytest.raises(ShardingError, match=r"num_batches must be 2, the step load_state_dict "
+                                            r"resumed at .* but got 3\. .*drop the"):
+        skip_first_batches(loader, 3)  # Accelerate's recipe with the 2-rank job's steps
+    assert _flat(skip_first_batches(loader, 2)) == _flat(_resumed(state, 0, 3))
+    same = _resumed(state, 0, 2)
+    assert _flat(skip_first_batches(same, 1)) == _flat(dl.shard(_shuffled(), fake_env(0, 2),
+                                                                start_batch=1))
+
+
+def test_padding_of_a_re_dealt_tail_is_flagged_for_gather_metrics() -> None:
+    state, before = _saved_at(2, 2)  # 8 of 20 read; 12 left for 5 ranks of 2: G = 10
+    real: list[int] = []
+    for rank in range(5):
+        loader = _resumed(state, rank, 5)
+        for batch in loader:
+            info = loader.metrics_layout()[1][-1]
+            keep = max(0, min(len(batch), info.real - sum(info.rows[:rank])))
+            real.extend(batch.tolist()[:keep])
+        assert len(loader._at.infos) == 2 and loader._at.infos[1].real == 2
+    assert sorted(before + real) == list(range(20))
+
+
+# -- issue 17, part 6: iterable datasets that keep their own state ------------------------
+
+class Resumable(IterableDataset[int]):
+    """The integers below ``n``; its state is how many it has handed out; it logs reads."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.at, self.reads, self.resume_at = n, 0, [], 0
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.resume_at = self.resume_at, 0
+        for i in range(start, self.n):
+            self.at = i + 1
+            self.reads.append(i)
+            yield i
+
+    def __len__(self) -> int:
+        return self.n
+
+    def state_dict(self) -> dict[str, int]:
+        return {"at": self.at}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = state["at"]
+
+
+def test_a_stateful_iterable_dataset_resumes_without_replay_at_any_size() -> None:
+    datasets, states, before = [], [], []
+    for rank in range(2):
+        datasets.append(Resumable(22))
+        loader = dl.shard(DataLoader(datasets[-1], batch_size=2), fake_env(rank, 2))
+        it = iter(loader)
+        before += _flat([next(it), next(it), next(it)])
+        states.append(loader.state_dict())
+    assert states[0]["dataset"] == {"at": 12} and states[0]["position"] == 12
+    for world in (1, 2, 3):
+        after = []
+        for rank in range(world):
+            data = Resumable(22)
+            loader = dl.shard(DataLoader(data, batch_size=2), fake_env(rank, world))
+            loader.load_state_dict(states[0])
+            assert loader.state_dict()["dataset"] == {"at": 12}  # handed on until read
+            after += _flat(loader)
+            assert data.reads == list(range(12, 22)), world  # nothing replayed
+            assert _flat(loader) == _flat(dl.shard(DataLoader(Resumable(22), batch_size=2),
+                                                   fake_env(rank, world)))  # whole again
+        skipped = dl.shard(DataLoader(Resumable(22), batch_size=2), fake_env(0, world))
+        skipped.load_state_dict(states[0])
+        if world == 2:  # a step count of its own: the saved dataset state is not for it
+            assert _flat(skip_first_batches(skipped, 4)) == _flat(
+                dl.shard(DataLoader(Stream(22), batch_size=2), fake_env(0, 2), start_batch=4))
+        padding = [12, 13] if world > 1 else []  # 10 left for G = 4 or 6: 2 looped back
+        assert sorted(before + after) == sorted([*range(22), *padding])
+
+
+def test_an_iterable_dataset_without_state_or_with_workers_is_replayed() -> None:
+    for make in (lambda: DataLoader(Stream(22), batch_size=2),
+                 lambda: DataLoader(Resumable(22), batch_size=2, num_workers=1,
+                                    generator=torch.Generator().manual_seed(0))):
+        state = None
+        before = []
+        for rank in range(2):
+            loader = dl.shard(make(), fake_env(rank, 2))
+            it = iter(loader)
+            before += _flat([next(it), next(it), next(it)])
+            state = state or loader.state_dict()
+        assert state is not None and "dataset" not in state and state["position"] == 12
+        after = []
+        for rank in range(3):
+            loader = dl.shard(make(), fake_env(rank, 3), even_batches=False)
+            loader.load_state_dict(state)
+            after += _flat(loader)
+        assert sorted(before + after) == list(range(22))
+
+
+def test_torchdata_stateful_dataloader_is_sharded_and_its_own_state_refused() -> None:
+    stateful = pytest.importorskip("torchdata.stateful_dataloader",
+                                   reason="torchdata is an optional integration")
+    data = Resumable(12)
+    loader = dl.shard(stateful.StatefulDataLoader(data, batch_size=2), fake_env(1, 2))
+    it = iter(loader)
+    assert next(it).tolist() == [2, 3]
+    state = loader.state_dict()
+    assert state["dataset"] == {"at": 4}
+    resumed = dl.shard(stateful.StatefulDataLoader(Resumable(12), batch_size=2), ONE)
+    resumed.load_state_dict(state)
+    assert _flat(resumed) == list(range(4, 12))
+    raw = stateful.StatefulDataLoader(Resumable(12), batch_size=2)
+    raw.load_state_dict(raw.state_dict())
+    with pytest.raises(ShardingError, match="StatefulDataLoader must not hold a state loaded "
+                                            "with its own load_state_dict"):
+        dl.shard(raw, ONE)
+
+
+# -- issue 17, part 3: RNG at another world size --------------------------------------------
+
+def test_rng_at_another_world_size_is_derived_per_rank(tmp_path: pathlib.Path) -> None:
+    import random
+
+    (tmp_path / "rng").mkdir()
+    for rank in range(2):
+        torch.manual_seed(10 + rank)
+        random.seed(10 + rank)
+        rng.save_rng_state(tmp_path, rank)
+
+    def draws(rank: int, world: int) -> tuple[float, float]:
+        torch.manual_seed(999)  # whatever the state before: load_rng_state sets it
+        random.seed(999)
+        rng.load_rng_state(tmp_path, fake_env(rank, world), {"world_size": 2})
+        return torch.rand(()).item(), random.random()
+
+    torch.manual_seed(11)
+    random.seed(11)
+    own = (torch.rand(()).item(), random.random())
+    assert draws(1, 2) == own  # at the saving job's size: its own saved state
+    three = [draws(r, 3) for r in range(3)]
+    assert three == [draws(r, 3) for r in range(3)]  # the same on every resume
+    assert len(set(three)) == 3 and draws(0, 2) not in three  # one stream per rank
+    assert draws(2, 5) == three[2]  # from the checkpoint and the new rank alone
+    with pytest.raises(dl.errors.CheckpointError, match=r"load_state\(\): .*rank0\.pt must"):
+        (tmp_path / "rng" / "rank0.pt").write_bytes(b"not a torch file")
+        rng.load_rng_state(tmp_path, fake_env(0, 3), {"world_size": 2})
