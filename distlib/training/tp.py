@@ -162,7 +162,26 @@ def plan_tensor_parallel(model: torch.nn.Module, tp_plan: str | Mapping[str, Any
                f"{patterns!r}, which names none of a {type(model).__name__}. {_PLAN_EXAMPLE}.")
         raise StrategyError(msg)
     _check_heads(model, tp)
+    _check_tied(model, plan)
     return plan
+
+
+def _check_tied(model: torch.nn.Module, plan: Mapping[str, ParallelStyle]) -> None:
+    """Refuse a plan that shards a module holding a tied parameter (an lm_head tied to the
+    embedding): torch would give that module a DTensor of its own, silently untying it."""
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for leaf, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append((name, leaf))
+    for places in holders.values():
+        planned = sorted({name for name, _ in places if name in plan})
+        if len({name for name, _ in places}) > 1 and planned:
+            tied = [f"{name}.{leaf}" if name else leaf for name, leaf in places]
+            msg = (f"wrap(): tensor parallelism must keep tied weights one tensor, but got "
+                   f"{tied} tied and tp_plan sharding {planned} (each would get a DTensor of "
+                   "its own, and training would untie them). Build the model untied (e.g. "
+                   "config.tie_word_embeddings=False), or leave those modules out of tp_plan.")
+            raise StrategyError(msg)
 
 
 def apply_tensor_parallel(model: torch.nn.Module, tp_mesh: Any,

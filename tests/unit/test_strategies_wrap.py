@@ -371,6 +371,24 @@ def test_the_auto_plan_is_the_transformers_models_own() -> None:
         n for n in plan if n not in ("lm_head", "model.embed_tokens")}
 
 
+def test_a_plan_that_would_untie_tied_weights_is_refused() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, tie_word_embeddings=True))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    with pytest.raises(StrategyError) as info:
+        plan_tensor_parallel(tied, "auto", 2)
+    msg = str(info.value)
+    assert "must keep tied weights one tensor" in msg and "tie_word_embeddings=False" in msg
+    assert "'lm_head.weight'" in msg and "'model.embed_tokens.weight'" in msg
+    assert "['lm_head', 'model.embed_tokens']" in msg
+    # A plan that leaves the tied modules alone keeps them one tensor: allowed.
+    layers = {"model.layers.*.mlp.up_proj": "colwise", "model.layers.*.mlp.down_proj": "rowwise"}
+    assert len(plan_tensor_parallel(tied, layers, 2)) == 2
+
+
 def test_the_mesh_planner_reads_the_auto_plan_wrap_applies() -> None:
     # one reader (auto_tp_plan): a model whose plan is only its config's is planned as applied
     model = _llama()
