@@ -15,7 +15,10 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "distlib"
 
 # Modules (paths relative to distlib/) whose lazy imports keep the torch-free paths torch-free.
-TORCH_FREE = ("env.py", "strategies/", "cli/__init__.py", "launcher/plan.py", "launcher/config.py")
+# The subcommands whose planners load torch import them when the command runs, so that their
+# --help stays torch-free (tests/unit/test_cli_help_options.py).
+TORCH_FREE = ("env.py", "strategies/", "cli/__init__.py", "launcher/plan.py", "launcher/config.py",
+              "cli/plan.py", "cli/merge_weights.py", "cli/estimate_memory.py")
 
 
 def _local_imports(tree: ast.AST) -> list[tuple[int, str]]:
