@@ -12,7 +12,8 @@ Cases (each in a fresh subprocess, so peak RSS is its own; the page cache is war
       defaults; the first forward after loading and the later ones (fastest and median of
       ``--passes``; the fastest of ``--rounds`` processes, run round-robin), peak RSS growth (all of it, and the anonymous part: mapped file pages
       are resident too), against the read floor: reading the bytes distlib put on disk from
-      the warm page cache into one reused buffer.
+      the warm page cache into one reused buffer; and distlib as it was before it computed
+      from the mapped pages ("distlib-copying": every disk weight read into a buffer first).
 
 ``--json`` writes (c) to a file from which docs/hooks/pictures.py draws the plot of
 docs/big_models.md; the table printed last is that page's table.
@@ -37,6 +38,8 @@ import psutil
 
 LAYER_PARAMS = 4 * 1024 * 1024 + 3 * 1024 * 2816 + 2 * 1024  # attention + mlp + norms
 LIBS = ("distlib", "accelerate", "transformers")
+# distlib as before issue 19: every disk weight read into a buffer, none viewed in place
+COPYING = "distlib-copying"
 TOKENS = 16
 
 
@@ -135,11 +138,14 @@ def _plan(size_gb: float, share: float) -> dict[str, Any]:
 
 
 def _disk_bytes(model: Any, device_map: dict[str, Any]) -> tuple[int, int]:
-    """(all bytes mapped to disk, the largest disk entry's bytes) of a dispatched model."""
-    entries = [sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                   if not key or n == key or n.startswith(key + "."))
-               for key, device in device_map.items() if device == "disk"]
-    return sum(entries), max(entries, default=0)
+    """(all bytes mapped to disk, the largest module on disk: what one hook brings in)."""
+    def on_disk(name: str) -> bool:
+        return any(device == "disk" and (not key or name == key or name.startswith(key + "."))
+                   for key, device in device_map.items())
+
+    modules = [sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+               for name, m in model.named_modules() if on_disk(name)]
+    return sum(modules), max(modules, default=0)
 
 
 def load_case(lib: str, size_gb: float, folder: str) -> dict[str, Any]:
@@ -187,25 +193,36 @@ def _load_offloaded(lib: str, size_gb: float, folder: str, share: float,
                                device_map=_plan(size_gb, share), offload_folder=offload)
     from distlib import load_checkpoint_and_dispatch
 
-    return load_checkpoint_and_dispatch(_empty_model(size_gb, lib), folder, "auto",
+    if lib == COPYING:
+        from distlib.big_model import hooks
+
+        hooks.is_viewable = lambda src: False
+    return load_checkpoint_and_dispatch(_empty_model(size_gb, "distlib"), folder, "auto",
                                         max_memory={"cpu": _budget(size_gb, share)},
                                         no_split_module_classes=["LlamaDecoderLayer"],
                                         offload_folder=offload, quiet=True)
 
 
 def _sampled_peak(model: Any, ids: Any) -> tuple[int, int]:
-    """Peak (anonymous, total) RSS over one forward, sampled at every module's start and end."""
-    peak = [0, 0]
+    """Peak (anonymous, total) RSS over one forward, polled by a thread (every tool alike:
+    Accelerate's hooks replace ``forward``, so module hooks would miss its peak)."""
+    import threading
 
-    def sample(*_: Any) -> None:
-        anon, file = _status()
-        peak[0], peak[1] = max(peak[0], anon), max(peak[1], anon + file)
+    peak, done = [0, 0], threading.Event()
 
-    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(sample),
-                                                    m.register_forward_hook(sample))]
-    model(ids)
-    for handle in handles:
-        handle.remove()
+    def poll() -> None:
+        while not done.is_set():
+            anon, file = _status()
+            peak[0], peak[1] = max(peak[0], anon), max(peak[1], anon + file)
+            done.wait(0.0005)
+
+    thread = threading.Thread(target=poll, name="rss-poll")
+    thread.start()
+    try:
+        model(ids)
+    finally:
+        done.set()
+        thread.join()
     return peak[0], peak[1]
 
 
@@ -222,7 +239,7 @@ def forward_case(lib: str, size_gb: float, folder: str, share: float,
         model = _load_offloaded(lib, size_gb, folder, share, offload)
         loaded = time.perf_counter() - start
         device_map = dict(getattr(model, "hf_device_map", None) or {"": "cpu"})
-        if lib == "distlib" and device_map != plan:
+        if lib in ("distlib", COPYING) and device_map != plan:
             raise RuntimeError(f"distlib planned {device_map}, not the map the others get")
         ids = torch.randint(0, 32000, (1, TOKENS), generator=torch.Generator().manual_seed(0))
         times = []
@@ -235,7 +252,7 @@ def forward_case(lib: str, size_gb: float, folder: str, share: float,
         disk, largest = _disk_bytes(model, device_map)
         return {"load_s": loaded, "first_s": times[0], "later_min_s": min(times[1:]),
                 "later_median_s": statistics.median(times[1:]), "budget": budget,
-                "disk_bytes": disk, "largest_disk_entry": largest,
+                "disk_bytes": disk, "largest_disk_module": largest,
                 "disk_entries": sum(1 for d in device_map.values() if d == "disk"),
                 "peak_growth": _peak() - base, "forward_peak_anon": anon - anon0,
                 "forward_peak_total": total - anon0 - file0,
@@ -302,16 +319,15 @@ def _ratio(a: Any, b: Any) -> float | None:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The docs table: seconds per forward (first; later fastest) and the ratios."""
-    head = ("| on disk | distlib first / later | Accelerate | transformers | read floor | "
-            "distlib ÷ best peer (later) | distlib ÷ floor (later) |")
-    lines = [head, "| --- | --- | --- | --- | --- | --- | --- |"]
+    """The docs tables: seconds per forward (first / later, fastest) with the ratios; then
+    the peak RSS growth over a forward, against the cpu budget plus the largest disk module."""
+    lines = ["| on disk | distlib first / later | Accelerate | transformers | distlib, copying "
+             "| read floor | distlib ÷ best peer (later) | distlib ÷ floor (later) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        cells = []
-        for lib in LIBS:
-            got = row[lib]
-            cells.append("error" if "error" in got else
-                         f"{got['first_s']:.3f} / {got['later_min_s']:.3f}")
+        cells = ["error" if "error" in row[lib] else
+                 f"{row[lib]['first_s']:.3f} / {row[lib]['later_min_s']:.3f}"
+                 for lib in (*LIBS, COPYING)]
         floor = row["floor"]
         peers = [row[lib].get("later_min_s") for lib in LIBS[1:]]
         best = min((p for p in peers if isinstance(p, float)), default=None)
@@ -320,6 +336,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {row['share']:.1%} ({floor.get('bytes', 0) / 1e9:.2f} GB) | "
                      + " | ".join(cells) + f" | {floor.get('seconds', 0):.3f} | "
                      f"{_ratio(ours, best)} | {vs_floor if vs_floor is not None else '—'} |")
+    lines += ["", "| on disk | cpu budget + largest disk module | distlib total (anonymous) | "
+              "Accelerate | transformers |", "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        ours = row["distlib"]
+        cells = ["error" if "error" in row[lib] else
+                 f"{row[lib]['forward_peak_total'] / 1e6:,.0f} "
+                 f"({row[lib]['forward_peak_anon'] / 1e6:,.0f}) MB" for lib in LIBS]
+        bound = (ours.get("budget", 0) + ours.get("largest_disk_module", 0)) / 1e6
+        lines.append(f"| {row['share']:.1%} | {bound:,.0f} MB | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -379,7 +404,7 @@ def main() -> int:
     rows = []
     for share in args.shares:
         extra = [*common, "--share", str(share), "--passes", str(args.passes)]
-        runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in (*LIBS, "floor")}
+        runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in (*LIBS, COPYING, "floor")}
         for _ in range(args.rounds):  # round-robin, so a busy spell hits every tool alike
             for lib, got in runs.items():
                 got.append(_subprocess("--case", "forward", "--lib", lib, *extra))

@@ -343,6 +343,7 @@ def draw_loss_curve() -> Any:
 FORWARD_DATA = ROOT / "docs" / "data" / "big_model_forward.json"
 FORWARD_LINES = (("distlib", "distlib", PALETTE[0], "-"), ("accelerate", "Accelerate", PALETTE[1], "-"),
                  ("transformers", "transformers", PALETTE[2], "-"),
+                 ("distlib-copying", "distlib, copying (before)", PALETTE[4], "-."),
                  ("floor", "read floor (disk bytes, warm)", "#666666", ":"))
 
 
@@ -355,14 +356,16 @@ def draw_big_model_forward() -> Any:
     fig, ax = plt.subplots(figsize=(9.2, 4.4))
     fig.subplots_adjust(0.08, 0.12, 0.98, 0.86)
     for lib, label, colour, style in FORWARD_LINES:
-        points = [(100 * r["share"], r[lib]) for r in rows if "error" not in r[lib]]
+        points = [(100 * r["share"], r[lib]) for r in rows if "error" not in r.get(lib, {"error": 0})]
         if lib == "floor":
             ax.plot([x for x, _ in points], [v["seconds"] for _, v in points], color=colour,
                     linestyle=style, linewidth=1.6, marker="s", markersize=4, label=label)
             continue
         ax.plot([x for x, _ in points], [v["later_min_s"] for _, v in points], color=colour,
                 linestyle=style, linewidth=1.8, marker="o", markersize=5,
-                label=f"{label}: later forwards")
+                label=f"{label}: later forwards" if style == "-" else label)
+        if style != "-":
+            continue
         ax.plot([x for x, _ in points], [v["first_s"] for _, v in points], color=colour,
                 linestyle="--", linewidth=1.0, marker="x", markersize=5, label="first forward")
     ax.set_xlabel("share of the model's bytes on disk (%)")
