@@ -3,17 +3,20 @@
     python benchmarks/big_model.py --size-gb 1.7 --json docs/data/big_model_forward.json
     python benchmarks/big_model.py --size-gb 0.4 --shares 0 0.5 0.875  # a quicker run
 
-Cases (each in a fresh subprocess, so peak RSS is its own; the page cache is warm):
+Cases (the page cache is warm):
   (b) load_checkpoint_and_dispatch to the CPU vs reading the same files with safetensors
-      alone: wall time, peak RSS growth vs the checkpoint size;
-  (c) the offloaded forward, for several shares of the model on disk: ``max_memory={"cpu":
-      (1 - share) x model}`` through distlib's and Accelerate's ``load_checkpoint_and_dispatch``
-      and transformers' ``from_pretrained(device_map="auto", max_memory=...)``, each with its
-      defaults; the first forward after loading and the later ones (fastest and median of
-      ``--passes``; the fastest of ``--rounds`` processes, run round-robin), peak RSS growth (all of it, and the anonymous part: mapped file pages
-      are resident too), against the read floor: reading the bytes distlib put on disk from
-      the warm page cache into one reused buffer; and distlib as it was before it computed
-      from the mapped pages ("distlib-copying": every disk weight read into a buffer first).
+      alone: wall time, peak RSS growth vs the checkpoint size (each in a fresh process);
+  (c) the offloaded forward, for several shares of the model on disk, one process per share:
+      one device map, planned by distlib from ``max_memory={"cpu": (1 - share) x model}``,
+      given to distlib's and Accelerate's ``load_checkpoint_and_dispatch`` and transformers'
+      ``from_pretrained(device_map=...)``, each otherwise with its defaults, and to distlib
+      as it was before it computed from the mapped pages ("distlib-copying": every disk
+      weight read into a buffer first). Each tool is loaded and its first forward timed;
+      then ``--passes`` later forwards of every tool, interleaved with the read floor
+      (reading the bytes on disk from the warm page cache into one reused buffer) in a
+      rotating order, so that other work on the machine hits them all alike; then the RSS
+      growth over one forward, polled by a thread (all of it, and the anonymous part: mapped
+      file pages are resident too).
 
 ``--json`` writes (c) to a file from which docs/hooks/pictures.py draws the plot of
 docs/big_models.md; the table printed last is that page's table.
@@ -193,22 +196,20 @@ def _load_offloaded(lib: str, size_gb: float, folder: str, share: float,
                                device_map=_plan(size_gb, share), offload_folder=offload)
     from distlib import load_checkpoint_and_dispatch
 
-    if lib == COPYING:
-        from distlib.big_model import hooks
-
-        hooks.is_viewable = lambda src: False
     return load_checkpoint_and_dispatch(_empty_model(size_gb, "distlib"), folder, "auto",
                                         max_memory={"cpu": _budget(size_gb, share)},
                                         no_split_module_classes=["LlamaDecoderLayer"],
                                         offload_folder=offload, quiet=True)
 
 
-def _sampled_peak(model: Any, ids: Any) -> tuple[int, int]:
-    """Peak (anonymous, total) RSS over one forward, polled by a thread (every tool alike:
-    Accelerate's hooks replace ``forward``, so module hooks would miss its peak)."""
+def _polled_growth(run: Any) -> tuple[int, int]:
+    """RSS growth (anonymous, total) over ``run()`` above the RSS before it, polled by a
+    thread every half millisecond (every tool alike: Accelerate's hooks replace
+    ``forward``, so module hooks would miss its peak)."""
     import threading
 
-    peak, done = [0, 0], threading.Event()
+    before = _status()
+    peak, done = list(before), threading.Event()
 
     def poll() -> None:
         while not done.is_set():
@@ -219,64 +220,39 @@ def _sampled_peak(model: Any, ids: Any) -> tuple[int, int]:
     thread = threading.Thread(target=poll, name="rss-poll")
     thread.start()
     try:
-        model(ids)
+        run()
     finally:
         done.set()
         thread.join()
-    return peak[0], peak[1]
+    return peak[0] - before[0], peak[1] - sum(before)
 
 
-def forward_case(lib: str, size_gb: float, folder: str, share: float,
-                 passes: int) -> dict[str, Any]:
-    """(c): load with a cpu budget, then time the first and the later forwards."""
-    import torch
+class _Copying:
+    """distlib as before issue 19, while entered: no disk weight is viewed in place."""
 
-    budget, plan = _budget(size_gb, share), _plan(size_gb, share)
-    anon0, file0 = _status()
-    base = _rss()
-    with tempfile.TemporaryDirectory(prefix="offload-") as offload:
-        start = time.perf_counter()
-        model = _load_offloaded(lib, size_gb, folder, share, offload)
-        loaded = time.perf_counter() - start
-        device_map = dict(getattr(model, "hf_device_map", None) or {"": "cpu"})
-        if lib in ("distlib", COPYING) and device_map != plan:
-            raise RuntimeError(f"distlib planned {device_map}, not the map the others get")
-        ids = torch.randint(0, 32000, (1, TOKENS), generator=torch.Generator().manual_seed(0))
-        times = []
-        with torch.no_grad():
-            for _ in range(passes + 1):
-                start = time.perf_counter()
-                logits = model(ids).logits
-                times.append(time.perf_counter() - start)
-            anon, total = _sampled_peak(model, ids)
-        disk, largest = _disk_bytes(model, device_map)
-        return {"load_s": loaded, "first_s": times[0], "later_min_s": min(times[1:]),
-                "later_median_s": statistics.median(times[1:]), "budget": budget,
-                "disk_bytes": disk, "largest_disk_module": largest,
-                "disk_entries": sum(1 for d in device_map.values() if d == "disk"),
-                "peak_growth": _peak() - base, "forward_peak_anon": anon - anon0,
-                "forward_peak_total": total - anon0 - file0,
-                "logits_sum": float(logits.double().sum())}
+    def __enter__(self) -> None:
+        from distlib.big_model import hooks
+
+        self.hooks, self.saved = hooks, hooks.is_viewable
+        hooks.is_viewable = lambda src: False
+
+    def __exit__(self, *_: Any) -> None:
+        self.hooks.is_viewable = self.saved
 
 
-def floor_case(size_gb: float, folder: str, share: float, passes: int) -> dict[str, Any]:
-    """The read floor: the bytes distlib puts on disk, read warm into one reused buffer."""
+def _reader(size_gb: float, folder: str, share: float) -> tuple[Any, int]:
+    """The read floor as a callable: the bytes distlib puts on disk, read into one buffer."""
     import torch
 
     from distlib.big_model.device_map import DeviceMap
     from distlib.big_model.files import checkpoint_files, read_safetensors_header
 
     plan = DeviceMap.of(_plan(size_gb, share))
-    sources = {n: s for f in checkpoint_files(folder) for n, s in
-               read_safetensors_header(f).items()}
-    on_disk = [s for n, s in sources.items() if plan.device_of(n) == "disk"]
-    if not on_disk:
-        return {"seconds": 0.0, "bytes": 0}
-    buffer = torch.empty(max(s.nbytes for s in on_disk), dtype=torch.uint8)
-    view = memoryview(buffer.numpy())
-    times = []
-    for _ in range(passes + 1):
-        start = time.perf_counter()
+    on_disk = [s for f in checkpoint_files(folder) for n, s in read_safetensors_header(f).items()
+               if plan.device_of(n) == "disk"]
+    view = memoryview(torch.empty(max(s.nbytes for s in on_disk), dtype=torch.uint8).numpy())
+
+    def read() -> None:
         handles: dict[str, Any] = {}
         for src in on_disk:
             if src.file not in handles:
@@ -287,9 +263,80 @@ def floor_case(size_gb: float, folder: str, share: float, passes: int) -> dict[s
                 done += handles[src.file].readinto(view[done:src.nbytes])
         for handle in handles.values():
             handle.close()
-        times.append(time.perf_counter() - start)
-    total = sum(s.nbytes for s in on_disk)
-    return {"seconds": min(times[1:]), "median_s": statistics.median(times[1:]), "bytes": total}
+
+    return read, sum(s.nbytes for s in on_disk)
+
+
+def _warm_up() -> None:
+    """One forward of a one-layer model of the same widths: torch's one-time costs, paid."""
+    import torch
+    import transformers
+
+    config = _config(0.0)
+    config.num_hidden_layers, config.vocab_size = 1, 1000
+    with torch.no_grad():
+        transformers.AutoModelForCausalLM.from_config(config).eval()(torch.zeros(1, TOKENS,
+                                                                                  dtype=torch.long))
+
+
+def forward_case(size_gb: float, folder: str, share: float, passes: int) -> dict[str, Any]:
+    """(c) in one process: load each tool and time its first forward, then the later forwards
+    of all of them interleaved (the order rotating), so a busy spell hits every tool alike."""
+    import contextlib
+
+    import torch
+
+    _warm_up()
+    ids = torch.randint(0, 32000, (1, TOKENS), generator=torch.Generator().manual_seed(0))
+    plan = _plan(size_gb, share)
+    tools = [*LIBS, COPYING] if share else list(LIBS)
+    out: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="offload-") as offload, torch.no_grad():
+        for lib in tools:
+            scope = _Copying if lib == COPYING else contextlib.nullcontext
+            start = time.perf_counter()
+            try:
+                with scope():
+                    model = _load_offloaded(lib, size_gb, folder, share,
+                                            os.path.join(offload, lib))
+                    loaded = time.perf_counter() - start
+                    start = time.perf_counter()
+                    logits = model(ids).logits
+                    first = time.perf_counter() - start
+            except Exception as exc:  # a tool that cannot run this map: say so in the table
+                out[lib] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                continue
+            device_map = dict(getattr(model, "hf_device_map", None) or {"": "cpu"})
+            if lib in ("distlib", COPYING) and device_map != plan:
+                raise RuntimeError(f"distlib planned {device_map}, not the map the others get")
+            disk, largest = _disk_bytes(model, device_map)
+            out[lib] = {"load_s": loaded, "first_s": first, "later": [], "disk_bytes": disk,
+                        "largest_disk_module": largest, "logits_sum": float(logits.double().sum())}
+            runs[lib] = (scope, lambda model=model: model(ids))
+        if share:
+            read, nbytes = _reader(size_gb, folder, share)
+            read()  # warm
+            out["floor"] = {"later": [], "bytes": nbytes}
+            runs["floor"] = (contextlib.nullcontext, read)
+        names = list(runs)
+        for index in range(passes):
+            for lib in names[index % len(names):] + names[:index % len(names)]:
+                scope, run = runs[lib]
+                with scope():
+                    start = time.perf_counter()
+                    run()
+                    out[lib]["later"].append(time.perf_counter() - start)
+        for lib in (t for t in tools if t in runs):
+            scope, run = runs[lib]
+            with scope():
+                out[lib]["forward_growth_anon"], out[lib]["forward_growth_total"] = \
+                    _polled_growth(run)
+    for got in (g for g in out.values() if "later" in g):
+        got["later_min_s"], got["later_median_s"] = min(got["later"]), statistics.median(
+            got["later"])
+    out.setdefault("floor", {"later_min_s": 0.0, "later_median_s": 0.0, "bytes": 0})
+    return {"budget": _budget(size_gb, share), **out}
 
 
 def _subprocess(*args: str) -> dict[str, Any]:
@@ -301,50 +348,42 @@ def _subprocess(*args: str) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def _fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the fastest later forwards (read), its first forward the fastest seen."""
-    good = [r for r in runs if "error" not in r]
-    if not good:
-        return runs[0]
-    key = "later_min_s" if "later_min_s" in good[0] else "seconds"
-    best = dict(min(good, key=lambda r: r[key]))
-    if "first_s" in best:
-        best["first_s"] = min(r["first_s"] for r in good)
-    best["runs"] = len(good)
-    return best
-
-
 def _ratio(a: Any, b: Any) -> float | None:
     return round(a / b, 2) if isinstance(a, float) and isinstance(b, float) and b > 0 else None
 
 
+def _cell(got: dict[str, Any] | None) -> str:
+    if got is None:
+        return "—"
+    if "error" in got:
+        return "fails"
+    return f"{got['first_s']:.3f} / {got['later_min_s']:.3f}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The docs tables: seconds per forward (first / later, fastest) with the ratios; then
-    the peak RSS growth over a forward, against the cpu budget plus the largest disk module."""
+    the RSS growth over a forward, against the largest module on disk."""
     lines = ["| on disk | distlib first / later | Accelerate | transformers | distlib, copying "
              "| read floor | distlib ÷ best peer (later) | distlib ÷ floor (later) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in rows:
-        cells = ["—" if lib not in row else "error" if "error" in row[lib] else
-                 f"{row[lib]['first_s']:.3f} / {row[lib]['later_min_s']:.3f}"
-                 for lib in (*LIBS, COPYING)]
+    for row in (r for r in rows if "error" not in r):
         floor = row["floor"]
         peers = [row[lib].get("later_min_s") for lib in LIBS[1:]]
         best = min((p for p in peers if isinstance(p, float)), default=None)
         ours = row["distlib"].get("later_min_s")
-        vs_floor = _ratio(ours, floor.get("seconds"))
-        lines.append(f"| {row['share']:.1%} ({floor.get('bytes', 0) / 1e9:.2f} GB) | "
-                     + " | ".join(cells) + f" | {floor.get('seconds', 0):.3f} | "
-                     f"{_ratio(ours, best)} | {vs_floor if vs_floor is not None else '—'} |")
-    lines += ["", "| on disk | cpu budget + largest disk module | distlib total (anonymous) | "
+        vs_floor = _ratio(ours, floor["later_min_s"])
+        lines.append(f"| {row['share']:.1%} ({floor['bytes'] / 1e9:.2f} GB) | "
+                     + " | ".join(_cell(row.get(lib)) for lib in (*LIBS, COPYING))
+                     + f" | {floor['later_min_s']:.3f} | {_ratio(ours, best)} | "
+                     f"{vs_floor if vs_floor is not None else '—'} |")
+    lines += ["", "| on disk | largest module on disk | distlib: total (anonymous) | "
               "Accelerate | transformers |", "| --- | --- | --- | --- | --- |"]
-    for row in rows:
-        ours = row["distlib"]
-        cells = ["error" if "error" in row[lib] else
-                 f"{row[lib]['forward_peak_total'] / 1e6:,.0f} "
-                 f"({row[lib]['forward_peak_anon'] / 1e6:,.0f}) MB" for lib in LIBS]
-        bound = (ours.get("budget", 0) + ours.get("largest_disk_module", 0)) / 1e6
-        lines.append(f"| {row['share']:.1%} | {bound:,.0f} MB | " + " | ".join(cells) + " |")
+    for row in (r for r in rows if "error" not in r):
+        cells = ["fails" if "error" in row[lib] else
+                 f"{row[lib]['forward_growth_total'] / 1e6:,.0f} "
+                 f"({row[lib]['forward_growth_anon'] / 1e6:,.0f}) MB" for lib in LIBS]
+        largest = row["distlib"].get("largest_disk_module", 0) / 1e6
+        lines.append(f"| {row['share']:.1%} | {largest:,.0f} MB | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -367,25 +406,22 @@ def main() -> int:
     parser.add_argument("--folder", default=None, help="reuse/write the checkpoint here")
     parser.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.875],
                         help="shares of the model's bytes on disk in (c)")
-    parser.add_argument("--passes", type=int, default=5, help="later forwards timed in (c)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="fresh processes per tool and share in (c) (fastest kept)")
+    parser.add_argument("--passes", type=int, default=8,
+                        help="later forwards of each tool timed in (c)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of (b) (fastest kept)")
     parser.add_argument("--json", default=None, help="write (c) and the machine here")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lib", default="distlib", help=argparse.SUPPRESS)
     parser.add_argument("--share", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if any(not 0 <= s < 1 for s in args.shares) or min(args.passes, args.repeat, args.rounds) < 1:
-        parser.error("--shares must be in [0, 1); --passes, --repeat and --rounds at least 1")
+    if any(not 0 <= s < 1 for s in args.shares) or min(args.passes, args.repeat) < 1:
+        parser.error("--shares must be in [0, 1); --passes and --repeat at least 1")
     if args.case:
         import torch
 
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         result = (load_case(args.lib, args.size_gb, args.folder) if args.case == "load" else
-                  floor_case(args.size_gb, args.folder, args.share, args.passes)
-                  if args.lib == "floor" else
-                  forward_case(args.lib, args.size_gb, args.folder, args.share, args.passes))
+                  forward_case(args.size_gb, args.folder, args.share, args.passes))
         print(json.dumps(result))
         return 0
     folder = args.folder or tempfile.mkdtemp(prefix="distlib-bench-")
@@ -403,23 +439,13 @@ def main() -> int:
     print(json.dumps({"load": loads}, indent=1), flush=True)
     rows = []
     for share in args.shares:
-        extra = [*common, "--share", str(share), "--passes", str(args.passes)]
-        runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in (*LIBS, COPYING, "floor")}
-        if share == 0:  # nothing on disk: distlib copies nothing, the floor reads nothing
-            runs.pop(COPYING)
-            runs["floor"].append({"seconds": 0.0, "bytes": 0})
-        for _ in range(args.rounds):  # round-robin, so a busy spell hits every tool alike
-            for lib, got in runs.items():
-                if lib != "floor" or share:
-                    got.append(_subprocess("--case", "forward", "--lib", lib, *extra))
-        row: dict[str, Any] = {"share": share, **{lib: _fastest(got) for lib, got in
-                                                  runs.items()}}
+        row = {"share": share, **_subprocess("--case", "forward", *common, "--share", str(share),
+                                             "--passes", str(args.passes))}
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        shown = [f"--size-gb {args.size_gb:g}", f"--passes {args.passes}",
-                 f"--rounds {args.rounds}", "--shares " + " ".join(f"{s:g}" for s in args.shares)]
+        shown = [f"--size-gb {args.size_gb:g}", f"--passes {args.passes}", "--shares " + " ".join(f"{s:g}" for s in args.shares)]
         body = {"command": "python benchmarks/big_model.py " + " ".join(shown),
                 "checkpoint_bytes": size, "layers": layers, "tokens": TOKENS,
                 "machine": _machine(), "load": loads, "forward": rows}

@@ -352,13 +352,13 @@ def draw_big_model_forward() -> Any:
     import json
 
     body = json.loads(FORWARD_DATA.read_text(encoding="utf-8"))
-    rows = body["forward"]
+    rows = [r for r in body["forward"] if "error" not in r]
     fig, ax = plt.subplots(figsize=(9.2, 4.4))
     fig.subplots_adjust(0.08, 0.12, 0.98, 0.86)
     for lib, label, colour, style in FORWARD_LINES:
         points = [(100 * r["share"], r[lib]) for r in rows if "error" not in r.get(lib, {"error": 0})]
         if lib == "floor":
-            ax.plot([x for x, _ in points], [v["seconds"] for _, v in points], color=colour,
+            ax.plot([x for x, _ in points], [v["later_min_s"] for _, v in points], color=colour,
                     linestyle=style, linewidth=1.6, marker="s", markersize=4, label=label)
             continue
         ax.plot([x for x, _ in points], [v["later_min_s"] for _, v in points], color=colour,
