@@ -5,21 +5,25 @@ then gives each entry of the device map a forward pre-hook (``register_forward_p
 moves the inputs to the entry's execution device and brings offloaded weights there just in
 time, and a forward hook that sends them home afterwards; ``forward`` itself is never
 replaced. Weights mapped to ``"cpu"`` stay in RAM when a GPU executes; weights mapped to
-``"disk"`` stay in safetensors files (read into a reused buffer when the CPU executes, copied
-from a memory map when a GPU does). While one entry computes, the next offloaded entry is
-fetched ahead: a side CUDA stream on GPUs, ``posix_fadvise(WILLNEED)`` read-ahead on the CPU.
+``"disk"`` stay in safetensors files and are viewed through a memory map: the CPU computes
+straight from the mapped pages (no copy) when the bytes are little-endian and aligned to their
+dtype, else reads them into a reused buffer; a GPU copies them from the map. The mapped pages
+are unmapped again once their module has run. While one entry computes, the next offloaded
+entry is fetched ahead: a side CUDA stream on GPUs, ``posix_fadvise(WILLNEED)`` read-ahead
+into the page cache on the CPU.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from distlib._tree import map_tree
 from distlib.big_model.device_map import Device, DeviceMap
-from distlib.big_model.files import OffloadSource, drop_pages
+from distlib.big_model.files import DTYPE_ITEMSIZE, OffloadSource, drop_pages
 from distlib.big_model.offload import open_source
 from distlib.errors import DeviceMapError
 
@@ -57,12 +61,37 @@ class HookState:
 _ALIGN = 64
 
 
+def is_viewable(src: OffloadSource) -> bool:
+    """Whether the CPU can compute straight from ``src``'s mapped bytes (no copy).
+
+    Safetensors bytes are little-endian: they must be this machine's byte order, and start
+    at a multiple of their item size (what kernels expect of a ``float*``); an empty tensor
+    has nothing to map.
+
+    Examples:
+        >>> src = OffloadSource(file="w.safetensors", offset=88, nbytes=8, dtype="float32",
+        ...                     shape=(2,))
+        >>> is_viewable(src) == (sys.byteorder == "little")
+        True
+        >>> import dataclasses
+        >>> is_viewable(dataclasses.replace(src, offset=90))
+        False
+    """
+    return sys.byteorder == "little" and src.nbytes > 0 and \
+        src.offset % DTYPE_ITEMSIZE[src.dtype] == 0
+
+
+def _copied(slot: Slot) -> bool:
+    """A disk weight that the CPU path reads into an arena (not viewed in place)."""
+    return slot.source is not None and not is_viewable(slot.source)
+
+
 def _spans(slots: list[Slot]) -> tuple[list[int], int]:
-    """Offsets of each disk weight in a module's arena (64-byte aligned), and the total."""
+    """Offsets of each copied disk weight in a module's arena (64-byte aligned), and the total."""
     offsets, total = [], 0
     for slot in slots:
         offsets.append(total)
-        nbytes = slot.source.nbytes if slot.source is not None else 0
+        nbytes = slot.source.nbytes if slot.source is not None and _copied(slot) else 0
         total += -(-nbytes // _ALIGN) * _ALIGN
     return offsets, total
 
@@ -81,14 +110,17 @@ def _read_into(handle: Any, src: OffloadSource, out: Any) -> None:
 
 
 def _fetch_cpu(state: HookState, key: str, slots: list[Slot]) -> list[Any]:
-    """Read a CPU-run module's disk weights into a reused arena: copies, not page faults."""
+    """A CPU-run module's disk weights: views of the memory map where `is_viewable`, else
+    read into a reused arena (64-byte aligned)."""
     import torch
 
     offsets, total = _spans(slots)
-    arena = state.arenas.pop() if state.arenas else None
-    if arena is None or arena.numel() < total:
-        arena = torch.empty(max(total, state.arena_bytes), dtype=torch.uint8)
-    state.in_use[key] = arena
+    arena = None
+    if total:
+        arena = state.arenas.pop() if state.arenas else None
+        if arena is None or arena.numel() < total:
+            arena = torch.empty(max(total, state.arena_bytes), dtype=torch.uint8)
+        state.in_use[key] = arena
     values: list[Any] = []
     handles: dict[str, Any] = {}
     try:
@@ -96,6 +128,9 @@ def _fetch_cpu(state: HookState, key: str, slots: list[Slot]) -> list[Any]:
             src = slot.source
             if src is None:  # not offloaded to disk: nothing to read
                 values.append(slot.home)
+                continue
+            if arena is None or not _copied(slot):  # computed from the mapped pages
+                values.append(open_source(src, state.maps))
                 continue
             chunk = arena[offset:offset + src.nbytes]
             if src.nbytes:
@@ -152,12 +187,16 @@ def _read_ahead(state: HookState, key: str) -> None:
         state.ahead = (key, event, values)
         return
     advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    ranges: dict[str, list[OffloadSource]] = {}
     for slot in slots:
-        src = slot.source
-        if src is None or advise is None or src.nbytes == 0:
-            continue
-        with open(src.file, "rb", buffering=0) as handle:  # the advice outlives the handle
-            advise(handle.fileno(), src.offset, src.nbytes, os.POSIX_FADV_WILLNEED)
+        if slot.source is not None and slot.source.nbytes:
+            ranges.setdefault(slot.source.file, []).append(slot.source)
+    for file, sources in ranges.items():
+        with open(file, "rb", buffering=0) as handle:  # the advice outlives the handle
+            for src in sources:
+                advise(handle.fileno(), src.offset, src.nbytes, os.POSIX_FADV_WILLNEED)
 
 
 def _release(state: HookState, src: OffloadSource) -> None:
@@ -196,6 +235,8 @@ def _make_hooks(key: str, state: HookState, root: bool) -> tuple[Any, Any]:
             state.output_device = None if first is None else first.device
         if state.trace is not None:
             state.trace.append(key)
+        if root and not slots and state.order and state.ahead is None:
+            _read_ahead(state, state.order[0])  # the first offloaded module, ahead too
         if slots:
             ahead, state.ahead = state.ahead, None
             if ahead is not None and ahead[0] == key:
@@ -221,7 +262,7 @@ def _make_hooks(key: str, state: HookState, root: bool) -> tuple[Any, Any]:
     def post_hook(module: Any, args: Any, output: Any) -> Any:
         for slot in slots:
             _restore(slot)
-            if slot.source is not None and key not in state.in_use:
+            if slot.source is not None:
                 _release(state, slot.source)
         if key in state.in_use:
             state.arenas.append(state.in_use.pop(key))

@@ -1,7 +1,8 @@
 """mkdocs hook: draw the docs' pictures from distlib's own code at build time.
 
 Each picture is computed by the function it shows — the shard planner, the device-map planner,
-the launch plan and the agent, the mesh, the example's training run (its tracker's file) — and
+the launch plan and the agent, the mesh, the example's training run (its tracker's file), the
+big-model benchmark's measurements (docs/data/big_model_forward.json, which it writes) — and
 drawn with matplotlib into an SVG that is added to the site as a generated file
 (``pictures/NAME.svg``). Nothing is committed: change the
 code and the next build draws what it now does. ``python docs/hooks/pictures.py DIR`` writes
@@ -337,12 +338,59 @@ def draw_loss_curve() -> Any:
     return fig
 
 
+# --- (f) time per offloaded forward against the share on disk, from the benchmark's JSON -----
+
+FORWARD_DATA = ROOT / "docs" / "data" / "big_model_forward.json"
+FORWARD_LINES = (("distlib", "distlib", PALETTE[0], "-"), ("accelerate", "Accelerate", PALETTE[1], "-"),
+                 ("transformers", "transformers", PALETTE[2], "-"),
+                 ("distlib-copying", "distlib, copying (before)", PALETTE[4], "-."),
+                 ("all-in-ram", "all in RAM (nothing offloaded)", PALETTE[5], ":"),
+                 ("floor", "read floor (disk bytes, warm)", "#666666", ":"))
+
+
+def draw_big_model_forward() -> Any:
+    """benchmarks/big_model.py's forwards (docs/data/big_model_forward.json), drawn."""
+    import json
+
+    body = json.loads(FORWARD_DATA.read_text(encoding="utf-8"))
+    rows = [r for r in body["forward"] if "error" not in r]
+    fig, ax = plt.subplots(figsize=(9.2, 5.2))
+    fig.subplots_adjust(0.08, 0.1, 0.98, 0.72)
+    for lib, label, colour, style in FORWARD_LINES:
+        points = [(100 * r["share"], r[lib]) for r in rows if "error" not in r.get(lib, {"error": 0})]
+        if lib == "floor":
+            ax.plot([x for x, _ in points], [v["later_median_s"] for _, v in points], color=colour,
+                    linestyle=style, linewidth=1.6, marker="s", markersize=4, label=label)
+            continue
+        ax.plot([x for x, _ in points], [v["later_median_s"] for _, v in points], color=colour,
+                linestyle=style, linewidth=1.8, marker="o", markersize=5,
+                label=f"{label}: later forwards" if style == "-" else label)
+        if style != "-":
+            continue
+        ax.plot([x for x, _ in points], [v["first_s"] for _, v in points], color=colour,
+                linestyle="--", linewidth=1.0, marker="x", markersize=5, label="first forward")
+    ax.set_xlabel("share of the model's bytes on disk (%)")
+    ax.set_ylabel(f"seconds per forward ({body['tokens']} tokens)")
+    ax.set_ylim(bottom=0)
+    ax.set_xticks([100 * r["share"] for r in rows],
+                  [f"{100 * r['share']:g}%" for r in rows])
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.legend(fontsize=8, ncol=3, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
+    machine = body["machine"]
+    fig.suptitle(f"{body['command']}\na {body['checkpoint_bytes'] / 1e9:.2f} GB fp32 Llama, "
+                 f"{body['layers']} layers, {machine['cpus']} cores, torch {machine['torch']}"
+                 " (medians of the later forwards)", fontsize=8.5, x=0.08, ha="left", y=0.99)
+    return fig
+
+
 PICTURES: dict[str, Callable[[], Any]] = {
     "shard": draw_shard,
     "device_map": draw_device_map,
     "process_tree": draw_process_tree,
     "mesh": draw_mesh,
     "loss_curve": draw_loss_curve,
+    "big_model_forward": draw_big_model_forward,
 }
 
 
