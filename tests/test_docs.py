@@ -83,7 +83,7 @@ def _generated_pictures() -> set[str]:
 def test_relative_links_name_files_and_anchors_of_the_clone(page: pathlib.Path) -> None:
     """Every relative link of README.md and the pages resolves in a clone (file and anchor)."""
     pictures = _generated_pictures()
-    assert len(pictures) == 5
+    assert len(pictures) == 6
     broken = []
     for number, line in _prose_and_code(page)[0]:
         for target in LINK.findall(CODE_SPAN.sub("", line)):
