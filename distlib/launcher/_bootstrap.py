@@ -10,6 +10,7 @@ x.py | head``: the reader closed the pipe) ends quietly instead, as ``yes | head
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -287,10 +288,13 @@ def main(argv: Sequence[str]) -> int:
     # RANK is the agent's protocol with this bootstrap (user code reads it via detect()).
     rank = os.environ.get("RANK", "0")
     keep = _watch(rank)
+    finished: list[bool] = []
+    atexit.register(_close_groups, finished)  # first registered, so it runs after the script's
     try:
         _run(kind, rest, rank)
     except SystemExit as exc:
         if exc.code in (0, None):
+            finished.append(True)
             _note("finished.json", {"rank": int(rank), "time_ns": time.time_ns()})
         raise
     except BrokenPipeError as exc:
@@ -301,9 +305,28 @@ def main(argv: Sequence[str]) -> int:
     except BaseException as exc:
         _record(exc)
         return 1
+    finished.append(True)
     _note("finished.json", {"rank": int(rank), "time_ns": time.time_ns()})
     del keep
     return 0
+
+
+def _close_groups(finished: Sequence[bool]) -> None:
+    """At the exit of a rank whose target finished: destroy its torch.distributed groups.
+
+    A process that ends with a gloo group still open can abort in the interpreter's teardown
+    (``terminate called without an active exception``, SIGABRT: torch's worker threads outlive
+    the interpreter), now and then, most often while a peer still sends to it. This runs after
+    the script's own atexit handlers and its non-daemon threads (an async save), and only for
+    a finished target: a failed rank leaves its groups alone, as closing them could wait on a
+    peer.
+
+    Effects: destroys this process's torch.distributed groups.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if finished and dist is not None and dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(RuntimeError, ValueError):
+            dist.destroy_process_group()
 
 
 def apply_threads(value: str | None) -> None:
@@ -368,10 +391,7 @@ def _leave_like_a_process() -> None:
 
     Effects: destroys this process's torch.distributed groups; may end the process.
     """
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(RuntimeError, ValueError):
-            dist.destroy_process_group()
+    _close_groups([True])
     frame: FrameType | None = sys._getframe(1)
     while frame is not None and not (  # torch's _wrap(), which called this rank's entry point
             frame.f_code.co_name == "_wrap" and "ret_val_" in frame.f_locals):

@@ -139,6 +139,44 @@ def test_a_finished_rank_releases_a_peer_waiting_in_a_collective_it_never_joins(
         _no_rank_left(work / method)
 
 
+CLOSE = textwrap.dedent("""
+    import atexit, os, sys
+    import torch, torch.distributed as dist
+    import distlib
+    from distlib import runtime
+    env = distlib.detect()
+    out = os.environ["OUT"]
+    destroy = dist.destroy_process_group
+    def spy(*args, **kwargs):  # the launcher's close, after the script's own atexit handler
+        seen = os.path.exists(os.path.join(out, "user%d" % env.rank))
+        open(os.path.join(out, "closed%d" % env.rank), "w").write("after-user" if seen else "before")
+        return destroy(*args, **kwargs)
+    dist.destroy_process_group = spy
+    atexit.register(lambda: open(os.path.join(out, "user%d" % env.rank), "w").close())
+    runtime.initialize(env)
+    dist.all_reduce(torch.ones(1))
+    if sys.argv[1] == "fail" and env.rank == 1:
+        raise ValueError("rank 1 fails")
+""")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_finished_rank_closes_its_process_group_after_the_scripts_own_exit_handlers(
+        work: Path, method: str) -> None:
+    # torch's gloo group left open at exit aborts a process now and then (SIGABRT in the
+    # interpreter's teardown): a finished rank's group is closed, after the script's atexit
+    (work / "close.py").write_text(CLOSE)
+    start = time.monotonic()
+    code, err, _ = _finish(_start(work, "--start-method", method, "close.py", "ok",
+                                  tag="ok"), start)
+    assert code == 0, err
+    assert [(work / "ok" / f"closed{r}").read_text() for r in (0, 1)] == ["after-user"] * 2
+    code, err, _ = _finish(_start(work, "--start-method", method, "close.py", "fail",
+                                  tag="fail"), start)
+    assert code == 1 and "ValueError: rank 1 fails" in err, err
+    assert not (work / "fail" / "closed1").exists()  # a failed rank's group is left alone
+
+
 def test_restarts_print_each_failed_attempt_and_report_the_last(work: Path) -> None:
     start = time.monotonic()
     fixed = _start(work, "--max-restarts", "2", "faults.py", "attempts", "raise,kill,ok",
