@@ -112,6 +112,20 @@ def clipped_losses(model: Any, optimizer: Any, batches: Iterable[torch.Tensor],
     return losses
 
 
+def shuffled_loader(env: Any, *, samples: int = 64, features: int = 6, outputs: int = 2,
+                    batch_size: int = 4) -> Any:
+    """The checkpoint tests' data: seeded random pairs in a shuffled loader, sharded for ``env``.
+
+    The same samples and the same shuffle in every process (seeds 3 and 11).
+    """
+    g = torch.Generator().manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.randn(samples, features, generator=g),
+                                          torch.randn(samples, outputs, generator=g))
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(11))
+    return dl.shard(loader, env)
+
+
 def weights(model: Any) -> dict[str, torch.Tensor]:
     """The full weights of a wrapped (or plain) model: float32 copies on the CPU, by name.
 

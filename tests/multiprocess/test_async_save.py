@@ -19,7 +19,7 @@ import torch
 import distlib as dl
 from distlib.checkpoint import SaveHandle, is_checkpoint, latest_checkpoint
 from distlib.testing import spawn
-from tests.models import net, weights
+from tests.models import net, shuffled_loader, weights
 
 pytestmark = pytest.mark.multiprocess
 
@@ -31,12 +31,7 @@ def _setup(name: str, env: Any) -> tuple[Any, Any, Any]:
     model = net(6, 12, 2, seed=0, hidden="tanh")
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     model, optimizer = dl.wrap(model, STRATEGIES[name], env=env, optimizer=optimizer)
-    g = torch.Generator().manual_seed(3)
-    data = torch.utils.data.TensorDataset(torch.randn(64, 6, generator=g),
-                                          torch.randn(64, 2, generator=g))
-    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True,
-                                         generator=torch.Generator().manual_seed(11))
-    return model, optimizer, dl.shard(loader, env)
+    return model, optimizer, shuffled_loader(env)
 
 
 def _run(env: Any, name: str, folder: pathlib.Path | None, mode: str, stop: int) -> Any:

@@ -20,7 +20,7 @@ import torch._dynamo
 
 import distlib as dl
 from distlib.testing import spawn
-from tests.models import net, train_steps, weights
+from tests.models import net, shuffled_loader, train_steps, weights
 
 pytestmark = pytest.mark.multiprocess
 
@@ -43,12 +43,7 @@ def _setup(name: str, env: Any, seed: int) -> tuple[Any, Any, Any]:
     model = _net(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model, optimizer = dl.wrap(model, strategy, env=env, optimizer=optimizer)
-    g = torch.Generator().manual_seed(3)
-    data = torch.utils.data.TensorDataset(torch.randn(64, 6, generator=g),
-                                          torch.randn(64, 2, generator=g))
-    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True,
-                                         generator=torch.Generator().manual_seed(11))
-    return model, optimizer, dl.shard(loader, env)
+    return model, optimizer, shuffled_loader(env)
 
 
 def _first_job(env: Any, folder: str, export: bool) -> dict[str, Any]:
