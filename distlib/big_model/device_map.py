@@ -20,7 +20,7 @@ from typing import Any
 from distlib.big_model.sizes import Layout, coerce_layout, keep_in_fp32_of, module_sizes, parse_size
 from distlib.errors import DeviceMapError
 
-__all__ = ["MODES", "Device", "DeviceMap", "balanced_budgets", "check_devices_exist", "check_flag",
+__all__ = ["MODES", "Device", "DeviceMap", "balanced_budgets", "check_devices_exist",
            "hardware_budgets", "infer_device_map", "normalize_budgets", "normalize_device",
            "plan_layout", "visible_devices"]
 
@@ -257,9 +257,7 @@ def balanced_budgets(layout: Layout, sizes: Mapping[str, int], budgets: Mapping[
 def infer_device_map(model: Any, max_memory: Mapping[Any, Any] | None = None,
                      no_split_module_classes: Sequence[str] | None = (), dtype: Any = None, *,
                      mode: str = "sequential",
-                     keep_in_fp32_modules: Sequence[str] | None = None,
-                     offload_buffers: bool = False,
-                     fallback_allocation: bool = False) -> DeviceMap:
+                     keep_in_fp32_modules: Sequence[str] | None = None) -> DeviceMap:
     """Plan where each module of ``model`` goes, GPUs first, then CPU, then disk.
 
     Args:
@@ -275,14 +273,6 @@ def infer_device_map(model: Any, max_memory: Mapping[Any, Any] | None = None,
             the GPUs; ``"balanced_low_0"`` keeps GPU 0 as empty as possible.
         keep_in_fp32_modules: module names counted as float32 whatever ``dtype`` is; default:
             the model's ``_keep_in_fp32_modules``.
-        offload_buffers: whether the buffers of modules placed on ``cpu``/``disk`` go there
-            with their weights (pass the same value to `dispatch`). With ``False`` (the
-            default) they are kept on the GPU the model runs on, and a warning says when they
-            do not fit any GPU's room left. The map itself is the same either way.
-        fallback_allocation: when a device would get nothing (the next module does not fit
-            and cannot be split), look breadth-first through the modules still to place for
-            the first one that fits and put it there, as Accelerate does; a warning names each
-            device where even that found nothing.
 
     Returns:
         A `DeviceMap`, with whole subtrees on one device merged into one entry.
@@ -302,8 +292,6 @@ def infer_device_map(model: Any, max_memory: Mapping[Any, Any] | None = None,
         msg = (f"infer_device_map(): mode must be one of {', '.join(map(repr, MODES))}, but got "
                f"{mode!r}.")
         raise DeviceMapError(msg)
-    check_flag("infer_device_map()", "offload_buffers", offload_buffers)
-    check_flag("infer_device_map()", "fallback_allocation", fallback_allocation)
     layout = coerce_layout(model)
     keep = keep_in_fp32_of(model, keep_in_fp32_modules)
     sizes = module_sizes(layout, dtype, keep)
@@ -316,10 +304,7 @@ def infer_device_map(model: Any, max_memory: Mapping[Any, Any] | None = None,
     if mode != "sequential":
         budgets = balanced_budgets(layout, sizes, budgets, no_split,
                                    low_zero=mode == "balanced_low_0", from_hardware=not explicit)
-    planner = _Planner(layout, sizes, budgets, no_split, fallback_allocation)
-    plan = planner.run()
-    if not offload_buffers:
-        _warn_buffers(layout, plan, budgets, planner.used, dtype, keep)
+    plan = plan_layout(layout, sizes, budgets, no_split)
     if explicit and "cpu" not in budgets and "disk" in plan.devices:
         warnings.warn(
             f"infer_device_map(): max_memory names no 'cpu' ({budgets}), so everything that does "
@@ -328,56 +313,12 @@ def infer_device_map(model: Any, max_memory: Mapping[Any, Any] | None = None,
     return plan
 
 
-def check_flag(call: str, name: str, value: Any) -> None:
-    """Refuse a non-bool where a bool is due (``"no"`` and ``1`` would read as true).
-
-    Raises:
-        DeviceMapError: ``value`` is not ``True`` or ``False``.
-
-    Examples:
-        >>> check_flag("infer_device_map()", "offload_buffers", True)
-        >>> check_flag("infer_device_map()", "offload_buffers", "no")
-        Traceback (most recent call last):
-        ...
-        distlib.errors.DeviceMapError: infer_device_map(): offload_buffers must be True or False, but got 'no' (str). ...
-    """
-    if not isinstance(value, bool):
-        msg = (f"{call}: {name} must be True or False, but got {value!r} "
-               f"({type(value).__name__}). Pass {name}=True or {name}=False.")
-        raise DeviceMapError(msg)
-
-
-def _warn_buffers(layout: Layout, plan: DeviceMap, budgets: Mapping[Device, int],
-                  used: Mapping[Device, int], dtype: Any, keep: Sequence[str]) -> None:
-    """Warn when the buffers of the modules offloaded to cpu/disk, which stay on the GPU with
-    ``offload_buffers=False``, fit no GPU's room left (Accelerate's warning). ``used``: what
-    the planner took of each device, the room it kept for the largest layer included."""
-    gpus = [d for d in budgets if isinstance(d, int)]
-    offloaded = [n for n, d in plan.entries if d in ("cpu", "disk")]
-    if not gpus or not offloaded:
-        return
-    modules = layout.module_index()
-    only = Layout(modules=layout.modules, tensors=tuple(t for t in layout.tensors if t.buffer))
-    held = module_sizes(only, dtype, keep)
-    total = sum(held.get(n, 0) for n in offloaded if n in modules)
-    if total == 0 or any(budgets[g] >= total + used.get(g, 0) for g in gpus):
-        return
-    warnings.warn(
-        f"infer_device_map(): the modules offloaded to cpu/disk hold {total} bytes of buffers, "
-        f"which stay on the GPU with offload_buffers=False, but they fit no GPU's room left "
-        f"(budgets {dict((g, budgets[g]) for g in gpus)}, taken {dict(used)}). Pass "
-        "offload_buffers=True (here and to dispatch) to offload them with their weights, or "
-        "lower the GPU budgets.", UserWarning, stacklevel=3)
-
-
 class _Planner:
     """One run of the sequential fill; state lives here, never at module level."""
 
     def __init__(self, layout: Layout, sizes: Mapping[str, int],
-                 budgets: Mapping[Device, int], no_split: frozenset[str],
-                 fallback: bool = False) -> None:
+                 budgets: Mapping[Device, int], no_split: frozenset[str]) -> None:
         self.modules = layout.module_index()
-        self.fallback = fallback
         self.sizes, self.no_split, self.tied = sizes, no_split, layout.tied
         self.budgets: dict[Device, int | None] = dict(budgets)
         self.budgets.setdefault("disk", None)
@@ -534,18 +475,6 @@ class _Planner:
                 self._push(part)
             self._refresh()
             return
-        if self.used[device] == 0 and self.fallback and device != "disk":
-            budget = self.budgets[device] or 0  # only disk is unlimited
-            found = self._fallback(budget - max(self.max_size, with_ties))
-            if found is not None:  # placed by the next steps: the found one, then ``name``
-                self._push(name)
-                self._push(found)
-                return
-            warnings.warn(
-                f"infer_device_map(): fallback_allocation found no module that fits on "
-                f"{device!r} (budget {budget} bytes, with room for the largest layer, "
-                f"{self.max_size} bytes); it gets nothing. Raise its budget to place "
-                f"{name!r} ({with_ties} bytes) there.", UserWarning, stacklevel=5)
         if self.used[device] == 0:
             self.needed[device] = with_ties + reserved
         self.used[device] += reserved
@@ -553,37 +482,6 @@ class _Planner:
         if self.current == len(self.devices):
             self._fail(name, with_ties)
         self._push(name)
-
-    def _fallback(self, room: int) -> str | None:
-        """Search the queue breadth-first (front first, splitting what may be split) for the
-        first entry whose size with its tied weights fits in ``room``; take it out of the
-        queue, splitting the queued module above it, and return it (Accelerate's
-        ``fallback_allocate``)."""
-        search = self.queue[::-1]
-        while search:
-            name = search.pop(0)
-            _, holders = self._ties(name)
-            with_ties = self.sizes.get(name, 0) + sum(
-                self.sizes.get(h, 0) for h in dict.fromkeys(holders) if h in search)
-            if with_ties <= room:
-                break
-            if self._splittable(name):
-                search[:0] = self._parts(name)
-        else:
-            return None
-        probe = name.rpartition(".")[0]
-        above = []
-        while probe:
-            above.append(probe)
-            probe = probe.rpartition(".")[0]
-        for parent in reversed(above):  # the outermost queued ancestor first
-            if parent in self.queued:
-                index = self._remove(parent)
-                parts = self._parts(parent)
-                self.queue[index:index] = parts[::-1]
-                self.queued.update(parts)
-        self._remove(name)
-        return name
 
     def _fail(self, name: str, size: int) -> None:
         budgets = {d: b for d, b in self.budgets.items() if b is not None}
@@ -636,7 +534,7 @@ def _emit(node: dict[Any, Any], name: str, out: list[tuple[str, Device]]) -> Non
 
 
 def plan_layout(layout: Layout, sizes: Mapping[str, int], budgets: Mapping[Device, int],
-                no_split: frozenset[str] = frozenset(), *, fallback: bool = False) -> DeviceMap:
+                no_split: frozenset[str] = frozenset()) -> DeviceMap:
     """The pure planner: fill ``budgets`` (ordered GPUs, mps, cpu, disk) with ``layout``.
 
     Examples:
@@ -646,4 +544,4 @@ def plan_layout(layout: Layout, sizes: Mapping[str, int], budgets: Mapping[Devic
         >>> plan_layout(layout, module_sizes(layout), {0: 900, "cpu": 2000}).as_dict()
         {'h.0': 0, 'h.1': 'cpu', 'h.2': 'cpu'}
     """
-    return _Planner(layout, sizes, budgets, no_split, fallback).run()
+    return _Planner(layout, sizes, budgets, no_split).run()

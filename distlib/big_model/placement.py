@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from distlib.big_model.device_map import (
     DeviceMap,
     check_devices_exist,
-    check_flag,
     infer_device_map,
     visible_devices,
 )
@@ -147,7 +146,6 @@ def dispatch(model: Any, device_map: DeviceMap | Mapping[str, Any],
     """
     import torch
 
-    check_flag("dispatch()", "offload_buffers", offload_buffers)
     dmap = DeviceMap.of(device_map)
     _check_covered(model, dmap)
     check_devices_exist(dmap, *visible_devices(), source="dispatch()")
@@ -175,8 +173,8 @@ def load_checkpoint_and_dispatch(
         max_memory: Mapping[Any, Any] | None = None,
         no_split_module_classes: Sequence[str] | None = None,
         offload_folder: str | os.PathLike[str] | None = None, dtype: Any = None, *,
-        offload_buffers: bool = False, fallback_allocation: bool = False,
-        keep_in_fp32_modules: Sequence[str] | None = None, strict: bool = True, env: Env | None = None, quiet: bool = False,
+        offload_buffers: bool = False, keep_in_fp32_modules: Sequence[str] | None = None,
+        strict: bool = True, env: Env | None = None, quiet: bool = False,
         progress: bool | None = None) -> Any:
     """Plan (when asked), load ``checkpoint`` into ``model`` and `dispatch` it, in one call.
 
@@ -190,9 +188,7 @@ def load_checkpoint_and_dispatch(
             ``_no_split_modules`` when it has them).
         offload_folder: where converted disk weights are written.
         dtype: the dtype to load floating weights in.
-        offload_buffers: offload buffers with their modules' weights (the planner is told too).
-        fallback_allocation: the planner's option (see `infer_device_map`); only with a
-            planned ``device_map``.
+        offload_buffers: offload buffers with their modules' weights.
         keep_in_fp32_modules: modules kept in float32 (default: ``_keep_in_fp32_modules``).
         strict: refuse unexpected keys too.
         env: an `Env`; the progress bar shows on its main rank only (``None``: the launch
@@ -226,22 +222,11 @@ def load_checkpoint_and_dispatch(
         >>> net(torch.ones(1, 2)).tolist()
         [[1.0, 1.0]]
     """
-    call = "load_checkpoint_and_dispatch()"
-    check_flag(call, "offload_buffers", offload_buffers)
-    check_flag(call, "fallback_allocation", fallback_allocation)
-    if fallback_allocation and not isinstance(device_map, str):
-        msg = (f"{call}: fallback_allocation=True must come with a device_map to plan "
-               f"('auto', 'balanced', 'balanced_low_0', 'sequential'), but got device_map="
-               f"{'a map' if device_map is not None else 'None'}, which nothing plans. Drop "
-               "fallback_allocation, or pass device_map='auto'.")
-        raise DeviceMapError(msg)
     if no_split_module_classes is None:
         no_split_module_classes = tuple(getattr(model, "_no_split_modules", None) or ())
     if isinstance(device_map, str):
         device_map = infer_device_map(model, max_memory, no_split_module_classes, dtype,
-                                      mode=device_map, keep_in_fp32_modules=keep_in_fp32_modules,
-                                      offload_buffers=offload_buffers,
-                                      fallback_allocation=fallback_allocation)
+                                      mode=device_map, keep_in_fp32_modules=keep_in_fp32_modules)
     if device_map is not None:  # before reading a byte: the planner's map too (explicit budgets)
         check_devices_exist(DeviceMap.of(device_map), *visible_devices(),
                             source="load_checkpoint_and_dispatch()")
