@@ -4,8 +4,10 @@
 taking modules whole when they fit, splitting them into their children when they do not
 (unless their class is in ``no_split_module_classes``), keeping tied parameters together, and
 keeping room on the first GPU and on the CPU for the largest layer that may be brought back
-there. The rules are Accelerate's ``infer_auto_device_map`` (same maps for the same input);
-the implementation is written for speed: linear in the number of modules in usual models.
+there. The rules are Accelerate's ``infer_auto_device_map`` (same maps for the same input),
+its ``fallback_allocation`` (a device the walk would leave empty gets a smaller module from
+further on) and its ``offload_buffers`` warning included; the implementation is written for
+speed: linear in the number of modules in usual models.
 
 With an explicit ``max_memory`` nothing here looks at the machine.
 """
@@ -17,12 +19,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from distlib.big_model.sizes import Layout, coerce_layout, keep_in_fp32_of, module_sizes, parse_size
+from distlib.big_model.sizes import (
+    Layout,
+    coerce_layout,
+    keep_in_fp32_of,
+    module_sizes,
+    parse_size,
+)
 from distlib.errors import DeviceMapError
 
 __all__ = ["MODES", "Device", "DeviceMap", "balanced_budgets", "check_devices_exist",
-           "hardware_budgets", "infer_device_map", "normalize_budgets", "normalize_device",
-           "plan_layout", "visible_devices"]
+           "check_switch", "hardware_budgets", "infer_device_map", "normalize_budgets",
+           "normalize_device", "plan_layout", "visible_devices"]
 
 Device = int | str
 MODES = ("sequential", "auto", "balanced", "balanced_low_0")
@@ -49,6 +57,28 @@ def normalize_device(device: Any, *, source: str = "DeviceMap()") -> Device:
         return int(text[5:])
     msg = (f"{source}: a device must be a GPU index (0, 'cuda:0'), 'mps', 'cpu' or 'disk', "
            f"but got {device!r}.")
+    raise DeviceMapError(msg)
+
+
+def check_switch(value: Any, name: str, *, source: str) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``; refuse anything else (``1``, ``"yes"``).
+
+    Raises:
+        DeviceMapError: naming ``source``, the argument, the rule, the value and the fix.
+
+    Examples:
+        >>> check_switch(True, "offload_buffers", source="dispatch()")
+        True
+        >>> check_switch("no", "offload_buffers", source="dispatch()")
+        Traceback (most recent call last):
+        ...
+        distlib.errors.DeviceMapError: dispatch(): offload_buffers must be True or False, but got 'no' (a str). ...
+    """
+    if isinstance(value, bool):
+        return value
+    msg = (f"{source}: {name} must be True or False, but got {value!r} (a "
+           f"{type(value).__name__}). Pass {name}=True or {name}=False: a bool, not 1, "
+           "'yes' or 'False'.")
     raise DeviceMapError(msg)
 
 
@@ -257,7 +287,9 @@ def balanced_budgets(layout: Layout, sizes: Mapping[str, int], budgets: Mapping[
 def infer_device_map(model: Any, max_memory: Mapping[Any, Any] | None = None,
                      no_split_module_classes: Sequence[str] | None = (), dtype: Any = None, *,
                      mode: str = "sequential",
-                     keep_in_fp32_modules: Sequence[str] | None = None) -> DeviceMap:
+                     keep_in_fp32_modules: Sequence[str] | None = None,
+                     offload_buffers: bool = False,
+                     fallback_allocation: bool = False) -> DeviceMap:
     """Plan where each module of ``model`` goes, GPUs first, then CPU, then disk.
 
     Args:
@@ -273,12 +305,20 @@ def infer_device_map(model: Any, max_memory: Mapping[Any, Any] | None = None,
             the GPUs; ``"balanced_low_0"`` keeps GPU 0 as empty as possible.
         keep_in_fp32_modules: module names counted as float32 whatever ``dtype`` is; default:
             the model's ``_keep_in_fp32_modules``.
+        offload_buffers: whether `dispatch` will offload the buffers of ``"cpu"``/``"disk"``
+            modules with their weights (pass it there too). The map is the same either way
+            (buffers count in their module's size); with ``False`` a warning says when those
+            buffers, kept on the executing GPU, fit in no GPU's remaining budget.
+        fallback_allocation: when the next module fits nowhere on a device that is still
+            empty, put the first smaller module further on there (found by splitting what
+            can be split) instead of leaving the device empty; a device for which none is
+            small enough gets nothing, with a warning.
 
     Returns:
         A `DeviceMap`, with whole subtrees on one device merged into one entry.
 
     Raises:
-        DeviceMapError: a budget or device is malformed, or the model cannot fit.
+        DeviceMapError: a budget, device or switch is malformed, or the model cannot fit.
 
     Examples:
         >>> import torch
@@ -287,7 +327,17 @@ def infer_device_map(model: Any, max_memory: Mapping[Any, Any] | None = None,
         ...     net = torch.nn.Sequential(*[torch.nn.Linear(100, 100) for _ in range(4)])
         >>> infer_device_map(net, {0: "90KB", "cpu": "1MB"}).as_dict()
         {'0': 0, '1': 'cpu', '2': 'cpu', '3': 'cpu'}
+        >>> with init_empty_weights():  # two large layers, then a small one
+        ...     net = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 100),
+        ...                               torch.nn.Linear(100, 10))
+        >>> infer_device_map(net, {0: "45KB", "cpu": "1MB"}).as_dict()
+        {'': 'cpu'}
+        >>> infer_device_map(net, {0: "45KB", "cpu": "1MB"}, fallback_allocation=True).as_dict()
+        {'2': 0, '0': 'cpu', '1': 'cpu'}
     """
+    source = "infer_device_map()"
+    check_switch(offload_buffers, "offload_buffers", source=source)
+    check_switch(fallback_allocation, "fallback_allocation", source=source)
     if mode not in MODES:
         msg = (f"infer_device_map(): mode must be one of {', '.join(map(repr, MODES))}, but got "
                f"{mode!r}.")
@@ -300,11 +350,18 @@ def infer_device_map(model: Any, max_memory: Mapping[Any, Any] | None = None,
     no_split = frozenset(no_split_module_classes or ())
     explicit = max_memory is not None
     budgets = normalize_budgets(hardware_budgets() if max_memory is None else max_memory,
-                                source="infer_device_map()")
+                                source=source)
     if mode != "sequential":
         budgets = balanced_budgets(layout, sizes, budgets, no_split,
                                    low_zero=mode == "balanced_low_0", from_hardware=not explicit)
-    plan = plan_layout(layout, sizes, budgets, no_split)
+    buffers = None
+    if not offload_buffers and any(isinstance(d, int) or d == "mps" for d in budgets):
+        buffers = _buffer_sizes(layout, dtype, keep)
+    planner = _Planner(layout, sizes, budgets, no_split, fallback=fallback_allocation,
+                       buffer_sizes=buffers)
+    plan = planner.run()
+    for warning in planner.cautions():
+        warnings.warn(warning, UserWarning, stacklevel=2)
     if explicit and "cpu" not in budgets and "disk" in plan.devices:
         warnings.warn(
             f"infer_device_map(): max_memory names no 'cpu' ({budgets}), so everything that does "
@@ -313,11 +370,24 @@ def infer_device_map(model: Any, max_memory: Mapping[Any, Any] | None = None,
     return plan
 
 
+def _buffer_sizes(layout: Layout, dtype: Any, keep: Sequence[str]) -> dict[str, int] | None:
+    """Bytes of buffers under each module name (None when the model has no buffers)."""
+    tensors = tuple(t for t in layout.tensors if t.buffer)
+    if not tensors:
+        return None
+    return module_sizes(Layout(modules=layout.modules, tensors=tensors), dtype, keep)
+
+
 class _Planner:
     """One run of the sequential fill; state lives here, never at module level."""
 
     def __init__(self, layout: Layout, sizes: Mapping[str, int],
-                 budgets: Mapping[Device, int], no_split: frozenset[str]) -> None:
+                 budgets: Mapping[Device, int], no_split: frozenset[str], *,
+                 fallback: bool = False, buffer_sizes: Mapping[str, int] | None = None) -> None:
+        self.fallback, self.buffer_sizes = fallback, buffer_sizes
+        self.offloaded_buffers = 0  # bytes of buffers under entries placed on cpu or disk
+        self.missed: dict[Device, tuple[int, int]] = {}  # device left empty -> budget, reserve
+        self.fallen: dict[Device, str] = {}  # device -> the last module its fallback chose
         self.modules = layout.module_index()
         self.sizes, self.no_split, self.tied = sizes, no_split, layout.tied
         self.budgets: dict[Device, int | None] = dict(budgets)
@@ -400,24 +470,34 @@ class _Planner:
         info = self.modules[name]
         return [*info.params, *info.children]
 
-    def _holder(self, tensor: str) -> str | None:
-        """The queued entry that holds ``tensor``: the tensor itself or a module above it."""
+    @staticmethod
+    def _holder(tensor: str, among: set[str]) -> str | None:
+        """The entry of ``among`` that holds ``tensor``: the tensor itself or a module above it."""
         probe = tensor
         while probe:
-            if probe in self.queued:
+            if probe in among:
                 return probe
             probe = probe.rpartition(".")[0]
         return None
 
-    def _ties(self, name: str) -> tuple[list[str], list[str]]:
+    def _ties(self, name: str, among: set[str] | None = None) -> tuple[list[str], list[str]]:
+        """Tensors tied to ``name``'s but outside it, and the entries (of the queue, or of
+        ``among``) that hold them."""
         inside = name + "."
         outside: list[str] = []
         for group in self.tied:
             hits = [k == name or k.startswith(inside) for k in group]
             if any(hits) and not all(hits):
                 outside += [k for k, hit in zip(group, hits, strict=True) if not hit]
-        holders = [h for h in map(self._holder, outside) if h is not None]
+        pool = self.queued if among is None else among
+        holders = [h for h in (self._holder(t, pool) for t in outside) if h is not None]
         return outside, holders
+
+    def _with_ties(self, name: str, holders: Sequence[str]) -> int:
+        # A tied tensor is counted once, under its first name, so each holder adds its own
+        # size. (Accelerate subtracts the outside tensor's size, which under-counts when the
+        # counted copy is the outside one; the two agree everywhere else.)
+        return self.sizes.get(name, 0) + sum(self.sizes.get(h, 0) for h in dict.fromkeys(holders))
 
     def _remove(self, name: str) -> int:
         index = self.queue.index(name)
@@ -447,14 +527,15 @@ class _Planner:
         limit, reserved = self.budgets[device], 0
         if limit is not None and device in self.main:
             limit, reserved = limit - self.max_size, self.max_size
-        # A tied tensor is counted once, under its first name, so each holder adds its own
-        # size. (Accelerate subtracts the outside tensor's size, which under-counts when the
-        # counted copy is the outside one; the two agree everywhere else.)
-        with_ties = size + sum(self.sizes.get(h, 0) for h in dict.fromkeys(holders))
+        with_ties = self._with_ties(name, holders)
         if limit is None or self.used[device] + with_ties <= limit:
             self.used[device] += with_ties
             self.held[device] += with_ties
             self.entries[name] = device
+            if self.buffer_sizes is not None and device in ("cpu", "disk"):
+                # Accelerate counts module entries only; a top-level buffer entry placed
+                # there stays on the executing GPU as well, so it is counted too
+                self.offloaded_buffers += self.buffer_sizes.get(name, 0)
             for holder in holders:
                 if holder in self.queued:
                     self._remove(holder)
@@ -475,6 +556,9 @@ class _Planner:
                 self._push(part)
             self._refresh()
             return
+        if self.fallback and self.used[device] == 0 and device != "disk" and \
+                self.fallen.get(device) != name and self._fall_back(device, name, with_ties):
+            return
         if self.used[device] == 0:
             self.needed[device] = with_ties + reserved
         self.used[device] += reserved
@@ -482,6 +566,82 @@ class _Planner:
         if self.current == len(self.devices):
             self._fail(name, with_ties)
         self._push(name)
+
+    def _fall_back(self, device: Device, name: str, with_ties: int) -> bool:
+        """Find a later module small enough for the empty ``device``; queue it before ``name``.
+
+        Accelerate's ``fallback_allocate``: the room is the budget less the larger of the
+        largest layer still to place and ``name`` with its ties; the queue is searched front
+        to back, splitting what is too large and can be split. Returns whether one was found.
+        """
+        budget = self.budgets[device] or 0  # only the disk has no budget
+        reserve = max(self.max_size, with_ties)
+        found = self._search(name, budget - reserve) if budget >= reserve else None
+        if found is None:
+            if budget > 0:  # a device given nothing to hold is no surprise
+                self.missed.setdefault(device, (budget, reserve))
+            return False
+        self.fallen[device] = found
+        parts = found.split(".")
+        for depth in range(1, len(parts)):  # split the queued modules above it
+            above = ".".join(parts[:depth])
+            if above in self.queued:
+                index = self._remove(above)
+                inner = self._parts(above)
+                self.queue[index:index] = inner[::-1]
+                self.queued.update(inner)
+        self._remove(found)
+        self._push(name)
+        self._push(found)
+        return True
+
+    def _search(self, name: str, room: int) -> str | None:
+        """The first queued entry (or part of one) that fits in ``room`` with its ties.
+
+        Ties are resolved against the queue as the search splits it, ``name`` (which goes
+        back to the queue) included, as Accelerate does. (Accelerate fails with an
+        ``IndexError`` where a tied tensor lies in ``name`` or in an entry the search passed
+        over; here it counts that entry, as the placement that follows will.)
+        """
+        stack = list(self.queue)  # a stack as well: its front is the end
+        among = {*stack, name}
+        while stack:
+            candidate = stack.pop()
+            _, holders = self._ties(candidate, among)
+            if self._with_ties(candidate, holders) <= room:
+                return candidate
+            if self._splittable(candidate):
+                inner = self._parts(candidate)
+                stack.extend(reversed(inner))
+                among.discard(candidate)
+                among.update(inner)
+        return None
+
+    def cautions(self) -> list[str]:
+        """What the caller should warn about after `run`: devices the fallback left empty,
+        and the buffers of offloaded modules that fit in no GPU (with ``offload_buffers=False``).
+        """
+        out = []
+        for device, (budget, reserve) in self.missed.items():
+            out.append(
+                f"infer_device_map(): fallback_allocation=True found no module for {device!r}, "
+                f"so it holds no weights: its budget is {budget} bytes, and with {reserve} "
+                "bytes kept free (for the largest layer still to place, or the module that "
+                f"did not fit) no module fits in the {max(budget - reserve, 0)} bytes left. "
+                "Give it a larger budget (or leave it out of max_memory), or use smaller "
+                "no-split blocks.")
+        total = self.offloaded_buffers
+        gpus = [d for d in self.devices if d not in ("cpu", "disk")]
+        if total and gpus and not any(
+                (self.budgets[g] or 0) >= total + self.used[g] for g in gpus):
+            left = {g: max((self.budgets[g] or 0) - self.used[g], 0) for g in gpus}
+            out.append(
+                f"infer_device_map(): the buffers of the modules placed on 'cpu' or 'disk' "
+                f"({total} bytes) stay on the executing GPU unless offload_buffers=True, but "
+                f"they fit in no GPU's remaining budget (bytes left: {left}). Pass "
+                "offload_buffers=True (to load_checkpoint_and_dispatch, or to dispatch) to "
+                "offload them with their modules' weights, or give the GPUs more room.")
+        return out
 
     def _fail(self, name: str, size: int) -> None:
         budgets = {d: b for d, b in self.budgets.items() if b is not None}
@@ -534,8 +694,12 @@ def _emit(node: dict[Any, Any], name: str, out: list[tuple[str, Device]]) -> Non
 
 
 def plan_layout(layout: Layout, sizes: Mapping[str, int], budgets: Mapping[Device, int],
-                no_split: frozenset[str] = frozenset()) -> DeviceMap:
+                no_split: frozenset[str] = frozenset(), *,
+                fallback_allocation: bool = False) -> DeviceMap:
     """The pure planner: fill ``budgets`` (ordered GPUs, mps, cpu, disk) with ``layout``.
+
+    With ``fallback_allocation``, a device left empty gets a smaller module from further on
+    (see `infer_device_map`), and a warning names each device for which there was none.
 
     Examples:
         >>> from distlib.big_model.sizes import TensorInfo, layout_from_tensors, module_sizes
@@ -544,4 +708,9 @@ def plan_layout(layout: Layout, sizes: Mapping[str, int], budgets: Mapping[Devic
         >>> plan_layout(layout, module_sizes(layout), {0: 900, "cpu": 2000}).as_dict()
         {'h.0': 0, 'h.1': 'cpu', 'h.2': 'cpu'}
     """
-    return _Planner(layout, sizes, budgets, no_split).run()
+    check_switch(fallback_allocation, "fallback_allocation", source="plan_layout()")
+    planner = _Planner(layout, sizes, budgets, no_split, fallback=fallback_allocation)
+    plan = planner.run()
+    for warning in planner.cautions():
+        warnings.warn(warning, UserWarning, stacklevel=2)
+    return plan

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from distlib.big_model.device_map import (
     DeviceMap,
     check_devices_exist,
+    check_switch,
     infer_device_map,
     visible_devices,
 )
@@ -23,6 +24,7 @@ from distlib.big_model.loading import load_checkpoint
 from distlib.big_model.offload import (
     OFFLOAD_ATTR,
     offload_tensor,
+    open_source,
     read_offload_index,
     write_offload_index,
 )
@@ -54,12 +56,49 @@ def _tensors(model: Any) -> list[tuple[str, Any, str, bool]]:
     return out
 
 
+def _is_offloaded(device: Any, run_on: Any, module: Any, leaf: str, is_param: bool,
+                  offload_buffers: bool) -> bool:
+    """Whether a tensor stays at home (RAM, or disk) between forwards, as in Accelerate.
+
+    Weights of ``"disk"`` entries, and of ``"cpu"`` entries when an accelerator executes,
+    are offloaded. Buffers stay resident on the execution device unless ``offload_buffers``;
+    then the persistent ones go with their module's weights, and the non-persistent ones
+    (no checkpoint holds them, and a forward may replace them, as a rotary cache does) stay
+    resident.
+    """
+    away = bool(device == "disk" or (device == "cpu" and run_on.type != "cpu"))
+    if is_param or not away:
+        return away
+    non_persistent: set[str] = getattr(module, "_non_persistent_buffers_set", set())
+    return offload_buffers and leaf not in non_persistent
+
+
+def _disk_source(name: str, tensor: Any, is_param: bool,
+                 offload_folder: str | os.PathLike[str] | None) -> OffloadSource:
+    """Write a real tensor mapped to ``"disk"`` (with no offloaded copy yet) to the folder."""
+    if tensor.is_meta:
+        kind = "weight" if is_param else "buffer"
+        msg = (f"dispatch(): a {kind} mapped to 'disk' must have been loaded by "
+               f"load_checkpoint (or be real), but {name!r} is on the meta device with "
+               "no offloaded copy. Load the checkpoint with the same device_map first.")
+        raise DeviceMapError(msg)
+    if offload_folder is None and not is_param:
+        msg = (f"dispatch(): offload_folder must be given when offload_buffers=True sends the "
+               f"buffers of 'disk' modules to disk (they are written there), but got None for "
+               f"{name!r}. Pass offload_folder='offload' (any writable folder), or "
+               "offload_buffers=False to keep buffers on the execution device.")
+        raise DeviceMapError(msg)
+    return offload_tensor(name, tensor.detach(), None, tensor.dtype, offload_folder)
+
+
 def _plan_slots(model: Any, dmap: DeviceMap, main: Any, sources: Mapping[str, OffloadSource],
                 offload_folder: str | os.PathLike[str] | None, offload_buffers: bool,
                 state: HookState) -> dict[str, OffloadSource]:
     """Move resident tensors to their devices; record the offloaded ones as slots.
 
-    Returns the disk copies written for weights that were real (not loaded for this map).
+    Returns the disk copies written for tensors that were real (not loaded for this map). A
+    tensor at rest on the meta device that an earlier dispatch left on disk, now mapped to
+    stay resident, is read back from its offloaded copy.
     """
     import torch
 
@@ -74,24 +113,19 @@ def _plan_slots(model: Any, dmap: DeviceMap, main: Any, sources: Mapping[str, Of
         owner = name.rpartition(".")[0]
         run_on = torch_device(device) if device not in (None, "cpu", "disk") else main
         state.devices.setdefault(owner, run_on)
-        offloaded = (device == "disk" and is_param) or (
-            device in ("cpu", "disk") and run_on.type != "cpu" and (is_param or offload_buffers))
-        if not offloaded:
+        if not _is_offloaded(device, run_on, module, leaf, is_param, offload_buffers):
             if id(tensor) not in homes:
-                moved = tensor.detach().to(run_on) if tensor.device != run_on else tensor
+                if tensor.is_meta and name in sources:  # on disk since an earlier dispatch
+                    moved = open_source(sources[name], {}).to(run_on, copy=True)
+                else:
+                    moved = tensor.detach().to(run_on) if tensor.device != run_on else tensor
                 homes[id(tensor)] = torch.nn.Parameter(moved, tensor.requires_grad) \
                     if is_param and moved is not tensor else moved
             store[leaf] = homes[id(tensor)]
             continue
-        source = sources.get(name) if device == "disk" and is_param else None
-        if device == "disk" and is_param and source is None:
-            if tensor.is_meta:
-                msg = (f"dispatch(): a weight mapped to 'disk' must have been loaded by "
-                       f"load_checkpoint (or be real), but {name!r} is on the meta device with "
-                       "no offloaded copy. Load the checkpoint with the same device_map first.")
-                raise DeviceMapError(msg)
-            source = offload_tensor(name, tensor.detach(), None, tensor.dtype, offload_folder)
-            written[name] = source
+        source = sources.get(name) if device == "disk" else None
+        if device == "disk" and source is None:
+            source = written[name] = _disk_source(name, tensor, is_param, offload_folder)
         if id(tensor) not in homes:
             if source is not None:
                 home = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
@@ -115,23 +149,27 @@ def dispatch(model: Any, device_map: DeviceMap | Mapping[str, Any],
     ``"cpu"`` next to a GPU, and on ``"disk"``, keep their weights at home (RAM, or a memory
     map of safetensors bytes) and run on the first GPU of the map (the CPU when there is
     none): a forward pre-hook brings the weights and the inputs there just in time and a
-    forward hook sends the weights home. Tied weights stay one tensor. Buffers stay resident
-    on the execution device unless ``offload_buffers``. The map is kept as
-    ``model.hf_device_map``.
+    forward hook sends the weights home. Tied weights stay one tensor. Buffers of those
+    entries stay resident on the execution device unless ``offload_buffers`` (Accelerate's
+    rule): then their persistent buffers stay at home with the weights (RAM for ``"cpu"``,
+    the offload folder for ``"disk"``) and only the non-persistent ones stay resident. The
+    map is kept as ``model.hf_device_map``.
 
     Args:
         model: a model loaded by `load_checkpoint` with the same map (or a real model).
         device_map: a `DeviceMap` or ``{name: device}``.
         offload_folder: where disk weights not already recorded on the model are (or are
-            written, for a real model).
-        offload_buffers: offload buffers with their module's weights too.
+            written, for a real model, and for buffers with ``offload_buffers``).
+        offload_buffers: offload the persistent buffers of offloaded entries with their
+            weights (``True`` or ``False``).
 
     Returns:
         ``model``, modified in place.
 
     Raises:
         DeviceMapError: the map leaves parameters without a device, names a GPU (or MPS)
-            this machine does not have, or a disk weight has no source.
+            this machine does not have, a disk weight has no source, ``offload_buffers`` is
+            not a bool, or it sends buffers to disk with no ``offload_folder``.
         CheckpointError: ``offload_folder``'s ``index.json`` is not JSON, or an entry names a
             file, dtype or byte range no weight can have (it is never unpickled).
 
@@ -146,6 +184,7 @@ def dispatch(model: Any, device_map: DeviceMap | Mapping[str, Any],
     """
     import torch
 
+    check_switch(offload_buffers, "offload_buffers", source="dispatch()")
     dmap = DeviceMap.of(device_map)
     _check_covered(model, dmap)
     check_devices_exist(dmap, *visible_devices(), source="dispatch()")
@@ -173,7 +212,8 @@ def load_checkpoint_and_dispatch(
         max_memory: Mapping[Any, Any] | None = None,
         no_split_module_classes: Sequence[str] | None = None,
         offload_folder: str | os.PathLike[str] | None = None, dtype: Any = None, *,
-        offload_buffers: bool = False, keep_in_fp32_modules: Sequence[str] | None = None,
+        offload_buffers: bool = False, fallback_allocation: bool = False,
+        keep_in_fp32_modules: Sequence[str] | None = None,
         strict: bool = True, env: Env | None = None, quiet: bool = False,
         progress: bool | None = None) -> Any:
     """Plan (when asked), load ``checkpoint`` into ``model`` and `dispatch` it, in one call.
@@ -188,7 +228,11 @@ def load_checkpoint_and_dispatch(
             ``_no_split_modules`` when it has them).
         offload_folder: where converted disk weights are written.
         dtype: the dtype to load floating weights in.
-        offload_buffers: offload buffers with their modules' weights.
+        offload_buffers: offload the persistent buffers of ``"cpu"``/``"disk"`` entries with
+            their weights (see `dispatch`; disk buffers need ``offload_folder``); when
+            planning, ``False`` warns if those buffers fit in no GPU's remaining budget.
+        fallback_allocation: when planning, give a device the walk would leave empty a
+            smaller module from further on (see `infer_device_map`).
         keep_in_fp32_modules: modules kept in float32 (default: ``_keep_in_fp32_modules``).
         strict: refuse unexpected keys too.
         env: an `Env`; the progress bar shows on its main rank only (``None``: the launch
@@ -203,7 +247,8 @@ def load_checkpoint_and_dispatch(
 
     Raises:
         DeviceMapError: the model cannot be planned or dispatched as asked (a map or a
-            ``max_memory`` naming a GPU this machine does not have included).
+            ``max_memory`` naming a GPU this machine does not have included), or a switch
+            is not a bool.
         CheckpointError: the checkpoint is unreadable, unsafe or does not match.
 
     Effects: as `load_checkpoint` then `dispatch`; the main rank may print a progress bar to
@@ -222,14 +267,18 @@ def load_checkpoint_and_dispatch(
         >>> net(torch.ones(1, 2)).tolist()
         [[1.0, 1.0]]
     """
+    source = "load_checkpoint_and_dispatch()"
+    check_switch(offload_buffers, "offload_buffers", source=source)
+    check_switch(fallback_allocation, "fallback_allocation", source=source)
     if no_split_module_classes is None:
         no_split_module_classes = tuple(getattr(model, "_no_split_modules", None) or ())
     if isinstance(device_map, str):
         device_map = infer_device_map(model, max_memory, no_split_module_classes, dtype,
-                                      mode=device_map, keep_in_fp32_modules=keep_in_fp32_modules)
+                                      mode=device_map, keep_in_fp32_modules=keep_in_fp32_modules,
+                                      offload_buffers=offload_buffers,
+                                      fallback_allocation=fallback_allocation)
     if device_map is not None:  # before reading a byte: the planner's map too (explicit budgets)
-        check_devices_exist(DeviceMap.of(device_map), *visible_devices(),
-                            source="load_checkpoint_and_dispatch()")
+        check_devices_exist(DeviceMap.of(device_map), *visible_devices(), source=source)
     load_checkpoint(model, checkpoint, device_map, dtype, offload_folder,
                     keep_in_fp32_modules=keep_in_fp32_modules, strict=strict,
                     progress=False if quiet else progress, env=env)
