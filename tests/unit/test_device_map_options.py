@@ -8,6 +8,9 @@ from __future__ import annotations
 import functools
 import os
 import random
+import subprocess
+import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -459,3 +462,51 @@ def test_cpu_entries_next_to_an_accelerator_keep_buffers_as_accelerate(
     assert offloaded == ({"blocks.0.table", "blocks.2.table"} if offload_buffers else set())
     assert net.blocks[1].table.is_meta  # non-persistent: resident on the executing device
     assert net.blocks[0].table.is_meta != offload_buffers
+
+
+SCRIPT = textwrap.dedent("""
+    # A user's script: save a model, load it back planned with Accelerate's options.
+    import sys, torch
+    from safetensors.torch import save_file
+    import distlib as dl
+
+    class Block(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.inner = torch.nn.Linear(width, width)
+            self.register_buffer("scale", torch.full((width, width), 0.5))
+        def forward(self, x):
+            return self.inner(x) @ self.scale
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Linear(64, 64), Block(64), torch.nn.Linear(64, 4),
+                                   Block(4))
+
+    torch.manual_seed(0)
+    model = build()
+    folder = sys.argv[1]
+    save_file(model.state_dict(), folder + "/model.safetensors")
+    x = torch.randn(3, 64)
+    want = model(x)
+    with dl.init_empty_weights():
+        empty = build()
+    loaded = dl.load_checkpoint_and_dispatch(
+        empty, folder, "auto", max_memory={"cpu": 40_000, "disk": 10**9},
+        offload_folder=folder + "/offload", no_split_module_classes=["Block"],
+        offload_buffers=True, fallback_allocation=True, quiet=True)
+    torch.testing.assert_close(loaded(x), want)
+    print("MAP", sorted(loaded.hf_device_map.items()))
+""")
+
+
+def test_a_users_script_loads_with_both_options_through_distlib_launch(tmp_path: Path) -> None:
+    (tmp_path / "load.py").write_text(SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "distlib", "launch", "--cpu", "load.py",
+                           str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("MAP"))
+    # the CPU keeps 33,024 bytes of its 40,000 for the largest layer (block "1"), so "0"
+    # (16,640) does not fit and, without the fallback, everything goes to disk; the fallback
+    # puts "2" (1,040) on the CPU. The forward equals the plain model's (asserted in the script)
+    assert line == "MAP [('0', 'disk'), ('1', 'disk'), ('2', 'cpu'), ('3', 'disk')]", line
