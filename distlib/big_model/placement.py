@@ -270,6 +270,13 @@ def load_checkpoint_and_dispatch(
     source = "load_checkpoint_and_dispatch()"
     check_switch(offload_buffers, "offload_buffers", source=source)
     check_switch(fallback_allocation, "fallback_allocation", source=source)
+    if fallback_allocation and not isinstance(device_map, str):
+        msg = (f"{source}: fallback_allocation=True must come with a device_map to plan "
+               f"('auto', 'balanced', 'balanced_low_0', 'sequential'), but got device_map="
+               f"{'a map' if device_map is not None else 'None'}, which nothing plans, so the "
+               "option could not be honoured. Drop fallback_allocation, or pass "
+               "device_map='auto'.")
+        raise DeviceMapError(msg)
     if no_split_module_classes is None:
         no_split_module_classes = tuple(getattr(model, "_no_split_modules", None) or ())
     if isinstance(device_map, str):

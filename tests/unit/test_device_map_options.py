@@ -464,6 +464,18 @@ def test_cpu_entries_next_to_an_accelerator_keep_buffers_as_accelerate(
     assert net.blocks[0].table.is_meta != offload_buffers
 
 
+
+def test_fallback_with_a_map_nothing_plans_is_refused(tmp_path: Path) -> None:
+    for passed, shown in (({"": "cpu"}, "a map"), (None, "None")):
+        with init_empty_weights():
+            net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        with pytest.raises(DeviceMapError) as err:
+            load_checkpoint_and_dispatch(net, tmp_path, passed, fallback_allocation=True)
+        text = str(err.value)
+        assert "fallback_allocation=True must come with a device_map to plan" in text
+        assert f"device_map={shown}" in text and "device_map='auto'" in text
+
+
 SCRIPT = textwrap.dedent("""
     # A user's script: save a model, load it back planned with Accelerate's options.
     import sys, torch
