@@ -44,7 +44,10 @@ def _read_until(stream: int, marker: bytes, seen: bytearray, timeout: float = 12
 
 def test_ctrl_c_at_a_question_writes_nothing_and_says_so_in_one_line(tmp_path: Path) -> None:
     path = tmp_path / "cfg.yaml"
-    job = _config(tmp_path, path, stdin=subprocess.PIPE)
+    # A shell without job control starts background jobs with SIGINT ignored, and the child
+    # would inherit that (Python keeps an ignored SIGINT): give it the terminal's default.
+    job = _config(tmp_path, path, stdin=subprocess.PIPE,
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert job.stdin is not None and job.stdout is not None
     try:
         seen = bytearray()
