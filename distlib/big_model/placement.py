@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from distlib.big_model.device_map import (
+    MODES,
     DeviceMap,
     check_devices_exist,
     check_switch,
@@ -272,7 +273,7 @@ def load_checkpoint_and_dispatch(
     check_switch(fallback_allocation, "fallback_allocation", source=source)
     if fallback_allocation and not isinstance(device_map, str):
         msg = (f"{source}: fallback_allocation=True must come with a device_map to plan "
-               f"('auto', 'balanced', 'balanced_low_0', 'sequential'), but got device_map="
+               f"(one of {', '.join(map(repr, MODES))}), but got device_map="
                f"{'a map' if device_map is not None else 'None'}, which nothing plans, so the "
                "option could not be honoured. Drop fallback_allocation, or pass "
                "device_map='auto'.")

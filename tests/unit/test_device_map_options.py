@@ -464,7 +464,6 @@ def test_cpu_entries_next_to_an_accelerator_keep_buffers_as_accelerate(
     assert net.blocks[0].table.is_meta != offload_buffers
 
 
-
 def test_fallback_with_a_map_nothing_plans_is_refused(tmp_path: Path) -> None:
     for passed, shown in (({"": "cpu"}, "a map"), (None, "None")):
         with init_empty_weights():
